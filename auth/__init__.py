@@ -1,0 +1,1 @@
+"""Pluggable authentication factors: a verifier for the gateway, a prover for `gw`."""

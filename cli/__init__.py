@@ -1,0 +1,1 @@
+"""The `gw` command: connect, agent, admin, audit."""

@@ -1,0 +1,151 @@
+"""``gw audit``: read and verify the gateway's audit trail."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from relay.errors import GatewayError
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(value: str, now: dt.datetime | None = None) -> dt.datetime:
+    """``30m``, ``2h``, ``7d`` back from now, or an RFC 3339 / ISO 8601 time (UTC if no zone)."""
+    now = now or dt.datetime.now(dt.UTC)
+    match = _DURATION.match(value.strip())
+    if match:
+        return now - dt.timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+    try:
+        when = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"{value!r}: expected a duration (30m, 2h, 7d) or a time (2026-11-23T10:00:00Z)",
+            param_hint="--since",
+        ) from exc
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def records(path: Path) -> Iterator[dict[str, Any]]:
+    from gatewayd.audit import read_lines
+
+    for line in read_lines(path):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            yield rec
+
+
+def _path(config_path: Path) -> Path:
+    from gatewayd import config as config_mod
+
+    try:
+        return config_mod.load(config_path).audit.path
+    except GatewayError as exc:
+        raise click.ClickException(f"config error: {exc}") from exc
+
+
+COLUMNS = ["ts", "event", "user", "agent", "target", "mode", "outcome", "reason", "source"]
+
+
+def _summary(rec: dict[str, Any]) -> list[str]:
+    outcome = rec.get("outcome") or rec.get("decision") or ""
+    reason = rec.get("reason") or rec.get("message") or rec.get("op") or ""
+    if rec.get("event") == "tunnel.end":
+        reason = f"{reason}; up {rec.get('bytes_up')} B, down {rec.get('bytes_down')} B, {rec.get('duration')} s"
+    values = [
+        str(rec.get("ts", ""))[:23].replace("T", " "),
+        str(rec.get("event", "")),
+        str(rec.get("user") or rec.get("by") or ""),
+        str(rec.get("agent") or ""),
+        str(rec.get("target") or ""),
+        str(rec.get("mode") or ""),
+        str(outcome),
+        str(reason),
+        str(rec.get("source") or ""),
+    ]
+    return [v if v else "-" for v in values]
+
+
+@click.group(invoke_without_command=True)
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="gatewayd's config.")
+@click.option("--since", help="Only records since a duration ago (30m, 2h, 7d) or a time.")
+@click.option("--user", help="Only records of this user.")
+@click.option("--agent", help="Only records about this agent.")
+@click.option("--event", help="Only this event (or prefix ending in '.', e.g. 'tunnel.').")
+@click.option("--session", help="Only records of this session.")
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON lines.")
+@click.pass_context
+def audit(
+    ctx: click.Context, config_path: Path | None, since: str | None, user: str | None,
+    agent: str | None, event: str | None, session: str | None, as_json: bool,
+) -> None:
+    """Read the audit trail, filtered; `gw audit verify` checks its integrity."""
+    ctx.obj = config_path
+    if ctx.invoked_subcommand is not None:
+        return
+    if config_path is None:
+        raise click.UsageError("give --config PATH")
+    path = _path(config_path)
+    start = parse_since(since) if since else None
+    rows = []
+    for rec in records(path):
+        if start is not None:
+            try:
+                ts = dt.datetime.fromisoformat(str(rec.get("ts", "")).replace("Z", "+00:00"))
+            except ValueError:
+                continue
+            if ts < start:
+                continue
+        if user and user not in (rec.get("user"), rec.get("by")):
+            continue
+        if agent and rec.get("agent") != agent:
+            continue
+        if session and rec.get("session") != session:
+            continue
+        if event and not (
+            rec.get("event") == event or (event.endswith(".") and str(rec.get("event", "")).startswith(event))
+        ):
+            continue
+        if as_json:
+            click.echo(json.dumps(rec, separators=(",", ":")))
+        else:
+            rows.append(_summary(rec))
+    if as_json:
+        return
+    if not rows:
+        click.echo("no matching records", err=True)
+        return
+    widths = [min(max(len(c), *(len(r[i]) for r in rows)), 60) for i, c in enumerate(COLUMNS)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(COLUMNS, widths, strict=True)).rstrip())
+    for r in rows:
+        click.echo("  ".join(v[:w].ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+@audit.command("verify")
+@click.option("--config", "config_path", type=click.Path(path_type=Path))
+@click.pass_obj
+def verify_cmd(parent: Path | None, config_path: Path | None) -> None:
+    """Check the hash chain: finds edits, deletions, reordering and truncation."""
+    from gatewayd.audit import verify
+
+    path_cfg = config_path or parent
+    if path_cfg is None:
+        raise click.UsageError("give --config PATH")
+    result = verify(_path(path_cfg))
+    if result.ok:
+        click.echo(f"ok: {result.records} records, chain intact")
+        return
+    for problem in result.problems:
+        click.echo(f"FAIL: {problem}", err=True)
+    sys.exit(1)

@@ -1,0 +1,546 @@
+"""``gw``: connect, agent, admin, audit. Parses arguments, calls library code, prints.
+
+Exit codes (fixed, for scripts):
+
+== ========================================================================
+0  success
+1  the request failed: authentication, policy, agent offline, tunnel failed
+2  usage error (click's own)
+3  the gateway or the daemon cannot be reached, or TLS/keys do not verify
+4  local problem: a file, a device, a missing optional dependency
+== ========================================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import sys
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from relay.aio import run
+from relay.errors import GatewayError, RemoteError
+
+T = TypeVar("T")
+
+EXIT_FAILED, EXIT_UNREACHABLE, EXIT_LOCAL = 1, 3, 4
+
+
+class Failure(click.ClickException):
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"gw: {self.message}", err=True)
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    raise Failure(message, code)
+
+
+def execute(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine; every known error becomes one line and an exit code."""
+    from relay.client import AgentKeyMismatch, describe
+
+    try:
+        return run(coro)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except AgentKeyMismatch as exc:
+        fail(str(exc), EXIT_UNREACHABLE)
+    except RemoteError as exc:
+        fail(describe(exc))
+    except GatewayError as exc:
+        text = str(exc)
+        unreachable = text.startswith(("cannot reach", "the gateway's certificate"))
+        fail(describe(exc), EXIT_UNREACHABLE if unreachable else EXIT_FAILED)
+    except OSError as exc:
+        fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", EXIT_LOCAL)
+
+
+def prompt(text: str, secret: bool) -> str:
+    """Ask the person at the terminal (on stderr, so stdout stays data)."""
+    if not sys.stdin.isatty() and not os.environ.get("GW_FORCE_PROMPT"):
+        fail(f"{text.strip().rstrip(':')} needed, but there is no terminal to ask on", EXIT_LOCAL)
+    if secret:
+        return getpass.getpass(text, stream=sys.stderr)
+    click.echo(text, nl=False, err=True)
+    return sys.stdin.readline().strip()
+
+
+def read_stdin_line() -> str:
+    """One line from standard input, read unbuffered so that what follows stays for the tunnel."""
+    data = bytearray()
+    while len(data) < 4096 and (byte := os.read(0, 1)) not in (b"", b"\n"):
+        data += byte
+    return data.decode("utf-8", "replace").rstrip("\r")
+
+
+def info(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """gw: reach an agent's service through gatewayd; run agents; administer; read the audit."""
+
+
+# -- connect --------------------------------------------------------------------------
+
+
+def _gateway(gateway: str, ca_file: Path) -> Any:
+    from relay.agent import parse_hostport
+    from relay.client import Gateway
+    from relay.tls import client_context
+
+    try:
+        host, port = parse_hostport(gateway)
+        ctx = client_context(ca_file)
+    except GatewayError as exc:
+        raise click.BadParameter(str(exc), param_hint="--gateway") from exc
+    except (OSError, ValueError) as exc:
+        fail(f"cannot read the CA file {ca_file}: {exc}", EXIT_LOCAL)
+    return Gateway(host, port, ctx)
+
+
+def _local_address(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise click.BadParameter(f"expected [ADDR:]PORT, got {value!r}", param_hint="-L")
+    return (host.strip("[]") or "127.0.0.1"), int(port)
+
+
+def _client_key(path: Path | None) -> bytes:
+    """The client's Noise static key: kept per user so the agent sees a stable identity."""
+    from relay import noise
+
+    if path is None:
+        return noise.generate_keypair()[0]
+    try:
+        key = path.read_bytes()
+        if len(key) == 32:
+            return key
+        fail(f"{path} is not a 32-byte key", EXIT_LOCAL)
+    except FileNotFoundError:
+        key = noise.generate_keypair()[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+        return key
+
+
+def _config_home() -> Path:
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "gw"
+
+
+@main.command()
+@click.argument("agent")
+@click.option("--gateway", required=True, help="Gateway HOST:PORT.")
+@click.option("--ca-file", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="CA that signed the gateway's certificate.")
+@click.option("--user", required=True, help="Your user id at the gateway.")
+@click.option("--target", required=True, help="Name of the agent's service.")
+@click.option("--mode", required=True, type=click.Choice(["access", "support", "homeoffice"]))
+@click.option("-L", "local", metavar="[ADDR:]PORT", help="Listen here; each connection is a tunnel.")
+@click.option("--stdio", is_flag=True, help="One tunnel on standard input and output.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
+@click.option("--totp", "totp_code", metavar="CODE", help="Authenticator code (else asked).")
+@click.option("--reason", default="", help="Why (ticket number, sentence); kept in the audit trail.")
+@click.option("--known-agents", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Pinned agent keys (default ~/.config/gw/known_agents.json).")
+@click.option("--identity", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Your Noise key file (default ~/.config/gw/identity.key).")
+@click.option("-v", "--verbose", is_flag=True, help="Say what happens, with each tunnel's SAS.")
+def connect(
+    agent: str, gateway: str, ca_file: Path, user: str, target: str, mode: str,
+    local: str | None, stdio: bool, password_stdin: bool, totp_code: str | None,
+    reason: str, known_agents: Path | None, identity: Path | None, verbose: bool,
+) -> None:
+    """Open an end-to-end encrypted tunnel to TARGET on AGENT through the gateway."""
+    from auth import registry
+    from auth.base import ProverOptions
+    from relay.client import KnownAgents, open_session
+
+    if bool(local) == stdio:
+        raise click.UsageError("give exactly one of -L [ADDR:]PORT or --stdio")
+    listen = _local_address(local) if local else None
+    password = None
+    if password_stdin:
+        password = read_stdin_line()
+        if not password:
+            fail("--password-stdin: standard input held no password", EXIT_LOCAL)
+    password = password or os.environ.get("GW_PASSWORD")
+    gw = _gateway(gateway, ca_file)
+    values: dict[str, Any] = {"password": password, "totp": totp_code, "notify": info}
+    options = ProverOptions(user=user, prompt=prompt, values=values)
+    provers: dict[str, Any] = {}
+    home = _config_home()
+    known = KnownAgents(known_agents or home / "known_agents.json")
+    static = _client_key(identity or home / "identity.key")
+
+    async def prove(method: str, payload: dict[str, Any], binding: bytes) -> dict[str, Any]:
+        if method not in provers:
+            try:
+                provers[method] = registry.get(method).prover(options)
+            except GatewayError as exc:
+                fail(str(exc), EXIT_LOCAL)
+        result: dict[str, Any] = await provers[method].respond(payload, binding)
+        return result
+
+    async def session() -> None:
+        started = time.monotonic()
+        s = await open_session(
+            gw, user=user, agent=agent, target=target, mode=mode, reason=reason,
+            static_private=static, prove=prove, factors=("totp", "fido2"),
+        )
+        first = not known.check(f"{gw.host}:{gw.port}", agent, s.opened.agent_key)
+        if first:
+            info(f"gw: pinned the key of agent {agent} (first connection): {s.opened.agent_key}")
+        if verbose:
+            info(f"gw: session {s.opened.session_id} open in {time.monotonic() - started:.2f}s")
+
+        def shown(est: Any) -> None:
+            if verbose:
+                info(f"gw: tunnel to {agent}/{target} end-to-end encrypted; SAS {est.sas}")
+
+        s.on_tunnel = shown
+        try:
+            if listen is not None:
+                def ready(where: str) -> None:
+                    info(f"gw: listening on {where} for {agent}/{target}")
+
+                await s.serve_local(listen[0], listen[1], lambda e: info(f"gw: tunnel failed: {e}"), ready)
+                info("gw: session ended")
+            else:
+                await s.stdio()
+        finally:
+            s.close()
+            for p in provers.values():
+                await p.aclose()
+
+    execute(session())
+
+
+# -- agent ----------------------------------------------------------------------------
+
+
+@main.group()
+def agent() -> None:
+    """Run the agent on a reachable machine."""
+
+
+@agent.command("enroll")
+@click.option("--gateway", required=True, help="Gateway HOST:PORT.")
+@click.option("--ca-file", required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--token", required=True, help="One-time token from `gw admin agent add`.")
+@click.option("--state-dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+def agent_enroll(gateway: str, ca_file: Path, token: str, state_dir: Path) -> None:
+    """Enroll this machine's agent with its one-time token."""
+    from relay.agent import enroll
+
+    agent_id = execute(enroll(gateway, ca_file, token, state_dir))
+    click.echo(f"enrolled as agent {agent_id}; state in {state_dir}")
+
+
+@agent.command("run")
+@click.option("--state-dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--target", "targets", multiple=True, required=True, metavar="NAME=HOST:PORT",
+              help="A local service to expose under NAME (repeatable).")
+@click.option("--gateway", default=None, help="Override the gateway HOST:PORT from enrollment.")
+def agent_run(state_dir: Path, targets: tuple[str, ...], gateway: str | None) -> None:
+    """Connect to the gateway and serve dial requests for the named targets."""
+    from relay.agent import Agent, AgentState, parse_hostport
+
+    parsed: dict[str, tuple[str, int]] = {}
+    for spec in targets:
+        name, sep, address = spec.partition("=")
+        try:
+            if not sep or not name:
+                raise GatewayError("expected NAME=HOST:PORT")
+            parsed[name] = parse_hostport(address)
+        except GatewayError as exc:
+            raise click.BadParameter(f"{spec!r}: {exc}", param_hint="--target") from exc
+
+    def log(event: str, **fields: Any) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        extra = " ".join(f"{k}={v}" for k, v in fields.items())
+        click.echo(f"{stamp} gw-agent: {event} {extra}".rstrip(), err=True)
+
+    async def main_() -> None:
+        state = AgentState.load(state_dir)
+        a = Agent(state, parsed, gateway=gateway, log=log)
+        log("starting", agent=state.agent)
+        await a.run()
+
+    execute(main_())
+
+
+# -- admin ----------------------------------------------------------------------------
+
+
+@main.group()
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path),
+              help="gatewayd's config (names the admin socket).")
+@click.pass_context
+def admin(ctx: click.Context, config_path: Path) -> None:
+    """Change the directory of a running gatewayd."""
+    from gatewayd import config as config_mod
+
+    try:
+        ctx.obj = config_mod.load(config_path).admin.socket
+    except GatewayError as exc:
+        fail(f"config error: {exc}", EXIT_LOCAL)
+
+
+def _admin(socket: Path, op: str, **args: Any) -> Any:
+    from gatewayd.admin import AdminError, request
+
+    try:
+        return run(request(socket, op, {k: v for k, v in args.items() if v is not None}))
+    except AdminError as exc:
+        code = EXIT_UNREACHABLE if str(exc).startswith("cannot reach") else EXIT_FAILED
+        fail(str(exc), code)
+
+
+def _print_rows(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -> None:
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    table = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c), *(len(row[i]) for row in table)]) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in table:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and value > 1e9:
+        return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(value))
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _read_password(password_stdin: bool, required: bool = False) -> str | None:
+    if password_stdin:
+        value = read_stdin_line()
+        if not value:
+            fail("--password-stdin: standard input held no password", EXIT_LOCAL)
+        return value
+    if required:
+        first = prompt("New password: ", True)
+        if prompt("Again: ", True) != first:
+            fail("the passwords differ", EXIT_LOCAL)
+        return first
+    return None
+
+
+@admin.group("org")
+def admin_org() -> None:
+    """Health organisations."""
+
+
+@admin_org.command("add")
+@click.argument("org")
+@click.option("--name", required=True)
+@click.pass_obj
+def org_add(socket: Path, org: str, name: str) -> None:
+    _admin(socket, "org.add", org=org, name=name)
+    click.echo(f"org {org} added")
+
+
+@admin_org.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def org_list(socket: Path, as_json: bool) -> None:
+    _print_rows(_admin(socket, "list", what="orgs"), as_json, ["id", "name", "created"])
+
+
+@admin.group("vendor")
+def admin_vendor() -> None:
+    """Vendors (suppliers)."""
+
+
+@admin_vendor.command("add")
+@click.argument("vendor")
+@click.option("--name", required=True)
+@click.pass_obj
+def vendor_add(socket: Path, vendor: str, name: str) -> None:
+    _admin(socket, "vendor.add", vendor=vendor, name=name)
+    click.echo(f"vendor {vendor} added")
+
+
+@admin_vendor.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def vendor_list(socket: Path, as_json: bool) -> None:
+    _print_rows(_admin(socket, "list", what="vendors"), as_json, ["id", "name", "created"])
+
+
+@admin.group("user")
+def admin_user() -> None:
+    """People: vendor users and employees."""
+
+
+@admin_user.command("add")
+@click.argument("user")
+@click.option("--vendor", default=None, help="Make a vendor user of VENDOR.")
+@click.option("--org", default=None, help="Make an employee of ORG.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
+@click.pass_obj
+def user_add(socket: Path, user: str, vendor: str | None, org: str | None, password_stdin: bool) -> None:
+    if (vendor is None) == (org is None):
+        raise click.UsageError("give exactly one of --vendor or --org")
+    password = _read_password(password_stdin, required=not password_stdin)
+    _admin(socket, "user.add", user=user, vendor=vendor, org=org, password=password)
+    click.echo(f"user {user} added")
+
+
+@admin_user.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def user_list(socket: Path, as_json: bool) -> None:
+    rows = _admin(socket, "list", what="users")
+    _print_rows(rows, as_json, ["id", "kind", "vendor", "org", "disabled", "failures"])
+
+
+@admin.group("totp")
+def admin_totp() -> None:
+    """Authenticator-app codes."""
+
+
+@admin_totp.command("enroll")
+@click.argument("user")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def totp_enroll(socket: Path, user: str, as_json: bool) -> None:
+    """Make a new TOTP secret for USER and print its otpauth:// URI."""
+    result = _admin(socket, "totp.enroll", user=user)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(result["uri"])
+    if sys.stdout.isatty():
+        _print_qr(result["uri"])
+
+
+def _print_qr(uri: str) -> None:
+    try:
+        import qrcode  # type: ignore[import-not-found]
+    except ImportError:
+        click.echo("(install the qrcode package to see a QR code here)", err=True)
+        return
+    qr = qrcode.QRCode(border=1)
+    qr.add_data(uri)
+    qr.print_ascii(invert=True)
+
+
+@admin.group("agreement")
+def admin_agreement() -> None:
+    """Agreements between vendors and organisations."""
+
+
+@admin_agreement.command("add")
+@click.option("--vendor", required=True)
+@click.option("--org", required=True)
+@click.option("--modes", required=True, help="Comma-separated: access, support.")
+@click.option("--unattended", is_flag=True, help="Access may happen without approval.")
+@click.option("--id", "agreement_id", default=None)
+@click.pass_obj
+def agreement_add(socket: Path, vendor: str, org: str, modes: str, unattended: bool,
+                  agreement_id: str | None) -> None:
+    mode_list = [x.strip() for x in modes.split(",") if x.strip()]
+    result = _admin(socket, "agreement.add", vendor=vendor, org=org, modes=mode_list,
+                    unattended=unattended, id=agreement_id)
+    click.echo(f"agreement {result['agreement']} added")
+
+
+@admin_agreement.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def agreement_list(socket: Path, as_json: bool) -> None:
+    rows = _admin(socket, "list", what="agreements")
+    _print_rows(rows, as_json, ["id", "vendor", "org", "modes", "unattended", "state"])
+
+
+@admin.group("agent")
+def admin_agent() -> None:
+    """Agents (reachable machines)."""
+
+
+@admin_agent.command("add")
+@click.argument("agent")
+@click.option("--org", required=True)
+@click.option("--ttl", type=float, default=None, help="Token lifetime in seconds.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def agent_add(socket: Path, agent: str, org: str, ttl: float | None, as_json: bool) -> None:
+    """Register AGENT and print its one-time enrollment token."""
+    result = _admin(socket, "agent.add", agent=agent, org=org, ttl=ttl)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(result["token"])
+    expires = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(result["expires"]))
+    info(f"one-time enrollment token for {agent}, valid until {expires}")
+
+
+@admin_agent.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def agent_list(socket: Path, as_json: bool) -> None:
+    rows = _admin(socket, "list", what="agents")
+    _print_rows(rows, as_json, ["id", "org", "online", "enrolled", "last_seen", "disabled"])
+
+
+@admin.group("sessions")
+def admin_sessions() -> None:
+    """Live sessions."""
+
+
+@admin_sessions.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def sessions_list(socket: Path, as_json: bool) -> None:
+    rows = _admin(socket, "sessions.list")
+    cols = ["session", "user", "agent", "target", "mode", "source", "since", "bytes_up", "bytes_down"]
+    _print_rows(rows, as_json, cols)
+
+
+@admin_sessions.command("kill")
+@click.argument("session")
+@click.pass_obj
+def sessions_kill(socket: Path, session: str) -> None:
+    _admin(socket, "sessions.kill", session=session)
+    click.echo(f"session {session} ended")
+
+
+@admin.command("status")
+@click.pass_obj
+def admin_status(socket: Path) -> None:
+    click.echo(json.dumps(_admin(socket, "status"), indent=1))
+
+
+# -- audit ----------------------------------------------------------------------------
+
+from .audit import audit  # noqa: E402
+
+main.add_command(audit)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+
+
+__all__ = ["asyncio", "main"]

@@ -1,0 +1,1 @@
+"""gatewayd: the relay daemon (config, directory, policy, broker, audit, admin socket)."""

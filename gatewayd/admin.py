@@ -1,0 +1,340 @@
+"""The admin socket: how ``gw admin`` changes the directory of a running gatewayd.
+
+A Unix socket (``admin.socket`` in the config, mode 0660). Each connection sends
+one JSON request per line, ``{"op": "org.add", "args": {...}}``, and gets one JSON
+reply per line, ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``.
+
+Only root, the daemon's own user, the uids in ``admin.allowed_uids`` and members of
+``admin.allowed_groups`` may talk to it; the kernel tells us who the peer is
+(SO_PEERCRED). Every change is audited as ``admin.change`` with the OS user who
+made it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import json
+import os
+import pwd
+import secrets
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from auth import password as password_factor
+from auth import totp
+from relay.errors import GatewayError
+from relay.message import MODES, valid_id
+
+from .audit import AuditLog
+from .broker import Broker
+from .config import Config
+from .store import Store, StoreError
+
+log = structlog.get_logger("gatewayd.admin")
+
+#: Longest request line: a request names a few ids and maybe a password.
+MAX_REQUEST = 64 * 1024
+
+
+class AdminError(GatewayError):
+    """A request was refused; the message goes back to ``gw admin``."""
+
+
+Handler = Callable[["AdminServer", dict[str, Any], str], Awaitable[Any]]
+_OPS: dict[str, Handler] = {}
+
+
+def op(name: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        _OPS[name] = fn
+        return fn
+
+    return register
+
+
+def _id(args: dict[str, Any], key: str) -> str:
+    value = args.get(key)
+    if not isinstance(value, str) or not valid_id(value):
+        raise AdminError(f"{key}: expected an identifier (letters, digits, . _ - @), got {value!r}")
+    return value
+
+
+def _str(args: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = args.get(key, default)
+    if not isinstance(value, str):
+        raise AdminError(f"{key}: expected text")
+    return value
+
+
+def peer_user(sock: socket.socket) -> tuple[int, str]:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    return uid, name
+
+
+class AdminServer:
+    def __init__(self, config: Config, store: Store, audit: AuditLog, broker: Broker) -> None:
+        self.config = config
+        self.store = store
+        self.audit = audit
+        self.broker = broker
+        self.server: asyncio.AbstractServer | None = None
+
+    def allowed(self, uid: int, name: str) -> bool:
+        if uid in (0, os.getuid()) or uid in self.config.admin.allowed_uids:
+            return True
+        for group in self.config.admin.allowed_groups:
+            with contextlib.suppress(KeyError):
+                g = grp.getgrnam(group)
+                if name in g.gr_mem or pwd.getpwuid(uid).pw_gid == g.gr_gid:
+                    return True
+        return False
+
+    async def start(self) -> None:
+        path = self.config.admin.socket
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        old = os.umask(0o117)
+        try:
+            self.server = await asyncio.start_unix_server(self._serve, path=str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o660)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self.config.admin.socket.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        uid, name = peer_user(sock)
+        try:
+            if not self.allowed(uid, name):
+                self.audit.write("admin.refused", by=name, uid=uid)
+                await self._reply(writer, {"ok": False, "error": f"user {name} may not administer"})
+                return
+            while line := await reader.readline():
+                if len(line) > MAX_REQUEST:
+                    await self._reply(writer, {"ok": False, "error": "request too large"})
+                    return
+                await self._reply(writer, await self._dispatch(line, name))
+        except (ValueError, ConnectionError):  # over-long line, peer gone
+            pass
+        finally:
+            writer.close()
+
+    async def _reply(self, writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
+        writer.write(json.dumps(obj).encode() + b"\n")
+        await writer.drain()
+
+    async def _dispatch(self, line: bytes, by: str) -> dict[str, Any]:
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict) or not isinstance(req.get("args", {}), dict):
+                raise ValueError
+            name = req.get("op")
+            handler = _OPS.get(name) if isinstance(name, str) else None
+            if handler is None:
+                return {"ok": False, "error": f"unknown operation {str(name)[:40]!r}"}
+            result = await handler(self, req.get("args", {}), by)
+        except ValueError:
+            return {"ok": False, "error": "malformed request"}
+        except (AdminError, StoreError) as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception:
+            log.exception("admin operation failed")
+            return {"ok": False, "error": "internal error (see the gatewayd log)"}
+        return {"ok": True, "result": result}
+
+    async def changed(self, by: str, op_name: str, **fields: Any) -> None:
+        await self.audit.record("admin.change", by=by, op=op_name, **fields)
+
+    def now(self) -> float:
+        return self.broker.now()
+
+
+@op("org.add")
+async def _org_add(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+    org = _id(args, "org")
+    s.store.add_org(org, _str(args, "name", org), s.now())
+    await s.changed(by, "org.add", org=org)
+    return {"org": org}
+
+
+@op("vendor.add")
+async def _vendor_add(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+    vendor = _id(args, "vendor")
+    s.store.add_vendor(vendor, _str(args, "name", vendor), s.now())
+    await s.changed(by, "vendor.add", vendor=vendor)
+    return {"vendor": vendor}
+
+
+@op("user.add")
+async def _user_add(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+    user = _id(args, "user")
+    vendor = args.get("vendor")
+    org = args.get("org")
+    if (vendor is None) == (org is None):
+        raise AdminError("a user belongs to exactly one of --vendor (vendor user) or --org (employee)")
+    if vendor is not None:
+        vendor = _id(args, "vendor")
+    if org is not None:
+        org = _id(args, "org")
+    secret = args.get("password")
+    if secret is not None and (not isinstance(secret, str) or not 8 <= len(secret) <= 1024):
+        raise AdminError("password: must be 8 to 1024 characters")
+    s.store.add_user(
+        user, kind="vendor" if vendor else "employee", vendor=vendor, org=org, now=s.now()
+    )
+    if secret:
+        hashed = await asyncio.to_thread(password_factor.hash_password, secret)
+        s.store.set_credential(user, "password", {"hash": hashed}, s.now())
+    await s.changed(by, "user.add", user=user, vendor=vendor, org=org, password=bool(secret))
+    return {"user": user}
+
+
+@op("user.password")
+async def _user_password(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+    user = _id(args, "user")
+    secret = _str(args, "password")
+    if not 8 <= len(secret) <= 1024:
+        raise AdminError("password: must be 8 to 1024 characters")
+    hashed = await asyncio.to_thread(password_factor.hash_password, secret)
+    s.store.set_credential(user, "password", {"hash": hashed}, s.now())
+    await s.changed(by, "user.password", user=user)
+    return {"user": user}
+
+
+@op("totp.enroll")
+async def _totp_enroll(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+    user = _id(args, "user")
+    if s.store.get_user(user) is None:
+        raise AdminError(f"no user {user!r}")
+    secret = totp.new_secret()
+    s.store.set_credential(user, "totp", {"secret": secret, "last_counter": -1}, s.now())
+    issuer = str(s.config.auth.get("totp", {}).get("issuer", "gatewayd"))
+    await s.changed(by, "totp.enroll", user=user)
+    return {"uri": totp.provisioning_uri(secret, user, issuer), "secret": secret}
+
+
+@op("agreement.add")
+async def _agreement_add(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+    vendor = _id(args, "vendor")
+    org = _id(args, "org")
+    modes = args.get("modes")
+    if not isinstance(modes, list) or not modes or not all(x in ("access", "support") for x in modes):
+        raise AdminError("modes: a list of access and/or support")
+    agreement = args.get("id") or f"{vendor}-{org}-{secrets.token_hex(3)}"
+    if not isinstance(agreement, str) or not valid_id(agreement):
+        raise AdminError("id: expected an identifier")
+    valid_from, valid_until = args.get("valid_from"), args.get("valid_until")
+    for key, value in (("valid_from", valid_from), ("valid_until", valid_until)):
+        if value is not None and not isinstance(value, int | float):
+            raise AdminError(f"{key}: expected a POSIX time")
+    s.store.add_agreement(
+        agreement,
+        vendor=vendor,
+        org=org,
+        modes=tuple(dict.fromkeys(modes)),
+        unattended=bool(args.get("unattended")),
+        valid_from=valid_from,
+        valid_until=valid_until,
+        accepted=True,
+        now=s.now(),
+    )
+    await s.changed(
+        by, "agreement.add", agreement=agreement, vendor=vendor, org=org, modes=modes,
+        unattended=bool(args.get("unattended")),
+    )
+    return {"agreement": agreement}
+
+
+@op("agent.add")
+async def _agent_add(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+    agent = _id(args, "agent")
+    org = _id(args, "org")
+    ttl = args.get("ttl", s.config.enrollment.token_ttl)
+    if not isinstance(ttl, int | float) or not 60 <= ttl <= 30 * 86400:
+        raise AdminError("ttl: between 60 seconds and 30 days")
+    token = secrets.token_urlsafe(32)
+    expires = s.now() + ttl
+    s.store.add_agent(agent, org, token, expires, s.now())
+    await s.changed(by, "agent.add", agent=agent, org=org, token_expires=expires)
+    return {"agent": agent, "token": token, "expires": expires}
+
+
+@op("list")
+async def _list(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+    table = _str(args, "what")
+    if table not in ("orgs", "vendors", "users", "agents", "agreements"):
+        raise AdminError("what: one of orgs, vendors, users, agents, agreements")
+    rows = s.store.list_rows(table)
+    if table == "agents":
+        for row in rows:
+            row["online"] = row["id"] in s.broker.agents
+    return rows
+
+
+@op("sessions.list")
+async def _sessions_list(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+    return s.broker.session_rows()
+
+
+@op("sessions.kill")
+async def _sessions_kill(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+    sid = _str(args, "session")
+    if not s.broker.kill_session(sid, f"killed by {by}"):
+        raise AdminError(f"no live session {sid!r}")
+    await s.changed(by, "sessions.kill", session=sid)
+    return {"session": sid}
+
+
+@op("status")
+async def _status(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+    return {
+        "node": s.config.gateway.node_id,
+        "agents_online": sorted(s.broker.agents),
+        "sessions": len(s.broker.sessions),
+        "audit": s.audit.failure or "ok",
+        "modes": {m: [list(step) for step in s.config.mode(m).factors] for m in MODES},
+    }
+
+
+async def request(path: Path, op_name: str, args: dict[str, Any], timeout: float = 30.0) -> Any:
+    """Client side: send one request to the admin socket and return its result."""
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(str(path), limit=MAX_REQUEST * 16), timeout
+        )
+    except (OSError, TimeoutError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
+        raise AdminError(
+            f"cannot reach gatewayd at {path}: {reason} (is the daemon running?)"
+        ) from exc
+    try:
+        writer.write(json.dumps({"op": op_name, "args": args}).encode() + b"\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    finally:
+        writer.close()
+    if not line:
+        raise AdminError("gatewayd closed the admin connection")
+    reply = json.loads(line)
+    if not reply.get("ok"):
+        raise AdminError(str(reply.get("error", "request failed")))
+    return reply.get("result")

@@ -1,0 +1,710 @@
+"""The session broker: authenticates, decides, pairs and splices.
+
+One :class:`Broker` per gatewayd process. Each accepted TLS connection is handed
+to :meth:`Broker.handle`, which reads its first message and serves its role:
+
+- ``client_hello``: prove each factor the mode needs, ask the policy, open a
+  session and keep its control connection until it ends;
+- ``tunnel``: a new tunnel of a live session: ask the session's agent to dial,
+  wait for its data connection, write the durable ``tunnel.start`` record, then
+  splice the two connections opaquely until either side ends;
+- ``agent_hello``: an enrolled agent's control connection (mutual TLS);
+- ``data``: an agent's answer to a dial request;
+- ``enroll``: a new agent trades its one-time token for a certificate.
+
+The peer learns only a generic ``auth_failed`` when a factor fails; the audit
+record gets the specific reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from auth import registry
+from auth.base import AuthContext, b64d
+from relay import message as m
+from relay.aio import ConnectionClosed, FramedLink, Pipe
+from relay.errors import ConfigError, GatewayError, ProtocolError, RemoteError, TLSBindingError
+
+from . import ca, policy
+from .audit import AuditError, AuditLog
+from .config import Config
+from .store import Store, StoreError
+
+log = structlog.get_logger("gatewayd.broker")
+
+#: Seconds a person gets for each factor (typing a code, a PIN, touching a key).
+AUTH_STEP_TIMEOUT = 120.0
+
+
+class DialError(GatewayError):
+    """The agent could not serve a dial request."""
+
+
+@dataclass(eq=False)
+class AgentConn:
+    id: str
+    org: str
+    link: FramedLink
+    targets: frozenset[str]
+    since: float
+    source: str
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    user: str
+    agent: str
+    target: str
+    mode: str
+    reason: str
+    source: str
+    client_key: bytes
+    ticket: str
+    started: float
+    expires: float
+    idle_timeout: float
+    link: FramedLink
+    agreement: str | None
+    tunnels: set[Pipe] = field(default_factory=set)
+    tunnel_count: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    last_activity: float = field(default_factory=time.monotonic)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    end_reason: str = ""
+
+    def end(self, reason: str) -> None:
+        if not self.ended.is_set():
+            self.end_reason = reason
+            self.ended.set()
+
+
+class RateLimiter:
+    """At most ``limit`` events per source address in any 60-second window."""
+
+    WINDOW = 60.0
+    #: Sources remembered at most; the oldest are forgotten first.
+    MAX_SOURCES = 100_000
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._hits: dict[str, deque[float]] = {}
+
+    def allow(self, source: str, now: float) -> bool:
+        hits = self._hits.get(source)
+        if hits is None:
+            if len(self._hits) >= self.MAX_SOURCES:
+                self._hits.pop(next(iter(self._hits)))
+            hits = self._hits[source] = deque()
+        while hits and hits[0] <= now - self.WINDOW:
+            hits.popleft()
+        if len(hits) >= self.limit:
+            return False
+        hits.append(now)
+        return True
+
+
+def _host(source: str) -> str:
+    return source.rpartition(":")[0].strip("[]") or source
+
+
+def _cn(cert: x509.Certificate) -> str:
+    attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    value = attrs[0].value if attrs else ""
+    return value if isinstance(value, str) else value.decode()
+
+
+class Broker:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        audit: AuditLog,
+        *,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.audit = audit
+        self.now = now
+        self.ca_key, self.ca_cert = ca.load_ca(config.tls.ca_file, config.tls.ca_key_file)
+        self.agents: dict[str, AgentConn] = {}
+        self.sessions: dict[str, Session] = {}
+        self.tickets: dict[str, Session] = {}
+        self.pending_dials: dict[str, tuple[str, asyncio.Future[FramedLink]]] = {}
+        self.auth_limiter = RateLimiter(config.limits.auth_per_minute)
+        self.accepting = True
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    # -- entry ----------------------------------------------------------------------
+
+    async def handle(self, link: FramedLink) -> None:
+        """Serve one accepted connection until its role is done."""
+        keep_open = False
+        try:
+            hello = await link.expect(
+                m.ClientHello, m.AgentHello, m.EnrollRequest, m.TunnelHello, m.DataHello
+            )
+            if not self.accepting and not isinstance(hello, m.DataHello):
+                link.send_error("shutdown", "the gateway is shutting down")
+                return
+            if isinstance(hello, m.ClientHello):
+                await self._client(link, hello)
+            elif isinstance(hello, m.TunnelHello):
+                keep_open = await self._tunnel(link, hello)
+            elif isinstance(hello, m.AgentHello):
+                await self._agent(link, hello)
+            elif isinstance(hello, m.DataHello):
+                keep_open = self._data(link, hello)
+            else:
+                await self._enroll(link, hello)
+        except (ConnectionClosed, RemoteError) as exc:
+            code = exc.code
+            if code not in ("eof", "session_ended"):
+                self.audit.write(
+                    "connection.rejected", source=link.peer, code=code, message=str(exc)
+                )
+        except AuditError as exc:
+            log.error("audit log failed", error=str(exc))
+            link.send_error("unavailable", "the gateway cannot write its audit log")
+        except (StoreError, TLSBindingError, ConfigError, ProtocolError) as exc:
+            log.error("request failed", source=link.peer, error=str(exc))
+            link.send_error("internal", "internal error")
+        except Exception:
+            # The catch-all: tell the peer nothing specific, keep the daemon up.
+            log.exception("unexpected error", source=link.peer)
+            link.send_error("internal", "internal error")
+        finally:
+            if not keep_open:
+                link.close()
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # -- client sessions ------------------------------------------------------------
+
+    def _choose(self, step: tuple[str, ...], offered: tuple[str, ...], enrolled: set[str]) -> str:
+        """Pick the factor of a step: one the client offers and the user holds, if any."""
+        for name in offered:
+            if name in step and name in enrolled:
+                return name
+        for name in step:
+            if name in enrolled:
+                return name
+        return step[0]
+
+    async def _authenticate(self, link: FramedLink, hello: m.ClientHello, sid: str) -> bool:
+        """Prove every factor of the mode; audit each attempt. True when all passed."""
+        cfg = self.config
+        user = self.store.get_user(hello.user)
+        binding = link.channel_binding()
+        enrolled = set(self.store.credential_methods(hello.user)) if user else set()
+        now = self.now()
+        locked = user is not None and user.locked_until > now
+        for step in cfg.mode(hello.mode).factors:
+            method = self._choose(step, hello.factors, enrolled)
+            verifier = registry.get(method).verifier()
+            credential = self.store.get_credential(hello.user, method) if user else None
+            ctx = AuthContext(
+                user=hello.user,
+                channel_binding=binding,
+                now=self.now(),
+                source=link.peer,
+                credential=credential,
+                settings=cfg.auth.get(method, {}),
+            )
+            challenge = verifier.begin(ctx)
+            link.extend_handshake(AUTH_STEP_TIMEOUT)
+            link.send(m.AuthRequest(method, challenge.payload))
+            response = await link.expect(m.AuthResponse)
+            assert isinstance(response, m.AuthResponse)
+            if response.method != method:
+                outcome_ok, reason, detail = False, f"answered {response.method[:32]}", {}
+            else:
+                outcome = await asyncio.to_thread(
+                    verifier.complete, ctx, challenge.state, response.payload
+                )
+                outcome_ok, reason, detail = outcome.ok, outcome.reason, dict(outcome.detail)
+                if outcome.ok and outcome.credential is not None and user is not None:
+                    self.store.set_credential(hello.user, method, dict(outcome.credential), now)
+            # Checked after the factor ran, so the answer takes as long either way.
+            if user is None:
+                outcome_ok, reason = False, "unknown user"
+            elif user.disabled:
+                outcome_ok, reason = False, "user disabled"
+            elif locked:
+                outcome_ok, reason = False, f"account locked ({reason})"
+            self.audit.write(
+                "auth.attempt",
+                session=sid,
+                user=hello.user,
+                factor=method,
+                outcome="success" if outcome_ok else "failure",
+                reason=reason,
+                source=link.peer,
+                mode=hello.mode,
+                agent=hello.agent,
+                **{k: v for k, v in detail.items() if k not in ("event", "seq", "ts")},
+            )
+            if not outcome_ok:
+                if user is not None and not locked and not user.disabled:
+                    self._count_failure(hello.user, user.failures + 1)
+                await self.audit.commit()
+                link.send_error("auth_failed", "authentication failed")
+                return False
+        if user is not None:
+            self.store.record_success(hello.user)
+        return True
+
+    def _count_failure(self, user: str, failures: int) -> None:
+        lo = self.config.lockout
+        until = None
+        if failures >= lo.threshold:
+            length = min(lo.base_seconds * 2 ** (failures - lo.threshold), lo.max_seconds)
+            until = self.now() + length
+            self.audit.write("auth.locked", user=user, failures=failures, seconds=length)
+        self.store.record_failure(user, until)
+
+    def _decide(self, user_id: str, agent_id: str, mode: str) -> policy.Decision:
+        user = self.store.get_user(user_id)
+        agent = self.store.get_agent(agent_id)
+        if user is None:
+            return policy.deny("unknown user")
+        if agent is None:
+            return policy.deny(f"unknown agent {agent_id}")
+        vendor_disabled = self.store.vendor_disabled(user.vendor) if user.vendor else None
+        agreements = self.store.agreements_between(user.vendor, agent.org) if user.vendor else []
+        return policy.decide(
+            user=user,
+            agent=agent,
+            mode=mode,
+            now=self.now(),
+            vendor_disabled=vendor_disabled,
+            agreements=agreements,
+            grants=self.store.grants_of(user_id),
+        )
+
+    async def _client(self, link: FramedLink, hello: m.ClientHello) -> None:
+        sid = secrets.token_hex(8)
+        if self.audit.failure is not None:
+            link.send_error("unavailable", "the gateway cannot write its audit log")
+            return
+        if not self.auth_limiter.allow(_host(link.peer), time.monotonic()):
+            await self.audit.record(
+                "auth.rate_limited", session=sid, user=hello.user, source=link.peer
+            )
+            link.send_error("rate_limited", "too many login attempts; try again later")
+            return
+        try:
+            client_key = b64d(hello.client_key)
+        except ValueError:
+            client_key = b""
+        if len(client_key) != 32:
+            link.send_error("protocol_error", "client_key must be a 32-byte X25519 key")
+            return
+        if not await self._authenticate(link, hello, sid):
+            return
+        decision = self._decide(hello.user, hello.agent, hello.mode)
+        context = {
+            "session": sid,
+            "user": hello.user,
+            "agent": hello.agent,
+            "target": hello.target,
+            "mode": hello.mode,
+            "source": link.peer,
+            "reason_given": hello.reason,
+        }
+        if decision.allowed and decision.needs_approval:
+            # Approval at the machine is the next capability to land; until it does,
+            # sessions that need it are refused rather than let through.
+            decision = policy.deny(f"{decision.reason}; approval at the machine is not available")
+        await self.audit.record(
+            "policy.decision",
+            **context,
+            decision="allow" if decision.allowed else "deny",
+            reason=decision.reason,
+            agreement=decision.agreement,
+        )
+        if not decision.allowed:
+            link.send_error("denied", decision.reason)
+            return
+        online = self.agents.get(hello.agent)
+        if online is None:
+            self.audit.write("session.refused", **context, reason="agent offline")
+            link.send_error("agent_offline", f"agent {hello.agent} is not connected")
+            return
+        if hello.target not in online.targets:
+            self.audit.write("session.refused", **context, reason="target unknown")
+            link.send_error("target_unknown", f"agent {hello.agent} has no target {hello.target}")
+            return
+        agent = self.store.get_agent(hello.agent)
+        assert agent is not None and agent.noise_key is not None
+        mode_cfg = self.config.mode(hello.mode)
+        now = self.now()
+        session = Session(
+            id=sid,
+            user=hello.user,
+            agent=hello.agent,
+            target=hello.target,
+            mode=hello.mode,
+            reason=hello.reason,
+            source=link.peer,
+            client_key=client_key,
+            ticket=secrets.token_urlsafe(32),
+            started=now,
+            expires=now + mode_cfg.max_session,
+            idle_timeout=mode_cfg.idle_timeout,
+            link=link,
+            agreement=decision.agreement,
+        )
+        await self.audit.record("session.start", **context, expires=session.expires)
+        self.sessions[sid] = session
+        self.tickets[session.ticket] = session
+        link.send(
+            m.SessionOpened(
+                session_id=sid,
+                ticket=session.ticket,
+                agent=hello.agent,
+                target=hello.target,
+                agent_key=agent.noise_key,
+                expires=session.expires,
+            )
+        )
+        try:
+            await self._hold(session)
+        finally:
+            self.sessions.pop(sid, None)
+            self.tickets.pop(session.ticket, None)
+            for pipe in list(session.tunnels):
+                pipe.abort(f"session ended: {session.end_reason}")
+            self.audit.write(
+                "session.end",
+                session=sid,
+                user=session.user,
+                agent=session.agent,
+                mode=session.mode,
+                reason=session.end_reason or "client closed",
+                duration=round(self.now() - session.started, 3),
+                tunnels=session.tunnel_count,
+                bytes_up=session.bytes_up + sum(p.a_to_b for p in session.tunnels),
+                bytes_down=session.bytes_down + sum(p.b_to_a for p in session.tunnels),
+            )
+
+    async def _hold(self, session: Session) -> None:
+        """Keep a session until its client leaves, it is killed, expires or idles out."""
+        link = session.link
+
+        async def control() -> None:
+            with contextlib.suppress(ConnectionClosed, RemoteError):
+                while True:
+                    await link.expect()  # only keepalives are allowed here
+            session.end("client closed")
+
+        reader = asyncio.get_running_loop().create_task(control())
+        try:
+            while not session.ended.is_set():
+                now = self.now()
+                if now >= session.expires:
+                    session.end("maximum session length reached")
+                    break
+                idle = time.monotonic() - max(
+                    [session.last_activity, *(p.last_activity for p in session.tunnels)]
+                )
+                if idle >= session.idle_timeout:
+                    session.end("idle timeout")
+                    break
+                wait = min(session.expires - now, session.idle_timeout - idle, 60.0)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(wait, 0.05)):
+                        await session.ended.wait()
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            if session.end_reason != "client closed":
+                link.send_error("session_ended", session.end_reason)
+
+    # -- tunnels ----------------------------------------------------------------------
+
+    async def _tunnel(self, link: FramedLink, hello: m.TunnelHello) -> bool:
+        session = self.tickets.get(hello.ticket)
+        if session is None or session.ended.is_set():
+            self.audit.write("tunnel.refused", source=link.peer, reason="unknown or ended session")
+            link.send_error("session_ended", "no such session")
+            return False
+        fields = {
+            "session": session.id,
+            "user": session.user,
+            "agent": session.agent,
+            "target": session.target,
+            "mode": session.mode,
+            "source": link.peer,
+        }
+        decision = self._decide(session.user, session.agent, session.mode)
+        if not decision.allowed:
+            self.audit.write("tunnel.refused", **fields, reason=decision.reason)
+            session.end(f"no longer allowed: {decision.reason}")
+            link.send_error("denied", decision.reason)
+            return False
+        if len(session.tunnels) >= self.config.limits.max_tunnels_per_session:
+            self.audit.write("tunnel.refused", **fields, reason="too many tunnels")
+            link.send_error("rate_limited", "too many tunnels in this session")
+            return False
+        online = self.agents.get(session.agent)
+        if online is None:
+            self.audit.write("tunnel.refused", **fields, reason="agent offline")
+            link.send_error("agent_offline", f"agent {session.agent} is not connected")
+            return False
+        token = secrets.token_urlsafe(32)
+        waiter: asyncio.Future[FramedLink] = asyncio.get_running_loop().create_future()
+        self.pending_dials[token] = (session.agent, waiter)
+        tunnel_id = secrets.token_hex(6)
+        try:
+            online.link.send(
+                m.Dial(
+                    token=token,
+                    target=session.target,
+                    session_id=session.id,
+                    client_key=m_b64(session.client_key),
+                    user=session.user,
+                    mode=session.mode,
+                )
+            )
+            async with asyncio.timeout(self.config.limits.dial_timeout):
+                agent_link = await asyncio.shield(waiter)
+        except (TimeoutError, DialError, ProtocolError) as exc:
+            reason = str(exc) or "the agent did not answer in time"
+            self.audit.write("tunnel.failed", **fields, tunnel=tunnel_id, reason=reason)
+            link.send_error("dial_failed", reason)
+            return False
+        finally:
+            self.pending_dials.pop(token, None)
+        try:
+            await self.audit.record("tunnel.start", **fields, tunnel=tunnel_id)
+        except AuditError:
+            agent_link.send_error("unavailable", "audit log unavailable")
+            agent_link.close()
+            raise
+        if session.ended.is_set():
+            agent_link.send_error("session_ended", session.end_reason)
+            agent_link.close()
+            link.send_error("session_ended", session.end_reason)
+            return False
+        link.send(m.Spliced())
+        agent_link.send(m.Spliced())
+        client_t, client_rest = link.detach()
+        agent_t, agent_rest = agent_link.detach()
+        pipe = Pipe(client_t, agent_t, names=("client", "agent"))
+        session.tunnels.add(pipe)
+        session.tunnel_count += 1
+        started = time.monotonic()
+        pipe.start(client_rest, agent_rest)
+        self.spawn(self._watch_tunnel(session, pipe, tunnel_id, fields, started))
+        return True
+
+    async def _watch_tunnel(
+        self,
+        session: Session,
+        pipe: Pipe,
+        tunnel_id: str,
+        fields: dict[str, Any],
+        started: float,
+    ) -> None:
+        result = await pipe.done
+        session.tunnels.discard(pipe)
+        session.bytes_up += result.bytes_a_to_b
+        session.bytes_down += result.bytes_b_to_a
+        session.last_activity = max(session.last_activity, pipe.last_activity)
+        self.audit.write(
+            "tunnel.end",
+            **fields,
+            tunnel=tunnel_id,
+            bytes_up=result.bytes_a_to_b,
+            bytes_down=result.bytes_b_to_a,
+            duration=round(time.monotonic() - started, 3),
+            reason=result.reason,
+        )
+
+    def _data(self, link: FramedLink, hello: m.DataHello) -> bool:
+        pending = self.pending_dials.get(hello.token)
+        agent_id = self._verified_agent(link)
+        if pending is None or agent_id is None or pending[0] != agent_id:
+            self.audit.write(
+                "connection.rejected",
+                source=link.peer,
+                code="auth_failed",
+                message="data connection with an unknown token or the wrong agent",
+                agent=agent_id,
+            )
+            link.send_error("auth_failed", "unknown dial token")
+            return False
+        waiter = pending[1]
+        if waiter.done():
+            link.send_error("session_ended", "dial request already answered")
+            return False
+        waiter.set_result(link)
+        return True
+
+    # -- agents -----------------------------------------------------------------------
+
+    def _verified_agent(self, link: FramedLink) -> str | None:
+        """The id of the enrolled agent whose certificate this link presented, else None."""
+        der = link.peer_certificate()
+        if der is None:
+            return None
+        try:
+            agent_id = _cn(x509.load_der_x509_certificate(der))
+        except ValueError:
+            return None
+        agent = self.store.get_agent(agent_id)
+        if agent is None or agent.disabled or agent.cert_fingerprint != ca.fingerprint(der):
+            return None
+        return agent_id
+
+    async def _agent(self, link: FramedLink, hello: m.AgentHello) -> None:
+        agent_id = self._verified_agent(link)
+        if agent_id is None:
+            self.audit.write(
+                "agent.rejected", source=link.peer, reason="no enrolled certificate or disabled"
+            )
+            link.send_error("auth_failed", "agent not enrolled, disabled, or certificate unknown")
+            return
+        agent = self.store.get_agent(agent_id)
+        assert agent is not None
+        previous = self.agents.get(agent_id)
+        if previous is not None:
+            previous.link.send_error("session_ended", "replaced by a newer connection")
+        conn = AgentConn(
+            agent_id, agent.org, link, frozenset(hello.targets), self.now(), link.peer
+        )
+        self.agents[agent_id] = conn
+        self.store.touch_agent(agent_id, self.now())
+        self.audit.write(
+            "agent.connect", agent=agent_id, org=agent.org, source=link.peer,
+            targets=sorted(hello.targets),
+        )
+        reason = "closed"
+        try:
+            while True:
+                msg = await link.expect(m.DialFailed)
+                assert isinstance(msg, m.DialFailed)
+                pending = self.pending_dials.get(msg.token)
+                if pending is not None and pending[0] == agent_id and not pending[1].done():
+                    pending[1].set_exception(DialError(msg.reason[:200]))
+        except (ConnectionClosed, RemoteError) as exc:
+            reason = exc.code if isinstance(exc, ConnectionClosed) else f"error: {exc.code}"
+        finally:
+            if self.agents.get(agent_id) is conn:
+                del self.agents[agent_id]
+            self.audit.write("agent.disconnect", agent=agent_id, source=link.peer, reason=reason)
+
+    async def _enroll(self, link: FramedLink, hello: m.EnrollRequest) -> None:
+        source = link.peer
+        if not self.auth_limiter.allow(_host(source), time.monotonic()):
+            self.audit.write("agent.enroll", source=source, outcome="failure", reason="rate limited")
+            link.send_error("rate_limited", "too many attempts; try again later")
+            return
+        now = self.now()
+        row = self.store.db.execute(
+            "SELECT id FROM agents WHERE token_hash = ? AND token_expires >= ? AND disabled = 0",
+            (ca_token_hash(hello.token), now),
+        ).fetchone()
+        if row is None:
+            await self.audit.record(
+                "agent.enroll", source=source, outcome="failure",
+                reason="unknown, used or expired token",
+            )
+            link.send_error("auth_failed", "enrollment token unknown, used or expired")
+            return
+        agent_id = str(row["id"])
+        try:
+            noise_key = b64d(hello.noise_key)
+            if len(noise_key) != 32:
+                raise ValueError("noise key must be 32 bytes")
+            cert = ca.sign_agent_csr(
+                self.ca_key, self.ca_cert, hello.csr, agent_id, self.config.enrollment.cert_days
+            )
+        except (ValueError, ca.CAError) as exc:
+            await self.audit.record(
+                "agent.enroll", agent=agent_id, source=source, outcome="failure", reason=str(exc)
+            )
+            link.send_error("protocol_error", str(exc))
+            return
+        der = cert.public_bytes(ca.serialization.Encoding.DER)
+        taken = self.store.take_enrollment(hello.token, ca.fingerprint(der), hello.noise_key, now)
+        if taken != agent_id:
+            link.send_error("auth_failed", "enrollment token unknown, used or expired")
+            return
+        await self.audit.record(
+            "agent.enroll", agent=agent_id, source=source, outcome="success",
+            fingerprint=ca.fingerprint(der),
+        )
+        link.send(m.Enrolled(agent=agent_id, certificate=ca.cert_pem(cert).decode()))
+
+    # -- control --------------------------------------------------------------------
+
+    def kill_session(self, sid: str, reason: str) -> bool:
+        session = self.sessions.get(sid)
+        if session is None:
+            return False
+        session.end(reason)
+        return True
+
+    def session_rows(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "session": s.id,
+                "user": s.user,
+                "agent": s.agent,
+                "target": s.target,
+                "mode": s.mode,
+                "source": s.source,
+                "reason": s.reason,
+                "since": s.started,
+                "tunnels": len(s.tunnels),
+                "bytes_up": s.bytes_up + sum(p.a_to_b for p in s.tunnels),
+                "bytes_down": s.bytes_down + sum(p.b_to_a for p in s.tunnels),
+            }
+            for s in self.sessions.values()
+        ]
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking sessions; wait up to ``timeout`` for tunnels, then end the rest."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout
+        while any(s.tunnels for s in self.sessions.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for s in list(self.sessions.values()):
+            s.end("gateway shutting down")
+        for a in list(self.agents.values()):
+            a.link.send_error("shutdown", "the gateway is shutting down")
+        deadline = time.monotonic() + 2.0
+        while (self.sessions or self.tasks) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+
+def m_b64(data: bytes) -> str:
+    from auth.base import b64e
+
+    return b64e(data)
+
+
+def ca_token_hash(token: str) -> str:
+    from .store import token_hash
+
+    return token_hash(token)

@@ -1,0 +1,353 @@
+"""gatewayd configuration: TOML into frozen dataclasses, validated without side effects.
+
+:func:`parse` turns a TOML document into a :class:`Config` or raises
+:class:`ConfigError` naming the key path at fault. It opens no file but the
+config itself, binds nothing, loads no key: that is the daemon's job at start-up
+(``gatewayd.server``). Relative paths are resolved against the config file's
+folder. Secrets are always file paths, never values in the config.
+
+See ``config.example.toml`` for every key with its default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from relay.errors import ConfigError
+from relay.message import MODES
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySection:
+    listen: tuple[str, int]
+    """Address and port of the gateway's TLS port (``HOST:PORT``, ``[::]:PORT``)."""
+    node_id: str = "gw1"
+    """Name of this node in audit records and in a cluster."""
+    handshake_timeout: float = 10.0
+    """Seconds a new connection has to finish its TLS and protocol handshake."""
+    reuse_port: bool = True
+    """Bind with SO_REUSEPORT, so several gatewayd processes can share the port."""
+
+
+@dataclass(frozen=True, slots=True)
+class TLSSection:
+    cert_file: Path
+    """The gateway's server certificate chain (PEM)."""
+    key_file: Path
+    """Its private key (PEM)."""
+    ca_file: Path
+    """The gateway CA: issues agent certificates; clients pin it with --ca-file."""
+    ca_key_file: Path
+    """The CA's private key, used to sign agent certificates at enrollment."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSection:
+    path: Path
+    """SQLite database of the directory (WAL mode)."""
+    secrets_key_file: Path
+    """32-byte key that encrypts factor secrets (TOTP seeds) in the database."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSection:
+    path: Path
+    """Audit log, one JSON object per line (``docs/audit.md``)."""
+    fsync: bool = True
+    """fsync before a session or tunnel starts (group commit). Off only for tests."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSection:
+    socket: Path
+    """Unix socket of ``gw admin``; mode 0660."""
+    allowed_uids: tuple[int, ...] = ()
+    """Users besides root and the daemon's own user that may administer."""
+    allowed_groups: tuple[str, ...] = ()
+    """Groups whose members may administer."""
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsSection:
+    auth_per_minute: int = 30
+    """Login attempts per source address per minute before ``rate_limited``."""
+    dial_timeout: float = 10.0
+    """Seconds the agent has to answer a dial request with its data connection."""
+    max_tunnels_per_session: int = 64
+    """Concurrent tunnels one session may hold."""
+
+
+@dataclass(frozen=True, slots=True)
+class LockoutSection:
+    threshold: int = 5
+    """Consecutive failed logins before the account locks."""
+    base_seconds: float = 60.0
+    """First lock length; each further failure doubles it."""
+    max_seconds: float = 3600.0
+    """Longest lock."""
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollmentSection:
+    token_ttl: float = 86400.0
+    """Seconds an agent enrollment token stays valid."""
+    cert_days: int = 365
+    """Validity of agent certificates."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModeSection:
+    factors: tuple[tuple[str, ...], ...]
+    """Steps of authentication; each step is one factor or a choice of factors."""
+    max_session: float = 12 * 3600.0
+    """Longest session in seconds (NIST SP 800-63B AAL2: 12 hours)."""
+    idle_timeout: float = 30 * 60.0
+    """Session ends after this many seconds without tunnel traffic (AAL2: 30 minutes)."""
+
+
+DEFAULT_FACTORS = (("password",), ("totp",))
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    gateway: GatewaySection
+    tls: TLSSection
+    store: StoreSection
+    audit: AuditSection
+    admin: AdminSection
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    lockout: LockoutSection = field(default_factory=LockoutSection)
+    enrollment: EnrollmentSection = field(default_factory=EnrollmentSection)
+    modes: Mapping[str, ModeSection] = field(default_factory=dict)
+    auth: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Per-factor settings tables (``[auth.totp]``, ``[auth.smartcard]``...)."""
+
+    def mode(self, name: str) -> ModeSection:
+        return self.modes.get(name) or ModeSection(DEFAULT_FACTORS)
+
+
+# -- parsing ------------------------------------------------------------------------
+
+
+class _Table:
+    """Typed access to one TOML table that remembers its key path for errors."""
+
+    def __init__(self, data: Mapping[str, Any], path: str, base: Path) -> None:
+        self.data = data
+        self.path = path
+        self.base = base
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        self.used.add(name)
+        if name not in self.data:
+            if default is ...:
+                raise ConfigError(self.key(name), "missing")
+            return default
+        value = self.data[name]
+        if isinstance(value, bool) and kind in (int, float, (int, float)):
+            raise ConfigError(self.key(name), "expected a number")
+        if not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise ConfigError(self.key(name), f"expected {names}, got {type(value).__name__}")
+        return value
+
+    def number(self, name: str, default: float, *, low: float, high: float) -> float:
+        value = float(self.get(name, (int, float), default))
+        if not low <= value <= high:
+            raise ConfigError(self.key(name), f"must be between {low:g} and {high:g}")
+        return value
+
+    def integer(self, name: str, default: int, *, low: int, high: int) -> int:
+        value: int = self.get(name, int, default)
+        if not low <= value <= high:
+            raise ConfigError(self.key(name), f"must be between {low} and {high}")
+        return value
+
+    def path_(self, name: str, default: str | None = None) -> Path:
+        value = self.get(name, str, ... if default is None else default)
+        if not value:
+            raise ConfigError(self.key(name), "must not be empty")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base / p)
+
+    def table(self, name: str) -> _Table:
+        sub = self.get(name, dict, {})
+        return _Table(sub, self.key(name), self.base)
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(self.key(unknown[0]), "unknown key")
+
+
+def parse_listen(value: str, key: str = "gateway.listen") -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` into (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(key, f"expected HOST:PORT, got {value!r}")
+    host = host.strip("[]")
+    if not host:
+        raise ConfigError(key, f"expected HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
+def _factor_steps(value: Any, key: str) -> tuple[tuple[str, ...], ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(key, "expected a non-empty list of factor names")
+    steps = []
+    for i, step in enumerate(value):
+        names = [step] if isinstance(step, str) else step
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"{key}[{i}]", "expected a factor name or a list of names")
+        steps.append(tuple(names))
+    return tuple(steps)
+
+
+def parse(text: str, path: Path) -> Config:
+    """Validate a config document; ``path`` is where it came from (for relative paths)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{path}: not valid TOML: {exc}") from exc
+    root = _Table(data, "", path.parent.resolve())
+
+    g = root.table("gateway")
+    gateway = GatewaySection(
+        listen=parse_listen(g.get("listen", str)),
+        node_id=g.get("node_id", str, "gw1"),
+        handshake_timeout=g.number("handshake_timeout", 10.0, low=1, high=300),
+        reuse_port=g.get("reuse_port", bool, True),
+    )
+    g.done()
+
+    t = root.table("tls")
+    tls = TLSSection(
+        t.path_("cert_file"), t.path_("key_file"), t.path_("ca_file"), t.path_("ca_key_file")
+    )
+    t.done()
+
+    s = root.table("store")
+    store = StoreSection(s.path_("path"), s.path_("secrets_key_file"))
+    s.done()
+
+    a = root.table("audit")
+    audit = AuditSection(a.path_("path"), a.get("fsync", bool, True))
+    a.done()
+
+    ad = root.table("admin")
+    uids = ad.get("allowed_uids", list, [])
+    groups = ad.get("allowed_groups", list, [])
+    if not all(isinstance(u, int) and not isinstance(u, bool) for u in uids):
+        raise ConfigError("admin.allowed_uids", "expected a list of numeric uids")
+    if not all(isinstance(gr, str) for gr in groups):
+        raise ConfigError("admin.allowed_groups", "expected a list of group names")
+    admin = AdminSection(ad.path_("socket"), tuple(uids), tuple(groups))
+    ad.done()
+
+    li = root.table("limits")
+    limits = LimitsSection(
+        auth_per_minute=li.integer("auth_per_minute", 30, low=1, high=100000),
+        dial_timeout=li.number("dial_timeout", 10.0, low=1, high=120),
+        max_tunnels_per_session=li.integer("max_tunnels_per_session", 64, low=1, high=10000),
+    )
+    li.done()
+
+    lo = root.table("lockout")
+    lockout = LockoutSection(
+        threshold=lo.integer("threshold", 5, low=1, high=1000),
+        base_seconds=lo.number("base_seconds", 60.0, low=0, high=86400),
+        max_seconds=lo.number("max_seconds", 3600.0, low=0, high=30 * 86400),
+    )
+    lo.done()
+
+    en = root.table("enrollment")
+    enrollment = EnrollmentSection(
+        token_ttl=en.number("token_ttl", 86400.0, low=60, high=30 * 86400),
+        cert_days=en.integer("cert_days", 365, low=1, high=3650),
+    )
+    en.done()
+
+    from auth import registry  # late: only validation needs it
+
+    known = set(registry.names())
+    modes: dict[str, ModeSection] = {}
+    mt = root.table("modes")
+    for name in list(mt.data):
+        if name not in MODES:
+            raise ConfigError(f"modes.{name}", f"unknown mode (known: {', '.join(MODES)})")
+        m = mt.table(name)
+        steps = _factor_steps(m.get("factors", list), m.key("factors"))
+        for step in steps:
+            for factor in step:
+                if factor not in known:
+                    raise ConfigError(m.key("factors"), f"unknown factor {factor!r}")
+        modes[name] = ModeSection(
+            factors=steps,
+            max_session=m.number("max_session", 12 * 3600.0, low=60, high=7 * 86400),
+            idle_timeout=m.number("idle_timeout", 1800.0, low=10, high=86400),
+        )
+        m.done()
+    mt.done()
+
+    au = root.table("auth")
+    auth: dict[str, dict[str, Any]] = {}
+    for name, table in au.data.items():
+        if name not in known:
+            raise ConfigError(f"auth.{name}", "unknown factor")
+        if not isinstance(table, dict):
+            raise ConfigError(f"auth.{name}", "expected a table")
+        auth[name] = _resolve_paths(table, root.base)
+    au.used.update(au.data)
+    au.done()
+
+    root.done()
+    return Config(
+        path=path,
+        gateway=gateway,
+        tls=tls,
+        store=store,
+        audit=audit,
+        admin=admin,
+        limits=limits,
+        lockout=lockout,
+        enrollment=enrollment,
+        modes=modes,
+        auth=auth,
+    )
+
+
+_PATH_KEYS = ("_file", "_files", "trust_anchors", "intermediates")
+
+
+def _resolve_paths(table: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Factor tables name files by keys ending in _file(s): make those absolute."""
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, str):
+            p = Path(value).expanduser()
+            return str(p if p.is_absolute() else base / p)
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        return value
+
+    return {k: fix(v) if k.endswith(_PATH_KEYS) else v for k, v in table.items()}
+
+
+def load(path: Path) -> Config:
+    """Read and validate the config file at ``path``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"config {path} is not UTF-8") from exc
+    return parse(text, path)

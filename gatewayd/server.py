@@ -1,0 +1,194 @@
+"""The daemon's life cycle: start-up, serve, reload on SIGHUP, drain on SIGTERM.
+
+:func:`serve` does every side effect the config implies (open the store and the
+audit log, load keys, bind the port and the admin socket), tells systemd it is
+ready, and runs until a signal asks it to stop.
+
+Connections are accepted as plain TCP and upgraded with ``loop.start_tls`` so that
+a failed TLS handshake (a port scanner, a client that does not trust our CA) is
+seen, audited and closed without disturbing anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import ssl
+from typing import Any
+
+import structlog
+
+from auth import registry
+from relay.aio import FramedLink
+from relay.errors import GatewayError
+from relay.protocol import Side
+from relay.tls import server_context
+
+from . import config as config_mod
+from . import systemd
+from .admin import AdminServer
+from .audit import AuditLog
+from .broker import Broker
+from .config import Config
+from .store import Store, load_secrets_key
+
+log = structlog.get_logger("gatewayd")
+
+#: Seconds SIGTERM waits for open tunnels before ending them.
+DRAIN_TIMEOUT = 10.0
+
+
+def bind(host: str, port: int, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise GatewayError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class Gateway:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.ssl_context: ssl.SSLContext | None = None
+        self.stopping = asyncio.Event()
+        self.reloads = 0
+
+    def load_tls(self) -> ssl.SSLContext:
+        tls = self.config.tls
+        try:
+            return server_context(tls.cert_file, tls.key_file, tls.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise GatewayError(f"cannot load TLS files ({tls.cert_file}): {exc}") from exc
+
+    async def run(self) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        self.ssl_context = self.load_tls()
+        store = Store(cfg.store.path, load_secrets_key(cfg.store.secrets_key_file))
+        audit = AuditLog(cfg.audit.path, node=cfg.gateway.node_id, fsync=cfg.audit.fsync)
+        audit.start()
+        if audit.discontinuity:
+            audit.write("audit.discontinuity", message=audit.discontinuity)
+        broker = Broker(cfg, store, audit)
+        admin = AdminServer(cfg, store, audit, broker)
+        host, port = cfg.gateway.listen
+        sock = bind(host, port, cfg.gateway.reuse_port)
+        acceptor = loop.create_task(accept_loop(self, sock, broker, audit))
+        await admin.start()
+        bound = sock.getsockname()
+        await audit.record(
+            "gateway.start", listen=f"{bound[0]}:{bound[1]}", config=str(cfg.path), version=1
+        )
+        for sig, handler in (
+            (signal.SIGTERM, self.stopping.set),
+            (signal.SIGINT, self.stopping.set),
+            (signal.SIGHUP, lambda: broker.spawn(self.reload(broker, audit))),
+        ):
+            loop.add_signal_handler(sig, handler)
+        watchdog = systemd.watchdog_interval()
+        dog = loop.create_task(self._watchdog(watchdog)) if watchdog else None
+        systemd.notify("READY=1", f"STATUS=listening on {host}:{bound[1]}")
+        log.info("gatewayd ready", listen=f"{host}:{bound[1]}", admin=str(cfg.admin.socket))
+        try:
+            await self.stopping.wait()
+        finally:
+            systemd.notify("STOPPING=1")
+            log.info("gatewayd stopping")
+            acceptor.cancel()
+            sock.close()
+            await admin.close()
+            await broker.drain(DRAIN_TIMEOUT)
+            if dog is not None:
+                dog.cancel()
+            with contextlib.suppress(GatewayError):
+                await audit.record("gateway.stop", reason="signal")
+            await audit.close()
+            store.close()
+
+    async def reload(self, broker: Broker, audit: AuditLog) -> None:
+        """SIGHUP: re-read config and certificates; live tunnels are untouched."""
+        systemd.notify("RELOADING=1")
+        try:
+            new = config_mod.load(self.config.path)
+            old = self.config
+            self.config = new
+            ctx = self.load_tls()
+        except GatewayError as exc:
+            log.error("reload failed; keeping the running config", error=str(exc))
+            audit.write("gateway.reload", outcome="failure", reason=str(exc))
+            systemd.notify("READY=1")
+            return
+        self.ssl_context = ctx
+        broker.config = new
+        broker.auth_limiter.limit = new.limits.auth_per_minute
+        registry.reload()
+        fixed = [
+            name
+            for name, a, b in (
+                ("gateway.listen", old.gateway.listen, new.gateway.listen),
+                ("store", old.store, new.store),
+                ("audit", old.audit, new.audit),
+                ("admin", old.admin, new.admin),
+            )
+            if a != b
+        ]
+        audit.write("gateway.reload", outcome="success", needs_restart=fixed)
+        self.reloads += 1
+        systemd.notify("READY=1")
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+
+async def accept_loop(gateway: Gateway, sock: socket.socket, broker: Broker, audit: AuditLog) -> None:
+    """Accept TCP connections; each is upgraded to TLS and served in its own task."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            conn, peer = await loop.sock_accept(sock)
+        except OSError as exc:  # EMFILE and friends: back off, never die
+            log.warning("accept failed", error=str(exc))
+            await asyncio.sleep(0.1)
+            continue
+        broker.spawn(_upgrade(gateway, conn, peer, broker, audit))
+
+
+async def _upgrade(
+    gateway: Gateway, conn: socket.socket, peer: Any, broker: Broker, audit: AuditLog
+) -> None:
+    """TLS handshake (audited when it fails), then hand the link to the broker."""
+    source = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+    timeout = gateway.config.gateway.handshake_timeout
+    assert gateway.ssl_context is not None
+    loop = asyncio.get_running_loop()
+    link = FramedLink(Side.ACCEPTOR, handshake_timeout=timeout)
+    try:
+        # uvloop returns its SSL protocol here, not ours: keep our own reference.
+        await loop.connect_accepted_socket(
+            lambda: link,
+            conn,
+            ssl=gateway.ssl_context,
+            ssl_handshake_timeout=timeout,
+        )
+    except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+        conn.close()
+        reason = str(exc)[:200] or type(exc).__name__
+        audit.write("connection.rejected", source=source, code="tls", message=reason)
+        return
+    await broker.handle(link)
+
+
+async def serve(config: Config) -> None:
+    await Gateway(config).run()

@@ -1,0 +1,235 @@
+"""The agent: dials out to the gateway, exposes named local services, nothing else.
+
+State folder (``--state-dir``), written by :func:`enroll`:
+
+- ``agent.json``: agent id and gateway address;
+- ``agent.key`` / ``agent.pem``: the TLS key and the certificate the gateway CA issued;
+- ``ca.pem``: the gateway CA;
+- ``noise.key``: the agent's Noise static private key (the end-to-end identity).
+
+:class:`Agent` keeps a control connection up (reconnecting with jittered
+exponential backoff), announces its target *names*, and answers each dial request
+by connecting to the named local service and dialling a fresh data connection,
+inside which it runs the Noise responder and accepts only the client key the
+gateway announced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from . import message as m
+from . import noise, tunnel
+from .aio import ConnectionClosed, PausedProtocol, Pipe, open_link
+from .errors import GatewayError, NoiseError, ProtocolError, RemoteError
+from .tls import client_context
+
+#: Reconnect backoff: first wait, cap, and the random share added (jitter).
+BACKOFF_FIRST, BACKOFF_MAX, JITTER = 1.0, 60.0, 0.5
+
+Log = Callable[..., None]
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise GatewayError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+async def enroll(gateway: str, ca_file: Path, token: str, state_dir: Path) -> str:
+    """Trade an enrollment token for a certificate; write the state folder. Returns the agent id."""
+    host, port = parse_hostport(gateway)
+    if (state_dir / "agent.json").exists():
+        raise GatewayError(f"{state_dir} already holds an enrolled agent")
+    try:
+        ca_pem = ca_file.read_bytes()
+        x509.load_pem_x509_certificate(ca_pem)
+    except (OSError, ValueError) as exc:
+        raise GatewayError(f"cannot read the CA file {ca_file}: {exc}") from exc
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(key, hashes.SHA256())
+    )
+    noise_private, noise_public = noise.generate_keypair()
+    try:
+        link = await open_link(host, port, client_context(ca_file))
+    except (OSError, TimeoutError) as exc:
+        raise GatewayError(f"cannot reach the gateway at {gateway}: {exc}") from exc
+    try:
+        link.send(
+            m.EnrollRequest(
+                token=token,
+                csr=csr.public_bytes(serialization.Encoding.PEM).decode(),
+                noise_key=_b64(noise_public),
+            )
+        )
+        reply = await link.expect(m.Enrolled)
+        assert isinstance(reply, m.Enrolled)
+    finally:
+        link.close()
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _write_private(
+        state_dir / "agent.key",
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+    (state_dir / "agent.pem").write_text(reply.certificate)
+    (state_dir / "ca.pem").write_bytes(ca_pem)
+    _write_private(state_dir / "noise.key", noise_private)
+    (state_dir / "agent.json").write_text(
+        json.dumps({"agent": reply.agent, "gateway": gateway, "noise_key": _b64(noise_public)})
+    )
+    return reply.agent
+
+
+@dataclass(frozen=True, slots=True)
+class AgentState:
+    agent: str
+    gateway: str
+    state_dir: Path
+    noise_private: bytes
+
+    @classmethod
+    def load(cls, state_dir: Path) -> AgentState:
+        try:
+            info = json.loads((state_dir / "agent.json").read_text())
+            noise_private = (state_dir / "noise.key").read_bytes()
+        except (OSError, ValueError) as exc:
+            raise GatewayError(
+                f"{state_dir} is not an enrolled agent's state folder (run `gw agent enroll`): {exc}"
+            ) from exc
+        if len(noise_private) != 32:
+            raise GatewayError(f"{state_dir / 'noise.key'} is damaged")
+        return cls(str(info["agent"]), str(info["gateway"]), state_dir, noise_private)
+
+
+class Agent:
+    def __init__(
+        self,
+        state: AgentState,
+        targets: dict[str, tuple[str, int]],
+        *,
+        gateway: str | None = None,
+        log: Log,
+    ) -> None:
+        for name in targets:
+            if not m.valid_id(name):
+                raise GatewayError(f"target name {name!r}: letters, digits, . _ - only")
+        self.state = state
+        self.targets = targets
+        self.host, self.port = parse_hostport(gateway or state.gateway)
+        d = state.state_dir
+        self.ssl_context = client_context(d / "ca.pem", d / "agent.pem", d / "agent.key")
+        self.log = log
+        self.connected = asyncio.Event()
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    async def run(self) -> None:
+        """Stay connected forever: reconnect with jittered exponential backoff."""
+        delay = BACKOFF_FIRST
+        while True:
+            try:
+                await self._control()
+                delay = BACKOFF_FIRST
+            except RemoteError as exc:
+                self.log("gateway refused the agent", code=exc.code, message=exc.message)
+                if exc.code == "auth_failed":
+                    delay = BACKOFF_MAX
+            except (GatewayError, OSError, TimeoutError) as exc:
+                self.log("connection to the gateway failed", error=str(exc) or type(exc).__name__)
+            self.connected.clear()
+            wait = delay * (1 + JITTER * random.random())  # noqa: S311 - jitter, not crypto
+            self.log("reconnecting", seconds=round(wait, 2))
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _control(self) -> None:
+        link = await open_link(self.host, self.port, self.ssl_context)
+        try:
+            link.send(m.AgentHello(targets=tuple(self.targets)))
+            self.log("connected", gateway=f"{self.host}:{self.port}", targets=sorted(self.targets))
+            self.connected.set()
+            while True:
+                msg = await link.expect(m.Dial)
+                assert isinstance(msg, m.Dial)
+                task = asyncio.get_running_loop().create_task(self._dial(link, msg))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+        except ConnectionClosed as exc:
+            raise GatewayError(f"control connection closed ({exc})") from exc
+        finally:
+            link.close()
+
+    async def _dial(self, control: Any, dial: m.Dial) -> None:
+        address = self.targets.get(dial.target)
+        if address is None:
+            control.send(m.DialFailed(dial.token, f"no target {dial.target}"))
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            expected = _unb64(dial.client_key)
+            local_t, local = await asyncio.wait_for(
+                loop.create_connection(PausedProtocol, *address), 10
+            )
+        except (OSError, TimeoutError, ValueError) as exc:
+            self.log("target unreachable", target=dial.target, error=str(exc))
+            control.send(m.DialFailed(dial.token, f"target {dial.target} unreachable"))
+            return
+        try:
+            link = await open_link(self.host, self.port, self.ssl_context)
+            link.send(m.DataHello(dial.token))
+            await link.expect(m.Spliced)
+            remote_t, leftover = link.detach()
+            est = await tunnel.respond(
+                remote_t,
+                leftover,
+                static_private=self.state.noise_private,
+                expected_client_key=expected,
+                session_id=dial.session_id,
+            )
+        except (GatewayError, OSError, TimeoutError, NoiseError, ProtocolError) as exc:
+            self.log("tunnel failed", target=dial.target, error=str(exc))
+            local_t.close()
+            return
+        self.log(
+            "tunnel open", session=dial.session_id, user=dial.user, mode=dial.mode,
+            target=dial.target, sas=est.sas,
+        )
+        pipe = Pipe(local_t, remote_t, codec_a=est.sealer, codec_b=est.opener, names=("target", "tunnel"))
+        pipe.start(bytes(local.buffer), est.leftover, eof_a=local.eof)
+        result = await pipe.done
+        self.log(
+            "tunnel closed", session=dial.session_id, target=dial.target,
+            bytes_in=result.bytes_b_to_a, bytes_out=result.bytes_a_to_b, reason=result.reason,
+        )

@@ -1,0 +1,402 @@
+"""The asyncio shell around the sans-I/O pieces: event loop, framed links, the byte pipe.
+
+This is the one module of ``relay/`` that does I/O. It feeds bytes from
+transports into :class:`relay.protocol.Connection` and writes what it returns,
+re-arms the protocol's timer with ``loop.call_at``, and, once a tunnel is spliced,
+hands both transports to :class:`Pipe`, which moves bytes with back-pressure:
+when one side's write buffer passes its high-water mark the other side stops
+reading, so a slow reader never grows anyone's memory beyond one buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from . import message as m
+from .errors import GatewayError, RemoteError
+from .protocol import Closed, Connection, Side, State
+from .tls import channel_binding
+
+T = TypeVar("T")
+
+#: Write-buffer high-water mark for spliced transports: 256 KiB keeps a gigabit
+#: link busy over a few milliseconds of latency while bounding per-tunnel memory.
+HIGH_WATER = 256 * 1024
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop when it is installed, else on asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+class ConnectionClosed(GatewayError):
+    """The link closed before the expected message arrived."""
+
+    def __init__(self, code: str, message: str = "") -> None:
+        super().__init__(message or code)
+        self.code = code
+
+
+class FramedLink(asyncio.Protocol):
+    """A transport speaking the gateway protocol, as awaitable messages."""
+
+    def __init__(self, side: Side, **timers: float) -> None:
+        self.conn = Connection(side, now=time.monotonic(), **timers)
+        self.transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[m.Message | Closed] = asyncio.Queue()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self.closed: asyncio.Future[Closed] = self._loop.create_future()
+        self.peer: str = "?"
+
+    # -- asyncio.Protocol -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not inherit from asyncio.Transport; duck typing it is.
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.receive_data(data, time.monotonic())
+        self._flush()
+
+    def eof_received(self) -> bool | None:
+        self.conn.receive_eof()
+        self._flush()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn.state is not State.CLOSED and self.conn.state is not State.RAW:
+            self.conn.receive_eof()
+            self._dispatch()
+        if self._timer is not None:
+            self._timer.cancel()
+        if not self.closed.done():
+            self.closed.set_result(Closed("eof", "connection lost", by_peer=True))
+
+    # -- API --------------------------------------------------------------------------
+
+    def send(self, msg: m.Message) -> None:
+        """Send a message (ProtocolError if the protocol does not allow it now)."""
+        self.conn.send(msg, time.monotonic())
+        self._flush()
+
+    def send_error(self, code: str, message: str = "") -> None:
+        self.conn.send_error(code, message)
+        self._flush()
+
+    async def recv(self) -> m.Message:
+        """The next message; raises RemoteError for an error frame, ConnectionClosed on close."""
+        event = await self._queue.get()
+        if isinstance(event, m.Error):
+            # Drain the Closed that follows an error frame.
+            raise RemoteError(event.code, event.message)
+        if isinstance(event, Closed):
+            self._queue.put_nowait(event)  # every later recv() sees the close too
+            raise ConnectionClosed(event.code, event.message)
+        return event
+
+    async def expect(self, *types: type[m.Message]) -> m.Message:
+        """The next message that is not a keepalive; ProtocolError-free type check."""
+        while True:
+            msg = await self.recv()
+            if isinstance(msg, m.Ping | m.Pong):
+                continue
+            if isinstance(msg, types):
+                return msg
+            self.send_error("protocol_error", f"unexpected {msg.TYPE}")
+            raise ConnectionClosed("protocol_error", f"unexpected {msg.TYPE}")
+
+    def extend_handshake(self, seconds: float) -> None:
+        """Allow the handshake ``seconds`` more from now (see Connection.extend_handshake)."""
+        self.conn.extend_handshake(time.monotonic(), seconds)
+        self._arm()
+
+    def channel_binding(self) -> bytes:
+        """RFC 9266 tls-exporter value of this link."""
+        assert self.transport is not None
+        obj = self.transport.get_extra_info("ssl_object")
+        if not isinstance(obj, ssl.SSLObject | ssl.SSLSocket):
+            raise GatewayError("not a TLS connection")
+        return channel_binding(obj)
+
+    def peer_certificate(self) -> bytes | None:
+        """DER of the certificate the peer presented, if any (verified by TLS)."""
+        assert self.transport is not None
+        obj = self.transport.get_extra_info("ssl_object")
+        if obj is None:
+            return None
+        cert: bytes | None = obj.getpeercert(binary_form=True)
+        return cert
+
+    def close(self) -> None:
+        """Flush what is queued and close."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        """After ``spliced``: the transport and the raw bytes already read past the frames."""
+        assert self.transport is not None
+        leftover = self.conn.take_raw()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return self.transport, leftover
+
+    # -- internals --------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+        self._dispatch()
+        if self.conn.state is State.CLOSED and self.transport is not None:
+            self.transport.close()
+        self._arm()
+
+    def _dispatch(self) -> None:
+        for event in self.conn.events_received():
+            self._queue.put_nowait(event)
+            if isinstance(event, Closed) and not self.closed.done():
+                self.closed.set_result(event)
+
+    def _arm(self) -> None:
+        when = self.conn.get_timer()
+        if when == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = when
+        if when is not None:
+            # The protocol's clock is time.monotonic(); the loop's clock is its own.
+            delay = max(0.0, when - time.monotonic())
+            self._timer = self._loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.conn.handle_timer(time.monotonic())
+        self._flush()
+
+
+async def open_link(
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext,
+    *,
+    server_hostname: str | None = None,
+    timeout: float = 10.0,
+    **timers: float,
+) -> FramedLink:
+    """Dial the gateway and return a connector-side link (preamble already queued)."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        _, link = await loop.create_connection(
+            lambda: FramedLink(Side.CONNECTOR, **timers),
+            host,
+            port,
+            ssl=ssl_context,
+            server_hostname=server_hostname or host,
+            ssl_handshake_timeout=timeout,
+        )
+    return link
+
+
+# -- the byte pipe ----------------------------------------------------------------------
+
+
+class Codec(Protocol):
+    """What a pipe end does to bytes it reads before the other end writes them."""
+
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
+        """Bytes for the other side, and whether an in-band end of stream was seen."""
+        ...  # pragma: no cover
+
+    def end(self) -> bytes | None:
+        """Bytes to send the other side when this side's input ends; None: close it."""
+        ...  # pragma: no cover
+
+
+@dataclass
+class PipeResult:
+    bytes_a_to_b: int
+    bytes_b_to_a: int
+    reason: str
+    """Which side ended it first and how: ``a closed``, ``b closed``, ``stopped: ...``."""
+
+
+class _End(asyncio.Protocol):
+    def __init__(self, pipe: Pipe, name: str, transport: asyncio.BaseTransport) -> None:
+        self.pipe = pipe
+        self.name = name
+        self.transport: Any = transport
+        self.other: _End
+        self.codec: Codec | None = None
+        self.count = 0
+        self.eof = False
+
+    def data_received(self, data: bytes) -> None:
+        self.count += len(data)
+        try:
+            out, eof = self.codec.feed(data) if self.codec is not None else (data, False)
+        except GatewayError as exc:  # a record that does not decrypt: end the tunnel
+            self.pipe.abort(f"{self.name} sent bad data: {exc}")
+            return
+        self.pipe.last_activity = time.monotonic()
+        if out:
+            self.other.transport.write(out)
+        if eof:
+            self.pipe.half_close(self.other)
+
+    def eof_received(self) -> bool | None:
+        if self.eof:  # some transports report it twice around set_protocol()
+            return True
+        self.eof = True
+        tail = self.codec.end() if self.codec is not None else None
+        if tail is None:
+            self.pipe.finish(f"{self.name} closed")
+            return None
+        self.other.transport.write(tail)
+        if self.other.eof:
+            self.pipe.finish(f"{self.name} closed")
+            return None
+        return True  # keep our write side open: the other direction still flows
+
+    def pause_writing(self) -> None:
+        self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.other.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f"{self.name} closed" if exc is None else f"{self.name} failed: {exc}"
+        self.pipe.finish(reason)
+
+
+class Pipe:
+    """Splice two transports in both directions, with an optional codec per direction.
+
+    ``codec_a`` transforms what ``a`` reads before ``b`` writes it, and ``codec_b``
+    the other way. Without codecs the pipe copies opaquely (the gateway's splice).
+    """
+
+    def __init__(
+        self,
+        a: asyncio.BaseTransport,
+        b: asyncio.BaseTransport,
+        *,
+        codec_a: Codec | None = None,
+        codec_b: Codec | None = None,
+        names: tuple[str, str] = ("a", "b"),
+    ) -> None:
+        self.a = _End(self, names[0], a)
+        self.b = _End(self, names[1], b)
+        self.a.other, self.b.other = self.b, self.a
+        self.a.codec, self.b.codec = codec_a, codec_b
+        self.done: asyncio.Future[PipeResult] = asyncio.get_running_loop().create_future()
+        self.last_activity = time.monotonic()
+
+    def start(
+        self,
+        pending_a: bytes = b"",
+        pending_b: bytes = b"",
+        *,
+        eof_a: bool = False,
+        eof_b: bool = False,
+    ) -> None:
+        """Take over both transports and feed what was already read from each."""
+        for end, pending in ((self.a, pending_a), (self.b, pending_b)):
+            end.transport.set_protocol(end)
+            with contextlib.suppress(AttributeError, NotImplementedError):
+                end.transport.set_write_buffer_limits(high=HIGH_WATER)
+        for end, pending, eof in ((self.a, pending_a, eof_a), (self.b, pending_b, eof_b)):
+            if pending:
+                end.data_received(pending)
+            if eof:
+                end.eof_received()
+            if end.transport.is_closing():
+                self.finish(f"{end.name} closed")
+        for end in (self.a, self.b):
+            with contextlib.suppress(AttributeError, RuntimeError):
+                end.transport.resume_reading()
+
+    @property
+    def a_to_b(self) -> int:
+        return self.a.count
+
+    @property
+    def b_to_a(self) -> int:
+        return self.b.count
+
+    def half_close(self, end: _End) -> None:
+        """The other side ended its stream in-band: end ours the same way if we can."""
+        transport = end.transport
+        if transport.can_write_eof():
+            transport.write_eof()
+            if end.eof:
+                self.finish(f"{end.other.name} closed")
+        else:
+            self.finish(f"{end.other.name} closed")
+
+    def finish(self, reason: str) -> None:
+        """Stop: flush and close both transports (idempotent)."""
+        if self.done.done():
+            return
+        for end in (self.a, self.b):
+            if not end.transport.is_closing():
+                end.transport.close()
+        self.done.set_result(PipeResult(self.a.count, self.b.count, reason))
+
+    def abort(self, reason: str) -> None:
+        """Stop at once, dropping what is buffered (session killed)."""
+        if not self.done.done():
+            self.done.set_result(PipeResult(self.a.count, self.b.count, reason))
+        for end in (self.a, self.b):
+            end.transport.abort()
+
+
+class PausedProtocol(asyncio.Protocol):
+    """Holds a fresh transport still until a pipe takes it; keeps what it already read."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.eof = False
+        self.lost = False
+        self.on_lost: Callable[[], None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        with contextlib.suppress(AttributeError, RuntimeError):
+            transport.pause_reading()  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.on_lost is not None:
+            self.on_lost()

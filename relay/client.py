@@ -1,0 +1,308 @@
+"""The client side of a session: what ``gw connect`` runs.
+
+:func:`open_session` dials the gateway, answers each factor the gateway asks for
+through the ``prove`` callback (the CLI wires it to ``auth`` provers, so this
+module never imports ``auth``), and returns a :class:`ClientSession`. Each
+:meth:`ClientSession.open_tunnel` is a fresh TLS connection presenting the
+session ticket, spliced by the gateway to a fresh connection from the agent,
+inside which the Noise IK handshake runs end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import ssl
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import message as m
+from . import noise, tunnel
+from .aio import ConnectionClosed, FramedLink, PausedProtocol, Pipe, open_link
+from .errors import GatewayError, NoiseError, ProtocolError, RemoteError
+
+Prove = Callable[[str, dict[str, Any], bytes], Awaitable[dict[str, Any]]]
+
+
+class AgentKeyMismatch(GatewayError):
+    """The gateway handed us another key than the one pinned for this agent."""
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    host: str
+    port: int
+    ssl_context: ssl.SSLContext
+
+    async def dial(self, **timers: float) -> FramedLink:
+        try:
+            return await open_link(self.host, self.port, self.ssl_context, **timers)
+        except ssl.SSLCertVerificationError as exc:
+            raise GatewayError(
+                f"the gateway's certificate does not verify with the CA file: {exc.verify_message}"
+            ) from exc
+        except (OSError, TimeoutError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
+            raise GatewayError(f"cannot reach the gateway at {self.host}:{self.port}: {reason}") from exc
+
+
+class KnownAgents:
+    """Trust on first use for agent keys, like SSH's known_hosts.
+
+    One JSON object per file: ``{"<gateway host:port> <agent>": "<noise key b64>"}``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _load(self) -> dict[str, str]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise GatewayError(f"cannot read known agents file {self.path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise GatewayError(f"known agents file {self.path} is not a JSON object")
+        return {str(k): str(v) for k, v in data.items()}
+
+    def check(self, gateway: str, agent: str, key: str) -> bool:
+        """True if ``key`` was pinned before, False if pinned now; raises on a change."""
+        entries = self._load()
+        name = f"{gateway} {agent}"
+        pinned = entries.get(name)
+        if pinned is None:
+            entries[name] = key
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
+            return False
+        if pinned != key:
+            raise AgentKeyMismatch(
+                f"the key of agent {agent} at {gateway} has CHANGED since it was first seen.\n"
+                f"  pinned: {pinned}\n  now:    {key}\n"
+                "Someone may be intercepting the connection, or the agent was re-enrolled.\n"
+                f"If you know it was re-enrolled, remove its line from {self.path}."
+            )
+        return True
+
+
+class ClientSession:
+    def __init__(
+        self, gateway: Gateway, link: FramedLink, opened: m.SessionOpened, static_private: bytes
+    ) -> None:
+        self.gateway = gateway
+        self.link = link
+        self.opened = opened
+        self.static_private = static_private
+        self.agent_key = noise_key(opened.agent_key)
+        self.on_tunnel: Callable[[tunnel.Established], None] | None = None
+        self.tunnels: set[Pipe] = set()
+
+    async def open_tunnel(self) -> tuple[asyncio.Transport, tunnel.Established]:
+        """A new spliced, end-to-end encrypted tunnel to the session's target."""
+        link = await self.gateway.dial()
+        link.send(m.TunnelHello(self.opened.ticket))
+        try:
+            await link.expect(m.Spliced)
+        except RemoteError:
+            link.close()
+            raise
+        transport, leftover = link.detach()
+        try:
+            established = await tunnel.initiate(
+                transport,
+                leftover,
+                static_private=self.static_private,
+                agent_key=self.agent_key,
+                session_id=self.opened.session_id,
+            )
+        except NoiseError:
+            transport.abort()
+            raise
+        if self.on_tunnel is not None:
+            self.on_tunnel(established)
+        return transport, established
+
+    async def splice(self, local: asyncio.BaseTransport, pending: bytes = b"", eof: bool = False) -> None:
+        """Carry one local stream through a new tunnel until either side ends."""
+        remote, est = await self.open_tunnel()
+        pipe = Pipe(local, remote, codec_a=est.sealer, codec_b=est.opener, names=("local", "tunnel"))
+        self.tunnels.add(pipe)
+        try:
+            pipe.start(pending, est.leftover, eof_a=eof)
+            await pipe.done
+        finally:
+            self.tunnels.discard(pipe)
+
+    async def serve_local(
+        self, host: str, port: int, on_error: Callable[[str], None], ready: Callable[[str], None]
+    ) -> None:
+        """``-L``: accept local connections; each gets its own tunnel. Runs until the session ends."""
+        loop = asyncio.get_running_loop()
+
+        def accepted() -> PausedProtocol:
+            proto = PausedProtocol()
+            loop.create_task(self._serve_one(proto, on_error))  # noqa: RUF006 - ends with the pipe
+            return proto
+
+        server = await loop.create_server(accepted, host, port)
+        bound = server.sockets[0].getsockname()
+        ready(f"{bound[0]}:{bound[1]}")
+        try:
+            await self.wait_closed()
+        finally:
+            server.close()
+            for pipe in list(self.tunnels):
+                pipe.finish("session ended")
+
+    async def _serve_one(self, proto: PausedProtocol, on_error: Callable[[str], None]) -> None:
+        await asyncio.sleep(0)  # let connection_made run
+        local = proto.transport
+        assert local is not None
+        try:
+            await self.splice(local, bytes(proto.buffer), proto.eof)
+        except (GatewayError, OSError, TimeoutError) as exc:
+            on_error(describe(exc))
+            local.close()
+
+    async def stdio(self) -> None:
+        """``--stdio``: one tunnel on standard input and output (ssh ProxyCommand style)."""
+        loop = asyncio.get_running_loop()
+        remote, est = await self.open_tunnel()
+        reader = PausedProtocol()
+        stdin_t, _ = await loop.connect_read_pipe(lambda: reader, sys.stdin)
+        stdout_t, _ = await loop.connect_write_pipe(asyncio.Protocol, sys.stdout)
+        joined = _Duplex(stdin_t, stdout_t)
+        pipe = Pipe(joined, remote, codec_a=est.sealer, codec_b=est.opener, names=("local", "tunnel"))
+        pipe.start(bytes(reader.buffer), est.leftover, eof_a=reader.eof)
+        await pipe.done
+
+    async def wait_closed(self) -> str:
+        """Wait for the session's control connection to end; returns why."""
+        try:
+            while True:
+                await self.link.expect()
+        except RemoteError as exc:
+            return exc.message or exc.code
+        except ConnectionClosed as exc:
+            return exc.message or exc.code
+
+    def close(self) -> None:
+        self.link.close()
+
+
+class _Duplex(asyncio.Transport):
+    """Standard input and output seen as one transport, for the pipe."""
+
+    def __init__(self, read: asyncio.ReadTransport, write: asyncio.WriteTransport) -> None:
+        super().__init__()
+        self._r, self._w = read, write
+        self._protocol: Any = None
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+        self._r.set_protocol(protocol)
+        self._w.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol  # type: ignore[no-any-return]
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._w.write(data)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self._w.close()
+
+    def pause_reading(self) -> None:
+        self._r.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._r.resume_reading()
+
+    def is_closing(self) -> bool:
+        return self._r.is_closing() and self._w.is_closing()
+
+    def close(self) -> None:
+        self._r.close()
+        self._w.close()
+
+    def abort(self) -> None:
+        self._r.close()
+        self._w.abort()
+
+
+def noise_key(text: str) -> bytes:
+    try:
+        key = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except ValueError as exc:
+        raise ProtocolError("agent key is not base64url") from exc
+    if len(key) != 32:
+        raise ProtocolError("agent key must be 32 bytes")
+    return key
+
+
+async def open_session(
+    gateway: Gateway,
+    *,
+    user: str,
+    agent: str,
+    target: str,
+    mode: str,
+    reason: str,
+    static_private: bytes,
+    prove: Prove,
+    factors: tuple[str, ...] = (),
+) -> ClientSession:
+    """Authenticate and open a session; raises RemoteError with the gateway's reason."""
+    link = await gateway.dial(handshake_timeout=30.0)
+    client_key = base64.urlsafe_b64encode(noise.public_key(static_private)).rstrip(b"=").decode()
+    link.send(
+        m.ClientHello(
+            user=user,
+            agent=agent,
+            target=target,
+            mode=mode,
+            client_key=client_key,
+            reason=reason,
+            factors=factors,
+        )
+    )
+    binding = link.channel_binding()
+    try:
+        while True:
+            msg = await link.expect(m.AuthRequest, m.SessionOpened)
+            if isinstance(msg, m.SessionOpened):
+                return ClientSession(gateway, link, msg, static_private)
+            assert isinstance(msg, m.AuthRequest)
+            link.extend_handshake(300.0)
+            payload = await prove(msg.method, msg.payload, binding)
+            link.send(m.AuthResponse(msg.method, payload))
+    except BaseException:
+        link.close()
+        raise
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a person, from any error this module raises."""
+    if isinstance(exc, RemoteError):
+        return {
+            "auth_failed": "authentication failed",
+            "denied": f"denied by policy: {exc.message}",
+            "agent_offline": exc.message or "the agent is offline",
+            "rate_limited": exc.message or "too many attempts; try again later",
+        }.get(exc.code, exc.message or exc.code)
+    if isinstance(exc, ConnectionClosed):
+        return f"the gateway closed the connection ({exc})"
+    if isinstance(exc, NoiseError):
+        return f"end-to-end handshake failed: {exc}"
+    return str(exc) or type(exc).__name__

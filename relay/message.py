@@ -1,0 +1,353 @@
+"""Message types of the gateway wire protocol (version 1).
+
+Every message is a frozen, slotted dataclass that validates its fields on
+construction, so a message that exists is a message that is well formed. On the
+wire a message is a JSON object whose ``"t"`` member names the type; see
+``docs/protocol.md`` for the whole exchange.
+
+Binary values (keys, tokens, auth payload members) travel base64url-encoded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import ProtocolError
+
+#: Longest string member accepted from a peer. Certificates and CSRs in PEM are
+#: the largest values (a few KiB); 16 KiB leaves room without letting one field
+#: take the whole frame budget.
+MAX_STRING = 16 * 1024
+
+#: Most items in a list member (target names an agent announces).
+MAX_LIST = 256
+
+#: Identifier syntax for users, agents, orgs, vendors and targets.
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-@")
+MAX_ID = 128
+
+
+def valid_id(value: str) -> bool:
+    """True when ``value`` is a usable identifier (user, agent, org, vendor, target name)."""
+    return 0 < len(value) <= MAX_ID and set(value) <= _ID_CHARS and value[0] not in ".-"
+
+
+MODES = ("access", "support", "homeoffice")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Base of all messages. ``TYPE`` is the wire name."""
+
+    TYPE: ClassVar[str] = ""
+    #: Members that must be identifiers (see :func:`valid_id`) when non-empty.
+    IDS: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_value(self.TYPE, f.name, getattr(self, f.name), _hints(type(self))[f.name])
+        for name in self.IDS:
+            value = getattr(self, name)
+            if value and not valid_id(value):
+                raise ProtocolError(f"{self.TYPE}.{name}: not a valid identifier")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"t": self.TYPE}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
+def _check_value(mtype: str, name: str, value: object, hint: Any) -> None:
+    where = f"{mtype}.{name}"
+    origin = typing.get_origin(hint)
+    if origin is tuple:  # tuple[str, ...]
+        if not isinstance(value, tuple) or len(value) > MAX_LIST:
+            raise ProtocolError(f"{where}: expected a list of at most {MAX_LIST} strings")
+        for item in value:
+            if not isinstance(item, str) or len(item) > MAX_STRING:
+                raise ProtocolError(f"{where}: expected a list of strings")
+        return
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where}: expected an object")
+        return
+    if origin in (types.UnionType, typing.Union):  # X | None
+        if value is None:
+            return
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63
+    elif hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif hint is str:
+        ok = isinstance(value, str) and len(value) <= MAX_STRING
+    else:  # pragma: no cover - a message class uses a type this checker does not know
+        raise TypeError(f"{where}: unsupported field type {hint!r}")
+    if not ok:
+        raise ProtocolError(f"{where}: expected {hint.__name__}")
+
+
+# -- connection set-up: the first message of every connection ----------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHello(Message):
+    """``gw connect`` opens a session: who, to which agent and target, in which mode."""
+
+    TYPE = "client_hello"
+    IDS = ("user", "agent", "target")
+    user: str
+    agent: str
+    target: str
+    mode: str
+    client_key: str
+    """The client's Noise static public key (base64url, 32 bytes)."""
+    reason: str = ""
+    """Why the session is wanted (ticket number, sentence); kept on its audit records."""
+    factors: tuple[str, ...] = ()
+    """Factors the client can prove, in order of preference (e.g. totp or fido2)."""
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        if self.mode not in MODES:
+            raise ProtocolError(f"client_hello.mode: must be one of {', '.join(MODES)}")
+        if len(self.reason) > 1024:
+            raise ProtocolError("client_hello.reason: longer than 1024 characters")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentHello(Message):
+    """An enrolled agent's control connection (identity from its TLS certificate)."""
+
+    TYPE = "agent_hello"
+    targets: tuple[str, ...]
+    """Names of the services this agent exposes; never addresses."""
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        for name in self.targets:
+            if not valid_id(name):
+                raise ProtocolError(f"agent_hello.targets: {name[:40]!r} is not a valid name")
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollRequest(Message):
+    """A new agent trades its one-time token for a certificate."""
+
+    TYPE = "enroll"
+    token: str
+    csr: str
+    """PEM certificate signing request for the agent's TLS key."""
+    noise_key: str
+    """The agent's Noise static public key (base64url)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelHello(Message):
+    """``gw connect`` opens one tunnel of its session (a fresh connection)."""
+
+    TYPE = "tunnel"
+    ticket: str
+
+
+@dataclass(frozen=True, slots=True)
+class DataHello(Message):
+    """The agent answers a dial request with a fresh connection."""
+
+    TYPE = "data"
+    token: str
+
+
+# -- authentication ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRequest(Message):
+    """The gateway asks the client to prove one factor."""
+
+    TYPE = "auth_request"
+    method: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResponse(Message):
+    """The client's proof of one factor."""
+
+    TYPE = "auth_response"
+    method: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOpened(Message):
+    """Authentication and policy passed: the session exists."""
+
+    TYPE = "session"
+    IDS = ("agent", "target")
+    session_id: str
+    ticket: str
+    """Opens tunnels of this session while its control connection stays up."""
+    agent: str
+    target: str
+    agent_key: str
+    """The agent's enrolled Noise static public key (base64url)."""
+    expires: float
+    """POSIX time at which the gateway ends the session."""
+
+
+@dataclass(frozen=True, slots=True)
+class Enrolled(Message):
+    """The gateway's answer to :class:`EnrollRequest`."""
+
+    TYPE = "enrolled"
+    IDS = ("agent",)
+    agent: str
+    certificate: str
+    """PEM chain: the agent's certificate issued by the gateway CA."""
+
+
+# -- agent control -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Dial(Message):
+    """The gateway asks the agent to open a data connection to one of its targets."""
+
+    TYPE = "dial"
+    IDS = ("target", "user")
+    token: str
+    target: str
+    session_id: str
+    client_key: str
+    """The Noise static key the agent must see in the tunnel's handshake."""
+    user: str
+    mode: str
+
+
+@dataclass(frozen=True, slots=True)
+class DialFailed(Message):
+    """The agent could not serve a dial request."""
+
+    TYPE = "dial_failed"
+    token: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Spliced(Message):
+    """Last framed message on a tunnel connection: raw bytes follow."""
+
+    TYPE = "spliced"
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    TYPE = "ping"
+    seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Message):
+    TYPE = "pong"
+    seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """The sender is closing the connection, and says why.
+
+    ``code`` is one of :data:`ERROR_CODES`; ``message`` is for the person at the
+    other end and carries no secrets (auth failures are always the generic
+    ``auth_failed``).
+    """
+
+    TYPE = "error"
+    code: str
+    message: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+ERROR_CODES = {
+    "protocol_error": "the peer broke the protocol",
+    "frame_too_large": "a frame exceeded the size limit",
+    "unsupported_version": "the peer speaks another protocol version",
+    "timeout": "the peer went silent",
+    "auth_failed": "authentication failed",
+    "denied": "policy denied the request",
+    "agent_offline": "the agent is not connected",
+    "target_unknown": "the agent does not expose that target",
+    "dial_failed": "the agent could not reach its target",
+    "rate_limited": "too many attempts from this source",
+    "unavailable": "the gateway cannot accept new sessions now",
+    "session_ended": "the session ended",
+    "shutdown": "the gateway is shutting down",
+    "internal": "internal error",
+}
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        ClientHello,
+        AgentHello,
+        EnrollRequest,
+        TunnelHello,
+        DataHello,
+        AuthRequest,
+        AuthResponse,
+        SessionOpened,
+        Enrolled,
+        Dial,
+        DialFailed,
+        Spliced,
+        Ping,
+        Pong,
+        Error,
+    )
+}
+
+
+def from_json(obj: object) -> Message:
+    """Build a message from a decoded JSON value; ProtocolError if it is not one."""
+    if not isinstance(obj, dict):
+        raise ProtocolError("a message must be a JSON object")
+    mtype = obj.get("t")
+    cls = MESSAGE_TYPES.get(mtype) if isinstance(mtype, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {str(mtype)[:40]!r}")
+    kwargs: dict[str, Any] = {}
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in obj.items():
+        if key == "t":
+            continue
+        if key not in names:
+            raise ProtocolError(f"{mtype}: unknown member {key[:40]!r}")
+        kwargs[key] = tuple(value) if isinstance(value, list) else value
+    missing = [
+        n
+        for n, f in names.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ProtocolError(f"{mtype}: missing {', '.join(missing)}")
+    return cls(**kwargs)

@@ -1,0 +1,599 @@
+"""Noise_IK_25519_ChaChaPoly_BLAKE2s, after the Noise Protocol Framework, revision 34.
+
+https://noiseprotocol.org/noise.html -- section numbers in comments refer to it.
+
+Only the IK pattern (7.5) with X25519 (12.1), ChaChaPoly (12.3) and BLAKE2s (12.7)
+is implemented, on ``cryptography`` primitives. The module is sans-I/O: it never
+touches a socket or a clock; callers move the bytes.
+
+Every failure raises :class:`relay.errors.NoiseError`. A :class:`HandshakeState` or
+:class:`NoiseStream` that raised on input from the peer is dead: later calls raise too.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, hmac
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from relay.errors import NoiseError
+
+__all__ = [
+    "MAX_MESSAGE",
+    "MAX_PLAINTEXT",
+    "PROTOCOL_NAME",
+    "CipherState",
+    "FrameReader",
+    "HandshakeState",
+    "NoiseStream",
+    "frame",
+    "generate_keypair",
+    "public_key",
+    "short_auth_string",
+]
+
+PROTOCOL_NAME: Final = b"Noise_IK_25519_ChaChaPoly_BLAKE2s"
+MAX_MESSAGE: Final = 65535  # spec 3: a Noise message is at most 65535 bytes
+TAG_LEN: Final = 16  # spec 4.2: ENCRYPT appends a 16-byte authentication tag
+MAX_PLAINTEXT: Final = MAX_MESSAGE - TAG_LEN
+DH_LEN: Final = 32  # spec 12.1: DHLEN for 25519
+HASH_LEN: Final = 32  # spec 12.7: HASHLEN for BLAKE2s
+KEY_LEN: Final = 32  # spec 4.2: cipher keys are 32 bytes
+MAX_NONCE: Final = 2**64 - 1  # spec 5.1: reserved; reaching it is an error
+
+_LENGTH_PREFIX: Final = 2  # spec 13: 2-byte big-endian length field on a stream
+_COMPACT_AT: Final = 1 << 16  # drop consumed buffer bytes once this many pile up
+_SAS_LABEL: Final = b"gw-sas-v1"
+
+_Bytes = bytes | bytearray | memoryview
+
+
+# -- spec 4: crypto functions ------------------------------------------------------------------
+
+
+def generate_keypair() -> tuple[bytes, bytes]:
+    """Return a fresh X25519 key pair as raw ``(private, public)``, 32 bytes each (spec 4.1)."""
+    key = X25519PrivateKey.generate()
+    return key.private_bytes_raw(), key.public_key().public_bytes_raw()
+
+
+def public_key(private: bytes) -> bytes:
+    """Return the raw X25519 public key of a raw 32-byte private key."""
+    return _private_key(private).public_key().public_bytes_raw()
+
+
+def _private_key(private: bytes) -> X25519PrivateKey:
+    if len(private) != DH_LEN:
+        raise NoiseError(f"X25519 private key must be {DH_LEN} bytes, got {len(private)}")
+    return X25519PrivateKey.from_private_bytes(private)
+
+
+def _public_key(public: bytes) -> X25519PublicKey:
+    if len(public) != DH_LEN:
+        raise NoiseError(f"X25519 public key must be {DH_LEN} bytes, got {len(public)}")
+    return X25519PublicKey.from_public_bytes(public)
+
+
+def _dh(private: X25519PrivateKey, public: X25519PublicKey) -> bytes:
+    """DH() of spec 4.1 / 12.1. A low-order peer key signals an error (allowed by 4.1)."""
+    try:
+        return private.exchange(public)
+    except ValueError as exc:  # all-zero shared secret
+        raise NoiseError("X25519 produced an all-zero shared secret") from exc
+
+
+def _hash(data: bytes) -> bytes:
+    """HASH() of spec 4.3: BLAKE2s with a 32-byte digest (spec 12.7)."""
+    digest = hashes.Hash(hashes.BLAKE2s(HASH_LEN))
+    digest.update(data)
+    return digest.finalize()
+
+
+def _hmac_hash(key: bytes, data: bytes) -> bytes:
+    """HMAC-HASH() of spec 4.3 (RFC 2104 over BLAKE2s)."""
+    mac = hmac.HMAC(key, hashes.BLAKE2s(HASH_LEN))
+    mac.update(data)
+    return mac.finalize()
+
+
+def _hkdf2(chaining_key: bytes, input_key_material: bytes) -> tuple[bytes, bytes]:
+    """HKDF() of spec 4.3 with num_outputs = 2."""
+    temp_key = _hmac_hash(chaining_key, input_key_material)
+    output1 = _hmac_hash(temp_key, b"\x01")
+    output2 = _hmac_hash(temp_key, output1 + b"\x02")
+    return output1, output2
+
+
+# -- spec 5.1: CipherState ----------------------------------------------------------------------
+
+
+class CipherState:
+    """A key ``k`` and a nonce ``n`` (spec 5.1), encrypting with ChaChaPoly (spec 12.3).
+
+    Without a key, ``encrypt_with_ad``/``decrypt_with_ad`` return their input unchanged,
+    as the spec requires during the handshake.
+    """
+
+    __slots__ = ("_aead", "_key", "_n")
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self._key: bytes | None = None
+        self._aead: ChaCha20Poly1305 | None = None
+        self._n = 0
+        if key is not None:
+            self.initialize_key(key)
+
+    def initialize_key(self, key: bytes) -> None:
+        """InitializeKey(key): set ``k`` and reset ``n`` to zero."""
+        if len(key) != KEY_LEN:
+            raise NoiseError(f"cipher key must be {KEY_LEN} bytes, got {len(key)}")
+        self._key = bytes(key)
+        self._aead = ChaCha20Poly1305(self._key)  # one object per key, reused per message
+        self._n = 0
+
+    def has_key(self) -> bool:
+        """HasKey(): true once a key is set."""
+        return self._aead is not None
+
+    def set_nonce(self, nonce: int) -> None:
+        """SetNonce(nonce): for out-of-order transport (spec 11.4); use with care."""
+        if not 0 <= nonce <= MAX_NONCE:
+            raise NoiseError(f"nonce out of range: {nonce}")
+        self._n = nonce
+
+    @property
+    def nonce(self) -> int:
+        """The nonce the next encryption or decryption will use."""
+        return self._n
+
+    def _nonce_bytes(self) -> bytes:
+        # Spec 12.3: 32 zero bits, then the 64-bit little-endian counter.
+        if self._n >= MAX_NONCE:  # spec 5.1: 2^64-1 is reserved
+            raise NoiseError("nonce exhausted; the session must end or rekey")
+        return (self._n << 32).to_bytes(12, "little")
+
+    def encrypt_with_ad(self, ad: bytes, plaintext: _Bytes) -> bytes:
+        """EncryptWithAd(ad, plaintext): ENCRYPT(k, n++, ad, plaintext), or plaintext if no key."""
+        if len(plaintext) > MAX_PLAINTEXT:
+            raise NoiseError(f"plaintext of {len(plaintext)} bytes exceeds {MAX_PLAINTEXT}")
+        if self._aead is None:
+            return bytes(plaintext)
+        ciphertext = self._aead.encrypt(self._nonce_bytes(), plaintext, ad)
+        self._n += 1
+        return ciphertext
+
+    def decrypt_with_ad(self, ad: bytes, ciphertext: _Bytes) -> bytes:
+        """DecryptWithAd(ad, ciphertext): DECRYPT(k, n++, ad, ciphertext), or it if no key.
+
+        On failure ``n`` is not advanced (spec 5.1) and NoiseError is raised.
+        """
+        if len(ciphertext) > MAX_MESSAGE:
+            raise NoiseError(f"ciphertext of {len(ciphertext)} bytes exceeds {MAX_MESSAGE}")
+        if self._aead is None:
+            return bytes(ciphertext)
+        if len(ciphertext) < TAG_LEN:
+            raise NoiseError(f"ciphertext of {len(ciphertext)} bytes is shorter than a tag")
+        try:
+            plaintext = self._aead.decrypt(self._nonce_bytes(), ciphertext, ad)
+        except InvalidTag:
+            raise NoiseError("decryption failed: bad key, nonce, data or tag") from None
+        self._n += 1
+        return plaintext
+
+    def rekey(self) -> None:
+        """Rekey(): k = REKEY(k), the default of spec 4.2 (see 11.3); ``n`` is kept."""
+        if self._aead is None:
+            raise NoiseError("cannot rekey a CipherState without a key")
+        max_nonce = (MAX_NONCE << 32).to_bytes(12, "little")
+        key = self._aead.encrypt(max_nonce, bytes(KEY_LEN), b"")[:KEY_LEN]
+        n = self._n
+        self.initialize_key(key)
+        self._n = n
+
+
+# -- spec 5.2: SymmetricState -------------------------------------------------------------------
+
+
+class _SymmetricState:
+    """Chaining key ``ck`` and handshake hash ``h`` around a CipherState (spec 5.2)."""
+
+    __slots__ = ("_cipher", "ck", "h")
+
+    def __init__(self, protocol_name: bytes) -> None:
+        # InitializeSymmetric(): the name is hashed if longer than HASHLEN, else zero-padded.
+        if len(protocol_name) <= HASH_LEN:
+            self.h = protocol_name.ljust(HASH_LEN, b"\x00")
+        else:
+            self.h = _hash(protocol_name)
+        self.ck = self.h
+        self._cipher = CipherState()
+
+    def mix_key(self, input_key_material: bytes) -> None:
+        """MixKey(): ck, temp_k = HKDF(ck, ikm, 2); InitializeKey(temp_k)."""
+        self.ck, temp_k = _hkdf2(self.ck, input_key_material)
+        self._cipher.initialize_key(temp_k[:KEY_LEN])
+
+    def mix_hash(self, data: bytes) -> None:
+        """MixHash(): h = HASH(h || data)."""
+        self.h = _hash(self.h + data)
+
+    def encrypt_and_hash(self, plaintext: bytes) -> bytes:
+        """EncryptAndHash(): encrypt with ad = h, then mix the ciphertext into h."""
+        ciphertext = self._cipher.encrypt_with_ad(self.h, plaintext)
+        self.mix_hash(ciphertext)
+        return ciphertext
+
+    def decrypt_and_hash(self, ciphertext: bytes) -> bytes:
+        """DecryptAndHash(): decrypt with ad = h, then mix the ciphertext into h."""
+        plaintext = self._cipher.decrypt_with_ad(self.h, ciphertext)
+        self.mix_hash(ciphertext)
+        return plaintext
+
+    def split(self) -> tuple[CipherState, CipherState]:
+        """Split(): two CipherStates from HKDF(ck, zerolen, 2); c1 carries initiator traffic."""
+        temp_k1, temp_k2 = _hkdf2(self.ck, b"")
+        return CipherState(temp_k1[:KEY_LEN]), CipherState(temp_k2[:KEY_LEN])
+
+
+# -- spec 5.3 + 7.5: HandshakeState for IK ------------------------------------------------------
+
+# IK (spec 7.5):
+#   <- s
+#   ...
+#   -> e, es, s, ss
+#   <- e, ee, se
+_MSG1_OVERHEAD: Final = DH_LEN + (DH_LEN + TAG_LEN) + TAG_LEN  # e, enc(s), payload tag
+_MSG2_OVERHEAD: Final = DH_LEN + TAG_LEN  # e, payload tag
+
+
+class HandshakeState:
+    """One IK handshake (spec 5.3 with the pattern of 7.5), for one side.
+
+    The initiator calls ``write_message`` then ``read_message``; the responder calls
+    ``read_message`` then ``write_message``. After that ``complete`` is true and
+    ``split()`` gives the transport CipherStates. A HandshakeState is single-use.
+
+    Payload security (spec 7.7): the message-1 payload can be replayed, and whoever
+    later steals the responder's static key can read it; keep it free of secrets.
+    """
+
+    __slots__ = (
+        "_e",
+        "_failed",
+        "_initiator",
+        "_re",
+        "_rs",
+        "_s",
+        "_split",
+        "_ss",
+        "_step",
+    )
+
+    def __init__(
+        self,
+        initiator: bool,
+        static_private: bytes,
+        remote_static: bytes | None,
+        prologue: bytes,
+        ephemeral_private: bytes | None,
+    ) -> None:
+        """Initialize() of spec 5.3; use :meth:`initiator` or :meth:`responder` instead."""
+        self._initiator = initiator
+        self._s = _private_key(static_private)
+        self._e = None if ephemeral_private is None else _private_key(ephemeral_private)
+        self._rs = None if remote_static is None else _public_key(remote_static)
+        self._re: X25519PublicKey | None = None
+        self._ss = _SymmetricState(PROTOCOL_NAME)
+        self._ss.mix_hash(prologue)
+        # Pre-message "<- s" (spec 7.1): both sides hash the responder's static key.
+        if initiator:
+            if self._rs is None:
+                raise NoiseError("IK initiator needs the responder's static key")
+            self._ss.mix_hash(self._rs.public_bytes_raw())
+        else:
+            self._ss.mix_hash(self._s.public_key().public_bytes_raw())
+        self._step = 0  # messages processed so far: 0, 1, then 2 = complete
+        self._failed = False
+        self._split: tuple[CipherState, CipherState] | None = None
+
+    @classmethod
+    def initiator(
+        cls,
+        static_private: bytes,
+        remote_static: bytes,
+        prologue: bytes = b"",
+        *,
+        ephemeral_private: bytes | None = None,
+    ) -> HandshakeState:
+        """Start an IK handshake as initiator, knowing the responder's static public key.
+
+        ``ephemeral_private`` is for test vectors only; leave it out otherwise.
+        """
+        return cls(True, static_private, remote_static, prologue, ephemeral_private)
+
+    @classmethod
+    def responder(
+        cls,
+        static_private: bytes,
+        prologue: bytes = b"",
+        *,
+        ephemeral_private: bytes | None = None,
+    ) -> HandshakeState:
+        """Start an IK handshake as responder; the initiator's key arrives in message 1.
+
+        ``ephemeral_private`` is for test vectors only; leave it out otherwise.
+        """
+        return cls(False, static_private, None, prologue, ephemeral_private)
+
+    @property
+    def complete(self) -> bool:
+        """True once both handshake messages have been processed successfully."""
+        return self._split is not None
+
+    @property
+    def remote_static(self) -> bytes | None:
+        """The peer's static public key: given (initiator) or learned from message 1."""
+        return None if self._rs is None else self._rs.public_bytes_raw()
+
+    @property
+    def handshake_hash(self) -> bytes:
+        """The final ``h`` (spec 11.2, channel binding); only once complete."""
+        if self._split is None:
+            raise NoiseError("handshake hash is only defined once the handshake is complete")
+        return self._ss.h
+
+    def split(self) -> tuple[CipherState, CipherState]:
+        """Return ``(send, receive)`` CipherStates for this side; only once complete.
+
+        Repeated calls return the same two objects, never a second set with fresh nonces.
+        """
+        if self._split is None:
+            raise NoiseError("split() before the handshake is complete")
+        return self._split
+
+    def _check_turn(self, writing: bool) -> _SymmetricState:
+        if self._failed:
+            raise NoiseError("handshake already failed")
+        if self._split is not None:
+            raise NoiseError("handshake already complete")
+        # Message 1 goes initiator -> responder, message 2 the other way.
+        initiator_turn = self._step == 0
+        if writing != (initiator_turn == self._initiator):
+            raise NoiseError("not this side's turn to " + ("write" if writing else "read"))
+        return self._ss
+
+    def write_message(self, payload: bytes = b"") -> bytes:
+        """WriteMessage(payload) of spec 5.3: return the next handshake message."""
+        ss = self._check_turn(writing=True)
+        overhead = _MSG1_OVERHEAD if self._step == 0 else _MSG2_OVERHEAD
+        if len(payload) + overhead > MAX_MESSAGE:
+            raise NoiseError(f"handshake payload of {len(payload)} bytes is too long")
+        try:
+            if self._e is None:
+                self._e = X25519PrivateKey.generate()
+            e_pub = self._e.public_key().public_bytes_raw()
+            ss.mix_hash(e_pub)  # token "e"
+            if self._step == 0:  # -> e, es, s, ss
+                assert self._rs is not None
+                ss.mix_key(_dh(self._e, self._rs))  # "es": initiator uses DH(e, rs)
+                enc_s = ss.encrypt_and_hash(self._s.public_key().public_bytes_raw())  # "s"
+                ss.mix_key(_dh(self._s, self._rs))  # "ss"
+                message = e_pub + enc_s + ss.encrypt_and_hash(payload)
+            else:  # <- e, ee, se
+                assert self._re is not None and self._rs is not None
+                ss.mix_key(_dh(self._e, self._re))  # "ee"
+                ss.mix_key(_dh(self._e, self._rs))  # "se": responder uses DH(e, rs)
+                message = e_pub + ss.encrypt_and_hash(payload)
+        except BaseException:
+            self._failed = True
+            raise
+        self._advance(ss)
+        return message
+
+    def read_message(self, message: bytes) -> bytes:
+        """ReadMessage(message) of spec 5.3: verify a handshake message, return its payload."""
+        ss = self._check_turn(writing=False)
+        overhead = _MSG1_OVERHEAD if self._step == 0 else _MSG2_OVERHEAD
+        if not overhead <= len(message) <= MAX_MESSAGE:
+            self._failed = True
+            raise NoiseError(f"handshake message {self._step + 1} has bad length {len(message)}")
+        message = bytes(message)
+        try:
+            re = _public_key(message[:DH_LEN])
+            ss.mix_hash(message[:DH_LEN])  # token "e"
+            if self._step == 0:  # -> e, es, s, ss
+                ss.mix_key(_dh(self._s, re))  # "es": responder uses DH(s, re)
+                rs_end = DH_LEN + DH_LEN + TAG_LEN
+                rs = _public_key(ss.decrypt_and_hash(message[DH_LEN:rs_end]))  # "s"
+                ss.mix_key(_dh(self._s, rs))  # "ss"
+                payload = ss.decrypt_and_hash(message[rs_end:])
+                self._rs = rs  # only now authenticated
+            else:  # <- e, ee, se
+                assert self._e is not None
+                ss.mix_key(_dh(self._e, re))  # "ee"
+                ss.mix_key(_dh(self._s, re))  # "se": initiator uses DH(s, re)
+                payload = ss.decrypt_and_hash(message[DH_LEN:])
+        except BaseException:
+            self._failed = True
+            raise
+        self._re = re
+        self._advance(ss)
+        return payload
+
+    def _advance(self, ss: _SymmetricState) -> None:
+        self._step += 1
+        if self._step == 2:  # last message: Split() (spec 5.3)
+            c1, c2 = ss.split()
+            self._split = (c1, c2) if self._initiator else (c2, c1)
+            self._e = None  # the ephemeral private key is no longer needed
+
+
+# -- spec 13: framing on a byte stream ----------------------------------------------------------
+
+
+def frame(message: bytes) -> bytes:
+    """Prefix ``message`` with its 2-byte big-endian length (spec 13)."""
+    if len(message) > MAX_MESSAGE:
+        raise NoiseError(f"message of {len(message)} bytes exceeds {MAX_MESSAGE}")
+    return len(message).to_bytes(_LENGTH_PREFIX, "big") + message
+
+
+class _StreamBuffer:
+    """A bytearray consumed from the front by offset, compacted now and then."""
+
+    __slots__ = ("buf", "pos")
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.pos = 0
+
+    def feed(self, data: _Bytes) -> None:
+        if self.pos == len(self.buf):
+            self.buf.clear()
+            self.pos = 0
+        elif self.pos >= _COMPACT_AT and self.pos * 2 >= len(self.buf):
+            del self.buf[: self.pos]
+            self.pos = 0
+        self.buf += data
+
+    def pending(self) -> int:
+        return len(self.buf) - self.pos
+
+    def peek_length(self) -> int | None:
+        """The length prefix of the next frame, or None if not all 2 bytes are here."""
+        if len(self.buf) - self.pos < _LENGTH_PREFIX:
+            return None
+        return (self.buf[self.pos] << 8) | self.buf[self.pos + 1]
+
+    def take_rest(self) -> bytes:
+        rest = bytes(self.buf[self.pos :])
+        self.buf.clear()
+        self.pos = 0
+        return rest
+
+
+class FrameReader:
+    """Pulls whole 2-byte-length-prefixed messages out of a byte stream (for the handshake).
+
+    ``max_message`` bounds the announced length; a larger one raises NoiseError.
+    """
+
+    __slots__ = ("_buffer", "_max")
+
+    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
+        if not 0 <= max_message <= MAX_MESSAGE:
+            raise NoiseError(f"max_message must be within 0..{MAX_MESSAGE}")
+        self._max = max_message
+        self._buffer = _StreamBuffer()
+
+    def receive_data(self, data: bytes) -> None:
+        """Buffer bytes read from the stream."""
+        self._buffer.feed(data)
+
+    def next_message(self) -> bytes | None:
+        """Return the next whole message, or None if it has not fully arrived."""
+        b = self._buffer
+        length = b.peek_length()
+        if length is None:
+            return None
+        if length > self._max:
+            raise NoiseError(f"frame announces {length} bytes, limit is {self._max}")
+        start = b.pos + _LENGTH_PREFIX
+        end = start + length
+        if end > len(b.buf):
+            return None
+        b.pos = end
+        return bytes(b.buf[start:end])
+
+    def take_remaining(self) -> bytes:
+        """Return and drop the bytes after the messages taken so far (e.g. early transport data)."""
+        return self._buffer.take_rest()
+
+
+class NoiseStream:
+    """Transport framing on a byte stream: each Noise message as length(2) + ciphertext.
+
+    Sans-I/O: ``encrypt`` returns bytes to send, ``receive_data`` takes bytes received.
+    """
+
+    __slots__ = ("_broken", "_buffer", "_recv", "_send")
+
+    def __init__(self, send: CipherState, receive: CipherState) -> None:
+        if not (send.has_key() and receive.has_key()):
+            raise NoiseError("NoiseStream needs keyed CipherStates (from a complete handshake)")
+        self._send = send
+        self._recv = receive
+        self._buffer = _StreamBuffer()
+        self._broken = False
+
+    @property
+    def bytes_buffered(self) -> int:
+        """Received bytes not yet decrypted (a partial frame)."""
+        return self._buffer.pending()
+
+    def encrypt(self, data: bytes) -> bytes:
+        """Encrypt ``data`` as frames of at most MAX_PLAINTEXT plaintext each; b"" for b""."""
+        if not data:
+            return b""
+        if len(data) <= MAX_PLAINTEXT:
+            ciphertext = self._send.encrypt_with_ad(b"", data)
+            return len(ciphertext).to_bytes(_LENGTH_PREFIX, "big") + ciphertext
+        parts: list[bytes] = []
+        encrypt = self._send.encrypt_with_ad
+        with memoryview(data) as view:
+            for start in range(0, len(view), MAX_PLAINTEXT):
+                ciphertext = encrypt(b"", view[start : start + MAX_PLAINTEXT])
+                parts.append(len(ciphertext).to_bytes(_LENGTH_PREFIX, "big"))
+                parts.append(ciphertext)
+        return b"".join(parts)
+
+    def receive_data(self, data: bytes) -> bytes:
+        """Feed received bytes; return the plaintext of every frame completed (maybe b"").
+
+        A bad frame raises NoiseError and breaks the stream; plaintext from earlier
+        frames of the same call is discarded with it.
+        """
+        if self._broken:
+            raise NoiseError("stream already failed")
+        b = self._buffer
+        b.feed(data)
+        out: list[bytes] = []
+        decrypt = self._recv.decrypt_with_ad
+        buf = b.buf
+        pos = b.pos
+        end_of_data = len(buf)
+        try:
+            with memoryview(buf) as view:
+                while end_of_data - pos >= _LENGTH_PREFIX:
+                    length = (buf[pos] << 8) | buf[pos + 1]
+                    if length < TAG_LEN:
+                        raise NoiseError(f"frame of {length} bytes is shorter than a tag")
+                    end = pos + _LENGTH_PREFIX + length
+                    if end > end_of_data:
+                        break
+                    out.append(decrypt(b"", view[pos + _LENGTH_PREFIX : end]))
+                    pos = end
+        except BaseException:
+            self._broken = True
+            raise
+        b.pos = pos
+        return b"".join(out)
+
+
+# -- short authentication string ----------------------------------------------------------------
+
+
+def short_auth_string(handshake_hash: bytes) -> str:
+    """Twelve decimal digits as ``"dddd-dddd-dddd"``, equal at both ends of one handshake.
+
+    Derived as BLAKE2s(b"gw-sas-v1" || handshake_hash), read as a big-endian integer,
+    modulo 10**12 (the bias from 2**256 is negligible).
+    """
+    if len(handshake_hash) != HASH_LEN:
+        raise NoiseError(f"handshake hash must be {HASH_LEN} bytes, got {len(handshake_hash)}")
+    number = int.from_bytes(_hash(_SAS_LABEL + handshake_hash), "big") % 10**12
+    digits = f"{number:012d}"
+    return f"{digits[0:4]}-{digits[4:8]}-{digits[8:12]}"

@@ -1,0 +1,124 @@
+"""TLS context helpers and the RFC 9266 channel binding.
+
+Every context here is TLS 1.3 only and honours ``SSLKEYLOGFILE`` so that a
+capture can be read in Wireshark while debugging.
+
+Python's ``ssl`` module has no public call for ``SSL_export_keying_material``
+(RFC 5705 / RFC 8446 section 7.5), which RFC 9266 ``tls-exporter`` channel
+binding needs. :func:`channel_binding` reaches it through ctypes, using the very
+OpenSSL that the interpreter's ``_ssl`` module is linked to, and checks before
+every use that the object it found is the connection it was given (the pointer to
+its SSL_CTX must be the context's, the protocol version must be TLS 1.3). If those
+checks ever fail (a future CPython changes its layout) it raises
+:class:`TLSBindingError`, and the login fails closed; it never guesses.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import ssl
+from pathlib import Path
+
+from .errors import TLSBindingError
+
+#: RFC 9266 section 2: label and length of the tls-exporter channel binding.
+EXPORTER_LABEL = b"EXPORTER-Channel-Binding"
+EXPORTER_LENGTH = 32
+_TLS1_3_VERSION = 0x0304
+
+
+def _keylog(ctx: ssl.SSLContext) -> None:
+    path = os.environ.get("SSLKEYLOGFILE")
+    if path:
+        ctx.keylog_filename = path
+
+
+def server_context(
+    cert_file: Path, key_file: Path, client_ca_file: Path | None = None
+) -> ssl.SSLContext:
+    """The gateway's context: TLS 1.3 only; asks for (but does not require) a client
+    certificate signed by ``client_ca_file`` (agents have one, people do not)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(cert_file, key_file)
+    if client_ca_file is not None:
+        ctx.load_verify_locations(cafile=client_ca_file)
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+    _keylog(ctx)
+    return ctx
+
+
+def client_context(
+    ca_file: Path, cert_file: Path | None = None, key_file: Path | None = None
+) -> ssl.SSLContext:
+    """A context for ``gw`` and agents: TLS 1.3 only, verifies the gateway against
+    ``ca_file`` and its host name; presents a certificate when one is given."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_verify_locations(cafile=ca_file)
+    if cert_file is not None:
+        ctx.load_cert_chain(cert_file, key_file)
+    _keylog(ctx)
+    return ctx
+
+
+class _OpenSSL:
+    """The few libssl entry points we need, from the library ``_ssl`` uses."""
+
+    def __init__(self) -> None:
+        import _ssl  # the C module; its handle resolves libssl symbols it links to
+
+        lib = ctypes.CDLL(_ssl.__file__)
+        self.export = lib.SSL_export_keying_material
+        self.export.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+        ]
+        self.export.restype = ctypes.c_int
+        self.version = lib.SSL_version
+        self.version.argtypes = [ctypes.c_void_p]
+        self.version.restype = ctypes.c_int
+        self.get_ctx = lib.SSL_get_SSL_CTX
+        self.get_ctx.argtypes = [ctypes.c_void_p]
+        self.get_ctx.restype = ctypes.c_void_p
+
+
+_openssl: _OpenSSL | None = None
+
+# CPython's PySSLSocket and PySSLContext start with PyObject_HEAD (two pointers);
+# PySSLSocket then holds a pointer to its socket and then ``SSL *ssl``;
+# PySSLContext holds ``SSL_CTX *ctx`` right after the head.
+_PTR = ctypes.sizeof(ctypes.c_void_p)
+_SSL_OFFSET = 3 * _PTR
+_CTX_OFFSET = 2 * _PTR
+
+
+def channel_binding(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> bytes:
+    """RFC 9266 ``tls-exporter`` for this connection (32 bytes)."""
+    global _openssl
+    try:
+        if _openssl is None:
+            _openssl = _OpenSSL()
+        inner = ssl_object._sslobj  # type: ignore[union-attr]
+        ssl_ptr = ctypes.c_void_p.from_address(id(inner) + _SSL_OFFSET).value
+        ctx_ptr = ctypes.c_void_p.from_address(id(ssl_object.context) + _CTX_OFFSET).value
+    except (AttributeError, OSError, ImportError) as exc:
+        raise TLSBindingError(f"TLS exporter unavailable: {exc}") from exc
+    if not ssl_ptr or not ctx_ptr or _openssl.get_ctx(ssl_ptr) != ctx_ptr:
+        raise TLSBindingError("TLS exporter unavailable: unexpected ssl object layout")
+    if _openssl.version(ssl_ptr) != _TLS1_3_VERSION:
+        raise TLSBindingError("channel binding needs TLS 1.3")
+    out = ctypes.create_string_buffer(EXPORTER_LENGTH)
+    ok = _openssl.export(
+        ssl_ptr, out, EXPORTER_LENGTH, EXPORTER_LABEL, len(EXPORTER_LABEL), b"", 0, 1
+    )
+    if ok != 1:
+        raise TLSBindingError("SSL_export_keying_material failed")
+    return out.raw

@@ -1,0 +1,178 @@
+"""The end-to-end layer: a Noise IK session between ``gw connect`` and the agent.
+
+Inside a spliced tunnel the client (initiator) and the agent (responder) run
+``Noise_IK_25519_ChaChaPoly_BLAKE2s``. The client knows the agent's static key in
+advance (enrolled at the gateway, pinned on first use by the client); the agent
+learns the client's static key from message 1 and checks it against the key the
+gateway announced with the dial request. The prologue binds the handshake to the
+gateway session id, so a handshake recorded in one session fails in another.
+
+After the handshake every Noise transport message carries one record: one type
+byte then data. ``0x00`` is data, ``0x01`` means the sender's stream ended (a TCP
+half-close travels end to end). Each transport message is framed with a 2-byte
+length (Noise spec section 13).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+
+from . import noise
+from .errors import NoiseError
+
+PROLOGUE = b"gw-e2e-v1\x00"
+RECORD_DATA = 0x00
+RECORD_END = 0x01
+#: Largest data slice per record: a Noise message minus the tag and the type byte.
+MAX_RECORD_DATA = noise.MAX_PLAINTEXT - 1
+#: How long each side waits for the other's handshake message.
+HANDSHAKE_TIMEOUT = 15.0
+
+
+def prologue(session_id: str) -> bytes:
+    return PROLOGUE + session_id.encode()
+
+
+class Sealer:
+    """Codec for bytes from the local side: plaintext in, framed Noise records out."""
+
+    def __init__(self, cipher: noise.CipherState) -> None:
+        self.cipher = cipher
+
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
+        view = memoryview(data)
+        out = bytearray()
+        for i in range(0, len(data), MAX_RECORD_DATA):
+            record = b"\x00" + view[i : i + MAX_RECORD_DATA]
+            out += noise.frame(self.cipher.encrypt_with_ad(b"", record))
+        return bytes(out), False
+
+    def end(self) -> bytes | None:
+        return noise.frame(self.cipher.encrypt_with_ad(b"", bytes([RECORD_END])))
+
+
+class Opener:
+    """Codec for bytes from the tunnel: framed Noise records in, plaintext out."""
+
+    def __init__(self, cipher: noise.CipherState) -> None:
+        self.cipher = cipher
+        self.reader = noise.FrameReader()
+        self.ended = False
+
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
+        self.reader.receive_data(data)
+        out = bytearray()
+        while (message := self.reader.next_message()) is not None:
+            record = self.cipher.decrypt_with_ad(b"", message)
+            if self.ended or not record:
+                raise NoiseError("record after end of stream or empty record")
+            if record[0] == RECORD_DATA:
+                out += record[1:]
+            elif record[0] == RECORD_END:
+                self.ended = True
+            else:
+                raise NoiseError(f"unknown record type {record[0]}")
+        return bytes(out), self.ended
+
+    def end(self) -> bytes | None:
+        return None
+
+
+class _HandshakeReader(asyncio.Protocol):
+    """Collects length-framed handshake messages from a raw transport."""
+
+    def __init__(self) -> None:
+        self.frames = noise.FrameReader()
+        self.waiter: asyncio.Future[None] | None = None
+        self.lost = False
+
+    def data_received(self, data: bytes) -> None:
+        self.frames.receive_data(data)
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self.lost = True
+        self._wake()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def read_message(self, timeout: float) -> bytes:
+        async with asyncio.timeout(timeout):
+            while (msg := self.frames.next_message()) is None:
+                if self.lost:
+                    raise NoiseError("tunnel closed during the end-to-end handshake")
+                self.waiter = asyncio.get_running_loop().create_future()
+                await self.waiter
+        return msg
+
+
+class Established:
+    """A finished handshake: codecs for the pipe and what to show the person."""
+
+    def __init__(self, hs: noise.HandshakeState, leftover: bytes) -> None:
+        send, receive = hs.split()
+        self.sealer = Sealer(send)
+        self.opener = Opener(receive)
+        self.leftover = leftover
+        self.handshake_hash = hs.handshake_hash
+        self.sas = noise.short_auth_string(hs.handshake_hash)
+        self.remote_static = hs.remote_static
+
+
+def _take(transport: asyncio.Transport, leftover: bytes) -> _HandshakeReader:
+    reader = _HandshakeReader()
+    transport.set_protocol(reader)
+    if leftover:
+        reader.data_received(leftover)
+    return reader
+
+
+async def initiate(
+    transport: asyncio.Transport,
+    leftover: bytes,
+    *,
+    static_private: bytes,
+    agent_key: bytes,
+    session_id: str,
+    timeout: float = HANDSHAKE_TIMEOUT,
+) -> Established:
+    """Client side: run Noise IK towards the agent whose static key is ``agent_key``."""
+    reader = _take(transport, leftover)
+    hs = noise.HandshakeState.initiator(static_private, agent_key, prologue(session_id))
+    transport.write(noise.frame(hs.write_message()))
+    try:
+        hs.read_message(await reader.read_message(timeout))
+    except TimeoutError as exc:
+        raise NoiseError("the agent did not answer the end-to-end handshake") from exc
+    return Established(hs, reader.frames.take_remaining())
+
+
+async def respond(
+    transport: asyncio.Transport,
+    leftover: bytes,
+    *,
+    static_private: bytes,
+    expected_client_key: bytes,
+    session_id: str,
+    timeout: float = HANDSHAKE_TIMEOUT,
+) -> Established:
+    """Agent side: accept Noise IK only from the client key the gateway announced."""
+    reader = _take(transport, leftover)
+    hs = noise.HandshakeState.responder(static_private, prologue(session_id))
+    try:
+        hs.read_message(await reader.read_message(timeout))
+    except TimeoutError as exc:
+        raise NoiseError("the client did not start the end-to-end handshake") from exc
+    remote = hs.remote_static or b""
+    if not hmac.compare_digest(remote, expected_client_key):
+        raise NoiseError("the client's key is not the one the gateway authorised")
+    transport.write(noise.frame(hs.write_message()))
+    return Established(hs, reader.frames.take_remaining())
