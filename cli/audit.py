@@ -60,13 +60,17 @@ COLUMNS = ["ts", "event", "user", "agent", "target", "mode", "outcome", "reason"
 
 def _summary(rec: dict[str, Any]) -> list[str]:
     outcome = rec.get("outcome") or rec.get("decision") or ""
-    reason = rec.get("reason") or rec.get("message") or rec.get("op") or ""
+    reason = rec.get("reason") or rec.get("message") or ""
+    if rec.get("event") == "admin.change":
+        reason = f"{rec.get('op')} by {rec.get('by')}"
+    elif rec.get("factor"):
+        reason = f"{rec['factor']}: {reason}"
     if rec.get("event") == "tunnel.end":
         reason = f"{reason}; up {rec.get('bytes_up')} B, down {rec.get('bytes_down')} B, {rec.get('duration')} s"
     values = [
         str(rec.get("ts", ""))[:23].replace("T", " "),
         str(rec.get("event", "")),
-        str(rec.get("user") or rec.get("by") or ""),
+        str(rec.get("user") or ""),
         str(rec.get("agent") or ""),
         str(rec.get("target") or ""),
         str(rec.get("mode") or ""),

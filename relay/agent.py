@@ -94,6 +94,8 @@ async def enroll(gateway: str, ca_file: Path, token: str, state_dir: Path) -> st
         )
         reply = await link.expect(m.Enrolled)
         assert isinstance(reply, m.Enrolled)
+    except RemoteError as exc:
+        raise GatewayError(f"enrollment refused: {exc.message or exc.code}") from exc
     finally:
         link.close()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

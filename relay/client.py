@@ -130,13 +130,17 @@ class ClientSession:
             self.on_tunnel(established)
         return transport, established
 
-    async def splice(self, local: asyncio.BaseTransport, pending: bytes = b"", eof: bool = False) -> None:
+    async def splice(self, local: PausedProtocol) -> None:
         """Carry one local stream through a new tunnel until either side ends."""
         remote, est = await self.open_tunnel()
-        pipe = Pipe(local, remote, codec_a=est.sealer, codec_b=est.opener, names=("local", "tunnel"))
+        assert local.transport is not None
+        pipe = Pipe(
+            local.transport, remote, codec_a=est.sealer, codec_b=est.opener, names=("local", "tunnel")
+        )
         self.tunnels.add(pipe)
         try:
-            pipe.start(pending, est.leftover, eof_a=eof)
+            # What the local side sent while the tunnel opened is in its buffer.
+            pipe.start(bytes(local.buffer), est.leftover, eof_a=local.eof)
             await pipe.done
         finally:
             self.tunnels.discard(pipe)
@@ -167,7 +171,7 @@ class ClientSession:
         local = proto.transport
         assert local is not None
         try:
-            await self.splice(local, bytes(proto.buffer), proto.eof)
+            await self.splice(proto)
         except (GatewayError, OSError, TimeoutError) as exc:
             on_error(describe(exc))
             local.close()

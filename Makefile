@@ -1,0 +1,55 @@
+# Two commands do all the set-up on a fresh Debian machine, as root:
+#   make demo   - a gateway, an agent and a vendor on this machine, a tunnel, the audit trail
+#   make test   - installs everything the tests need (system packages too) and runs them
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# What the tests run for real: pcscd + the vpcd reader driver (smartcard), swig and
+# libpcsclite-dev (to build pyscard), mosquitto (cluster bus), and the benchmark's
+# reference tools (OpenSSH, haproxy).
+SYSTEM_PACKAGES := pcscd vsmartcard-vpcd libpcsclite-dev swig mosquitto \
+                   openssh-server openssh-client haproxy
+
+.PHONY: demo test lint typecheck unit system-deps bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test,smartcard,fido2,cluster]'
+	touch $@
+
+demo: $(VENV)/.runtime
+	$(BIN)/python -m gatewayd.demo demo-state
+
+system-deps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+lint: $(VENV)/.test
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+typecheck: $(VENV)/.test
+	$(BIN)/mypy relay auth gatewayd cli
+
+unit: $(VENV)/.test
+	$(BIN)/pytest -m "not integration and not smartcard"
+
+test: system-deps $(VENV)/.test
+	$(MAKE) --no-print-directory lint typecheck
+	$(BIN)/pytest --cov=relay --cov=auth --cov=gatewayd --cov=cli --cov-branch --cov-report=term:skip-covered
+
+bench: system-deps $(VENV)/.test
+	$(BIN)/python bench/tunnel_bench.py
+
+clean:
+	rm -rf $(VENV) demo-state .mypy_cache .ruff_cache .pytest_cache .coverage
