@@ -412,7 +412,10 @@ class Broker:
         async def control() -> None:
             with contextlib.suppress(ConnectionClosed, RemoteError):
                 while True:
-                    await link.expect()  # only keepalives are allowed here
+                    msg = await link.expect(m.Bye)  # keepalives are skipped
+                    assert isinstance(msg, m.Bye)
+                    session.end(f"client: {msg.reason}" if msg.reason else "client closed")
+                    return
             session.end("client closed")
 
         reader = asyncio.get_running_loop().create_task(control())
@@ -436,7 +439,7 @@ class Broker:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
-            if session.end_reason != "client closed":
+            if not session.end_reason.startswith("client"):
                 link.send_error("session_ended", session.end_reason)
 
     # -- tunnels ----------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import ssl
@@ -197,6 +198,14 @@ class ClientSession:
             return exc.message or exc.code
         except ConnectionClosed as exc:
             return exc.message or exc.code
+
+    def end(self, reason: str) -> None:
+        """Tell the gateway why the session ends (audited), then close."""
+        with contextlib.suppress(GatewayError):
+            self.link.send(m.Bye(reason[:200]))
+        for pipe in list(self.tunnels):
+            pipe.abort(reason)
+        self.link.close()
 
     def close(self) -> None:
         self.link.close()

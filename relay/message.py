@@ -260,6 +260,19 @@ class Spliced(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Bye(Message):
+    """The client ends its session and says why (``card removed``, ``user quit``)."""
+
+    TYPE = "bye"
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        if len(self.reason) > 200:
+            raise ProtocolError("bye.reason: longer than 200 characters")
+
+
+@dataclass(frozen=True, slots=True)
 class Ping(Message):
     TYPE = "ping"
     seq: int = 0
@@ -318,6 +331,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Dial,
         DialFailed,
         Spliced,
+        Bye,
         Ping,
         Pong,
         Error,

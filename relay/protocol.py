@@ -82,7 +82,7 @@ _KEEPALIVE = frozenset({"ping", "pong", "error"})
 PEER_MAY_SEND: dict[tuple[Side, State], frozenset[str]] = {
     (Side.ACCEPTOR, State.EXPECT_HELLO): frozenset(_HELLOS),
     (Side.ACCEPTOR, State.EXPECT_AUTH): frozenset({"auth_response"}) | _KEEPALIVE,
-    (Side.ACCEPTOR, State.SESSION): _KEEPALIVE,
+    (Side.ACCEPTOR, State.SESSION): frozenset({"bye"}) | _KEEPALIVE,
     (Side.ACCEPTOR, State.AGENT): frozenset({"dial_failed"}) | _KEEPALIVE,
     (Side.ACCEPTOR, State.EXPECT_ENROLLED): frozenset({"error"}),
     (Side.ACCEPTOR, State.EXPECT_SPLICE): frozenset({"error"}),
@@ -99,6 +99,7 @@ TRANSITIONS: dict[tuple[State, str], State] = {
     (State.EXPECT_AUTH, "session"): State.SESSION,
     (State.EXPECT_ENROLLED, "enrolled"): State.CLOSED,
     (State.EXPECT_SPLICE, "spliced"): State.RAW,
+    (State.SESSION, "bye"): State.CLOSED,
 }
 
 #: States in which the connection is still being set up (the handshake timer runs).
