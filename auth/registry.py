@@ -1,4 +1,4 @@
-"""Find factors by name: the built-in ones and those of the ``gatewayd.auth_factors`` entry-point group.
+"""Find factors by name: the built-in ones and the ``gatewayd.auth_factors`` entry points.
 
 A site adds a factor without forking by publishing a package with::
 

@@ -66,7 +66,8 @@ def _summary(rec: dict[str, Any]) -> list[str]:
     elif rec.get("factor"):
         reason = f"{rec['factor']}: {reason}"
     if rec.get("event") == "tunnel.end":
-        reason = f"{reason}; up {rec.get('bytes_up')} B, down {rec.get('bytes_down')} B, {rec.get('duration')} s"
+        up, down, duration = rec.get("bytes_up"), rec.get("bytes_down"), rec.get("duration")
+        reason = f"{reason}; up {up} B, down {down} B, {duration} s"
     values = [
         str(rec.get("ts", ""))[:23].replace("T", " "),
         str(rec.get("event", "")),
@@ -91,8 +92,14 @@ def _summary(rec: dict[str, Any]) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON lines.")
 @click.pass_context
 def audit(
-    ctx: click.Context, config_path: Path | None, since: str | None, user: str | None,
-    agent: str | None, event: str | None, session: str | None, as_json: bool,
+    ctx: click.Context,
+    config_path: Path | None,
+    since: str | None,
+    user: str | None,
+    agent: str | None,
+    event: str | None,
+    session: str | None,
+    as_json: bool,
 ) -> None:
     """Read the audit trail, filtered; `gw audit verify` checks its integrity."""
     ctx.obj = config_path
@@ -118,7 +125,8 @@ def audit(
         if session and rec.get("session") != session:
             continue
         if event and not (
-            rec.get("event") == event or (event.endswith(".") and str(rec.get("event", "")).startswith(event))
+            rec.get("event") == event
+            or (event.endswith(".") and str(rec.get("event", "")).startswith(event))
         ):
             continue
         if as_json:

@@ -30,7 +30,7 @@ import gzip
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,7 +138,9 @@ class AuditLog:
         self.seq, self.prev = _tail(path)
         self.discontinuity: str | None = None
         head = read_head(path)
-        if head is not None and (head.seq > self.seq or (head.seq == self.seq and head.hash != self.prev)):
+        if head is not None and (
+            head.seq > self.seq or (head.seq == self.seq and head.hash != self.prev)
+        ):
             self.discontinuity = (
                 f"log ends at seq {self.seq} but its head file says {head.seq}: "
                 "records were removed or changed"
@@ -161,7 +163,7 @@ class AuditLog:
 
     # -- writing ------------------------------------------------------------------------
 
-    def _stamp(self, _: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    def _stamp(self, _: Any, __: str, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
         event = event_dict.pop("event")
         self.seq += 1
         return {

@@ -68,9 +68,15 @@ def make_ca(cn: str, days: int = 3650) -> tuple[ec.EllipticCurvePrivateKey, x509
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -100,9 +106,15 @@ def _leaf(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -129,8 +141,14 @@ def make_server_cert(
         except ValueError:
             sans.append(x509.DNSName(n))
     cert = (
-        _leaf(ca_key, ca_cert, _name(names[0]), key.public_key(), days,
-              ExtendedKeyUsageOID.SERVER_AUTH)
+        _leaf(
+            ca_key,
+            ca_cert,
+            _name(names[0]),
+            key.public_key(),
+            days,
+            ExtendedKeyUsageOID.SERVER_AUTH,
+        )
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -152,7 +170,10 @@ def sign_agent_csr(
     if not csr.is_signature_valid:
         raise CAError("the certificate signing request's signature does not verify")
     public_key = csr.public_key()
-    if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != "secp256r1":
+    if (
+        not isinstance(public_key, ec.EllipticCurvePublicKey)
+        or public_key.curve.name != "secp256r1"
+    ):
         raise CAError("agent keys must be ECDSA P-256")
     return _leaf(
         ca_key, ca_cert, _name(agent), public_key, days, ExtendedKeyUsageOID.CLIENT_AUTH

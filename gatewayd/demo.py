@@ -181,11 +181,15 @@ class Lab:
         return proc
 
     def admin(self, *args: str, input: str | None = None, check: bool = True) -> str:
-        return self.run("gw", "admin", "--config", str(self.config), *args, input=input, check=check).stdout
+        return self.run(
+            "gw", "admin", "--config", str(self.config), *args, input=input, check=check
+        ).stdout
 
     def vendor_user(self, user: str, vendor: str, password: str) -> str:
         """A vendor user with a password and TOTP; returns the TOTP secret."""
-        self.admin("user", "add", user, "--vendor", vendor, "--password-stdin", input=password + "\n")
+        self.admin(
+            "user", "add", user, "--vendor", vendor, "--password-stdin", input=password + "\n"
+        )
         secret: str = json.loads(self.admin("totp", "enroll", user, "--json"))["secret"]
         self.totp_secrets[user] = secret
         return secret
@@ -205,8 +209,17 @@ class Lab:
         token = self.admin("agent", "add", agent, "--org", org).strip()
         state = self.root / f"agent-{agent}"
         self.run(
-            "gw", "agent", "enroll", "--gateway", self.gateway, "--ca-file", str(self.ca_file),
-            "--token", token, "--state-dir", str(state),
+            "gw",
+            "agent",
+            "enroll",
+            "--gateway",
+            self.gateway,
+            "--ca-file",
+            str(self.ca_file),
+            "--token",
+            token,
+            "--state-dir",
+            str(state),
         )
         return state
 
@@ -223,13 +236,32 @@ class Lab:
         self, agent: str, user: str, target: str, mode: str = "access", *extra: str
     ) -> list[str]:
         return [
-            "gw", "connect", agent, "--gateway", self.gateway, "--ca-file", str(self.ca_file),
-            "--user", user, "--target", target, "--mode", mode, *extra,
+            "gw",
+            "connect",
+            agent,
+            "--gateway",
+            self.gateway,
+            "--ca-file",
+            str(self.ca_file),
+            "--user",
+            user,
+            "--target",
+            target,
+            "--mode",
+            mode,
+            *extra,
         ]
 
     def connect_stdio(
-        self, agent: str, user: str, password: str, target: str, data: str,
-        *extra: str, mode: str = "access", totp: str | None = None,
+        self,
+        agent: str,
+        user: str,
+        password: str,
+        target: str,
+        data: str,
+        *extra: str,
+        mode: str = "access",
+        totp: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         code = totp or self.totp(user)
         args = self.connect_args(
@@ -242,8 +274,16 @@ class Lab:
     ) -> tuple[Proc, int]:
         port = free_port()
         args = self.connect_args(
-            agent, user, target, mode, "-L", f"127.0.0.1:{port}", "--password-stdin",
-            "--totp", self.totp(user), *extra,
+            agent,
+            user,
+            target,
+            mode,
+            "-L",
+            f"127.0.0.1:{port}",
+            "--password-stdin",
+            "--totp",
+            self.totp(user),
+            *extra,
         )
         pw = self.root / f"pw-{user}-{port}"
         pw.write_text(password + "\n")
@@ -318,13 +358,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         the_lab.admin("org", "add", "clinic", "--name", "Demo Clinic")
         the_lab.admin("vendor", "add", "acme", "--name", "Acme Records AS")
         the_lab.admin(
-            "agreement", "add", "--vendor", "acme", "--org", "clinic", "--modes", "access",
+            "agreement",
+            "add",
+            "--vendor",
+            "acme",
+            "--org",
+            "clinic",
+            "--modes",
+            "access",
             "--unattended",
         )
-        say("vendor user 'alice' with a password and TOTP (an authenticator app would scan this URI)")
+        say("vendor user 'alice' with a password and TOTP (an authenticator app scans this URI)")
         secret = the_lab.vendor_user("alice", "acme", "correct horse battery")
         show(f"otpauth://totp/gatewayd:alice?secret={secret[:6]}...&issuer=gatewayd")
-        say(f"agent 'reception-pc' enrolls with a one-time token and exposes 'echo' (127.0.0.1:{echo.port})")
+        say(
+            "agent 'reception-pc' enrolls with a one-time token and exposes "
+            f"'echo' (127.0.0.1:{echo.port})"
+        )
         the_lab.enroll_agent("reception-pc", "clinic")
         the_lab.start_agent("reception-pc", {"echo": echo.port})
         say("alice: gw connect reception-pc --target echo --mode access -L ... (password + TOTP)")
@@ -333,7 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         show(proc.output())
         say(f"round trip through the tunnel: 127.0.0.1:{port} -> gatewayd -> agent -> echo")
-        for text in (b"hello from the vendor's laptop\n", b"second tunnel, same session, no new code\n"):
+        for text in (
+            b"hello from the vendor's laptop\n",
+            b"second tunnel, same session, no new code\n",
+        ):
             reply = round_trip(port, text)
             show(f"sent {text!r}\n got {reply!r}")
             if reply != text.upper():

@@ -95,7 +95,9 @@ def decide(
         attended = attended or a
     if attended is not None:
         return Decision(
-            True, f"agreement {attended.id} requires approval", needs_approval=True,
+            True,
+            f"agreement {attended.id} requires approval",
+            needs_approval=True,
             agreement=attended.id,
         )
     if not problems:

@@ -152,7 +152,9 @@ class Gateway:
             await asyncio.sleep(interval)
 
 
-async def accept_loop(gateway: Gateway, sock: socket.socket, broker: Broker, audit: AuditLog) -> None:
+async def accept_loop(
+    gateway: Gateway, sock: socket.socket, broker: Broker, audit: AuditLog
+) -> None:
     """Accept TCP connections; each is upgraded to TLS and served in its own task."""
     loop = asyncio.get_running_loop()
     while True:

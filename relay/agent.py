@@ -66,10 +66,11 @@ def parse_hostport(value: str) -> tuple[str, int]:
 async def enroll(gateway: str, ca_file: Path, token: str, state_dir: Path) -> str:
     """Trade an enrollment token for a certificate; write the state folder. Returns the agent id."""
     host, port = parse_hostport(gateway)
+    # Small local files, read once before any network I/O: no need for a thread.
     if (state_dir / "agent.json").exists():
         raise GatewayError(f"{state_dir} already holds an enrolled agent")
     try:
-        ca_pem = ca_file.read_bytes()
+        ca_pem = ca_file.read_bytes()  # noqa: ASYNC240
         x509.load_pem_x509_certificate(ca_pem)
     except (OSError, ValueError) as exc:
         raise GatewayError(f"cannot read the CA file {ca_file}: {exc}") from exc
@@ -98,11 +99,12 @@ async def enroll(gateway: str, ca_file: Path, token: str, state_dir: Path) -> st
         raise GatewayError(f"enrollment refused: {exc.message or exc.code}") from exc
     finally:
         link.close()
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240
     _write_private(
         state_dir / "agent.key",
         key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         ),
     )
@@ -129,7 +131,8 @@ class AgentState:
             noise_private = (state_dir / "noise.key").read_bytes()
         except (OSError, ValueError) as exc:
             raise GatewayError(
-                f"{state_dir} is not an enrolled agent's state folder (run `gw agent enroll`): {exc}"
+                f"{state_dir} is not an enrolled agent's state folder "
+                f"(run `gw agent enroll`): {exc}"
             ) from exc
         if len(noise_private) != 32:
             raise GatewayError(f"{state_dir / 'noise.key'} is damaged")
@@ -225,13 +228,23 @@ class Agent:
             local_t.close()
             return
         self.log(
-            "tunnel open", session=dial.session_id, user=dial.user, mode=dial.mode,
-            target=dial.target, sas=est.sas,
+            "tunnel open",
+            session=dial.session_id,
+            user=dial.user,
+            mode=dial.mode,
+            target=dial.target,
+            sas=est.sas,
         )
-        pipe = Pipe(local_t, remote_t, codec_a=est.sealer, codec_b=est.opener, names=("target", "tunnel"))
+        pipe = Pipe(
+            local_t, remote_t, codec_a=est.sealer, codec_b=est.opener, names=("target", "tunnel")
+        )
         pipe.start(bytes(local.buffer), est.leftover, eof_a=local.eof)
         result = await pipe.done
         self.log(
-            "tunnel closed", session=dial.session_id, target=dial.target,
-            bytes_in=result.bytes_b_to_a, bytes_out=result.bytes_a_to_b, reason=result.reason,
+            "tunnel closed",
+            session=dial.session_id,
+            target=dial.target,
+            bytes_in=result.bytes_b_to_a,
+            bytes_out=result.bytes_a_to_b,
+            reason=result.reason,
         )

@@ -20,7 +20,15 @@ from typing import Any, Protocol, TypeVar
 
 from . import message as m
 from .errors import GatewayError, RemoteError
-from .protocol import Closed, Connection, Side, State
+from .protocol import (
+    HANDSHAKE_TIMEOUT,
+    IDLE_TIMEOUT,
+    PING_INTERVAL,
+    Closed,
+    Connection,
+    Side,
+    State,
+)
 from .tls import channel_binding
 
 T = TypeVar("T")
@@ -50,8 +58,21 @@ class ConnectionClosed(GatewayError):
 class FramedLink(asyncio.Protocol):
     """A transport speaking the gateway protocol, as awaitable messages."""
 
-    def __init__(self, side: Side, **timers: float) -> None:
-        self.conn = Connection(side, now=time.monotonic(), **timers)
+    def __init__(
+        self,
+        side: Side,
+        *,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        ping_interval: float = PING_INTERVAL,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> None:
+        self.conn = Connection(
+            side,
+            now=time.monotonic(),
+            handshake_timeout=handshake_timeout,
+            ping_interval=ping_interval,
+            idle_timeout=idle_timeout,
+        )
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[m.Message | Closed] = asyncio.Queue()
@@ -205,13 +226,13 @@ async def open_link(
     *,
     server_hostname: str | None = None,
     timeout: float = 10.0,
-    **timers: float,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> FramedLink:
     """Dial the gateway and return a connector-side link (preamble already queued)."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
         _, link = await loop.create_connection(
-            lambda: FramedLink(Side.CONNECTOR, **timers),
+            lambda: FramedLink(Side.CONNECTOR, handshake_timeout=handshake_timeout),
             host,
             port,
             ssl=ssl_context,
@@ -324,7 +345,7 @@ class Pipe:
         eof_b: bool = False,
     ) -> None:
         """Take over both transports and feed what was already read from each."""
-        for end, pending in ((self.a, pending_a), (self.b, pending_b)):
+        for end in (self.a, self.b):
             end.transport.set_protocol(end)
             with contextlib.suppress(AttributeError, NotImplementedError):
                 end.transport.set_write_buffer_limits(high=HIGH_WATER)

@@ -38,8 +38,17 @@ def build_world(root: Path, *, gateway_keys: str = "", extra_config: str = "") -
     lab.admin("vendor", "add", "acme", "--name", "Acme")
     lab.admin("vendor", "add", "nobody", "--name", "No agreement AS")
     lab.admin("vendor", "add", "attended", "--name", "Attended only AS")
-    lab.admin("agreement", "add", "--vendor", "acme", "--org", "clinic", "--modes", "access",
-              "--unattended")
+    lab.admin(
+        "agreement",
+        "add",
+        "--vendor",
+        "acme",
+        "--org",
+        "clinic",
+        "--modes",
+        "access",
+        "--unattended",
+    )
     lab.admin("agreement", "add", "--vendor", "attended", "--org", "clinic", "--modes", "access")
     lab.enroll_agent("pc1", "clinic")
     world = World(lab, echo)

@@ -18,9 +18,7 @@ pytestmark = pytest.mark.integration
 
 
 def records(world: World, event: str, **match: object) -> list[dict[str, object]]:
-    return [
-        r for r in world.lab.events(event) if all(r.get(k) == v for k, v in match.items())
-    ]
+    return [r for r in world.lab.events(event) if all(r.get(k) == v for k, v in match.items())]
 
 
 def test_local_forward_many_tunnels_one_login(world: World) -> None:
@@ -107,9 +105,11 @@ def test_consecutive_failures_lock_the_account(world: World) -> None:
 
 def test_unknown_user_is_audited(world: World) -> None:
     result = world.lab.run(
-        *world.lab.connect_args("pc1", "ghost", "echo", "access", "--stdio", "--password-stdin",
-                                "--totp", "123456"),
-        input="whatever\n", check=False,
+        *world.lab.connect_args(
+            "pc1", "ghost", "echo", "access", "--stdio", "--password-stdin", "--totp", "123456"
+        ),
+        input="whatever\n",
+        check=False,
     )
     assert result.returncode == 1
     assert records(world, "auth.attempt", user="ghost")[0]["reason"] == "unknown user"
@@ -174,8 +174,18 @@ def test_enrollment_token_is_single_use(world: World) -> None:
     lab = world.lab
     for i, expect in enumerate((0, 1)):
         result = lab.run(
-            "gw", "agent", "enroll", "--gateway", lab.gateway, "--ca-file", str(lab.ca_file),
-            "--token", token, "--state-dir", str(lab.root / f"once-{i}"), check=False,
+            "gw",
+            "agent",
+            "enroll",
+            "--gateway",
+            lab.gateway,
+            "--ca-file",
+            str(lab.ca_file),
+            "--token",
+            token,
+            "--state-dir",
+            str(lab.root / f"once-{i}"),
+            check=False,
         )
         assert result.returncode == expect, result.stderr
     assert "unknown, used or expired" in result.stderr
