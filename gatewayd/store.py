@@ -368,22 +368,81 @@ class Store:
         rows = self.db.execute(
             "SELECT * FROM agreements WHERE vendor = ? AND org = ? ORDER BY id", (vendor, org)
         )
-        return [
-            Agreement(
-                r["id"],
-                r["vendor"],
-                r["org"],
-                tuple(m for m in r["modes"].split(",") if m),
-                bool(r["unattended"]),
-                r["valid_from"],
-                r["valid_until"],
-                r["state"],
-                r["vendor_accepted"],
-                r["org_accepted"],
-            )
-            for r in rows
-        ]
+        return [_agreement(r) for r in rows]
 
     def grants_of(self, user: str) -> set[str]:
         rows = self.db.execute("SELECT agent FROM grants WHERE user = ?", (user,))
         return {r["agent"] for r in rows}
+
+    # -- lifecycle: disable, enable, remove; agreements; grants ----------------------------
+
+    _DISABLEABLE = ("users", "vendors", "agents", "orgs")
+
+    def set_disabled(self, table: str, ident: str, disabled: bool) -> None:
+        assert table in self._DISABLEABLE
+        self._require(table, ident)
+        with self.tx() as db:
+            db.execute(
+                f"UPDATE {table} SET disabled = ? WHERE id = ?",  # noqa: S608 - fixed names
+                (int(disabled), ident),
+            )
+
+    def remove(self, table: str, ident: str) -> None:
+        """Delete a row; StoreError if others still refer to it."""
+        assert table in (*self._DISABLEABLE, "agreements")
+        self._require(table, ident)
+        try:
+            with self.tx() as db:
+                db.execute(f"DELETE FROM {table} WHERE id = ?", (ident,))  # noqa: S608
+        except sqlite3.IntegrityError as exc:
+            raise StoreError(f"{table[:-1]} {ident!r} is still referred to; disable it") from exc
+
+    def get_agreement(self, agreement: str) -> Agreement | None:
+        row = self._one("SELECT * FROM agreements WHERE id = ?", agreement)
+        return None if row is None else _agreement(row)
+
+    def accept_agreement(self, agreement: str, side: str, now: float) -> None:
+        assert side in ("vendor", "org")
+        self._require("agreements", agreement)
+        with self.tx() as db:
+            db.execute(
+                f"UPDATE agreements SET {side}_accepted = ? WHERE id = ?",  # noqa: S608
+                (now, agreement),
+            )
+
+    def set_agreement_state(self, agreement: str, state: str) -> None:
+        assert state in ("active", "suspended")
+        self._require("agreements", agreement)
+        with self.tx() as db:
+            db.execute("UPDATE agreements SET state = ? WHERE id = ?", (state, agreement))
+
+    def add_grant(self, user: str, agent: str, now: float) -> None:
+        self._require("users", user)
+        self._require("agents", agent)
+        self._insert(
+            f"grant of {agent!r} to {user!r}",
+            "INSERT INTO grants VALUES (?, ?, ?)",
+            user,
+            agent,
+            now,
+        )
+
+    def remove_grant(self, user: str, agent: str) -> bool:
+        with self.tx() as db:
+            cur = db.execute("DELETE FROM grants WHERE user = ? AND agent = ?", (user, agent))
+        return cur.rowcount > 0
+
+
+def _agreement(r: sqlite3.Row) -> Agreement:
+    return Agreement(
+        r["id"],
+        r["vendor"],
+        r["org"],
+        tuple(m for m in r["modes"].split(",") if m),
+        bool(r["unattended"]),
+        r["valid_from"],
+        r["valid_until"],
+        r["state"],
+        r["vendor_accepted"],
+        r["org_accepted"],
+    )
