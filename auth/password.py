@@ -7,6 +7,7 @@ only in answer to this connection's request; it is never logged.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -53,6 +54,10 @@ def check_password(stored: str, password: str) -> bool:
         scheme, log2_n, r, p, salt, key = stored.split("$")
         if scheme != "scrypt" or not 10 <= int(log2_n) <= 20:
             return False
+        # We write r = 8, p = 1. Bound what a damaged record may ask for: a negative value
+        # raises OverflowError, a huge r MemoryError, and a huge p runs for hours.
+        if not (1 <= int(r) <= 32 and 1 <= int(p) <= 16):
+            return False
         kdf = _kdf(b64d(salt), int(log2_n), int(r), int(p))
         kdf.verify(password.encode(), b64d(key))
     except (ValueError, InvalidKey):
@@ -60,8 +65,13 @@ def check_password(stored: str, password: str) -> bool:
     return True
 
 
-# Checked when the user has no password, so that the reply takes as long either way.
-_DUMMY = hash_password(os.urandom(8).hex())
+@functools.cache
+def _dummy() -> str:
+    """Checked when the user has no password, so that the reply takes as long either way.
+
+    Made on first use, not at import: ``gw`` imports this module and never needs it.
+    """
+    return hash_password(os.urandom(8).hex())
 
 
 class PasswordVerifier(Verifier):
@@ -76,7 +86,7 @@ class PasswordVerifier(Verifier):
             return Outcome.reject("malformed response")
         stored = ctx.credential.get("hash") if ctx.credential else None
         if not isinstance(stored, str):
-            check_password(_DUMMY, password)
+            check_password(_dummy(), password)
             return Outcome.reject("no password set")
         if not check_password(stored, password):
             return Outcome.reject("wrong password")

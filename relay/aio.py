@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -79,6 +79,8 @@ class FramedLink(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self.closed: asyncio.Future[Closed] = self._loop.create_future()
+        #: Done when the transport is gone (after TLS close_notify both ways, or an abort).
+        self.lost: asyncio.Future[None] = self._loop.create_future()
         self.peer: str = "?"
 
     # -- asyncio.Protocol -----------------------------------------------------------
@@ -108,6 +110,8 @@ class FramedLink(asyncio.Protocol):
             self._timer.cancel()
         if not self.closed.done():
             self.closed.set_result(Closed("eof", "connection lost", by_peer=True))
+        if not self.lost.done():
+            self.lost.set_result(None)
 
     # -- API --------------------------------------------------------------------------
 
@@ -168,6 +172,19 @@ class FramedLink(asyncio.Protocol):
         """Flush what is queued and close."""
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    async def aclose(self, timeout: float = 2.0) -> None:
+        """Close, then wait at most ``timeout`` for the TLS shutdown to finish.
+
+        A short-lived client (``gw fido2 register``) calls this last, so that its event
+        loop does not end with a close still in flight.
+        """
+        if self.conn.state is State.RAW:
+            return  # detached: the transport belongs to a pipe now
+        self.close()
+        if self.transport is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.lost), timeout)
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -248,8 +265,8 @@ async def open_link(
 class Codec(Protocol):
     """What a pipe end does to bytes it reads before the other end writes them."""
 
-    def feed(self, data: bytes) -> tuple[bytes, bool]:
-        """Bytes for the other side, and whether an in-band end of stream was seen."""
+    def feed(self, data: bytes) -> tuple[Sequence[bytes | memoryview], bool]:
+        """Buffers for the other side, and whether an in-band end of stream was seen."""
         ...  # pragma: no cover
 
     def end(self) -> bytes | None:
@@ -277,14 +294,17 @@ class _End(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.count += len(data)
+        self.pipe.last_activity = time.monotonic()
+        if self.codec is None:
+            self.other.transport.write(data)
+            return
         try:
-            out, eof = self.codec.feed(data) if self.codec is not None else (data, False)
+            out, eof = self.codec.feed(data)
         except GatewayError as exc:  # a record that does not decrypt: end the tunnel
             self.pipe.abort(f"{self.name} sent bad data: {exc}")
             return
-        self.pipe.last_activity = time.monotonic()
         if out:
-            self.other.transport.write(out)
+            self.other.transport.writelines(out)
         if eof:
             self.pipe.half_close(self.other)
 

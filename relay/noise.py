@@ -506,7 +506,8 @@ class FrameReader:
         if end > len(b.buf):
             return None
         b.pos = end
-        return bytes(b.buf[start:end])
+        with memoryview(b.buf) as view:  # one copy, not a slice and then a copy
+            return bytes(view[start:end])
 
     def take_remaining(self) -> bytes:
         """Return and drop the bytes after the messages taken so far (e.g. early transport data)."""

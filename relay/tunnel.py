@@ -16,6 +16,7 @@ length (Noise spec section 13).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 
 from . import noise
@@ -26,6 +27,7 @@ RECORD_DATA = 0x00
 RECORD_END = 0x01
 #: Largest data slice per record: a Noise message minus the tag and the type byte.
 MAX_RECORD_DATA = noise.MAX_PLAINTEXT - 1
+_DATA = bytes([RECORD_DATA])
 #: How long each side waits for the other's handshake message.
 HANDSHAKE_TIMEOUT = 15.0
 
@@ -34,19 +36,37 @@ def prologue(session_id: str) -> bytes:
     return PROLOGUE + session_id.encode()
 
 
+def session_sas(session_id: str, client_key: bytes, agent_key: bytes) -> str:
+    """The short authentication string of a session, shown before any tunnel exists.
+
+    Both ends derive it from the session id and the two static keys *as each of
+    them was told by the gateway*: the client its own key and the agent's key from
+    the session, the agent its own key and the client's from the approval request.
+    A gateway that swapped a key to sit in the middle makes the two strings differ,
+    which the person approving sees when the vendor reads theirs out. Every tunnel's
+    Noise IK handshake then proves possession of exactly those keys.
+    """
+    digest = hashlib.blake2s(
+        b"gw-session-sas-v1\x00" + session_id.encode() + client_key + agent_key
+    ).digest()
+    return noise.short_auth_string(digest)
+
+
 class Sealer:
     """Codec for bytes from the local side: plaintext in, framed Noise records out."""
 
     def __init__(self, cipher: noise.CipherState) -> None:
         self.cipher = cipher
 
-    def feed(self, data: bytes) -> tuple[bytes, bool]:
-        view = memoryview(data)
-        out = bytearray()
-        for i in range(0, len(data), MAX_RECORD_DATA):
-            record = b"\x00" + view[i : i + MAX_RECORD_DATA]
-            out += noise.frame(self.cipher.encrypt_with_ad(b"", record))
-        return bytes(out), False
+    def feed(self, data: bytes) -> tuple[list[bytes], bool]:
+        out: list[bytes] = []
+        encrypt = self.cipher.encrypt_with_ad
+        with memoryview(data) as view:
+            for i in range(0, len(data), MAX_RECORD_DATA):
+                ciphertext = encrypt(b"", _DATA + view[i : i + MAX_RECORD_DATA])
+                out.append(len(ciphertext).to_bytes(2, "big"))
+                out.append(ciphertext)
+        return out, False
 
     def end(self) -> bytes | None:
         return noise.frame(self.cipher.encrypt_with_ad(b"", bytes([RECORD_END])))
@@ -60,20 +80,20 @@ class Opener:
         self.reader = noise.FrameReader()
         self.ended = False
 
-    def feed(self, data: bytes) -> tuple[bytes, bool]:
+    def feed(self, data: bytes) -> tuple[list[memoryview], bool]:
         self.reader.receive_data(data)
-        out = bytearray()
+        out: list[memoryview] = []
         while (message := self.reader.next_message()) is not None:
             record = self.cipher.decrypt_with_ad(b"", message)
             if self.ended or not record:
                 raise NoiseError("record after end of stream or empty record")
             if record[0] == RECORD_DATA:
-                out += record[1:]
+                out.append(memoryview(record)[1:])
             elif record[0] == RECORD_END:
                 self.ended = True
             else:
                 raise NoiseError(f"unknown record type {record[0]}")
-        return bytes(out), self.ended
+        return out, self.ended
 
     def end(self) -> bytes | None:
         return None

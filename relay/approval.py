@@ -1,0 +1,297 @@
+"""Approval at the machine: the person at the agent's computer says yes or no.
+
+When a session needs approval (``support``, attended ``access``), the gateway
+sends the agent an ``approve`` request. :class:`Approvals` asks for an answer in
+every way that is set up, and the first answer wins:
+
+- a terminal: when ``gw agent run`` runs in one, it prints who asks (user, vendor
+  company), the mode, the target, the reason and the short authentication string,
+  and reads y/n;
+- the agent's local socket (``<state-dir>/approval.sock``): ``gw agent
+  approvals`` lists pending requests, ``gw agent approve ID`` and ``gw agent deny
+  ID [--reason TEXT]`` answer them. Only local users can reach a Unix socket; the
+  kernel tells us which one answered (SO_PEERCRED) and that name is recorded;
+- ``approval_command``: a program (a desktop prompt) started with the request in
+  its environment (``GW_*`` variables); exit status 0 approves.
+
+No answer within the request's time is a denial. Unattended sessions are
+announced the same way (a log line, and ``approval_command`` with
+``GW_EVENT=start`` or ``end``, whose exit status is ignored), so nothing happens
+at the machine unseen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import pwd
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Longest request line on the local socket.
+MAX_LINE = 4096
+
+
+@dataclass
+class Request:
+    """One pending approval."""
+
+    id: str
+    user: str
+    vendor: str
+    vendor_name: str
+    mode: str
+    target: str
+    reason: str
+    sas: str
+    expires: float  # time.monotonic() deadline
+    answer: asyncio.Future[tuple[bool, str, str]] = field(repr=False)
+    asked: float = field(default_factory=time.time)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "user": self.user,
+            "vendor": self.vendor,
+            "vendor_name": self.vendor_name,
+            "mode": self.mode,
+            "target": self.target,
+            "reason": self.reason,
+            "sas": self.sas,
+            "seconds_left": max(0, round(self.expires - time.monotonic())),
+        }
+
+    def env(self, event: str) -> dict[str, str]:
+        return {
+            "GW_EVENT": event,
+            "GW_REQUEST": self.id,
+            "GW_USER": self.user,
+            "GW_VENDOR": self.vendor,
+            "GW_VENDOR_NAME": self.vendor_name,
+            "GW_MODE": self.mode,
+            "GW_TARGET": self.target,
+            "GW_REASON": self.reason,
+            "GW_SAS": self.sas,
+        }
+
+
+def _peer_name(sock: socket.socket) -> str:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+class Approvals:
+    """Pending requests of one agent and the ways to answer them."""
+
+    def __init__(
+        self,
+        socket_path: Path,
+        *,
+        command: str | None = None,
+        terminal: bool | None = None,
+        log: Callable[..., None],
+    ) -> None:
+        self.socket_path = socket_path
+        self.command = command
+        self.terminal = sys.stdin.isatty() if terminal is None else terminal
+        self.log = log
+        self.pending: dict[str, Request] = {}
+        self._server: asyncio.AbstractServer | None = None
+        self._terminal_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.socket_path))
+        # Any local user may answer (and is recorded by name); nobody remote can.
+        os.chmod(self.socket_path, 0o666)  # noqa: S103 - local users answer; each is named
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+
+    # -- asking -----------------------------------------------------------------------
+
+    async def ask(
+        self,
+        request_id: str,
+        *,
+        timeout: float,
+        user: str,
+        vendor: str,
+        vendor_name: str,
+        mode: str,
+        target: str,
+        reason: str,
+        sas: str,
+    ) -> tuple[bool, str, str]:
+        """Ask for approval; returns (approved, by, reason). No answer in time: denied."""
+        loop = asyncio.get_running_loop()
+        req = Request(
+            id=request_id,
+            user=user,
+            vendor=vendor,
+            vendor_name=vendor_name,
+            mode=mode,
+            target=target,
+            reason=reason,
+            sas=sas,
+            expires=time.monotonic() + timeout,
+            answer=loop.create_future(),
+        )
+        self.pending[req.id] = req
+        self.log(
+            "approval requested",
+            id=req.id,
+            user=req.user,
+            vendor=req.vendor_name,
+            mode=req.mode,
+            target=req.target,
+            reason=req.reason,
+            sas=req.sas,
+        )
+        helpers = []
+        if self.command:
+            helpers.append(loop.create_task(self._run_command(req)))
+        if self.terminal:
+            helpers.append(loop.create_task(self._ask_terminal(req)))
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(req.answer)
+        except TimeoutError:
+            return False, "", "no answer in time"
+        finally:
+            self.pending.pop(req.id, None)
+            for task in helpers:
+                task.cancel()
+
+    def answer(self, request_id: str, approved: bool, by: str, reason: str = "") -> bool:
+        req = self.pending.get(request_id)
+        if req is None or req.answer.done():
+            return False
+        req.answer.set_result((approved, by, reason))
+        return True
+
+    async def announce(self, event: str, **fields: str) -> None:
+        """Unattended session start or end: a log line and the command hook."""
+        self.log(f"unattended session {event}", **fields)
+        if self.command:
+            env = {**os.environ, **{f"GW_{k.upper()}": v for k, v in fields.items()}}
+            env["GW_EVENT"] = event
+            with contextlib.suppress(OSError):
+                proc = await asyncio.create_subprocess_shell(
+                    self.command, env=env, stdin=asyncio.subprocess.DEVNULL
+                )
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(30):
+                        await proc.wait()
+
+    async def _run_command(self, req: Request) -> None:
+        assert self.command is not None
+        env = {**os.environ, **req.env("approve")}
+        try:
+            proc = await asyncio.create_subprocess_shell(
+                self.command, env=env, stdin=asyncio.subprocess.DEVNULL
+            )
+        except OSError as exc:
+            self.log("approval_command failed to start", error=str(exc))
+            return
+        try:
+            status = await proc.wait()
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            raise
+        self.answer(
+            req.id, status == 0, "approval_command", "" if status == 0 else f"exit {status}"
+        )
+
+    async def _ask_terminal(self, req: Request) -> None:
+        async with self._terminal_lock:
+            if req.answer.done():
+                return
+            who = f"{req.user} of {req.vendor_name or req.vendor}"
+            sys.stderr.write(
+                f"\n*** Remote {req.mode} request from {who}\n"
+                f"    target: {req.target}\n    reason: {req.reason or '-'}\n"
+                f"    code:   {req.sas}  (ask the caller to read theirs; they must match)\n"
+                f"    Allow? [y/N] "
+            )
+            sys.stderr.flush()
+            line = await asyncio.to_thread(sys.stdin.readline)
+            yes = line.strip().lower() in ("y", "yes")
+            try:
+                name = pwd.getpwuid(os.getuid()).pw_name
+            except KeyError:
+                name = str(os.getuid())
+            self.answer(req.id, yes, f"{name} (terminal)", "" if yes else "denied at the terminal")
+
+    # -- the local socket ---------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        by = _peer_name(writer.get_extra_info("socket"))
+        try:
+            line = await reader.readline()
+            if len(line) > MAX_LINE:
+                raise ValueError
+            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise ValueError
+            op = req.get("op")
+            if op == "list":
+                reply: dict[str, Any] = {
+                    "ok": True,
+                    "result": [r.describe() for r in self.pending.values()],
+                }
+            elif op in ("approve", "deny"):
+                rid = str(req.get("id", ""))
+                reason = str(req.get("reason", ""))[:200]
+                if self.answer(rid, op == "approve", by, reason):
+                    self.log(f"request {op}d", id=rid, by=by)
+                    reply = {"ok": True, "result": {"id": rid, "by": by}}
+                else:
+                    reply = {"ok": False, "error": f"no pending request {rid!r}"}
+            else:
+                reply = {"ok": False, "error": "unknown operation"}
+        except (ValueError, ConnectionError):
+            reply = {"ok": False, "error": "malformed request"}
+        with contextlib.suppress(ConnectionError):
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        writer.close()
+
+
+async def request(socket_path: Path, op: str, **args: Any) -> Any:
+    """Client side of the local socket, for ``gw agent approvals/approve/deny``."""
+    from .errors import GatewayError
+
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(socket_path))
+    except OSError as exc:
+        raise GatewayError(
+            f"cannot reach the agent at {socket_path}: {exc.strerror or exc} "
+            "(is `gw agent run` running with this --state-dir?)"
+        ) from exc
+    writer.write(json.dumps({"op": op, **args}).encode() + b"\n")
+    await writer.drain()
+    line = await reader.readline()
+    writer.close()
+    reply = json.loads(line or b"{}")
+    if not reply.get("ok"):
+        raise GatewayError(str(reply.get("error", "the agent refused")))
+    return reply.get("result")
