@@ -147,3 +147,9 @@ class Factor:
     verifier: Callable[[], Verifier]
     prover: Callable[[ProverOptions], Prover]
     description: str = ""
+    check_settings: Callable[[Mapping[str, Any]], str | None] | None = None
+    """Reads the files ``[auth.<name>]`` names and raises :class:`relay.errors.ConfigError`
+    with the key path if they are unusable; returns a warning if the table is valid but
+    not filled in yet (logins with the factor fail until it is). ``gatewayd check-config``
+    and the daemon's start and reload call it for every factor a mode uses. None:
+    nothing to check."""

@@ -105,6 +105,11 @@ PIN for unattended use (otherwise ``prompt("Security key PIN: ", True)`` asks, a
 when the key needs user verification). ``fido2_rp_id``: if set, refuse a challenge for
 another relying party.
 
+Errors on the client side are :class:`relay.errors.AuthError` with a message for the
+person; those that are a local problem rather than a refusal (no key plugged in, a
+blocked PIN, a key without the PIN the policy needs, python-fido2 not installed) are
+its subclass :class:`relay.errors.DeviceError`, which ``gw`` exits 4 for.
+
 ``"preferred"`` and keys without a PIN: python-fido2 treats ``preferred`` as
 ``required`` when a key *could* verify the user but has no PIN set (Yubico/python-fido2
 #148, #162), which would lock such keys out. The gateway's ``preferred`` means "accept
@@ -130,7 +135,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from relay.errors import AuthError, ConfigError
+from relay.errors import AuthError, ConfigError, DeviceError
 
 from .base import (
     JSON,
@@ -189,6 +194,7 @@ __all__ = [
     "Fido2Verifier",
     "list_credentials",
     "login_challenge",
+    "open_device",
     "parse_settings",
     "register",
     "registration_begin",
@@ -242,7 +248,7 @@ _INSTALL_HINT: Final = "the FIDO2 factor needs python-fido2: pip install 'gatewa
 _T = TypeVar("_T")
 
 
-def _require_fido2(error: type[Exception] = AuthError) -> None:
+def _require_fido2(error: type[Exception] = DeviceError) -> None:
     """Raise ``error`` with an install hint when python-fido2 is not importable."""
     if _FIDO2_MISSING is not None:
         if error is ConfigError:
@@ -1040,7 +1046,7 @@ def _ctap_error(code: int, device: CtapDevice) -> AuthError:
     if code == err.PIN_INVALID:
         left = _pin_retries(device)
         if left == 0:
-            return AuthError(
+            return DeviceError(
                 "wrong PIN; the security key's PIN is now blocked and the key must be reset"
             )
         more = (
@@ -1050,22 +1056,22 @@ def _ctap_error(code: int, device: CtapDevice) -> AuthError:
         )
         return AuthError(f"wrong PIN for the security key{more}")
     if code == err.PIN_BLOCKED:
-        return AuthError(
+        return DeviceError(
             "the security key's PIN is blocked after too many wrong attempts; "
             "the key must be reset (which erases its credentials) and registered again"
         )
     if code == err.PIN_AUTH_BLOCKED:
-        return AuthError(
+        return DeviceError(
             "too many wrong PINs in a row: unplug the security key, plug it in again and retry"
         )
     if code == err.PIN_NOT_SET:
-        return AuthError(_NO_PIN_MESSAGE)
+        return DeviceError(_NO_PIN_MESSAGE)
     if code == err.PIN_POLICY_VIOLATION:
         return AuthError("the PIN does not meet the security key's PIN policy")
     if code == err.UV_BLOCKED:
-        return AuthError("the security key's built-in user verification is blocked; use its PIN")
+        return DeviceError("the security key's built-in user verification is blocked; use its PIN")
     if code == err.UNSUPPORTED_ALGORITHM:
-        return AuthError("the security key supports none of the gateway's signature algorithms")
+        return DeviceError("the security key supports none of the gateway's signature algorithms")
     return AuthError(f"security key error: {CtapError(code).code}")
 
 
@@ -1080,7 +1086,7 @@ def _client_error(exc: ClientError, device: CtapDevice) -> AuthError:
         return _ctap_error(CtapError.ERR.NO_CREDENTIALS, device)
     if code == ClientError.ERR.CONFIGURATION_UNSUPPORTED:
         if "verification" in str(cause):
-            return AuthError(_NO_PIN_MESSAGE)
+            return DeviceError(_NO_PIN_MESSAGE)
         return AuthError(f"this security key cannot do what the gateway asks: {cause}")
     if code == ClientError.ERR.BAD_REQUEST:
         return AuthError(f"the FIDO2 request was refused: {cause or 'bad request'}")
@@ -1100,7 +1106,7 @@ def _guarded(device: CtapDevice, work: Callable[[], _T]) -> _T:
     except CtapError as exc:
         raise _ctap_error(exc.code, device) from exc
     except OSError as exc:
-        raise AuthError(f"lost contact with the security key: {exc}") from exc
+        raise DeviceError(f"lost contact with the security key: {exc}") from exc
     except Exception as exc:  # gw shows a message, never a traceback
         raise AuthError(f"security key error: {type(exc).__name__}: {exc}") from exc
 
@@ -1110,13 +1116,13 @@ def _open_hid_device() -> CtapDevice:
     try:
         from fido2.hid import CtapHidDevice
     except Exception as exc:  # python-fido2 raises a bare Exception on odd platforms
-        raise AuthError(f"cannot use USB security keys on this system: {exc}") from exc
+        raise DeviceError(f"cannot use USB security keys on this system: {exc}") from exc
     try:
         devices: list[CtapDevice] = list(CtapHidDevice.list_devices())
     except Exception as exc:  # OSError, or a device that does not answer INIT
-        raise AuthError(f"cannot open the security key: {exc}") from exc
+        raise DeviceError(f"cannot open the security key: {exc}") from exc
     if not devices:
-        raise AuthError(
+        raise DeviceError(
             "no security key found: plug in your YubiKey and try again "
             "(on Linux, your account also needs access to /dev/hidraw*, "
             "e.g. through the udev rules of libfido2)"
@@ -1124,10 +1130,21 @@ def _open_hid_device() -> CtapDevice:
     if len(devices) > 1:
         for device in devices:
             device.close()
-        raise AuthError(
+        raise DeviceError(
             f"{len(devices)} security keys are plugged in; leave only the one registered for you"
         )
     return devices[0]
+
+
+def open_device() -> CtapDevice:
+    """The one USB security key plugged in (blocking: call it through ``asyncio.to_thread``).
+
+    Raise :class:`DeviceError` saying why not: python-fido2 missing, no key, several keys,
+    no access to the device. ``gw fido2 register`` opens the key with this before it
+    contacts the gateway, so a missing key costs no registration attempt.
+    """
+    _require_fido2()
+    return _open_hid_device()
 
 
 async def _in_thread(work: Callable[[threading.Event], _T]) -> _T:

@@ -62,7 +62,31 @@ carries its ``subject``, ``issuer``, ``serial`` and ``sha256`` fingerprint:
 ``bad signature``                      the signature does not verify over this nonce and
                                        this channel binding, or does not fit the key
 ``verification error``                 anything unforeseen while checking (fail closed)
+``wrong pin``, ``card blocked``,       reported by a prover that gave up after reading
+``pin not verified``, ``card error``   the certificate (see below), when the checks of
+                                       its certificate pass; detail ``reported_by``
 ====================================== ==================================================
+
+Giving up
+---------
+
+A prover that stops after reading the card's certificate (the certificate has expired,
+the PIN was wrong, the card is blocked) still answers, so that the gateway can audit
+who tried and why; the login fails either way::
+
+    response   {"declined": "wrong pin" | "card blocked" | "pin not verified" |
+                            "certificate expired" | "certificate not yet valid" |
+                            "card error",
+                "certificate": b64e(DER),            # the card's slot 9A certificate
+                "tries_left": 2}                     # with "wrong pin"
+
+The gateway runs every check but the signature on that certificate: a reason it finds
+itself (``certificate expired``, ``certificate revoked``...) wins; otherwise the audit
+reason is the client's, with ``reported_by: client``. Client side, the prover raises
+the :class:`AuthError` for the person with :attr:`AuthError.payload` set to that
+response (:func:`relay.client.open_session` sends it). Problems before the certificate
+is read (no reader, no card, no pyscard, no pcscd) are :class:`DeviceError`, with
+nothing sent: ``gw`` exits 4 and the gateway audits that the client gave up.
 
 Revocation fails closed: every certificate in the validated path below the trust
 anchor needs a CRL from its issuer among ``crl_files``, signed by that issuer and not
@@ -90,6 +114,8 @@ on SIGHUP) drops the cache.
 
 The stored credential of an employee is ``{"cert_serial": "UN:NO-9578-4050-..."}``,
 optionally with ``"issuer"`` (the issuing CA's RFC 4514 name) to pin the issuer too.
+:func:`credential_from_certificate` makes it from the person's certificate
+(``gw admin user add --cert-file``, ``gw admin user set-cert``).
 
 Client side
 -----------
@@ -124,7 +150,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NoReturn, Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -138,7 +164,7 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
-from relay.errors import AuthError, ConfigError
+from relay.errors import AuthError, ConfigError, DeviceError
 
 from .base import (
     JSON,
@@ -163,10 +189,14 @@ __all__ = [
     "FACTOR",
     "CardConnector",
     "CardPort",
+    "PinBlocked",
     "PivCard",
     "SmartcardProver",
     "SmartcardSettings",
     "SmartcardVerifier",
+    "WrongPin",
+    "check_settings",
+    "credential_from_certificate",
     "load_settings",
     "make_prover",
     "pcsc_connector",
@@ -190,6 +220,19 @@ ALGORITHMS = (ALG_RSA_PKCS1_SHA256, ALG_ECDSA_P256_SHA256)
 DEFAULT_REQUIRED_POLICY = "2.16.578.1.26.1.3.1"
 DEFAULT_SUBJECT_FIELD = "serialNumber"
 SETTINGS_KEY = "auth.smartcard"
+
+#: Why a prover stopped after reading the card's certificate (``declined`` in its last
+#: ``auth_response``); see "Giving up" in the module docstring.
+DECLINED_REASONS = frozenset(
+    {
+        "certificate expired",
+        "certificate not yet valid",
+        "wrong pin",
+        "card blocked",
+        "pin not verified",
+        "card error",
+    }
+)
 
 # National person certificates are 1.5-2.5 KB; 16 KiB leaves room for long names and
 # extensions while bounding what one login can make the gateway parse.
@@ -388,6 +431,59 @@ def load_settings(settings: Mapping[str, Any]) -> SmartcardSettings:
             _cache.clear()
         _cache[cache_key] = parsed
     return parsed
+
+
+def check_settings(settings: Mapping[str, Any]) -> str | None:
+    """Read every file of ``[auth.smartcard]``; ConfigError naming the key if one is unusable.
+
+    A table that names neither trust anchors nor CRLs (as ``gatewayd init`` writes it,
+    before the operator has the national CA's files) is not an error but a warning:
+    smartcard logins fail (``settings invalid``) until it is filled in.
+    """
+    if not settings.get("trust_anchors") and not settings.get("crl_files"):
+        return (
+            f"{SETTINGS_KEY} names no trust_anchors or crl_files yet: "
+            "smartcard logins fail until it does"
+        )
+    load_settings(settings)
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Enrolment (gw admin user add --cert-file, user set-cert)
+# ---------------------------------------------------------------------------------------
+
+
+def credential_from_certificate(
+    data: bytes, subject_field: object = DEFAULT_SUBJECT_FIELD
+) -> dict[str, str]:
+    """The stored credential for the person a certificate (PEM or DER) names.
+
+    ``{"cert_serial": <the subject_field value>, "issuer": <issuer, RFC 4514>}``; the
+    issuer pins the issuing CA, so a look-alike certificate from another CA with the
+    same person number does not pass. Raises ValueError saying what is wrong with the
+    certificate, ConfigError if ``subject_field`` is not a known field.
+    """
+    oid = _subject_field(subject_field)
+    try:
+        if b"-----BEGIN" in data:
+            certs = x509.load_pem_x509_certificates(data)
+            if len(certs) != 1:
+                raise ValueError(f"expected one certificate, found {len(certs)}")
+            cert = certs[0]
+        else:
+            cert = x509.load_der_x509_certificate(data)
+    except ValueError as exc:
+        raise ValueError(f"not an X.509 certificate ({exc})") from None
+    values = cert.subject.get_attributes_for_oid(oid)
+    if len(values) != 1:
+        name = next((k for k, v in SUBJECT_FIELDS.items() if v == oid), oid.dotted_string)
+        raise ValueError(
+            f"the certificate's subject has {len(values) or 'no'} {name} ({_name(cert.subject)})"
+        )
+    value = values[0].value
+    text = value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return {"cert_serial": text, "issuer": _name(cert.issuer)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -667,6 +763,53 @@ def _check_signature(
         raise _Reject("unsupported key", key=type(key).__name__)
 
 
+def _check_certificate(
+    cfg: SmartcardSettings,
+    leaf: x509.Certificate,
+    chain: list[x509.Certificate],
+    now: dt.datetime,
+    credential: Mapping[str, Any],
+) -> str:
+    """Every check but the signature, in the documented order; returns the person."""
+    _check_dates(leaf, now)
+    _check_usage(leaf)
+    path = _validate_path(cfg, leaf, chain, now)
+    _check_revocation(cfg, path, now)
+    _check_policy(cfg, path)
+    return _check_identity(cfg, leaf, credential)
+
+
+def _check_declined(
+    cfg: SmartcardSettings,
+    response: Mapping[str, Any],
+    credential: Mapping[str, Any],
+    now: dt.datetime,
+    detail: dict[str, Any],
+) -> NoReturn:
+    """A prover that gave up says why; its certificate is still checked.
+
+    The reason the gateway finds itself (expired, revoked, another person's card...)
+    wins over the client's; otherwise the client's reason is the audit reason, with
+    ``reported_by: client``.
+    """
+    reason = response.get("declined")
+    if reason not in DECLINED_REASONS:
+        raise _Reject("malformed response", error="unknown declined reason")
+    detail["reported_by"] = "client"
+    tries = response.get("tries_left")
+    if isinstance(tries, int) and not isinstance(tries, bool) and 0 <= tries <= 15:
+        detail["tries_left"] = tries
+    if "certificate" in response:
+        try:
+            der = b64d(response.get("certificate"), max_len=MAX_CERT_BYTES)
+            leaf = x509.load_der_x509_certificate(der)
+        except ValueError:
+            raise _Reject("malformed response", error="certificate is not DER X.509") from None
+        detail.update(_describe(leaf))
+        _check_certificate(cfg, leaf, [], now, credential)
+    raise _Reject(str(reason))
+
+
 class SmartcardVerifier(Verifier):
     """Gateway side: check the certificate path, revocation, policy, identity, signature."""
 
@@ -704,16 +847,13 @@ class SmartcardVerifier(Verifier):
             cfg = load_settings(ctx.settings)
         except ConfigError as exc:
             raise _Reject("settings invalid", error=str(exc)) from None
+        now = dt.datetime.fromtimestamp(ctx.now, dt.UTC)
+        if isinstance(response, Mapping) and "declined" in response:
+            _check_declined(cfg, response, credential, now, detail)
         parsed = _parse_response(response)
         leaf = parsed.leaf
         detail.update(_describe(leaf))
-        now = dt.datetime.fromtimestamp(ctx.now, dt.UTC)
-        _check_dates(leaf, now)
-        _check_usage(leaf)
-        path = _validate_path(cfg, leaf, parsed.chain, now)
-        _check_revocation(cfg, path, now)
-        _check_policy(cfg, path)
-        person = _check_identity(cfg, leaf, credential)
+        person = _check_certificate(cfg, leaf, parsed.chain, now, credential)
         _check_signature(
             leaf, parsed.algorithm, parsed.signature, to_be_signed(nonce, ctx.channel_binding)
         )
@@ -924,10 +1064,10 @@ class PivCard:
         """The PIN retry counter (VERIFY without data); None if the card does not say."""
         _, sw = self.exchange(_apdu(0x00, 0x20, 0x00, PIN_KEY_REF))
         if sw == SW_BLOCKED:
-            raise AuthError(_BLOCKED)
+            raise PinBlocked(_BLOCKED)
         if sw & 0xFFF0 == 0x63C0:
             if sw & 0x0F == 0:
-                raise AuthError(_BLOCKED)
+                raise PinBlocked(_BLOCKED)
             return sw & 0x0F
         return None
 
@@ -942,11 +1082,11 @@ class PivCard:
         if sw == SW_OK:
             return
         if sw == SW_BLOCKED or sw == 0x63C0:
-            raise AuthError(_BLOCKED)
+            raise PinBlocked(_BLOCKED)
         if sw & 0xFFF0 == 0x63C0:
             left = sw & 0x0F
             plural = "try" if left == 1 else "tries"
-            raise AuthError(f"wrong PIN: {left} {plural} left before the card is blocked")
+            raise WrongPin(f"wrong PIN: {left} {plural} left before the card is blocked", left)
         raise AuthError(f"the smartcard refused the PIN check ({_sw_text(sw)})")
 
     def general_authenticate(self, algorithm: int, key_ref: int, challenge: bytes) -> bytes:
@@ -971,6 +1111,18 @@ _BLOCKED = (
     "the smartcard is blocked (too many wrong PINs): ask your organisation's card "
     "administrator to unblock it with the PUK"
 )
+
+
+class WrongPin(AuthError):
+    """The card refused the PIN; ``tries_left`` before it blocks."""
+
+    def __init__(self, message: str, tries_left: int) -> None:
+        super().__init__(message)
+        self.tries_left = tries_left
+
+
+class PinBlocked(DeviceError):
+    """The card's PIN is blocked (the PUK unblocks it): a local problem, not a refusal."""
 
 
 def sign_with_card(card: PivCard, cert: x509.Certificate, message: bytes) -> tuple[str, bytes]:
@@ -1015,17 +1167,17 @@ def _pyscard() -> ModuleType:
         # Optional dependency, imported here on purpose so the gateway never needs it.
         import smartcard.scard as scard
     except ImportError as exc:  # pyscard missing, or libpcsclite missing under it
-        raise AuthError(PYSCARD_MISSING) from exc
+        raise DeviceError(PYSCARD_MISSING) from exc
     module: ModuleType = scard
     return module
 
 
 def _no_service(scard: ModuleType, hresult: int) -> AuthError:
     if hresult == scard.SCARD_E_NO_SERVICE:
-        return AuthError(
+        return DeviceError(
             "the PC/SC service is not running: start pcscd (e.g. systemctl start pcscd.socket)"
         )
-    return AuthError(f"PC/SC failed: {scard.SCardGetErrorMessage(hresult)}")
+    return DeviceError(f"PC/SC failed: {scard.SCardGetErrorMessage(hresult)}")
 
 
 class PcscPort:
@@ -1056,8 +1208,8 @@ class PcscPort:
                 scard.SCARD_W_RESET_CARD,
             }
             if hresult in removed:
-                raise AuthError("the smartcard was removed or reset during login: try again")
-            raise AuthError(
+                raise DeviceError("the smartcard was removed or reset during login: try again")
+            raise DeviceError(
                 f"smartcard communication failed: {scard.SCardGetErrorMessage(hresult)}"
             )
         if len(response) < 2:
@@ -1083,8 +1235,8 @@ def _match_reader(wanted: str, names: list[str]) -> str:
         return hits[0]
     listed = ", ".join(names)
     if not hits:
-        raise AuthError(f"no card reader named {wanted!r} (readers: {listed})")
-    raise AuthError(f"{wanted!r} matches several card readers ({', '.join(hits)}): be precise")
+        raise DeviceError(f"no card reader named {wanted!r} (readers: {listed})")
+    raise DeviceError(f"{wanted!r} matches several card readers ({', '.join(hits)}): be precise")
 
 
 def _list_readers(scard: ModuleType, context: int) -> list[str]:
@@ -1092,7 +1244,7 @@ def _list_readers(scard: ModuleType, context: int) -> list[str]:
     if hresult == scard.SCARD_E_NO_READERS_AVAILABLE or (
         hresult == scard.SCARD_S_SUCCESS and not names
     ):
-        raise AuthError("no smartcard reader found: connect your card reader")
+        raise DeviceError("no smartcard reader found: connect your card reader")
     if hresult != scard.SCARD_S_SUCCESS:
         raise _no_service(scard, hresult)
     return [str(n) for n in names]
@@ -1126,12 +1278,12 @@ def pcsc_connector(reader: str | None = None) -> CardConnector:
                     scard.SCARD_W_UNRESPONSIVE_CARD,
                 }
                 if hresult not in absent and reader is not None:
-                    raise AuthError(
+                    raise DeviceError(
                         f"cannot use the card in {name}: {scard.SCardGetErrorMessage(hresult)}"
                     )
             if reader is not None:
-                raise AuthError(f"no smartcard in the reader {candidates[0]!r}: insert your card")
-            raise AuthError(f"no smartcard in any reader ({', '.join(names)}): insert your card")
+                raise DeviceError(f"no smartcard in the reader {candidates[0]!r}: insert your card")
+            raise DeviceError(f"no smartcard in any reader ({', '.join(names)}): insert your card")
         except BaseException:
             scard.SCardReleaseContext(context)
             raise
@@ -1231,14 +1383,24 @@ class SmartcardProver(Prover):
         try:
             card = PivCard(port)
             der = await asyncio.to_thread(self._read_certificate, card)
-            cert = self._check_certificate(der)
-            tries = await asyncio.to_thread(card.pin_tries_left)
-            text = f"PIN for the smartcard of {_holder(cert)} ({port.reader})"
-            if tries is not None and tries < 3:
-                text += f", {tries} {'try' if tries == 1 else 'tries'} left"
-            pin = self._prompt(text + ": ", True)
-            await asyncio.to_thread(card.verify_pin, pin)
-            algorithm, signature = await asyncio.to_thread(sign_with_card, card, cert, message)
+            cert = self._load_certificate(der)
+            stage = "certificate"
+            try:
+                self._check_validity(cert)
+                stage = "pin"
+                tries = await asyncio.to_thread(card.pin_tries_left)
+                text = f"PIN for the smartcard of {_holder(cert)} ({port.reader})"
+                if tries is not None and tries < 3:
+                    text += f", {tries} {'try' if tries == 1 else 'tries'} left"
+                pin = self._prompt(text + ": ", True)
+                await asyncio.to_thread(card.verify_pin, pin)
+                stage = "signing"
+                algorithm, signature = await asyncio.to_thread(sign_with_card, card, cert, message)
+            except AuthError as exc:
+                # Once the certificate is known, tell the gateway why this login stops
+                # here, so that its audit record has the person and the reason.
+                exc.payload = _declined(exc, stage, cert, der, self._now())
+                raise
         finally:
             await asyncio.to_thread(port.close)
         self.reader = port.reader
@@ -1254,11 +1416,15 @@ class SmartcardProver(Prover):
         card.select()
         return card.read_certificate(OBJ_PIV_AUTH_CERT)
 
-    def _check_certificate(self, der: bytes) -> x509.Certificate:
+    @staticmethod
+    def _load_certificate(der: bytes) -> x509.Certificate:
         try:
-            cert = x509.load_der_x509_certificate(der)
+            return x509.load_der_x509_certificate(der)
         except ValueError:
             raise AuthError("the smartcard's certificate cannot be read") from None
+
+    def _check_validity(self, cert: x509.Certificate) -> None:
+        """Refuse an expired card before asking for its PIN."""
         now = dt.datetime.fromtimestamp(self._now(), dt.UTC)
         if now > cert.not_valid_after_utc:
             raise AuthError(
@@ -1270,7 +1436,25 @@ class SmartcardProver(Prover):
                 f"the certificate on your smartcard is not valid before "
                 f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
             )
-        return cert
+
+
+def _declined(exc: AuthError, stage: str, cert: x509.Certificate, der: bytes, now: float) -> JSON:
+    """The ``auth_response`` of a prover that stops after reading the certificate."""
+    payload: JSON = {"certificate": b64e(der)}
+    if isinstance(exc, PinBlocked):
+        reason = "card blocked"
+    elif isinstance(exc, WrongPin):
+        reason = "wrong pin"
+        payload["tries_left"] = exc.tries_left
+    elif stage == "certificate":
+        expired = now > cert.not_valid_after_utc.timestamp()
+        reason = "certificate expired" if expired else "certificate not yet valid"
+    elif stage == "pin" and not isinstance(exc, DeviceError):
+        reason = "pin not verified"
+    else:
+        reason = "card error"
+    payload["declined"] = reason
+    return payload
 
 
 def make_prover(options: ProverOptions) -> SmartcardProver:
@@ -1287,4 +1471,5 @@ FACTOR = Factor(
     prover=make_prover,
     description="PKI smartcard (PIV): the card signs a TLS-channel-bound challenge; the "
     "gateway checks path, CRL, policy OID and the person's subject serialNumber",
+    check_settings=check_settings,
 )

@@ -51,18 +51,30 @@ class TotpVerifier(Verifier):
 
     def complete(self, ctx: AuthContext, state: JSON, response: JSON) -> Outcome:
         code = response.get("code")
-        if not isinstance(code, str) or len(code) != DIGITS or not code.isdigit():
+        # isascii(): str.isdigit() also takes "١٢٣٤٥٦", which hmac.compare_digest refuses.
+        if (
+            not isinstance(code, str)
+            or len(code) != DIGITS
+            or not (code.isascii() and code.isdigit())
+        ):
             return Outcome.reject("malformed response")
         cred = ctx.credential
         secret = cred.get("secret") if cred else None
         if cred is None or not isinstance(secret, str):
             return Outcome.reject("totp not enrolled")
         last = cred.get("last_counter", -1)
-        totp = pyotp.TOTP(secret, digits=DIGITS, interval=STEP)
         now_counter = int(ctx.now) // STEP
         matched = None
-        for counter in range(now_counter - DRIFT, now_counter + DRIFT + 1):
-            if hmac.compare_digest(totp.generate_otp(counter), code):
+        try:
+            totp = pyotp.TOTP(secret, digits=DIGITS, interval=STEP)
+            candidates = [
+                (counter, totp.generate_otp(counter))
+                for counter in range(now_counter - DRIFT, now_counter + DRIFT + 1)
+            ]
+        except ValueError:  # binascii.Error included: the stored secret is not base32
+            return Outcome.reject("stored totp secret is unusable")
+        for counter, expected in candidates:
+            if hmac.compare_digest(expected, code):
                 matched = counter
         if matched is None:
             return Outcome.reject("wrong code")

@@ -630,7 +630,7 @@ class Bench:
         self.procs.run([*admin, "status"])
         self.procs.run([*admin, "org", "add", "clinic", "--name", "Clinic"])
         self.procs.run([*admin, "vendor", "add", "acme", "--name", "Acme"])
-        self.procs.run(
+        agreement = self.procs.run(
             [
                 *admin,
                 "agreement",
@@ -644,6 +644,8 @@ class Bench:
                 "--unattended",
             ]
         )
+        for side in ("vendor", "org"):
+            self.procs.run([*admin, "agreement", "accept", agreement.strip(), "--side", side])
 
         def add_user(user: str) -> tuple[str, str]:
             self.procs.run(
@@ -709,7 +711,8 @@ class Bench:
     def gw_connect(self, name: str, lport: int, verbose: bool = True) -> subprocess.Popen[bytes]:
         user, secret = self.users.pop(0)
         argv = [
-            self.gw, "connect", "pc1", "--gateway", f"127.0.0.1:{self.gw_port}",
+            self.gw, "connect", "pc1", "--reason", "benchmark",
+            "--gateway", f"127.0.0.1:{self.gw_port}",
             "--ca-file", str(self.ca), "--user", user, "--target", "sink", "--mode", "access",
             "-L", f"127.0.0.1:{lport}", "--password-stdin", "--totp", pyotp.TOTP(secret).now(),
             "--known-agents", str(self.dir / "known.json"), "--identity", str(self.dir / "id.key"),

@@ -26,7 +26,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from relay.aio import run
-from relay.errors import GatewayError, RemoteError
+from relay.errors import DeviceError, GatewayError, RemoteError
 
 T = TypeVar("T")
 
@@ -36,7 +36,7 @@ EXIT_FAILED, EXIT_UNREACHABLE, EXIT_LOCAL = 1, 3, 4
 class Failure(click.ClickException):
     def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
         super().__init__(message)
-        self.exit_code = code
+        self.exit_code = code  # type: ignore[misc]  # click reads it per instance
 
     def show(self, file: Any = None) -> None:
         click.echo(f"gw: {self.message}", err=True)
@@ -56,6 +56,8 @@ def execute(coro: Coroutine[Any, Any, T]) -> T:
         fail("interrupted", 130)
     except AgentKeyMismatch as exc:
         fail(str(exc), EXIT_UNREACHABLE)
+    except DeviceError as exc:  # no security key, a blocked PIN, a missing library
+        fail(str(exc), EXIT_LOCAL)
     except RemoteError as exc:
         fail(describe(exc))
     except GatewayError as exc:
@@ -145,30 +147,81 @@ def _config_home() -> Path:
 @main.command()
 @click.argument("agent")
 @click.option("--gateway", required=True, help="Gateway HOST:PORT.")
-@click.option("--ca-file", required=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="CA that signed the gateway's certificate.")
+@click.option(
+    "--ca-file",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="CA that signed the gateway's certificate.",
+)
 @click.option("--user", required=True, help="Your user id at the gateway.")
 @click.option("--target", required=True, help="Name of the agent's service.")
 @click.option("--mode", required=True, type=click.Choice(["access", "support", "homeoffice"]))
-@click.option("-L", "local", metavar="[ADDR:]PORT", help="Listen here; each connection is a tunnel.")
+@click.option(
+    "-L", "local", metavar="[ADDR:]PORT", help="Listen here; each connection is a tunnel."
+)
 @click.option("--stdio", is_flag=True, help="One tunnel on standard input and output.")
-@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
+@click.option(
+    "--password-stdin", is_flag=True, help="Read the password from the first line of stdin."
+)
 @click.option("--totp", "totp_code", metavar="CODE", help="Authenticator code (else asked).")
-@click.option("--reason", default="", help="Why (ticket number, sentence); kept in the audit trail.")
-@click.option("--known-agents", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Pinned agent keys (default ~/.config/gw/known_agents.json).")
-@click.option("--identity", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Your Noise key file (default ~/.config/gw/identity.key).")
+@click.option(
+    "--fido2",
+    "use_fido2",
+    is_flag=True,
+    help="Prove the second factor with your security key (YubiKey), not a code.",
+)
+@click.option(
+    "--smartcard",
+    "use_smartcard",
+    is_flag=True,
+    help="Prove who you are with your PKI smartcard; its PIN is asked (homeoffice).",
+)
+@click.option(
+    "--reader",
+    metavar="NAME",
+    default=None,
+    help="The smartcard reader (a unique part of its name); default: one with a card.",
+)
+@click.option(
+    "--reason", default="", help="Why (ticket number, sentence); kept in the audit trail."
+)
+@click.option(
+    "--known-agents",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Pinned agent keys (default ~/.config/gw/known_agents.json).",
+)
+@click.option(
+    "--identity",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Your Noise key file (default ~/.config/gw/identity.key).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Say what happens, with each tunnel's SAS.")
 def connect(
-    agent: str, gateway: str, ca_file: Path, user: str, target: str, mode: str,
-    local: str | None, stdio: bool, password_stdin: bool, totp_code: str | None,
-    reason: str, known_agents: Path | None, identity: Path | None, verbose: bool,
+    agent: str,
+    gateway: str,
+    ca_file: Path,
+    user: str,
+    target: str,
+    mode: str,
+    local: str | None,
+    stdio: bool,
+    password_stdin: bool,
+    totp_code: str | None,
+    use_fido2: bool,
+    use_smartcard: bool,
+    reader: str | None,
+    reason: str,
+    known_agents: Path | None,
+    identity: Path | None,
+    verbose: bool,
 ) -> None:
     """Open an end-to-end encrypted tunnel to TARGET on AGENT through the gateway."""
-    from auth import registry
     from auth.base import ProverOptions
     from relay.client import KnownAgents, open_session
+
+    from .card import run_watched
 
     if bool(local) == stdio:
         raise click.UsageError("give exactly one of -L [ADDR:]PORT or --stdio")
@@ -181,26 +234,35 @@ def connect(
     password = password or os.environ.get("GW_PASSWORD")
     gw = _gateway(gateway, ca_file)
     values: dict[str, Any] = {"password": password, "totp": totp_code, "notify": info}
+    values["smartcard_reader"] = reader
+    smartcard_first = ("smartcard",) if use_smartcard or reader is not None else ()
     options = ProverOptions(user=user, prompt=prompt, values=values)
     provers: dict[str, Any] = {}
     home = _config_home()
     known = KnownAgents(known_agents or home / "known_agents.json")
     static = _client_key(identity or home / "identity.key")
 
-    async def prove(method: str, payload: dict[str, Any], binding: bytes) -> dict[str, Any]:
-        if method not in provers:
-            try:
-                provers[method] = registry.get(method).prover(options)
-            except GatewayError as exc:
-                fail(str(exc), EXIT_LOCAL)
-        result: dict[str, Any] = await provers[method].respond(payload, binding)
-        return result
+    prove = _prove_with(provers, options)
+
+    def pending(seconds: float, sas: str) -> None:
+        info(
+            f"gw: waiting for approval at the machine (up to {seconds:.0f} s).\n"
+            f"gw: the person there sees this code; it must match: {sas}"
+        )
 
     async def session() -> None:
         started = time.monotonic()
         s = await open_session(
-            gw, user=user, agent=agent, target=target, mode=mode, reason=reason,
-            static_private=static, prove=prove, factors=("totp", "fido2"),
+            gw,
+            user=user,
+            agent=agent,
+            target=target,
+            mode=mode,
+            reason=reason,
+            static_private=static,
+            prove=prove,
+            on_pending=pending,
+            factors=smartcard_first + (("fido2", "totp") if use_fido2 else ("totp", "fido2")),
         )
         first = not known.check(f"{gw.host}:{gw.port}", agent, s.opened.agent_key)
         if first:
@@ -213,21 +275,105 @@ def connect(
                 info(f"gw: tunnel to {agent}/{target} end-to-end encrypted; SAS {est.sas}")
 
         s.on_tunnel = shown
-        try:
+
+        async def work() -> None:
             if listen is not None:
+
                 def ready(where: str) -> None:
                     info(f"gw: listening on {where} for {agent}/{target}")
 
-                await s.serve_local(listen[0], listen[1], lambda e: info(f"gw: tunnel failed: {e}"), ready)
+                why = await s.serve_local(
+                    listen[0], listen[1], lambda e: info(f"gw: tunnel failed: {e}"), ready
+                )
+                if why:
+                    fail(f"session ended: {why}")
                 info("gw: session ended")
             else:
                 await s.stdio()
+
+        try:
+            # With a smartcard login, pulling the card ends the session (exit 1).
+            await run_watched(s, provers.get("smartcard"), work())
         finally:
             s.close()
             for p in provers.values():
                 await p.aclose()
 
     execute(session())
+
+
+def _prove_with(provers: dict[str, Any], options: Any) -> Any:
+    """The ``prove`` callback: builds each factor's prover on first use."""
+    from auth import registry
+
+    async def prove(method: str, payload: dict[str, Any], binding: bytes) -> dict[str, Any]:
+        if method not in provers:
+            try:
+                provers[method] = registry.get(method).prover(options)
+            except GatewayError as exc:
+                fail(str(exc), EXIT_LOCAL)
+        result: dict[str, Any] = await provers[method].respond(payload, binding)
+        return result
+
+    return prove
+
+
+@main.command("agents")
+@click.option("--gateway", required=True, help="Gateway HOST:PORT.")
+@click.option("--ca-file", required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--user", required=True, help="Your user id at the gateway.")
+@click.option(
+    "--mode",
+    default="access",
+    show_default=True,
+    type=click.Choice(["access", "support", "homeoffice"]),
+    help="Log in with this mode's factors.",
+)
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
+@click.option("--totp", "totp_code", metavar="CODE", help="Authenticator code (else asked).")
+@click.option("--fido2", "use_fido2", is_flag=True, help="Use your security key.")
+@click.option("--smartcard", "use_smartcard", is_flag=True, help="Use your smartcard.")
+@click.option("--json", "as_json", is_flag=True)
+def agents_cmd(
+    gateway: str,
+    ca_file: Path,
+    user: str,
+    mode: str,
+    password_stdin: bool,
+    totp_code: str | None,
+    use_fido2: bool,
+    use_smartcard: bool,
+    as_json: bool,
+) -> None:
+    """After login: the agents you may reach, with the modes allowed for each."""
+    from auth.base import ProverOptions
+    from relay import noise
+    from relay.client import list_agents
+
+    password = read_stdin_line() if password_stdin else os.environ.get("GW_PASSWORD")
+    gw = _gateway(gateway, ca_file)
+    values = {"password": password, "totp": totp_code, "notify": info}
+    provers: dict[str, Any] = {}
+    prove = _prove_with(provers, ProverOptions(user=user, prompt=prompt, values=values))
+    first = ("smartcard",) if use_smartcard else ()
+
+    async def go() -> dict[str, Any]:
+        try:
+            return await list_agents(
+                gw,
+                user=user,
+                mode=mode,
+                static_private=noise.generate_keypair()[0],
+                prove=prove,
+                factors=first + (("fido2", "totp") if use_fido2 else ("totp", "fido2")),
+            )
+        finally:
+            for p in provers.values():
+                await p.aclose()
+
+    found = execute(go())
+    rows = [{"agent": k, **v} for k, v in sorted(found.items())]
+    _print_rows(rows, as_json, ["agent", "org", "modes", "online", "targets"])
 
 
 # -- agent ----------------------------------------------------------------------------
@@ -253,12 +399,39 @@ def agent_enroll(gateway: str, ca_file: Path, token: str, state_dir: Path) -> No
 
 @agent.command("run")
 @click.option("--state-dir", required=True, type=click.Path(path_type=Path, file_okay=False))
-@click.option("--target", "targets", multiple=True, required=True, metavar="NAME=HOST:PORT",
-              help="A local service to expose under NAME (repeatable).")
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    required=True,
+    metavar="NAME=HOST:PORT",
+    help="A local service to expose under NAME (repeatable).",
+)
 @click.option("--gateway", default=None, help="Override the gateway HOST:PORT from enrollment.")
-def agent_run(state_dir: Path, targets: tuple[str, ...], gateway: str | None) -> None:
-    """Connect to the gateway and serve dial requests for the named targets."""
+@click.option(
+    "--approval-command",
+    default=None,
+    metavar="CMD",
+    help="Run CMD (a desktop prompt) for each approval; exit 0 approves. "
+    "Also run for unattended sessions' start and end (GW_EVENT).",
+)
+@click.option(
+    "--no-prompt", is_flag=True, help="Never ask on this terminal (answer with `gw agent approve`)."
+)
+def agent_run(
+    state_dir: Path,
+    targets: tuple[str, ...],
+    gateway: str | None,
+    approval_command: str | None,
+    no_prompt: bool,
+) -> None:
+    """Connect to the gateway and serve dial requests for the named targets.
+
+    Approval requests are asked on this terminal (when there is one), through
+    `gw agent approve/deny`, and through --approval-command; the first answer counts.
+    """
     from relay.agent import Agent, AgentState, parse_hostport
+    from relay.approval import Approvals
 
     parsed: dict[str, tuple[str, int]] = {}
     for spec in targets:
@@ -277,19 +450,68 @@ def agent_run(state_dir: Path, targets: tuple[str, ...], gateway: str | None) ->
 
     async def main_() -> None:
         state = AgentState.load(state_dir)
-        a = Agent(state, parsed, gateway=gateway, log=log)
+        approvals = Approvals(
+            state_dir / "approval.sock",
+            command=approval_command,
+            terminal=None if not no_prompt else False,
+            log=log,
+        )
+        a = Agent(state, parsed, gateway=gateway, log=log, approvals=approvals)
         log("starting", agent=state.agent)
         await a.run()
 
     execute(main_())
 
 
+@agent.command("approvals")
+@click.option("--state-dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def agent_approvals(state_dir: Path, as_json: bool) -> None:
+    """Pending approval requests at this machine."""
+    from relay.approval import request
+
+    rows = execute(request(state_dir / "approval.sock", "list"))
+    if not rows and not as_json:
+        click.echo("no pending requests")
+        return
+    cols = ["id", "user", "vendor_name", "mode", "target", "reason", "sas", "seconds_left"]
+    _print_rows(rows, as_json, cols)
+
+
+@agent.command("approve")
+@click.argument("request_id")
+@click.option("--state-dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+def agent_approve(request_id: str, state_dir: Path) -> None:
+    """Approve a pending request (recorded with your user name)."""
+    from relay.approval import request
+
+    result = execute(request(state_dir / "approval.sock", "approve", id=request_id))
+    click.echo(f"approved {request_id} as {result['by']}")
+
+
+@agent.command("deny")
+@click.argument("request_id")
+@click.option("--state-dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--reason", default="", help="Told to the requester and kept in the audit trail.")
+def agent_deny(request_id: str, state_dir: Path, reason: str) -> None:
+    """Deny a pending request."""
+    from relay.approval import request
+
+    result = execute(request(state_dir / "approval.sock", "deny", id=request_id, reason=reason))
+    click.echo(f"denied {request_id} as {result['by']}")
+
+
 # -- admin ----------------------------------------------------------------------------
 
 
 @main.group()
-@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path),
-              help="gatewayd's config (names the admin socket).")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="gatewayd's config (names the admin socket).",
+)
 @click.pass_context
 def admin(ctx: click.Context, config_path: Path) -> None:
     """Change the directory of a running gatewayd."""
@@ -398,13 +620,66 @@ def admin_user() -> None:
 @click.option("--vendor", default=None, help="Make a vendor user of VENDOR.")
 @click.option("--org", default=None, help="Make an employee of ORG.")
 @click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
+@click.option(
+    "--cert-serial",
+    metavar="VALUE",
+    default=None,
+    help="The person's smartcard: the certificate subject's serialNumber (or the "
+    "field [auth.smartcard] subject_field names).",
+)
+@click.option(
+    "--cert-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="The person's smartcard: their certificate (PEM or DER); pins its issuer.",
+)
 @click.pass_obj
-def user_add(socket: Path, user: str, vendor: str | None, org: str | None, password_stdin: bool) -> None:
+def user_add(
+    socket: Path,
+    user: str,
+    vendor: str | None,
+    org: str | None,
+    password_stdin: bool,
+    cert_serial: str | None,
+    cert_file: Path | None,
+) -> None:
+    from .card import cert_args, describe_card
+
     if (vendor is None) == (org is None):
         raise click.UsageError("give exactly one of --vendor or --org")
+    card = cert_args(cert_serial, cert_file)
     password = _read_password(password_stdin, required=not password_stdin)
-    _admin(socket, "user.add", user=user, vendor=vendor, org=org, password=password)
-    click.echo(f"user {user} added")
+    result = _admin(
+        socket, "user.add", user=user, vendor=vendor, org=org, password=password, **card
+    )
+    shown = describe_card(result or {})
+    click.echo(f"user {user} added" + (f"; {shown}" if shown else ""))
+
+
+@admin_user.command("set-cert")
+@click.argument("user")
+@click.option(
+    "--cert-serial",
+    metavar="VALUE",
+    default=None,
+    help="The certificate subject's serialNumber (or [auth.smartcard] subject_field).",
+)
+@click.option(
+    "--cert-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="The person's new certificate (PEM or DER); pins its issuer.",
+)
+@click.pass_obj
+def user_set_cert(socket: Path, user: str, cert_serial: str | None, cert_file: Path | None) -> None:
+    """Replace USER's smartcard (a renewed or replaced card)."""
+    from .card import cert_args, describe_card
+
+    card = cert_args(cert_serial, cert_file)
+    if not card:
+        raise click.UsageError("give --cert-serial VALUE or --cert-file PEM")
+    result = _admin(socket, "user.set_cert", user=user, **card)
+    click.echo(f"user {user}: {describe_card(result)}")
 
 
 @admin_user.command("list")
@@ -437,7 +712,7 @@ def totp_enroll(socket: Path, user: str, as_json: bool) -> None:
 
 def _print_qr(uri: str) -> None:
     try:
-        import qrcode  # type: ignore[import-not-found]
+        import qrcode
     except ImportError:
         click.echo("(install the qrcode package to see a QR code here)", err=True)
         return
@@ -456,14 +731,54 @@ def admin_agreement() -> None:
 @click.option("--org", required=True)
 @click.option("--modes", required=True, help="Comma-separated: access, support.")
 @click.option("--unattended", is_flag=True, help="Access may happen without approval.")
+@click.option("--valid-from", default=None, metavar="TIME", help="Start (RFC 3339; default now).")
+@click.option("--valid-until", default=None, metavar="TIME", help="End (RFC 3339; default none).")
 @click.option("--id", "agreement_id", default=None)
 @click.pass_obj
-def agreement_add(socket: Path, vendor: str, org: str, modes: str, unattended: bool,
-                  agreement_id: str | None) -> None:
+def agreement_add(
+    socket: Path,
+    vendor: str,
+    org: str,
+    modes: str,
+    unattended: bool,
+    valid_from: str | None,
+    valid_until: str | None,
+    agreement_id: str | None,
+) -> None:
+    """Add an agreement; it is usable once both sides accepted its terms of use."""
     mode_list = [x.strip() for x in modes.split(",") if x.strip()]
-    result = _admin(socket, "agreement.add", vendor=vendor, org=org, modes=mode_list,
-                    unattended=unattended, id=agreement_id)
-    click.echo(f"agreement {result['agreement']} added")
+    result = _admin(
+        socket,
+        "agreement.add",
+        vendor=vendor,
+        org=org,
+        modes=mode_list,
+        unattended=unattended,
+        id=agreement_id,
+        valid_from=_when(valid_from, "--valid-from"),
+        valid_until=_when(valid_until, "--valid-until"),
+    )
+    agreement = result["agreement"]
+    click.echo(agreement)
+    info(
+        f"agreement {agreement} added; usable once both sides accept the terms of use:\n"
+        f"  gw admin agreement accept {agreement} --side vendor\n"
+        f"  gw admin agreement accept {agreement} --side org"
+    )
+
+
+def _when(value: str | None, option: str) -> float | None:
+    if value is None:
+        return None
+    import datetime as dt
+
+    try:
+        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"{value!r}: expected a time like 2027-01-31T00:00:00Z", param_hint=option
+        ) from exc
+    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
 
 
 @admin_agreement.command("list")
@@ -471,7 +786,12 @@ def agreement_add(socket: Path, vendor: str, org: str, modes: str, unattended: b
 @click.pass_obj
 def agreement_list(socket: Path, as_json: bool) -> None:
     rows = _admin(socket, "list", what="agreements")
-    _print_rows(rows, as_json, ["id", "vendor", "org", "modes", "unattended", "state"])
+    for row in rows:
+        row["accepted"] = (
+            "+".join(side for side in ("vendor", "org") if row.get(f"{side}_accepted")) or "-"
+        )
+    cols = ["id", "vendor", "org", "modes", "unattended", "state", "accepted", "valid_until"]
+    _print_rows(rows, as_json, cols)
 
 
 @admin.group("agent")
@@ -514,7 +834,17 @@ def admin_sessions() -> None:
 @click.pass_obj
 def sessions_list(socket: Path, as_json: bool) -> None:
     rows = _admin(socket, "sessions.list")
-    cols = ["session", "user", "agent", "target", "mode", "source", "since", "bytes_up", "bytes_down"]
+    cols = [
+        "session",
+        "user",
+        "agent",
+        "target",
+        "mode",
+        "source",
+        "since",
+        "bytes_up",
+        "bytes_down",
+    ]
     _print_rows(rows, as_json, cols)
 
 
@@ -535,8 +865,16 @@ def admin_status(socket: Path) -> None:
 # -- audit ----------------------------------------------------------------------------
 
 from .audit import audit  # noqa: E402
+from .fido2 import admin_fido2, fido2  # noqa: E402
 
 main.add_command(audit)
+main.add_command(fido2)
+admin.add_command(admin_fido2)
+
+from . import directory  # noqa: E402, F401 - show/disable/enable/remove, agreement accept
+from .card import admin_grant  # noqa: E402
+
+admin.add_command(admin_grant)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -190,7 +190,9 @@ async def _user_add(s: AdminServer, args: dict[str, Any], by: str) -> Any:
     vendor = args.get("vendor")
     org = args.get("org")
     if (vendor is None) == (org is None):
-        raise AdminError("a user belongs to exactly one of --vendor (vendor user) or --org (employee)")
+        raise AdminError(
+            "a user belongs to exactly one of --vendor (vendor user) or --org (employee)"
+        )
     if vendor is not None:
         vendor = _id(args, "vendor")
     if org is not None:
@@ -198,14 +200,27 @@ async def _user_add(s: AdminServer, args: dict[str, Any], by: str) -> Any:
     secret = args.get("password")
     if secret is not None and (not isinstance(secret, str) or not 8 <= len(secret) <= 1024):
         raise AdminError("password: must be 8 to 1024 characters")
+    from .card import audit_fields, credential_from_args
+
+    smartcard = credential_from_args(s, args)  # --cert-serial / --cert-file
     s.store.add_user(
         user, kind="vendor" if vendor else "employee", vendor=vendor, org=org, now=s.now()
     )
     if secret:
         hashed = await asyncio.to_thread(password_factor.hash_password, secret)
         s.store.set_credential(user, "password", {"hash": hashed}, s.now())
-    await s.changed(by, "user.add", user=user, vendor=vendor, org=org, password=bool(secret))
-    return {"user": user}
+    if smartcard is not None:
+        s.store.set_credential(user, "smartcard", smartcard, s.now())
+    await s.changed(
+        by,
+        "user.add",
+        user=user,
+        vendor=vendor,
+        org=org,
+        password=bool(secret),
+        **audit_fields(smartcard),
+    )
+    return {"user": user, **(smartcard or {})}
 
 
 @op("user.password")
@@ -237,7 +252,11 @@ async def _agreement_add(s: AdminServer, args: dict[str, Any], by: str) -> Any:
     vendor = _id(args, "vendor")
     org = _id(args, "org")
     modes = args.get("modes")
-    if not isinstance(modes, list) or not modes or not all(x in ("access", "support") for x in modes):
+    if (
+        not isinstance(modes, list)
+        or not modes
+        or not all(x in ("access", "support") for x in modes)
+    ):
         raise AdminError("modes: a list of access and/or support")
     agreement = args.get("id") or f"{vendor}-{org}-{secrets.token_hex(3)}"
     if not isinstance(agreement, str) or not valid_id(agreement):
@@ -254,11 +273,16 @@ async def _agreement_add(s: AdminServer, args: dict[str, Any], by: str) -> Any:
         unattended=bool(args.get("unattended")),
         valid_from=valid_from,
         valid_until=valid_until,
-        accepted=True,
+        accepted=False,  # both sides accept the terms of use with `agreement accept`
         now=s.now(),
     )
     await s.changed(
-        by, "agreement.add", agreement=agreement, vendor=vendor, org=org, modes=modes,
+        by,
+        "agreement.add",
+        agreement=agreement,
+        vendor=vendor,
+        org=org,
+        modes=modes,
         unattended=bool(args.get("unattended")),
     )
     return {"agreement": agreement}
@@ -338,3 +362,12 @@ async def request(path: Path, op_name: str, args: dict[str, Any], timeout: float
     if not reply.get("ok"):
         raise AdminError(str(reply.get("error", "request failed")))
     return reply.get("result")
+
+
+# Operations defined beside their feature register themselves with @op on import.
+from . import (  # noqa: E402
+    card,  # noqa: F401 - user.set_cert
+    directory,  # noqa: F401 - show, disable, enable, remove, agreement.accept/state
+    fido2_registration,  # noqa: F401 - fido2.invite, fido2.list, fido2.remove
+    grant,  # noqa: F401 - grant.add, grant.remove
+)

@@ -29,6 +29,7 @@ from typing import Any
 
 import structlog
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from auth import registry
@@ -78,6 +79,8 @@ class Session:
     idle_timeout: float
     link: FramedLink
     agreement: str | None
+    approved_by: str = ""
+    unattended: bool = False
     tunnels: set[Pipe] = field(default_factory=set)
     tunnel_count: int = 0
     bytes_up: int = 0
@@ -145,6 +148,8 @@ class Broker:
         self.sessions: dict[str, Session] = {}
         self.tickets: dict[str, Session] = {}
         self.pending_dials: dict[str, tuple[str, asyncio.Future[FramedLink]]] = {}
+        #: request id -> (agent id, future of the agent's answer); each is used once.
+        self.pending_approvals: dict[str, tuple[str, asyncio.Future[m.ApprovalAnswer]]] = {}
         self.auth_limiter = RateLimiter(config.limits.auth_per_minute)
         self.accepting = True
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -156,7 +161,12 @@ class Broker:
         keep_open = False
         try:
             hello = await link.expect(
-                m.ClientHello, m.AgentHello, m.EnrollRequest, m.TunnelHello, m.DataHello
+                m.ClientHello,
+                m.AgentHello,
+                m.EnrollRequest,
+                m.TunnelHello,
+                m.DataHello,
+                m.RegisterHello,
             )
             if not self.accepting and not isinstance(hello, m.DataHello):
                 link.send_error("shutdown", "the gateway is shutting down")
@@ -169,7 +179,10 @@ class Broker:
                 await self._agent(link, hello)
             elif isinstance(hello, m.DataHello):
                 keep_open = self._data(link, hello)
+            elif isinstance(hello, m.RegisterHello):
+                await self._register(link, hello)
             else:
+                assert isinstance(hello, m.EnrollRequest)
                 await self._enroll(link, hello)
         except (ConnectionClosed, RemoteError) as exc:
             code = exc.code
@@ -231,7 +244,23 @@ class Broker:
             challenge = verifier.begin(ctx)
             link.extend_handshake(AUTH_STEP_TIMEOUT)
             link.send(m.AuthRequest(method, challenge.payload))
-            response = await link.expect(m.AuthResponse)
+            try:
+                response = await link.expect(m.AuthResponse)
+            except (ConnectionClosed, RemoteError) as exc:
+                # The client gave up on this factor (no security key, wrong key, no touch):
+                # still an attempt on the record. Not counted towards the lockout.
+                self.audit.write(
+                    "auth.attempt",
+                    session=sid,
+                    user=hello.user,
+                    factor=method,
+                    outcome="failure",
+                    reason=f"no answer from the client ({exc.code})",
+                    source=link.peer,
+                    mode=hello.mode,
+                    agent=hello.agent,
+                )
+                raise
             assert isinstance(response, m.AuthResponse)
             if response.method != method:
                 outcome_ok, reason, detail = False, f"answered {response.method[:32]}", {}
@@ -292,6 +321,7 @@ class Broker:
         return policy.decide(
             user=user,
             agent=agent,
+            org_disabled=self.store.org_disabled(agent.org),
             mode=mode,
             now=self.now(),
             vendor_disabled=vendor_disabled,
@@ -317,7 +347,12 @@ class Broker:
         if len(client_key) != 32:
             link.send_error("protocol_error", "client_key must be a 32-byte X25519 key")
             return
+        if not self._source_allowed(link, hello, sid):
+            return
         if not await self._authenticate(link, hello, sid):
+            return
+        if not hello.agent:
+            await self._list_agents(link, hello, sid)
             return
         decision = self._decide(hello.user, hello.agent, hello.mode)
         context = {
@@ -329,16 +364,16 @@ class Broker:
             "source": link.peer,
             "reason_given": hello.reason,
         }
-        if decision.allowed and decision.needs_approval:
-            # Approval at the machine is the next capability to land; until it does,
-            # sessions that need it are refused rather than let through.
-            decision = policy.deny(f"{decision.reason}; approval at the machine is not available")
+        needs_reason = self.config.mode(hello.mode).require_reason
+        if decision.allowed and needs_reason and not hello.reason.strip():
+            decision = policy.deny("a reason is required for this mode (gw connect --reason)")
         await self.audit.record(
             "policy.decision",
             **context,
             decision="allow" if decision.allowed else "deny",
             reason=decision.reason,
             agreement=decision.agreement,
+            approval="required" if decision.needs_approval else "not required",
         )
         if not decision.allowed:
             link.send_error("denied", decision.reason)
@@ -352,6 +387,12 @@ class Broker:
             self.audit.write("session.refused", **context, reason="target unknown")
             link.send_error("target_unknown", f"agent {hello.agent} has no target {hello.target}")
             return
+        approved_by = ""
+        if decision.needs_approval:
+            answer = await self._ask_approval(link, online, hello, sid, client_key, context)
+            if answer is None:
+                return
+            approved_by = answer
         agent = self.store.get_agent(hello.agent)
         assert agent is not None and agent.noise_key is not None
         mode_cfg = self.config.mode(hello.mode)
@@ -371,8 +412,12 @@ class Broker:
             idle_timeout=mode_cfg.idle_timeout,
             link=link,
             agreement=decision.agreement,
+            approved_by=approved_by,
+            unattended=not decision.needs_approval and hello.mode != "homeoffice",
         )
-        await self.audit.record("session.start", **context, expires=session.expires)
+        await self.audit.record(
+            "session.start", **context, expires=session.expires, approved_by=approved_by or None
+        )
         self.sessions[sid] = session
         self.tickets[session.ticket] = session
         link.send(
@@ -383,11 +428,16 @@ class Broker:
                 target=hello.target,
                 agent_key=agent.noise_key,
                 expires=session.expires,
+                watch_card=mode_cfg.end_on_card_removal,
             )
         )
+        if session.unattended:
+            self._notify_agent(session, "start")
         try:
             await self._hold(session)
         finally:
+            if session.unattended:
+                self._notify_agent(session, "end")
             self.sessions.pop(sid, None)
             self.tickets.pop(session.ticket, None)
             for pipe in list(session.tunnels):
@@ -397,13 +447,161 @@ class Broker:
                 session=sid,
                 user=session.user,
                 agent=session.agent,
+                target=session.target,
                 mode=session.mode,
+                reason_given=session.reason,
                 reason=session.end_reason or "client closed",
                 duration=round(self.now() - session.started, 3),
                 tunnels=session.tunnel_count,
                 bytes_up=session.bytes_up + sum(p.a_to_b for p in session.tunnels),
                 bytes_down=session.bytes_down + sum(p.b_to_a for p in session.tunnels),
             )
+
+    def _source_allowed(self, link: FramedLink, hello: m.ClientHello, sid: str) -> bool:
+        """A vendor may restrict where its users log in from (CIDRs in the directory)."""
+        user = self.store.get_user(hello.user)
+        if user is None or user.vendor is None:
+            return True
+        networks = self.store.source_networks(user.vendor)
+        if policy.source_allowed(networks, link.peer):
+            return True
+        self.audit.write(
+            "auth.attempt",
+            session=sid,
+            user=hello.user,
+            factor="source",
+            outcome="failure",
+            reason=f"source address not allowed for vendor {user.vendor}",
+            source=link.peer,
+            mode=hello.mode,
+            agent=hello.agent,
+        )
+        link.send_error("auth_failed", "authentication failed")
+        return False
+
+    async def _list_agents(self, link: FramedLink, hello: m.ClientHello, sid: str) -> None:
+        """After login: the agents this user may reach, each with the modes allowed."""
+        found: dict[str, Any] = {}
+        for row in self.store.list_rows("agents"):
+            modes = [mode for mode in m.MODES if self._decide(hello.user, row["id"], mode).allowed]
+            if modes:
+                online = self.agents.get(row["id"])
+                found[row["id"]] = {
+                    "org": row["org"],
+                    "modes": modes,
+                    "online": online is not None,
+                    "targets": sorted(online.targets) if online else [],
+                }
+        self.audit.write(
+            "agents.listed", session=sid, user=hello.user, source=link.peer, agents=sorted(found)
+        )
+        link.send(m.AgentList(found))
+
+    async def _ask_approval(
+        self,
+        link: FramedLink,
+        online: AgentConn,
+        hello: m.ClientHello,
+        sid: str,
+        client_key: bytes,
+        context: dict[str, Any],
+    ) -> str | None:
+        """Ask the person at the agent's machine; the approver's name, or None if not approved."""
+        agent = self.store.get_agent(hello.agent)
+        user = self.store.get_user(hello.user)
+        assert agent is not None and agent.noise_key is not None and user is not None
+        vendor = user.vendor or ""
+        timeout = self.config.mode(hello.mode).approval_timeout
+        request = secrets.token_hex(6)
+        waiter: asyncio.Future[m.ApprovalAnswer] = asyncio.get_running_loop().create_future()
+        self.pending_approvals[request] = (hello.agent, waiter)
+        asked = time.monotonic()
+        link.extend_handshake(timeout + 10)
+        await self.audit.record("approval.requested", **context, request=request, timeout=timeout)
+        try:
+            online.link.send(
+                m.Approve(
+                    request=request,
+                    session_id=sid,
+                    user=hello.user,
+                    vendor=vendor,
+                    vendor_name=self.store.vendor_name(vendor) if vendor else "",
+                    mode=hello.mode,
+                    target=hello.target,
+                    reason=hello.reason,
+                    client_key=m_b64(client_key),
+                    timeout=timeout,
+                )
+            )
+            link.send(m.ApprovalPending(request, sid, agent.noise_key, timeout))
+            gone: asyncio.Future[Any] = asyncio.ensure_future(link.closed)
+            either: set[asyncio.Future[Any]] = {waiter, gone}
+            async with asyncio.timeout(timeout + 5):  # the agent times out first
+                done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if waiter not in done:
+                outcome, by, reason = "abandoned", "", "the client left while waiting"
+            else:
+                answer = waiter.result()
+                by, reason = answer.by, answer.reason
+                if answer.approved:
+                    outcome = "approved"
+                elif not by:
+                    outcome = "timeout"
+                else:
+                    outcome = "denied"
+        except TimeoutError:
+            outcome, by, reason = "timeout", "", "no answer in time"
+        except ProtocolError:
+            outcome, by, reason = "failed", "", "the agent's connection is gone"
+        finally:
+            self.pending_approvals.pop(request, None)
+        await self.audit.record(
+            "approval.result",
+            **context,
+            request=request,
+            outcome=outcome,
+            by=by or None,
+            reason=reason or None,
+            seconds=round(time.monotonic() - asked, 3),
+        )
+        if outcome == "approved":
+            return by or "unknown"
+        message = {
+            "timeout": "approval timed out: nobody answered at the machine",
+            "denied": f"approval denied by {by}" + (f": {reason}" if reason else ""),
+        }.get(outcome, f"approval failed: {reason}")
+        link.send_error("denied", message)
+        return None
+
+    def _notify_agent(self, session: Session, event: str) -> None:
+        """Unattended sessions are announced at the machine when they start and end."""
+        online = self.agents.get(session.agent)
+        user = self.store.get_user(session.user)
+        if online is None:
+            return
+        vendor = user.vendor if user is not None and user.vendor else ""
+        with contextlib.suppress(ProtocolError):
+            online.link.send(
+                m.Notice(
+                    event=event,
+                    session_id=session.id,
+                    user=session.user,
+                    vendor_name=self.store.vendor_name(vendor) if vendor else "",
+                    mode=session.mode,
+                    target=session.target,
+                    reason=session.reason,
+                )
+            )
+
+    async def revalidate(self, why: str) -> int:
+        """After a directory change: end every live session the policy no longer allows."""
+        ended = 0
+        for session in list(self.sessions.values()):
+            decision = self._decide(session.user, session.agent, session.mode)
+            if not decision.allowed:
+                session.end(f"no longer allowed: {decision.reason} ({why})")
+                ended += 1
+        return ended
 
     async def _hold(self, session: Session) -> None:
         """Keep a session until its client leaves, it is killed, expires or idles out."""
@@ -592,19 +790,25 @@ class Broker:
         previous = self.agents.get(agent_id)
         if previous is not None:
             previous.link.send_error("session_ended", "replaced by a newer connection")
-        conn = AgentConn(
-            agent_id, agent.org, link, frozenset(hello.targets), self.now(), link.peer
-        )
+        conn = AgentConn(agent_id, agent.org, link, frozenset(hello.targets), self.now(), link.peer)
         self.agents[agent_id] = conn
         self.store.touch_agent(agent_id, self.now())
         self.audit.write(
-            "agent.connect", agent=agent_id, org=agent.org, source=link.peer,
+            "agent.connect",
+            agent=agent_id,
+            org=agent.org,
+            source=link.peer,
             targets=sorted(hello.targets),
         )
         reason = "closed"
         try:
             while True:
-                msg = await link.expect(m.DialFailed)
+                msg = await link.expect(m.DialFailed, m.ApprovalAnswer)
+                if isinstance(msg, m.ApprovalAnswer):
+                    waiting = self.pending_approvals.get(msg.request)
+                    if waiting is not None and waiting[0] == agent_id and not waiting[1].done():
+                        waiting[1].set_result(msg)
+                    continue
                 assert isinstance(msg, m.DialFailed)
                 pending = self.pending_dials.get(msg.token)
                 if pending is not None and pending[0] == agent_id and not pending[1].done():
@@ -616,10 +820,18 @@ class Broker:
                 del self.agents[agent_id]
             self.audit.write("agent.disconnect", agent=agent_id, source=link.peer, reason=reason)
 
+    async def _register(self, link: FramedLink, hello: m.RegisterHello) -> None:
+        """A person registers a factor credential (a security key) with a one-time code."""
+        from .fido2_registration import serve_registration  # late: it imports the admin ops
+
+        await serve_registration(self, link, hello)
+
     async def _enroll(self, link: FramedLink, hello: m.EnrollRequest) -> None:
         source = link.peer
         if not self.auth_limiter.allow(_host(source), time.monotonic()):
-            self.audit.write("agent.enroll", source=source, outcome="failure", reason="rate limited")
+            self.audit.write(
+                "agent.enroll", source=source, outcome="failure", reason="rate limited"
+            )
             link.send_error("rate_limited", "too many attempts; try again later")
             return
         now = self.now()
@@ -629,7 +841,9 @@ class Broker:
         ).fetchone()
         if row is None:
             await self.audit.record(
-                "agent.enroll", source=source, outcome="failure",
+                "agent.enroll",
+                source=source,
+                outcome="failure",
                 reason="unknown, used or expired token",
             )
             link.send_error("auth_failed", "enrollment token unknown, used or expired")
@@ -648,13 +862,16 @@ class Broker:
             )
             link.send_error("protocol_error", str(exc))
             return
-        der = cert.public_bytes(ca.serialization.Encoding.DER)
+        der = cert.public_bytes(Encoding.DER)
         taken = self.store.take_enrollment(hello.token, ca.fingerprint(der), hello.noise_key, now)
         if taken != agent_id:
             link.send_error("auth_failed", "enrollment token unknown, used or expired")
             return
         await self.audit.record(
-            "agent.enroll", agent=agent_id, source=source, outcome="success",
+            "agent.enroll",
+            agent=agent_id,
+            source=source,
+            outcome="success",
             fingerprint=ca.fingerprint(der),
         )
         link.send(m.Enrolled(agent=agent_id, certificate=ca.cert_pem(cert).decode()))
@@ -679,6 +896,7 @@ class Broker:
                 "source": s.source,
                 "reason": s.reason,
                 "since": s.started,
+                "approved_by": s.approved_by or ("unattended" if s.unattended else "-"),
                 "tunnels": len(s.tunnels),
                 "bytes_up": s.bytes_up + sum(p.a_to_b for p in s.tunnels),
                 "bytes_down": s.bytes_down + sum(p.b_to_a for p in s.tunnels),
@@ -690,14 +908,15 @@ class Broker:
         """Stop taking sessions; wait up to ``timeout`` for tunnels, then end the rest."""
         self.accepting = False
         deadline = time.monotonic() + timeout
-        while any(s.tunnels for s in self.sessions.values()) and time.monotonic() < deadline:
+        # Polling a few times a second is plenty for a once-per-lifetime drain.
+        while any(s.tunnels for s in self.sessions.values()) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
         for s in list(self.sessions.values()):
             s.end("gateway shutting down")
         for a in list(self.agents.values()):
             a.link.send_error("shutdown", "the gateway is shutting down")
         deadline = time.monotonic() + 2.0
-        while (self.sessions or self.tasks) and time.monotonic() < deadline:
+        while (self.sessions or self.tasks) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
 
 

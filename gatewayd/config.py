@@ -107,6 +107,13 @@ class ModeSection:
     """Longest session in seconds (NIST SP 800-63B AAL2: 12 hours)."""
     idle_timeout: float = 30 * 60.0
     """Session ends after this many seconds without tunnel traffic (AAL2: 30 minutes)."""
+    end_on_card_removal: bool = True
+    """When a smartcard proved the login, ``gw connect`` ends the session once the card
+    leaves its reader (audited as ``session.end``, reason ``client: card removed``)."""
+    require_reason: bool = True
+    """``gw connect --reason`` is required (default for access and support)."""
+    approval_timeout: float = 120.0
+    """Seconds the person at the machine has to approve; no answer is a denial (max 600)."""
 
 
 DEFAULT_FACTORS = (("password",), ("totp",))
@@ -128,7 +135,9 @@ class Config:
     """Per-factor settings tables (``[auth.totp]``, ``[auth.smartcard]``...)."""
 
     def mode(self, name: str) -> ModeSection:
-        return self.modes.get(name) or ModeSection(DEFAULT_FACTORS)
+        return self.modes.get(name) or ModeSection(
+            DEFAULT_FACTORS, require_reason=name != "homeoffice"
+        )
 
 
 # -- parsing ------------------------------------------------------------------------
@@ -156,7 +165,9 @@ class _Table:
         if isinstance(value, bool) and kind in (int, float, (int, float)):
             raise ConfigError(self.key(name), "expected a number")
         if not isinstance(value, kind):
-            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            names = (
+                kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            )
             raise ConfigError(self.key(name), f"expected {names}, got {type(value).__name__}")
         return value
 
@@ -176,7 +187,7 @@ class _Table:
         value = self.get(name, str, ... if default is None else default)
         if not value:
             raise ConfigError(self.key(name), "must not be empty")
-        p = Path(value).expanduser()
+        p = _expand(value, self.key(name))
         return p if p.is_absolute() else (self.base / p)
 
     def table(self, name: str) -> _Table:
@@ -198,6 +209,19 @@ def parse_listen(value: str, key: str = "gateway.listen") -> tuple[str, int]:
     if not host:
         raise ConfigError(key, f"expected HOST:PORT, got {value!r}")
     return host, int(port)
+
+
+def _check_fido2(modes: Mapping[str, ModeSection], auth: Mapping[str, Any]) -> None:
+    """When a mode takes a security key, ``[auth.fido2]`` must be valid (rp_id at least).
+
+    Only the settings are checked: a gateway without python-fido2 still starts, and
+    its users prove the step with the other factor (``gatewayd check-config`` warns).
+    """
+    used = any("fido2" in step for mode in modes.values() for step in mode.factors)
+    if used or "fido2" in auth:
+        from auth.fido2 import parse_settings
+
+        parse_settings(auth.get("fido2", {}), prefix="auth.fido2")
 
 
 def _factor_steps(value: Any, key: str) -> tuple[tuple[str, ...], ...]:
@@ -294,6 +318,9 @@ def parse(text: str, path: Path) -> Config:
             factors=steps,
             max_session=m.number("max_session", 12 * 3600.0, low=60, high=7 * 86400),
             idle_timeout=m.number("idle_timeout", 1800.0, low=10, high=86400),
+            end_on_card_removal=m.get("end_on_card_removal", bool, True),
+            require_reason=m.get("require_reason", bool, name != "homeoffice"),
+            approval_timeout=m.number("approval_timeout", 120.0, low=5, high=600),
         )
         m.done()
     mt.done()
@@ -305,9 +332,10 @@ def parse(text: str, path: Path) -> Config:
             raise ConfigError(f"auth.{name}", "unknown factor")
         if not isinstance(table, dict):
             raise ConfigError(f"auth.{name}", "expected a table")
-        auth[name] = _resolve_paths(table, root.base)
+        auth[name] = _resolve_paths(table, root.base, f"auth.{name}")
     au.used.update(au.data)
     au.done()
+    _check_fido2(modes, auth)
 
     root.done()
     return Config(
@@ -328,18 +356,25 @@ def parse(text: str, path: Path) -> Config:
 _PATH_KEYS = ("_file", "_files", "trust_anchors", "intermediates")
 
 
-def _resolve_paths(table: dict[str, Any], base: Path) -> dict[str, Any]:
+def _expand(value: str, key: str) -> Path:
+    try:
+        return Path(value).expanduser()
+    except RuntimeError as exc:  # "~someone/..." where there is no such user
+        raise ConfigError(key, f"cannot expand {value!r}: no such user") from exc
+
+
+def _resolve_paths(table: dict[str, Any], base: Path, key: str) -> dict[str, Any]:
     """Factor tables name files by keys ending in _file(s): make those absolute."""
 
-    def fix(value: Any) -> Any:
+    def fix(value: Any, where: str) -> Any:
         if isinstance(value, str):
-            p = Path(value).expanduser()
+            p = _expand(value, where)
             return str(p if p.is_absolute() else base / p)
         if isinstance(value, list):
-            return [fix(v) for v in value]
+            return [fix(v, where) for v in value]
         return value
 
-    return {k: fix(v) if k.endswith(_PATH_KEYS) else v for k, v in table.items()}
+    return {k: fix(v, f"{key}.{k}") if k.endswith(_PATH_KEYS) else v for k, v in table.items()}
 
 
 def load(path: Path) -> Config:
@@ -351,3 +386,34 @@ def load(path: Path) -> Config:
     except UnicodeDecodeError as exc:
         raise ConfigError("", f"config {path} is not UTF-8") from exc
     return parse(text, path)
+
+
+def check_factor_files(cfg: Config) -> list[str]:
+    """Read the files that the settings of every factor a mode uses name (CAs, CRLs...).
+
+    :func:`parse` opens no file but the config; this does, through each factor's
+    ``check_settings`` hook, and raises :class:`ConfigError` with the key path at fault
+    and the modes that need it. ``gatewayd check-config`` fails on it; the daemon logs
+    it at start and on SIGHUP and keeps serving the other modes. Returns warnings:
+    factor tables not filled in yet.
+    """
+    from auth import registry
+
+    needed_by: dict[str, list[str]] = {}
+    for name, mode in sorted(cfg.modes.items()):
+        for step in mode.factors:
+            for factor in step:
+                needed_by.setdefault(factor, []).append(f"modes.{name}")
+    warnings = []
+    for factor, modes in needed_by.items():
+        check = registry.get(factor).check_settings
+        if check is None:
+            continue
+        try:
+            warning = check(cfg.auth.get(factor, {}))
+        except ConfigError as exc:
+            text = str(exc).removeprefix(f"{exc.key}: ") if exc.key else str(exc)
+            raise ConfigError(exc.key, f"{text} (needed by {', '.join(modes)})") from exc
+        if warning:
+            warnings.append(f"{warning} (needed by {', '.join(modes)})")
+    return warnings

@@ -185,6 +185,22 @@ class Lab:
             "gw", "admin", "--config", str(self.config), *args, input=input, check=check
         ).stdout
 
+    def agreement(
+        self,
+        vendor: str,
+        org: str,
+        modes: str = "access",
+        *,
+        unattended: bool = True,
+        accept: tuple[str, ...] = ("vendor", "org"),
+    ) -> str:
+        """Add an agreement and record the given sides' acceptance; returns its id."""
+        args = ["agreement", "add", "--vendor", vendor, "--org", org, "--modes", modes]
+        agreement = self.admin(*args, *(["--unattended"] if unattended else [])).strip()
+        for side in accept:
+            self.admin("agreement", "accept", agreement, "--side", side)
+        return agreement
+
     def vendor_user(self, user: str, vendor: str, password: str) -> str:
         """A vendor user with a password and TOTP; returns the TOTP secret."""
         self.admin(
@@ -223,10 +239,12 @@ class Lab:
         )
         return state
 
-    def start_agent(self, agent: str, targets: dict[str, int]) -> Proc:
+    def start_agent(self, agent: str, targets: dict[str, int], *extra: str) -> Proc:
         args = [f"--target={name}=127.0.0.1:{port}" for name, port in targets.items()]
         state = self.root / f"agent-{agent}"
-        proc = self.start(f"agent-{agent}", "gw", "agent", "run", "--state-dir", str(state), *args)
+        proc = self.start(
+            f"agent-{agent}", "gw", "agent", "run", "--state-dir", str(state), *args, *extra
+        )
         wait_for(lambda: "connected" in proc.output(), 20, f"agent {agent} to connect")
         return proc
 
@@ -235,6 +253,8 @@ class Lab:
     def connect_args(
         self, agent: str, user: str, target: str, mode: str = "access", *extra: str
     ) -> list[str]:
+        # access and support need a reason by default; give one unless the caller does.
+        reason = [] if "--reason" in extra else ["--reason", "lab session"]
         return [
             "gw",
             "connect",
@@ -249,6 +269,7 @@ class Lab:
             target,
             "--mode",
             mode,
+            *reason,
             *extra,
         ]
 
@@ -354,20 +375,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         the_lab.init()
         say(f"starting gatewayd on {the_lab.gateway}")
         the_lab.start_gateway()
-        say("directory: org 'clinic', vendor 'acme', an agreement for unattended access")
+        say(
+            "directory: org 'clinic', vendor 'acme', an agreement for unattended access,"
+            " accepted by both sides"
+        )
         the_lab.admin("org", "add", "clinic", "--name", "Demo Clinic")
         the_lab.admin("vendor", "add", "acme", "--name", "Acme Records AS")
-        the_lab.admin(
-            "agreement",
-            "add",
-            "--vendor",
-            "acme",
-            "--org",
-            "clinic",
-            "--modes",
-            "access",
-            "--unattended",
-        )
+        the_lab.agreement("acme", "clinic", "access", unattended=True)
         say("vendor user 'alice' with a password and TOTP (an authenticator app scans this URI)")
         secret = the_lab.vendor_user("alice", "acme", "correct horse battery")
         show(f"otpauth://totp/gatewayd:alice?secret={secret[:6]}...&issuer=gatewayd")

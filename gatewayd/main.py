@@ -77,19 +77,52 @@ def check_config(parent: Path | None, config_path: Path | None) -> None:
         raise click.ClickException(f"config error: {exc}") from exc
     missing = [
         str(p)
-        for p in (cfg.tls.cert_file, cfg.tls.key_file, cfg.tls.ca_file, cfg.tls.ca_key_file,
-                  cfg.store.secrets_key_file)
+        for p in (
+            cfg.tls.cert_file,
+            cfg.tls.key_file,
+            cfg.tls.ca_file,
+            cfg.tls.ca_key_file,
+            cfg.store.secrets_key_file,
+        )
         if not p.exists()
     ]
     if missing:
         raise click.ClickException(f"config error: files not found: {', '.join(missing)}")
+    try:
+        unfilled = config_mod.check_factor_files(cfg)  # [auth.smartcard] anchors, CRLs
+    except ConfigError as exc:
+        raise click.ClickException(f"config error: {exc}") from exc
+    for warning in unfilled:
+        click.echo(f"warning: {warning}", err=True)
+    _warn_unusable_fido2(cfg)
     click.echo(f"{path}: ok")
+
+
+def _warn_unusable_fido2(cfg: config_mod.Config) -> None:
+    """Modes that take a security key on a host without python-fido2: valid, but say so."""
+    from .fido2_registration import modes_accepting
+
+    modes = modes_accepting(cfg)
+    if not modes:
+        return
+    from auth import fido2
+
+    try:
+        fido2.FACTOR.verifier()
+    except ConfigError as exc:
+        click.echo(
+            f"warning: modes {', '.join(modes)} accept security keys, but {exc}; "
+            "until then users prove that step with the other factor",
+            err=True,
+        )
 
 
 @main.command("init")
 @click.option("--dir", "directory", required=True, type=click.Path(path_type=Path))
 @click.option("--listen", default="127.0.0.1:8443", show_default=True, help="HOST:PORT")
-@click.option("--name", "names", multiple=True, help="Extra DNS name or IP for the server certificate.")
+@click.option(
+    "--name", "names", multiple=True, help="Extra DNS name or IP for the server certificate."
+)
 def init_cmd(directory: Path, listen: str, names: tuple[str, ...]) -> None:
     """Create a config, CA, server certificate and state folder in DIR."""
     from .init import init
@@ -103,6 +136,10 @@ def init_cmd(directory: Path, listen: str, names: tuple[str, ...]) -> None:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"config: {config_path}")
     click.echo(f"ca-file: {ca_file}")
+    click.echo(
+        f"homeoffice (smartcard): put the national CA's certificates and CRLs in "
+        f"{config_path.parent / 'pki'} and name them in [auth.smartcard] of {config_path.name}"
+    )
     click.echo(f"run: gatewayd --config {config_path}")
 
 

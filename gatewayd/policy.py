@@ -17,6 +17,7 @@ Rules (REQUIREMENTS.md, ARCHITECTURE.md "Authorization model"):
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -59,12 +60,15 @@ def decide(
     vendor_disabled: bool | None,
     agreements: Iterable[Agreement],
     grants: Iterable[str],
+    org_disabled: bool = False,
 ) -> Decision:
     """May ``user`` open a ``mode`` session to ``agent``?"""
     if user.disabled:
         return deny("user disabled")
     if agent.disabled:
         return deny("agent disabled")
+    if org_disabled:
+        return deny(f"organisation {agent.org} disabled")
     if not agent.enrolled:
         return deny("agent not enrolled")
     if mode == "homeoffice":
@@ -103,3 +107,19 @@ def decide(
     if not problems:
         return deny(f"no agreement between vendor {user.vendor} and org {agent.org}")
     return deny("; ".join(problems))
+
+
+def source_allowed(networks: Iterable[str], address: str) -> bool:
+    """True when ``address`` (``IP:PORT`` or ``[IPv6]:PORT``) lies in one of ``networks``.
+
+    An empty list allows every source; an unparsable address is refused.
+    """
+    nets = list(networks)
+    if not nets:
+        return True
+    host = address.rpartition(":")[0].strip("[]") or address
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(n, strict=False) for n in nets)

@@ -80,6 +80,7 @@ class Gateway:
         if audit.discontinuity:
             audit.write("audit.discontinuity", message=audit.discontinuity)
         broker = Broker(cfg, store, audit)
+        _warn_factor_files(cfg)
         admin = AdminServer(cfg, store, audit, broker)
         host, port = cfg.gateway.listen
         sock = bind(host, port, cfg.gateway.reuse_port)
@@ -132,6 +133,7 @@ class Gateway:
         broker.config = new
         broker.auth_limiter.limit = new.limits.auth_per_minute
         registry.reload()
+        _warn_factor_files(new)
         fixed = [
             name
             for name, a, b in (
@@ -150,6 +152,21 @@ class Gateway:
         while True:
             systemd.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+
+def _warn_factor_files(cfg: Config) -> None:
+    """Say so when a factor's files (CA certificates, CRLs) are unusable.
+
+    The daemon still serves: modes that do not need the factor work, and each login
+    that does fails with its reason in the audit record (``settings invalid``).
+    """
+    try:
+        unfilled = config_mod.check_factor_files(cfg)
+    except GatewayError as exc:
+        log.warning("logins with this factor will fail until fixed", error=str(exc))
+        return
+    for warning in unfilled:
+        log.warning("logins with this factor will fail until configured", warning=warning)
 
 
 async def accept_loop(

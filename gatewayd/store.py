@@ -58,6 +58,10 @@ CREATE TABLE IF NOT EXISTS grants (
     user TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
     agent TEXT NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
     created REAL NOT NULL, PRIMARY KEY (user, agent));
+CREATE TABLE IF NOT EXISTS registration_codes (
+    code_hash TEXT PRIMARY KEY,
+    user TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE, method TEXT NOT NULL,
+    created REAL NOT NULL, expires REAL NOT NULL, created_by TEXT NOT NULL, used REAL);
 """
 
 
@@ -193,6 +197,10 @@ class Store:
         row = self._one("SELECT disabled FROM vendors WHERE id = ?", vendor)
         return None if row is None else bool(row["disabled"])
 
+    def org_disabled(self, org: str) -> bool:
+        row = self._one("SELECT disabled FROM orgs WHERE id = ?", org)
+        return row is None or bool(row["disabled"])
+
     def org_exists(self, org: str) -> bool:
         return self._one("SELECT 1 FROM orgs WHERE id = ?", org) is not None
 
@@ -276,6 +284,55 @@ class Store:
     def credential_methods(self, user: str) -> list[str]:
         rows = self.db.execute("SELECT method FROM credentials WHERE user = ?", (user,))
         return [r["method"] for r in rows]
+
+    def delete_credential(self, user: str, method: str) -> bool:
+        """Forget the user's credential of ``method``; False if there was none."""
+        with self.tx() as db:
+            cur = db.execute(
+                "DELETE FROM credentials WHERE user = ? AND method = ?", (user, method)
+            )
+        return cur.rowcount > 0
+
+    # -- one-time registration codes ----------------------------------------------------
+
+    def add_registration_code(
+        self, user: str, method: str, code: str, *, expires: float, by: str, now: float
+    ) -> None:
+        """Keep a one-time code (its hash only) for ``user`` to register a ``method`` credential."""
+        self._require("users", user)
+        self._insert(
+            "registration code",
+            "INSERT INTO registration_codes "
+            "(code_hash, user, method, created, expires, created_by) VALUES (?, ?, ?, ?, ?, ?)",
+            token_hash(code),
+            user,
+            method,
+            now,
+            expires,
+            by,
+        )
+
+    def registration_code_state(self, user: str, method: str, code: str, now: float) -> str:
+        """``"valid"``, ``"used"``, ``"expired"`` or ``"unknown"`` (also: another user's code)."""
+        row = self._one(
+            "SELECT user, method, expires, used FROM registration_codes WHERE code_hash = ?",
+            token_hash(code),
+        )
+        if row is None or row["user"] != user or row["method"] != method:
+            return "unknown"
+        if row["used"] is not None:
+            return "used"
+        return "expired" if row["expires"] < now else "valid"
+
+    def take_registration_code(self, user: str, method: str, code: str, now: float) -> bool:
+        """Mark a valid code used (once: a second call, or a concurrent one, gets False)."""
+        with self.tx() as db:
+            cur = db.execute(
+                "UPDATE registration_codes SET used = ? WHERE code_hash = ? AND user = ? "
+                "AND method = ? AND used IS NULL AND expires >= ?",
+                (now, token_hash(code), user, method, now),
+            )
+        return cur.rowcount == 1
 
     # -- agents -------------------------------------------------------------------------
 
@@ -416,6 +473,23 @@ class Store:
         with self.tx() as db:
             db.execute("UPDATE agreements SET state = ? WHERE id = ?", (state, agreement))
 
+    def set_source_networks(self, vendor: str, networks: list[str]) -> None:
+        self._require("vendors", vendor)
+        with self.tx() as db:
+            db.execute(
+                "UPDATE vendors SET source_networks = ? WHERE id = ?",
+                (json.dumps(networks), vendor),
+            )
+
+    def source_networks(self, vendor: str) -> list[str]:
+        """CIDRs a vendor's users may log in from; empty: anywhere."""
+        row = self._one("SELECT source_networks FROM vendors WHERE id = ?", vendor)
+        return _networks(row["source_networks"]) if row else []
+
+    def vendor_name(self, vendor: str) -> str:
+        row = self._one("SELECT name FROM vendors WHERE id = ?", vendor)
+        return str(row["name"]) if row else vendor
+
     def add_grant(self, user: str, agent: str, now: float) -> None:
         self._require("users", user)
         self._require("agents", agent)
@@ -446,3 +520,8 @@ def _agreement(r: sqlite3.Row) -> Agreement:
         r["vendor_accepted"],
         r["org_accepted"],
     )
+
+
+def _networks(text: str | None) -> list[str]:
+    data = json.loads(text or "[]")
+    return [str(n) for n in data] if isinstance(data, list) else []

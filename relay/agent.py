@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import random
@@ -33,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from . import message as m
 from . import noise, tunnel
 from .aio import ConnectionClosed, PausedProtocol, Pipe, open_link
+from .approval import Approvals
 from .errors import GatewayError, NoiseError, ProtocolError, RemoteError
 from .tls import client_context
 
@@ -147,6 +149,7 @@ class Agent:
         *,
         gateway: str | None = None,
         log: Log,
+        approvals: Approvals | None = None,
     ) -> None:
         for name in targets:
             if not m.valid_id(name):
@@ -157,11 +160,26 @@ class Agent:
         d = state.state_dir
         self.ssl_context = client_context(d / "ca.pem", d / "agent.pem", d / "agent.key")
         self.log = log
+        self.approvals = approvals or Approvals(d / "approval.sock", terminal=False, log=log)
         self.connected = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
+        #: session id -> open tunnels, so an ended session's tunnels close here too.
+        self.session_pipes: dict[str, set[Pipe]] = {}
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def run(self) -> None:
         """Stay connected forever: reconnect with jittered exponential backoff."""
+        await self.approvals.start()
+        try:
+            await self._run()
+        finally:
+            await self.approvals.close()
+
+    async def _run(self) -> None:
         delay = BACKOFF_FIRST
         while True:
             try:
@@ -186,15 +204,61 @@ class Agent:
             self.log("connected", gateway=f"{self.host}:{self.port}", targets=sorted(self.targets))
             self.connected.set()
             while True:
-                msg = await link.expect(m.Dial)
-                assert isinstance(msg, m.Dial)
-                task = asyncio.get_running_loop().create_task(self._dial(link, msg))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+                msg = await link.expect(m.Dial, m.Approve, m.Notice)
+                if isinstance(msg, m.Dial):
+                    self._spawn(self._dial(link, msg))
+                elif isinstance(msg, m.Approve):
+                    self._spawn(self._approve(link, msg))
+                elif isinstance(msg, m.Notice):
+                    self._spawn(self._notice(msg))
         except ConnectionClosed as exc:
             raise GatewayError(f"control connection closed ({exc})") from exc
         finally:
             link.close()
+
+    async def _approve(self, control: Any, req: m.Approve) -> None:
+        """Ask the person at this machine; answer the gateway with who decided."""
+        try:
+            client_key = _unb64(req.client_key)
+        except ValueError:
+            client_key = b""
+        sas = tunnel.session_sas(
+            req.session_id, client_key, noise.public_key(self.state.noise_private)
+        )
+        approved, by, reason = await self.approvals.ask(
+            req.request,
+            timeout=max(1.0, req.timeout),
+            user=req.user,
+            vendor=req.vendor,
+            vendor_name=req.vendor_name,
+            mode=req.mode,
+            target=req.target,
+            reason=req.reason,
+            sas=sas,
+        )
+        self.log(
+            "approval answered",
+            id=req.request,
+            approved=approved,
+            by=by or "-",
+            reason=reason or "-",
+        )
+        with contextlib.suppress(GatewayError):
+            control.send(m.ApprovalAnswer(req.request, approved, by[:200], reason[:200]))
+
+    async def _notice(self, notice: m.Notice) -> None:
+        if notice.event == "end":
+            for pipe in self.session_pipes.pop(notice.session_id, set()):
+                pipe.finish("session ended")
+        await self.approvals.announce(
+            notice.event,
+            session=notice.session_id,
+            user=notice.user,
+            vendor_name=notice.vendor_name,
+            mode=notice.mode,
+            target=notice.target,
+            reason=notice.reason,
+        )
 
     async def _dial(self, control: Any, dial: m.Dial) -> None:
         address = self.targets.get(dial.target)
@@ -238,8 +302,13 @@ class Agent:
         pipe = Pipe(
             local_t, remote_t, codec_a=est.sealer, codec_b=est.opener, names=("target", "tunnel")
         )
+        pipes = self.session_pipes.setdefault(dial.session_id, set())
+        pipes.add(pipe)
         pipe.start(bytes(local.buffer), est.leftover, eof_a=local.eof)
         result = await pipe.done
+        pipes.discard(pipe)
+        if not pipes:
+            self.session_pipes.pop(dial.session_id, None)
         self.log(
             "tunnel closed",
             session=dial.session_id,

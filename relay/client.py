@@ -25,7 +25,7 @@ from typing import Any
 from . import message as m
 from . import noise, tunnel
 from .aio import ConnectionClosed, FramedLink, PausedProtocol, Pipe, open_link
-from .errors import GatewayError, NoiseError, ProtocolError, RemoteError
+from .errors import AuthError, GatewayError, NoiseError, ProtocolError, RemoteError
 
 Prove = Callable[[str, dict[str, Any], bytes], Awaitable[dict[str, Any]]]
 
@@ -40,16 +40,20 @@ class Gateway:
     port: int
     ssl_context: ssl.SSLContext
 
-    async def dial(self, **timers: float) -> FramedLink:
+    async def dial(self, handshake_timeout: float = 10.0) -> FramedLink:
         try:
-            return await open_link(self.host, self.port, self.ssl_context, **timers)
+            return await open_link(
+                self.host, self.port, self.ssl_context, handshake_timeout=handshake_timeout
+            )
         except ssl.SSLCertVerificationError as exc:
             raise GatewayError(
                 f"the gateway's certificate does not verify with the CA file: {exc.verify_message}"
             ) from exc
         except (OSError, TimeoutError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
-            raise GatewayError(f"cannot reach the gateway at {self.host}:{self.port}: {reason}") from exc
+            raise GatewayError(
+                f"cannot reach the gateway at {self.host}:{self.port}: {reason}"
+            ) from exc
 
 
 class KnownAgents:
@@ -136,7 +140,11 @@ class ClientSession:
         remote, est = await self.open_tunnel()
         assert local.transport is not None
         pipe = Pipe(
-            local.transport, remote, codec_a=est.sealer, codec_b=est.opener, names=("local", "tunnel")
+            local.transport,
+            remote,
+            codec_a=est.sealer,
+            codec_b=est.opener,
+            names=("local", "tunnel"),
         )
         self.tunnels.add(pipe)
         try:
@@ -148,8 +156,11 @@ class ClientSession:
 
     async def serve_local(
         self, host: str, port: int, on_error: Callable[[str], None], ready: Callable[[str], None]
-    ) -> None:
-        """``-L``: accept local connections; each gets its own tunnel. Runs until the session ends."""
+    ) -> str:
+        """``-L``: accept local connections, each its own tunnel, until the session ends.
+
+        Returns why the session ended, as the gateway said (empty when it just closed).
+        """
         loop = asyncio.get_running_loop()
 
         def accepted() -> PausedProtocol:
@@ -161,7 +172,7 @@ class ClientSession:
         bound = server.sockets[0].getsockname()
         ready(f"{bound[0]}:{bound[1]}")
         try:
-            await self.wait_closed()
+            return await self.wait_closed()
         finally:
             server.close()
             for pipe in list(self.tunnels):
@@ -185,19 +196,25 @@ class ClientSession:
         stdin_t, _ = await loop.connect_read_pipe(lambda: reader, sys.stdin)
         stdout_t, _ = await loop.connect_write_pipe(asyncio.Protocol, sys.stdout)
         joined = _Duplex(stdin_t, stdout_t)
-        pipe = Pipe(joined, remote, codec_a=est.sealer, codec_b=est.opener, names=("local", "tunnel"))
-        pipe.start(bytes(reader.buffer), est.leftover, eof_a=reader.eof)
-        await pipe.done
+        pipe = Pipe(
+            joined, remote, codec_a=est.sealer, codec_b=est.opener, names=("local", "tunnel")
+        )
+        self.tunnels.add(pipe)  # so that end() stops it too
+        try:
+            pipe.start(bytes(reader.buffer), est.leftover, eof_a=reader.eof)
+            await pipe.done
+        finally:
+            self.tunnels.discard(pipe)
 
     async def wait_closed(self) -> str:
-        """Wait for the session's control connection to end; returns why."""
+        """Wait for the session's control connection to end; returns the gateway's reason."""
         try:
             while True:
                 await self.link.expect()
         except RemoteError as exc:
             return exc.message or exc.code
-        except ConnectionClosed as exc:
-            return exc.message or exc.code
+        except ConnectionClosed:
+            return ""
 
     def end(self, reason: str) -> None:
         """Tell the gateway why the session ends (audited), then close."""
@@ -275,8 +292,69 @@ async def open_session(
     static_private: bytes,
     prove: Prove,
     factors: tuple[str, ...] = (),
+    on_pending: Callable[[float, str], None] | None = None,
 ) -> ClientSession:
-    """Authenticate and open a session; raises RemoteError with the gateway's reason."""
+    """Authenticate and open a session; raises RemoteError with the gateway's reason.
+
+    When the session needs approval at the machine, ``on_pending(seconds, sas)`` is
+    called while the person there is asked; ``sas`` is the session's short
+    authentication string, which the person sees too.
+    """
+    opened = await _login(
+        gateway,
+        user=user,
+        agent=agent,
+        target=target,
+        mode=mode,
+        reason=reason,
+        static_private=static_private,
+        prove=prove,
+        factors=factors,
+        on_pending=on_pending,
+    )
+    assert isinstance(opened[1], m.SessionOpened)
+    return ClientSession(gateway, opened[0], opened[1], static_private)
+
+
+async def list_agents(
+    gateway: Gateway,
+    *,
+    user: str,
+    mode: str,
+    static_private: bytes,
+    prove: Prove,
+    factors: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Log in and ask which agents this user may reach, with the modes allowed for each."""
+    link, reply = await _login(
+        gateway,
+        user=user,
+        agent="",
+        target="",
+        mode=mode,
+        reason="",
+        static_private=static_private,
+        prove=prove,
+        factors=factors,
+    )
+    link.close()
+    assert isinstance(reply, m.AgentList)
+    return reply.agents
+
+
+async def _login(
+    gateway: Gateway,
+    *,
+    user: str,
+    agent: str,
+    target: str,
+    mode: str,
+    reason: str,
+    static_private: bytes,
+    prove: Prove,
+    factors: tuple[str, ...],
+    on_pending: Callable[[float, str], None] | None = None,
+) -> tuple[FramedLink, m.Message]:
     link = await gateway.dial(handshake_timeout=30.0)
     client_key = base64.urlsafe_b64encode(noise.public_key(static_private)).rstrip(b"=").decode()
     link.send(
@@ -293,16 +371,40 @@ async def open_session(
     binding = link.channel_binding()
     try:
         while True:
-            msg = await link.expect(m.AuthRequest, m.SessionOpened)
-            if isinstance(msg, m.SessionOpened):
-                return ClientSession(gateway, link, msg, static_private)
+            msg = await link.expect(m.AuthRequest, m.ApprovalPending, m.SessionOpened, m.AgentList)
+            if isinstance(msg, m.SessionOpened | m.AgentList):
+                return link, msg
+            if isinstance(msg, m.ApprovalPending):
+                link.extend_handshake(msg.timeout + 10)
+                if on_pending is not None:
+                    mine = noise.public_key(static_private)
+                    sas = tunnel.session_sas(msg.session_id, mine, noise_key(msg.agent_key))
+                    on_pending(msg.timeout, sas)
+                continue
             assert isinstance(msg, m.AuthRequest)
             link.extend_handshake(300.0)
-            payload = await prove(msg.method, msg.payload, binding)
+            try:
+                payload = await prove(msg.method, msg.payload, binding)
+            except AuthError as exc:
+                if exc.payload is not None:
+                    await _give_up(link, msg.method, exc.payload)
+                raise
             link.send(m.AuthResponse(msg.method, payload))
     except BaseException:
         link.close()
         raise
+
+
+#: Seconds a client that gave up a factor waits for the gateway to take note of why.
+GIVE_UP_WAIT = 5.0
+
+
+async def _give_up(link: FramedLink, method: str, payload: dict[str, Any]) -> None:
+    """Send a prover's last word (why it gave up) for the gateway's audit; await the verdict."""
+    with contextlib.suppress(GatewayError, TimeoutError):
+        link.send(m.AuthResponse(method, payload))
+        async with asyncio.timeout(GIVE_UP_WAIT):
+            await link.expect(m.AuthRequest, m.SessionOpened)
 
 
 def describe(exc: BaseException) -> str:

@@ -10,6 +10,8 @@
     ├── NoiseError                  the end-to-end handshake or a record failed
     ├── TLSBindingError             the TLS channel binding could not be read
     ├── AuthError                   auth/: a factor could not be proved or checked
+    │   └── DeviceError             the local authenticator (security key, card reader) is
+    │                               missing, unusable or locked: a local problem, not a refusal
     ├── ConfigError                 gatewayd/: config with the key path at fault
     ├── PolicyDenied                gatewayd/: the directory does not allow it
     └── RemoteError                 the other side sent an error frame
@@ -20,6 +22,8 @@ a close, never an exception out of ``receive_data()``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class GatewayError(Exception):
@@ -59,7 +63,25 @@ class TLSBindingError(GatewayError):
 
 
 class AuthError(GatewayError):
-    """A factor could not be proved (client side) or checked (gateway side)."""
+    """A factor could not be proved (client side) or checked (gateway side).
+
+    ``payload``: on the client side, a prover that gives up *after* it learnt something
+    the gateway should audit (the smartcard's certificate, a wrong PIN) sets it to the
+    ``auth_response`` payload that says so; :func:`relay.client.open_session` sends it
+    before it reports the error. None: nothing is sent, the connection just closes.
+    """
+
+    def __init__(self, message: str = "", *, payload: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.payload = payload
+
+
+class DeviceError(AuthError):
+    """The device a prover needs is missing, unusable or locked, or its library is not installed.
+
+    ``gw`` reports it as a local problem (exit code 4) rather than a failed login: no
+    security key plugged in, a key whose PIN is blocked, python-fido2 not installed.
+    """
 
 
 class ConfigError(GatewayError):

@@ -176,6 +176,30 @@ class DataHello(Message):
     token: str
 
 
+@dataclass(frozen=True, slots=True)
+class RegisterHello(Message):
+    """``gw fido2 register``: bind a new credential of ``method`` to ``user`` with a one-time code.
+
+    The gateway answers with one ``auth_request`` (the registration challenge), the
+    client with one ``auth_response``, then the gateway sends ``registered`` or ``error``.
+    """
+
+    TYPE = "register"
+    IDS = ("user",)
+    user: str
+    method: str
+    """The factor whose credential is registered (``fido2``)."""
+    code: str
+    """The one-time registration code an administrator handed out (``gw admin fido2 invite``)."""
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        if not valid_id(self.user):
+            raise ProtocolError("register.user: not a valid identifier")
+        if not 0 < len(self.method) <= 32 or len(self.code) > 256:
+            raise ProtocolError("register: method or code has an impossible length")
+
+
 # -- authentication ------------------------------------------------------------------
 
 
@@ -212,6 +236,25 @@ class SessionOpened(Message):
     """The agent's enrolled Noise static public key (base64url)."""
     expires: float
     """POSIX time at which the gateway ends the session."""
+    watch_card: bool = True
+    """If a smartcard proved the login, the client ends the session when the card leaves
+    its reader (the mode's ``end_on_card_removal``). Absent from older gateways: True."""
+
+    def to_json(self) -> dict[str, Any]:
+        out = Message.to_json(self)
+        if self.watch_card:  # the default goes unsaid, so that older clients still parse
+            del out["watch_card"]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Registered(Message):
+    """The gateway stored the credential of a :class:`RegisterHello`; the connection ends."""
+
+    TYPE = "registered"
+    method: str
+    credential: dict[str, Any]
+    """What was registered, for the person to see (fido2: id, name, aaguid...; no key material)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +300,79 @@ class Spliced(Message):
     """Last framed message on a tunnel connection: raw bytes follow."""
 
     TYPE = "spliced"
+
+
+# -- approval at the machine, listing ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalPending(Message):
+    """Gateway to client: the person at the machine is being asked; wait."""
+
+    TYPE = "approval_pending"
+    request: str
+    session_id: str
+    agent_key: str
+    """The agent's Noise static key, so the client can show the session's SAS now."""
+    timeout: float
+    """Seconds the person has to answer."""
+
+
+@dataclass(frozen=True, slots=True)
+class Approve(Message):
+    """Gateway to agent: ask the person at the machine to approve a session."""
+
+    TYPE = "approve"
+    IDS = ("user", "vendor", "target")
+    request: str
+    session_id: str
+    user: str
+    vendor: str
+    vendor_name: str
+    mode: str
+    target: str
+    reason: str
+    client_key: str
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalAnswer(Message):
+    """Agent to gateway: the answer, and who gave it."""
+
+    TYPE = "approval"
+    request: str
+    approved: bool
+    by: str = ""
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        if len(self.by) > 200 or len(self.reason) > 200:
+            raise ProtocolError("approval: by and reason are at most 200 characters")
+
+
+@dataclass(frozen=True, slots=True)
+class Notice(Message):
+    """Gateway to agent: an unattended session started or ended (``event``)."""
+
+    TYPE = "notice"
+    event: str
+    session_id: str
+    user: str
+    vendor_name: str
+    mode: str
+    target: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentList(Message):
+    """Gateway to client: the agents this user may reach (answer to a hello without agent)."""
+
+    TYPE = "agent_list"
+    agents: dict[str, Any]
+    """agent id -> {"org", "modes": [...], "online": bool, "targets": [...]}"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +440,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         EnrollRequest,
         TunnelHello,
         DataHello,
+        RegisterHello,
+        Registered,
         AuthRequest,
         AuthResponse,
         SessionOpened,
@@ -332,6 +450,11 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         DialFailed,
         Spliced,
         Bye,
+        ApprovalPending,
+        Approve,
+        ApprovalAnswer,
+        Notice,
+        AgentList,
         Ping,
         Pong,
         Error,

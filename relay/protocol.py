@@ -62,6 +62,7 @@ class State(enum.Enum):
     EXPECT_HELLO = "expect_hello"
     EXPECT_AUTH = "expect_auth"  # client session: factors being proved
     EXPECT_ENROLLED = "expect_enrolled"
+    EXPECT_REGISTERED = "expect_registered"  # registering a factor credential with a code
     EXPECT_SPLICE = "expect_splice"  # tunnel/data connection waiting for its pair
     SESSION = "session"  # authenticated client control connection
     AGENT = "agent"  # agent control connection
@@ -73,6 +74,7 @@ _HELLOS = {
     "client_hello": State.EXPECT_AUTH,
     "agent_hello": State.AGENT,
     "enroll": State.EXPECT_ENROLLED,
+    "register": State.EXPECT_REGISTERED,
     "tunnel": State.EXPECT_SPLICE,
     "data": State.EXPECT_SPLICE,
 }
@@ -83,13 +85,19 @@ PEER_MAY_SEND: dict[tuple[Side, State], frozenset[str]] = {
     (Side.ACCEPTOR, State.EXPECT_HELLO): frozenset(_HELLOS),
     (Side.ACCEPTOR, State.EXPECT_AUTH): frozenset({"auth_response"}) | _KEEPALIVE,
     (Side.ACCEPTOR, State.SESSION): frozenset({"bye"}) | _KEEPALIVE,
-    (Side.ACCEPTOR, State.AGENT): frozenset({"dial_failed"}) | _KEEPALIVE,
+    (Side.ACCEPTOR, State.AGENT): frozenset({"dial_failed", "approval"}) | _KEEPALIVE,
     (Side.ACCEPTOR, State.EXPECT_ENROLLED): frozenset({"error"}),
+    (Side.ACCEPTOR, State.EXPECT_REGISTERED): frozenset({"auth_response"}) | _KEEPALIVE,
     (Side.ACCEPTOR, State.EXPECT_SPLICE): frozenset({"error"}),
-    (Side.CONNECTOR, State.EXPECT_AUTH): frozenset({"auth_request", "session"}) | _KEEPALIVE,
+    (Side.CONNECTOR, State.EXPECT_AUTH): frozenset(
+        {"auth_request", "approval_pending", "session", "agent_list"}
+    )
+    | _KEEPALIVE,
     (Side.CONNECTOR, State.SESSION): _KEEPALIVE,
-    (Side.CONNECTOR, State.AGENT): frozenset({"dial"}) | _KEEPALIVE,
+    (Side.CONNECTOR, State.AGENT): frozenset({"dial", "approve", "notice"}) | _KEEPALIVE,
     (Side.CONNECTOR, State.EXPECT_ENROLLED): frozenset({"enrolled", "error"}),
+    (Side.CONNECTOR, State.EXPECT_REGISTERED): frozenset({"auth_request", "registered"})
+    | _KEEPALIVE,
     (Side.CONNECTOR, State.EXPECT_SPLICE): frozenset({"spliced", "error"}),
 }
 
@@ -97,7 +105,9 @@ PEER_MAY_SEND: dict[tuple[Side, State], frozenset[str]] = {
 TRANSITIONS: dict[tuple[State, str], State] = {
     **{(State.EXPECT_HELLO, hello): state for hello, state in _HELLOS.items()},
     (State.EXPECT_AUTH, "session"): State.SESSION,
+    (State.EXPECT_AUTH, "agent_list"): State.CLOSED,
     (State.EXPECT_ENROLLED, "enrolled"): State.CLOSED,
+    (State.EXPECT_REGISTERED, "registered"): State.CLOSED,
     (State.EXPECT_SPLICE, "spliced"): State.RAW,
     (State.SESSION, "bye"): State.CLOSED,
 }
@@ -109,6 +119,7 @@ HANDSHAKE_STATES = frozenset(
         State.EXPECT_HELLO,
         State.EXPECT_AUTH,
         State.EXPECT_ENROLLED,
+        State.EXPECT_REGISTERED,
         State.EXPECT_SPLICE,
     }
 )
@@ -224,11 +235,13 @@ class Connection:
         if self.state in HANDSHAKE_STATES:
             return self._handshake_deadline
         if self.state in LIVE_STATES:
-            return min(self._last_sent + self.ping_interval, self._last_received + self.idle_timeout)
+            return min(
+                self._last_sent + self.ping_interval, self._last_received + self.idle_timeout
+            )
         return None
 
     def extend_handshake(self, now: float, seconds: float) -> None:
-        """Give the handshake until ``now + seconds`` (a person is typing a code, touching a key)."""
+        """Give the handshake until ``now + seconds`` (a person types a code, touches a key)."""
         self._handshake_deadline = max(self._handshake_deadline, now + seconds)
 
     def handle_timer(self, now: float) -> None:
@@ -271,7 +284,9 @@ class Connection:
             if head[:3] != PREAMBLE[:3]:
                 raise ProtocolError("not a gateway protocol connection")
             if head[3] != VERSION:
-                raise UnsupportedVersion(f"protocol version {head[3]} (this gateway speaks {VERSION})")
+                raise UnsupportedVersion(
+                    f"protocol version {head[3]} (this gateway speaks {VERSION})"
+                )
             self.state = State.EXPECT_HELLO
         while self.state not in (State.CLOSED, State.RAW) and len(self._buffer) >= 4:
             length = int.from_bytes(self._buffer[:4], "big")
@@ -286,7 +301,8 @@ class Connection:
     def _receive_message(self, body: bytes) -> None:
         try:
             obj = json.loads(body)
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            # RecursionError: a frame of nothing but "[[[[..." nests past the parser's limit.
             raise ProtocolError("frame is not valid JSON") from exc
         try:
             msg = m.from_json(obj)

@@ -2,58 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-
-from gatewayd.demo import EchoServer, Lab
-
-PASSWORD = "integration pass phrase"
-_users = itertools.count(1)
-
-
-class World:
-    """The lab plus the directory every test starts from."""
-
-    def __init__(self, lab: Lab, echo: EchoServer) -> None:
-        self.lab = lab
-        self.echo = echo
-        self.agent_proc = None
-
-    def new_user(self, vendor: str = "acme") -> str:
-        user = f"u{next(_users)}-{vendor}"
-        self.lab.vendor_user(user, vendor, PASSWORD)
-        return user
-
-
-def build_world(root: Path, *, gateway_keys: str = "", extra_config: str = "") -> World:
-    lab = Lab(root)
-    lab.init(extra_config=extra_config, gateway_keys=gateway_keys)
-    lab.start_gateway()
-    echo = EchoServer()
-    lab.admin("org", "add", "clinic", "--name", "Clinic")
-    lab.admin("org", "add", "other", "--name", "Other clinic")
-    lab.admin("vendor", "add", "acme", "--name", "Acme")
-    lab.admin("vendor", "add", "nobody", "--name", "No agreement AS")
-    lab.admin("vendor", "add", "attended", "--name", "Attended only AS")
-    lab.admin(
-        "agreement",
-        "add",
-        "--vendor",
-        "acme",
-        "--org",
-        "clinic",
-        "--modes",
-        "access",
-        "--unattended",
-    )
-    lab.admin("agreement", "add", "--vendor", "attended", "--org", "clinic", "--modes", "access")
-    lab.enroll_agent("pc1", "clinic")
-    world = World(lab, echo)
-    world.agent_proc = lab.start_agent("pc1", {"echo": echo.port})
-    return world
+from world import PASSWORD, World, build_world  # noqa: F401 - re-exported
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +14,36 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         tmp_path_factory.mktemp("lab"),
         gateway_keys="handshake_timeout = 2",
         extra_config="[lockout]\nthreshold = 3\nbase_seconds = 60\n",
+    )
+    try:
+        yield w
+    finally:
+        w.lab.close()
+        w.echo.close()
+
+
+# -- smartcard (issue 4: PKI smartcard for home office) ---------------------------------
+# pcscd with the vpcd virtual readers (started once per test session, shared with
+# tests/auth), the national-profile test PKI, and a world whose gateway the tests in
+# tests/integration/test_smartcard.py point at that PKI.
+
+import pki  # noqa: E402 - tests/support, put on sys.path by tests/conftest.py
+from pcsc import pcscd_vpcd  # noqa: E402, F401 - session fixture: pcscd + vpcd readers
+
+
+@pytest.fixture(scope="module")
+def card_pki(tmp_path_factory: pytest.TempPathFactory) -> pki.CardPKI:
+    """A test PKI (root, person CA, a rogue look-alike) with its files in a fresh folder."""
+    return pki.CardPKI(tmp_path_factory.mktemp("card-pki"))
+
+
+@pytest.fixture(scope="module")
+def card_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """The usual world (as ``gatewayd init`` made it: homeoffice = smartcard + password),
+    with lockout and rate limits high enough for a module of failing logins."""
+    w = build_world(
+        tmp_path_factory.mktemp("office"),
+        extra_config="[lockout]\nthreshold = 100\n\n[limits]\nauth_per_minute = 1000\n",
     )
     try:
         yield w

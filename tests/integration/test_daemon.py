@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PASSWORD, World
+from world import PASSWORD, World
 
 from gatewayd.demo import BIN, Lab, wait_for
 

@@ -1,0 +1,124 @@
+"""Directory life cycle through ``gw admin``: show, disable, enable, remove; agreements.
+
+Every change is audited as ``admin.change`` and is followed by
+:meth:`gatewayd.broker.Broker.revalidate`, so a live session that no longer
+passes the policy (its user, vendor, agreement or agent disabled, a grant taken
+back) ends within a second, at both ends.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Any
+
+from .admin import AdminError, AdminServer, _id, op
+
+#: Tables an admin can disable, by the noun ``gw admin`` uses.
+_TABLES = {"user": "users", "vendor": "vendors", "agent": "agents", "org": "orgs"}
+
+
+def _noun(args: dict[str, Any]) -> tuple[str, str]:
+    noun = args.get("kind")
+    if noun not in _TABLES:
+        raise AdminError(f"kind: one of {', '.join(_TABLES)}")
+    return str(noun), _TABLES[str(noun)]
+
+
+async def _after_change(s: AdminServer, by: str, op_name: str, **fields: Any) -> int:
+    await s.changed(by, op_name, **fields)
+    return await s.broker.revalidate(f"{op_name} by {by}")
+
+
+@op("disable")
+async def _disable(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+    noun, table = _noun(args)
+    ident = _id(args, "id")
+    s.store.set_disabled(table, ident, True)
+    ended = await _after_change(s, by, f"{noun}.disable", **{noun: ident})
+    return {noun: ident, "sessions_ended": ended}
+
+
+@op("enable")
+async def _enable(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+    noun, table = _noun(args)
+    ident = _id(args, "id")
+    s.store.set_disabled(table, ident, False)
+    await s.changed(by, f"{noun}.enable", **{noun: ident})
+    return {noun: ident}
+
+
+@op("remove")
+async def _remove(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+    noun = args.get("kind")
+    table = {**_TABLES, "agreement": "agreements"}.get(str(noun))
+    if table is None:
+        raise AdminError("kind: one of user, vendor, agent, org, agreement")
+    ident = _id(args, "id")
+    s.store.remove(table, ident)
+    ended = await _after_change(s, by, f"{noun}.remove", **{str(noun): ident})
+    return {str(noun): ident, "sessions_ended": ended}
+
+
+@op("show")
+async def _show(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+    noun = str(args.get("kind"))
+    table = {**_TABLES, "agreement": "agreements"}.get(noun)
+    if table is None:
+        raise AdminError("kind: one of user, vendor, agent, org, agreement")
+    ident = _id(args, "id")
+    rows = [r for r in s.store.list_rows(table) if r["id"] == ident]
+    if not rows:
+        raise AdminError(f"no {noun} {ident!r}")
+    row = rows[0]
+    if noun == "user":
+        row["factors"] = sorted(s.store.credential_methods(ident))
+        row["grants"] = sorted(s.store.grants_of(ident))
+    if noun == "agent":
+        row["online"] = ident in s.broker.agents
+        online = s.broker.agents.get(ident)
+        row["targets"] = sorted(online.targets) if online else []
+    if noun == "vendor":
+        row["source_networks"] = json.loads(row.get("source_networks") or "[]")
+    row["sessions"] = [
+        r["session"] for r in s.broker.session_rows() if ident in (r["user"], r["agent"])
+    ]
+    return row
+
+
+@op("agreement.accept")
+async def _accept(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+    agreement = _id(args, "agreement")
+    side = args.get("side")
+    if side not in ("vendor", "org"):
+        raise AdminError("side: vendor or org")
+    s.store.accept_agreement(agreement, str(side), s.now())
+    await s.changed(by, "agreement.accept", agreement=agreement, side=side)
+    return {"agreement": agreement, "side": side}
+
+
+@op("agreement.state")
+async def _agreement_state(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+    agreement = _id(args, "agreement")
+    state = args.get("state")
+    if state not in ("active", "suspended"):
+        raise AdminError("state: active or suspended")
+    s.store.set_agreement_state(agreement, str(state))
+    op_name = "agreement.suspend" if state == "suspended" else "agreement.resume"
+    ended = await _after_change(s, by, op_name, agreement=agreement)
+    return {"agreement": agreement, "state": state, "sessions_ended": ended}
+
+
+@op("vendor.networks")
+async def _vendor_networks(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+    vendor = _id(args, "vendor")
+    networks = args.get("networks")
+    if not isinstance(networks, list) or not all(isinstance(n, str) for n in networks):
+        raise AdminError("networks: a list of CIDRs (an empty list allows any source)")
+    try:
+        parsed = [str(ipaddress.ip_network(n, strict=False)) for n in networks]
+    except ValueError as exc:
+        raise AdminError(f"networks: {exc}") from exc
+    s.store.set_source_networks(vendor, parsed)
+    ended = await _after_change(s, by, "vendor.networks", vendor=vendor, networks=parsed)
+    return {"vendor": vendor, "networks": parsed, "sessions_ended": ended}
