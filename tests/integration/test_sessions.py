@@ -40,9 +40,11 @@ class Site:
         return user
 
     def stdio(
-        self, agent: str, user: str, mode: str, *extra: str
+        self, agent: str, user: str, mode: str, *extra: str, totp: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        return self.lab.connect_stdio(agent, user, PASSWORD, "echo", "hi", *extra, mode=mode)
+        return self.lab.connect_stdio(
+            agent, user, PASSWORD, "echo", "hi", *extra, mode=mode, totp=totp
+        )
 
     def start_connect(self, agent: str, user: str, mode: str, *extra: str) -> subprocess.Popen[str]:
         """gw connect --stdio in the background (it may wait for approval)."""
@@ -301,12 +303,16 @@ def test_suspended_agreement_and_reason_required(site: Site) -> None:
 
 
 def test_homeoffice_only_to_granted_equipment_of_own_org(site: Site) -> None:
+    # A fresh employee per login: each login spends that user's current TOTP step.
     user = site.employee("clinic")
     denied = site.stdio("pc1", user, "homeoffice")
     assert denied.returncode == 1 and "not granted" in denied.stderr
+    user = site.employee("clinic")
     site.lab.admin("grant", "add", user, "pc1")
     ok = site.stdio("pc1", user, "homeoffice")
     assert ok.returncode == 0 and ok.stdout == "HI", ok.stderr
+    user = site.employee("clinic")
+    site.lab.admin("grant", "add", user, "pc1")
     other = site.stdio("pc-other", user, "homeoffice")
     assert other.returncode == 1 and "another organisation" in other.stderr
     vendor = site.vendor_user("acme")
@@ -405,7 +411,8 @@ def test_vendor_source_networks(site: Site) -> None:
     site.lab.agreement("netco", "clinic", "access", unattended=True)
     site.lab.admin("vendor", "networks", "netco", "10.0.0.0/8")
     user = site.vendor_user("netco")
-    refused = site.stdio("pc1", user, "access")
+    # Refused before any factor is asked, so the code is never looked at.
+    refused = site.stdio("pc1", user, "access", totp="000000")
     assert refused.returncode == 1 and "authentication failed" in refused.stderr
     (attempt,) = _records(site, "auth.attempt", user=user)
     assert attempt["factor"] == "source" and attempt["source"].startswith("127.0.0.1:")
