@@ -27,6 +27,8 @@ import click
 from auth.base import Prompt
 from relay.errors import RemoteError
 
+from .options import login_options
+
 if TYPE_CHECKING:
     from relay.client import Gateway
 
@@ -79,14 +81,7 @@ def fido2() -> None:
 
 
 @fido2.command("register")
-@click.option("--gateway", required=True, help="Gateway HOST:PORT.")
-@click.option(
-    "--ca-file",
-    required=True,
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="CA that signed the gateway's certificate.",
-)
-@click.option("--user", required=True, help="Your user id at the gateway.")
+@login_options
 @click.option("--code", default=None, help="One-time registration code (else asked).")
 @click.option("--name", default=None, help="A label for this key, e.g. 'blue YubiKey'.")
 def register(gateway: str, ca_file: Path, user: str, code: str | None, name: str | None) -> None:

@@ -28,6 +28,8 @@ import click
 from relay.aio import run
 from relay.errors import DeviceError, GatewayError, RemoteError
 
+from .options import gateway_options, login_options
+
 T = TypeVar("T")
 
 EXIT_FAILED, EXIT_UNREACHABLE, EXIT_LOCAL = 1, 3, 4
@@ -146,14 +148,7 @@ def _config_home() -> Path:
 
 @main.command()
 @click.argument("agent")
-@click.option("--gateway", required=True, help="Gateway HOST:PORT.")
-@click.option(
-    "--ca-file",
-    required=True,
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="CA that signed the gateway's certificate.",
-)
-@click.option("--user", required=True, help="Your user id at the gateway.")
+@login_options
 @click.option("--target", required=True, help="Name of the agent's service.")
 @click.option("--mode", required=True, type=click.Choice(["access", "support", "homeoffice"]))
 @click.option(
@@ -319,9 +314,7 @@ def _prove_with(provers: dict[str, Any], options: Any) -> Any:
 
 
 @main.command("agents")
-@click.option("--gateway", required=True, help="Gateway HOST:PORT.")
-@click.option("--ca-file", required=True, type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--user", required=True, help="Your user id at the gateway.")
+@login_options
 @click.option(
     "--mode",
     default="access",
@@ -385,8 +378,7 @@ def agent() -> None:
 
 
 @agent.command("enroll")
-@click.option("--gateway", required=True, help="Gateway HOST:PORT.")
-@click.option("--ca-file", required=True, type=click.Path(path_type=Path, dir_okay=False))
+@gateway_options
 @click.option("--token", required=True, help="One-time token from `gw admin agent add`.")
 @click.option("--state-dir", required=True, type=click.Path(path_type=Path, file_okay=False))
 def agent_enroll(gateway: str, ca_file: Path, token: str, state_dir: Path) -> None:

@@ -19,8 +19,6 @@ import json
 import os
 import pwd
 import secrets
-import socket
-import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import structlog
 
 from auth import password as password_factor
 from auth import totp
+from relay.approval import peer_user
 from relay.errors import GatewayError
 from relay.message import MODES, valid_id
 
@@ -71,16 +70,6 @@ def _str(args: dict[str, Any], key: str, default: str | None = None) -> str:
     if not isinstance(value, str):
         raise AdminError(f"{key}: expected text")
     return value
-
-
-def peer_user(sock: socket.socket) -> tuple[int, str]:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        name = str(uid)
-    return uid, name
 
 
 class AdminServer:

@@ -83,13 +83,14 @@ class Request:
         }
 
 
-def _peer_name(sock: socket.socket) -> str:
+def peer_user(sock: socket.socket) -> tuple[int, str]:
+    """The uid and user name of the process at the other end of a Unix socket (kernel's word)."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
     try:
-        return pwd.getpwuid(uid).pw_name
+        return uid, pwd.getpwuid(uid).pw_name
     except KeyError:
-        return f"uid {uid}"
+        return uid, str(uid)
 
 
 class Approvals:
@@ -244,7 +245,7 @@ class Approvals:
     # -- the local socket ---------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        by = _peer_name(writer.get_extra_info("socket"))
+        _, by = peer_user(writer.get_extra_info("socket"))
         try:
             line = await reader.readline()
             if len(line) > MAX_LINE:
