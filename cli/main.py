@@ -833,6 +833,8 @@ def sessions_list(socket: Path, as_json: bool) -> None:
         "target",
         "mode",
         "source",
+        "reason",
+        "approved_by",
         "since",
         "bytes_up",
         "bytes_down",

@@ -655,6 +655,7 @@ class Broker:
             "target": session.target,
             "mode": session.mode,
             "source": link.peer,
+            "reason_given": session.reason,
         }
         decision = self._decide(session.user, session.agent, session.mode)
         if not decision.allowed:

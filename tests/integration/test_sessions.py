@@ -418,3 +418,54 @@ def test_vendor_source_networks(site: Site) -> None:
     assert attempt["factor"] == "source" and attempt["source"].startswith("127.0.0.1:")
     site.lab.admin("vendor", "networks", "netco", "127.0.0.0/8")
     assert site.stdio("pc1", user, "access").returncode == 0
+
+
+def test_approval_on_the_agents_terminal(site: Site) -> None:
+    """`gw agent run` in a terminal asks the person there, with who, what and the code."""
+    import os
+    import pty
+    import select
+
+    lab = site.lab
+    lab.enroll_agent("pc-tty", "clinic")
+    master, slave = pty.openpty()
+    args = [
+        str(BIN / "gw"),
+        "agent",
+        "run",
+        "--state-dir",
+        str(lab.root / "agent-pc-tty"),
+        f"--target=echo=127.0.0.1:{site.echo.port}",
+    ]
+    agent = subprocess.Popen(
+        args, stdin=slave, stdout=slave, stderr=slave, env=lab.env(), start_new_session=True
+    )
+    os.close(slave)
+    seen = b""
+
+    def read_until(text: bytes, timeout: float = 20) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while text not in seen:
+            assert time.monotonic() < deadline, f"no {text!r} on the agent's terminal: {seen!r}"
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                seen += os.read(master, 4096)
+
+    try:
+        read_until(b"connected")
+        user = site.vendor_user("acme")
+        proc = site.start_connect("pc-tty", user, "support", "--reason", "printer jam")
+        read_until(b"Allow? [y/N]")
+        assert user.encode() in seen and b"Acme AS" in seen and b"printer jam" in seen
+        os.write(master, b"y\n")
+        stdout, stderr = _finish(proc)
+        assert proc.returncode == 0 and stdout == "HELLO", stderr
+        code = stderr.rsplit("must match: ", 1)[1].split()[0]
+        assert code.encode() in seen  # both people saw the same code
+        (result,) = _records(site, "approval.result", user=user)
+        assert result["outcome"] == "approved" and result["by"] == "root (terminal)"
+    finally:
+        agent.terminate()
+        agent.wait(10)
+        os.close(master)
