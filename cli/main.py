@@ -13,7 +13,6 @@ Exit codes (fixed, for scripts):
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import json
 import os
@@ -873,6 +872,3 @@ admin.add_command(admin_grant)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
-
-
-__all__ = ["asyncio", "main"]

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from auth import registry
-from auth.base import AuthContext, b64d
+from auth.base import AuthContext, b64d, b64e
 from relay import message as m
 from relay.aio import ConnectionClosed, FramedLink, Pipe
 from relay.errors import ConfigError, GatewayError, ProtocolError, RemoteError, TLSBindingError
@@ -529,7 +529,7 @@ class Broker:
                     mode=hello.mode,
                     target=hello.target,
                     reason=hello.reason,
-                    client_key=m_b64(client_key),
+                    client_key=b64e(client_key),
                     timeout=timeout,
                 )
             )
@@ -682,7 +682,7 @@ class Broker:
                     token=token,
                     target=session.target,
                     session_id=session.id,
-                    client_key=m_b64(session.client_key),
+                    client_key=b64e(session.client_key),
                     user=session.user,
                     mode=session.mode,
                 )
@@ -836,11 +836,8 @@ class Broker:
             link.send_error("rate_limited", "too many attempts; try again later")
             return
         now = self.now()
-        row = self.store.db.execute(
-            "SELECT id FROM agents WHERE token_hash = ? AND token_expires >= ? AND disabled = 0",
-            (ca_token_hash(hello.token), now),
-        ).fetchone()
-        if row is None:
+        agent_id = self.store.agent_for_token(hello.token, now)
+        if agent_id is None:
             await self.audit.record(
                 "agent.enroll",
                 source=source,
@@ -849,7 +846,6 @@ class Broker:
             )
             link.send_error("auth_failed", "enrollment token unknown, used or expired")
             return
-        agent_id = str(row["id"])
         try:
             noise_key = b64d(hello.noise_key)
             if len(noise_key) != 32:
@@ -919,15 +915,3 @@ class Broker:
         deadline = time.monotonic() + 2.0
         while (self.sessions or self.tasks) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-
-
-def m_b64(data: bytes) -> str:
-    from auth.base import b64e
-
-    return b64e(data)
-
-
-def ca_token_hash(token: str) -> str:
-    from .store import token_hash
-
-    return token_hash(token)

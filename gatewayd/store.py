@@ -349,6 +349,15 @@ class Store:
             expires,
         )
 
+    def agent_for_token(self, token: str, now: float) -> str | None:
+        """The agent a valid (unused, unexpired, not disabled) enrollment token is for."""
+        row = self._one(
+            "SELECT id FROM agents WHERE token_hash = ? AND token_expires >= ? AND disabled = 0",
+            token_hash(token),
+            now,
+        )
+        return None if row is None else str(row["id"])
+
     def take_enrollment(
         self, token: str, fingerprint: str, noise_key: str, now: float
     ) -> str | None:
