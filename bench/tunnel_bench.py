@@ -1131,9 +1131,8 @@ def report(res: dict[str, Any]) -> str:
             + " MiB"
         )
     lines += [
-        "    (gw's VmHWM counts scrypt, 32 MiB per password hash or check in flight: gatewayd's",
-        "    when this bench adds its users 3 at a time, gw connect's when it imports",
-        "    auth.password, which computes a throwaway hash at import.)",
+        "    (gw's VmHWM counts scrypt, 32 MiB per password hash or check in flight, in",
+        "    gatewayd when this bench adds its users 3 at a time.)",
     ]
     pr = res["probes"]
     lines.append(
