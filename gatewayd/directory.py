@@ -67,7 +67,7 @@ async def _show(s: AdminServer, args: dict[str, Any], by: str) -> Any:
     if table is None:
         raise AdminError("kind: one of user, vendor, agent, org, agreement")
     ident = _id(args, "id")
-    rows = [r for r in s.store.list_rows(table) if r["id"] == ident]
+    rows = s.store.list_rows(table, ident)
     if not rows:
         raise AdminError(f"no {noun} {ident!r}")
     row = rows[0]

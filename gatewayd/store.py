@@ -185,13 +185,16 @@ class Store:
             now,
         )
 
-    def list_rows(self, table: str) -> list[dict[str, Any]]:
+    def list_rows(self, table: str, ident: str | None = None) -> list[dict[str, Any]]:
+        """Rows of a table for ``gw admin`` (secrets left out); only ``ident``'s if given."""
         assert table in ("orgs", "vendors", "users", "agents", "agreements", "grants")
         cols = {
             "agents": "id, org, created, disabled, cert_fingerprint, noise_key, enrolled, "
             "last_seen, token_expires",
         }.get(table, "*")
-        return [dict(r) for r in self.db.execute(f"SELECT {cols} FROM {table} ORDER BY 1")]  # noqa: S608
+        where, args = ("WHERE id = ?", (ident,)) if ident is not None else ("", ())
+        sql = f"SELECT {cols} FROM {table} {where} ORDER BY 1"  # noqa: S608 - fixed names
+        return [dict(r) for r in self.db.execute(sql, args)]
 
     def vendor_disabled(self, vendor: str) -> bool | None:
         row = self._one("SELECT disabled FROM vendors WHERE id = ?", vendor)

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -423,7 +423,6 @@ class PausedProtocol(asyncio.Protocol):
         self.buffer = bytearray()
         self.eof = False
         self.lost = False
-        self.on_lost: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -439,5 +438,3 @@ class PausedProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        if self.on_lost is not None:
-            self.on_lost()

@@ -109,6 +109,7 @@ class ClientSession:
         self.agent_key = noise_key(opened.agent_key)
         self.on_tunnel: Callable[[tunnel.Established], None] | None = None
         self.tunnels: set[Pipe] = set()
+        self._local_tasks: set[asyncio.Task[None]] = set()
 
     async def open_tunnel(self) -> tuple[asyncio.Transport, tunnel.Established]:
         """A new spliced, end-to-end encrypted tunnel to the session's target."""
@@ -165,7 +166,10 @@ class ClientSession:
 
         def accepted() -> PausedProtocol:
             proto = PausedProtocol()
-            loop.create_task(self._serve_one(proto, on_error))  # noqa: RUF006 - ends with the pipe
+            # asyncio holds tasks weakly: keep each until its tunnel is over.
+            task = loop.create_task(self._serve_one(proto, on_error))
+            self._local_tasks.add(task)
+            task.add_done_callback(self._local_tasks.discard)
             return proto
 
         server = await loop.create_server(accepted, host, port)
