@@ -8,9 +8,12 @@ Python's ``ssl`` module has no public call for ``SSL_export_keying_material``
 binding needs. :func:`channel_binding` reaches it through ctypes, using the very
 OpenSSL that the interpreter's ``_ssl`` module is linked to, and checks before
 every use that the object it found is the connection it was given (the pointer to
-its SSL_CTX must be the context's, the protocol version must be TLS 1.3). If those
-checks ever fail (a future CPython changes its layout) it raises
-:class:`TLSBindingError`, and the login fails closed; it never guesses.
+its SSL_CTX must be the context's, the protocol version must be TLS 1.3). Before
+it follows any pointer it checks what it can without following one: the objects are
+CPython's own ``_ssl`` types, every read stays inside them, and the connection's
+context object sits where it must sit next to the ``SSL *``. If those checks ever
+fail (a future CPython changes its layout) it raises :class:`TLSBindingError`, and
+the login fails closed; it never guesses and never crashes.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import ctypes
 import os
 import ssl
 from pathlib import Path
+from typing import Any
 
 from .errors import TLSBindingError
 
@@ -93,25 +97,61 @@ class _OpenSSL:
 _openssl: _OpenSSL | None = None
 
 # CPython's PySSLSocket and PySSLContext start with PyObject_HEAD (two pointers);
-# PySSLSocket then holds a pointer to its socket and then ``SSL *ssl``;
-# PySSLContext holds ``SSL_CTX *ctx`` right after the head.
+# PySSLSocket then holds a pointer to its socket, ``SSL *ssl`` and ``PySSLContext
+# *ctx`` (Modules/_ssl.c); PySSLContext holds ``SSL_CTX *ctx`` right after the head.
 _PTR = ctypes.sizeof(ctypes.c_void_p)
 _SSL_OFFSET = 3 * _PTR
+_SOCKET_CONTEXT_OFFSET = 4 * _PTR
 _CTX_OFFSET = 2 * _PTR
+
+
+def _read_pointer(obj: object, offset: int) -> int:
+    """The pointer stored ``offset`` bytes into ``obj``'s own memory (0 for NULL).
+
+    Reads only inside the object (its type's ``__basicsize__``); never follows the
+    pointer it returns.
+    """
+    if offset + _PTR > type(obj).__basicsize__:
+        raise TLSBindingError("TLS exporter unavailable: unexpected ssl object layout")
+    return ctypes.c_void_p.from_address(id(obj) + offset).value or 0
+
+
+def _ssl_pointers(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> tuple[int, int]:
+    """``SSL *`` and ``SSL_CTX *`` of this connection, or TLSBindingError.
+
+    Every check comes before any foreign pointer is followed: the objects must be
+    the C types we know, the reads stay inside them, and the connection's context
+    pointer must sit exactly where the ``SSL *`` is expected to sit next to it. Only
+    then does OpenSSL confirm that the ``SSL *`` belongs to that context.
+    """
+    import _ssl
+
+    socket_type = getattr(_ssl, "_SSLSocket", None)
+    inner: Any = getattr(ssl_object, "_sslobj", None)
+    if socket_type is None or type(inner) is not socket_type:
+        raise TLSBindingError("TLS exporter unavailable: not a connected ssl object")
+    context = inner.context
+    if not isinstance(context, _ssl._SSLContext):
+        raise TLSBindingError("TLS exporter unavailable: unexpected ssl context")
+    if _read_pointer(inner, _SOCKET_CONTEXT_OFFSET) != id(context):
+        raise TLSBindingError("TLS exporter unavailable: unexpected ssl object layout")
+    ssl_ptr = _read_pointer(inner, _SSL_OFFSET)
+    ctx_ptr = _read_pointer(context, _CTX_OFFSET)
+    if not ssl_ptr or not ctx_ptr:
+        raise TLSBindingError("TLS exporter unavailable: unexpected ssl object layout")
+    return ssl_ptr, ctx_ptr
 
 
 def channel_binding(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> bytes:
     """RFC 9266 ``tls-exporter`` for this connection (32 bytes)."""
     global _openssl
+    ssl_ptr, ctx_ptr = _ssl_pointers(ssl_object)
     try:
         if _openssl is None:
             _openssl = _OpenSSL()
-        inner = ssl_object._sslobj  # type: ignore[union-attr]
-        ssl_ptr = ctypes.c_void_p.from_address(id(inner) + _SSL_OFFSET).value
-        ctx_ptr = ctypes.c_void_p.from_address(id(ssl_object.context) + _CTX_OFFSET).value
     except (AttributeError, OSError, ImportError) as exc:
         raise TLSBindingError(f"TLS exporter unavailable: {exc}") from exc
-    if not ssl_ptr or not ctx_ptr or _openssl.get_ctx(ssl_ptr) != ctx_ptr:
+    if _openssl.get_ctx(ssl_ptr) != ctx_ptr:
         raise TLSBindingError("TLS exporter unavailable: unexpected ssl object layout")
     if _openssl.version(ssl_ptr) != _TLS1_3_VERSION:
         raise TLSBindingError("channel binding needs TLS 1.3")
