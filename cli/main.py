@@ -26,6 +26,7 @@ import click
 
 from relay.aio import run
 from relay.errors import DeviceError, GatewayError, RemoteError
+from relay.text import is_printable, printable
 
 from .options import gateway_options, login_options
 
@@ -121,6 +122,20 @@ def _local_address(value: str) -> tuple[str, int]:
     return (host.strip("[]") or "127.0.0.1"), int(port)
 
 
+def _check_reason(value: str) -> str:
+    """``--reason`` is shown at the machine: printable text on one line, bounded."""
+    from relay.message import MAX_REASON
+
+    if len(value) > MAX_REASON:
+        raise click.BadParameter(f"at most {MAX_REASON} characters", param_hint="--reason")
+    if not is_printable(value):
+        raise click.BadParameter(
+            "printable text on one line only (no control, line break or bidi characters)",
+            param_hint="--reason",
+        )
+    return value
+
+
 def _client_key(path: Path | None) -> bytes:
     """The client's Noise static key: kept per user so the agent sees a stable identity."""
     from relay import noise
@@ -177,7 +192,10 @@ def _config_home() -> Path:
     help="The smartcard reader (a unique part of its name); default: one with a card.",
 )
 @click.option(
-    "--reason", default="", help="Why (ticket number, sentence); kept in the audit trail."
+    "--reason",
+    default="",
+    callback=lambda _ctx, _param, value: _check_reason(value),
+    help="Why (ticket number, sentence); kept in the audit trail.",
 )
 @click.option(
     "--known-agents",
@@ -436,8 +454,9 @@ def agent_run(
 
     def log(event: str, **fields: Any) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        extra = " ".join(f"{k}={v}" for k, v in fields.items())
-        click.echo(f"{stamp} gw-agent: {event} {extra}".rstrip(), err=True)
+        # Values come from the gateway and the vendor: no escape sequences on this terminal.
+        extra = " ".join(f"{k}={printable(str(v))}" for k, v in fields.items())
+        click.echo(f"{stamp} gw-agent: {printable(event)} {extra}".rstrip(), err=True)
 
     async def main_() -> None:
         state = AgentState.load(state_dir)
@@ -536,13 +555,14 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -
 
 
 def _cell(value: Any) -> str:
+    """One table cell; text from the wire (names, reasons) is escaped for the terminal."""
     if value is None:
         return "-"
     if isinstance(value, float) and value > 1e9:
         return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(value))
     if isinstance(value, list):
-        return ",".join(map(str, value))
-    return str(value)
+        return ",".join(printable(str(v)) for v in value)
+    return printable(str(value))
 
 
 def _read_password(password_stdin: bool, required: bool = False) -> str | None:

@@ -14,6 +14,11 @@ every way that is set up, and the first answer wins:
 - ``approval_command``: a program (a desktop prompt) started with the request in
   its environment (``GW_*`` variables); exit status 0 approves.
 
+Every text in a request came over the wire (the vendor chose the reason, the
+directory the vendor's name) and is shown and passed on escaped (:func:`relay.text.printable`):
+no control character, line break or bidi override reaches the terminal, the local
+socket's listing or the command's environment.
+
 No answer within the request's time is a denial. Unattended sessions are
 announced the same way (a log line, and ``approval_command`` with
 ``GW_EVENT=start`` or ``end``, whose exit status is ignored), so nothing happens
@@ -36,8 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .text import printable
+
 #: Longest request line on the local socket.
 MAX_LINE = 4096
+
+#: Most characters of one request field shown or passed on (the reason may have 1024;
+#: a prompt that scrolls off the screen hides what matters).
+MAX_SHOWN = 300
 
 
 @dataclass
@@ -56,8 +67,9 @@ class Request:
     answer: asyncio.Future[tuple[bool, str, str]] = field(repr=False)
     asked: float = field(default_factory=time.time)
 
-    def describe(self) -> dict[str, Any]:
-        return {
+    def shown(self) -> dict[str, str]:
+        """The request's texts, escaped for a terminal or an environment."""
+        fields = {
             "id": self.id,
             "user": self.user,
             "vendor": self.vendor,
@@ -66,21 +78,17 @@ class Request:
             "target": self.target,
             "reason": self.reason,
             "sas": self.sas,
-            "seconds_left": max(0, round(self.expires - time.monotonic())),
         }
+        return {k: printable(v, MAX_SHOWN) for k, v in fields.items()}
+
+    def describe(self) -> dict[str, Any]:
+        seconds_left = max(0, round(self.expires - time.monotonic()))
+        return {**self.shown(), "seconds_left": seconds_left}
 
     def env(self, event: str) -> dict[str, str]:
-        return {
-            "GW_EVENT": event,
-            "GW_REQUEST": self.id,
-            "GW_USER": self.user,
-            "GW_VENDOR": self.vendor,
-            "GW_VENDOR_NAME": self.vendor_name,
-            "GW_MODE": self.mode,
-            "GW_TARGET": self.target,
-            "GW_REASON": self.reason,
-            "GW_SAS": self.sas,
-        }
+        shown = self.shown()
+        env = {"GW_EVENT": event, "GW_REQUEST": shown.pop("id")}
+        return env | {f"GW_{k.upper()}": v for k, v in shown.items()}
 
 
 def peer_user(sock: socket.socket) -> tuple[int, str]:
@@ -156,15 +164,16 @@ class Approvals:
             answer=loop.create_future(),
         )
         self.pending[req.id] = req
+        shown = req.shown()
         self.log(
             "approval requested",
-            id=req.id,
-            user=req.user,
-            vendor=req.vendor_name,
-            mode=req.mode,
-            target=req.target,
-            reason=req.reason,
-            sas=req.sas,
+            id=shown["id"],
+            user=shown["user"],
+            vendor=shown["vendor_name"],
+            mode=shown["mode"],
+            target=shown["target"],
+            reason=shown["reason"],
+            sas=shown["sas"],
         )
         helpers = []
         if self.command:
@@ -190,6 +199,8 @@ class Approvals:
 
     async def announce(self, event: str, **fields: str) -> None:
         """Unattended session start or end: a log line and the command hook."""
+        fields = {k: printable(v, MAX_SHOWN) for k, v in fields.items()}
+        event = printable(event, MAX_SHOWN)
         self.log(f"unattended session {event}", **fields)
         if self.command:
             env = {**os.environ, **{f"GW_{k.upper()}": v for k, v in fields.items()}}
@@ -226,11 +237,12 @@ class Approvals:
         async with self._terminal_lock:
             if req.answer.done():
                 return
-            who = f"{req.user} of {req.vendor_name or req.vendor}"
+            shown = req.shown()
+            who = f"{shown['user']} of {shown['vendor_name'] or shown['vendor']}"
             sys.stderr.write(
-                f"\n*** Remote {req.mode} request from {who}\n"
-                f"    target: {req.target}\n    reason: {req.reason or '-'}\n"
-                f"    code:   {req.sas}  (ask the caller to read theirs; they must match)\n"
+                f"\n*** Remote {shown['mode']} request from {who}\n"
+                f"    target: {shown['target']}\n    reason: {shown['reason'] or '-'}\n"
+                f"    code:   {shown['sas']}  (ask the caller to read theirs; they must match)\n"
                 f"    Allow? [y/N] "
             )
             sys.stderr.flush()

@@ -26,6 +26,10 @@ from . import message as m
 from . import noise, tunnel
 from .aio import ConnectionClosed, FramedLink, PausedProtocol, Pipe, open_link
 from .errors import AuthError, GatewayError, NoiseError, ProtocolError, RemoteError
+from .text import printable
+
+#: Most characters of a gateway's error message shown to the person.
+MAX_SAID = 500
 
 Prove = Callable[[str, dict[str, Any], bytes], Awaitable[dict[str, Any]]]
 
@@ -216,7 +220,7 @@ class ClientSession:
             while True:
                 await self.link.expect()
         except RemoteError as exc:
-            return exc.message or exc.code
+            return printable(exc.message or exc.code)
         except ConnectionClosed:
             return ""
 
@@ -412,16 +416,22 @@ async def _give_up(link: FramedLink, method: str, payload: dict[str, Any]) -> No
 
 
 def describe(exc: BaseException) -> str:
-    """One line for a person, from any error this module raises."""
+    """One line for a person, from any error this module raises.
+
+    What the gateway said is escaped (:func:`relay.text.printable`): a gateway, or a
+    vendor or agent whose words it passes on, cannot write escape sequences to the
+    person's terminal.
+    """
     if isinstance(exc, RemoteError):
+        said = printable(exc.message, MAX_SAID)
         return {
             "auth_failed": "authentication failed",
-            "denied": f"denied by policy: {exc.message}",
-            "agent_offline": exc.message or "the agent is offline",
-            "rate_limited": exc.message or "too many attempts; try again later",
-        }.get(exc.code, exc.message or exc.code)
+            "denied": f"denied by policy: {said}",
+            "agent_offline": said or "the agent is offline",
+            "rate_limited": said or "too many attempts; try again later",
+        }.get(exc.code, said or printable(exc.code, MAX_SAID))
     if isinstance(exc, ConnectionClosed):
-        return f"the gateway closed the connection ({exc})"
+        return f"the gateway closed the connection ({printable(str(exc), MAX_SAID)})"
     if isinstance(exc, NoiseError):
         return f"end-to-end handshake failed: {exc}"
     return str(exc) or type(exc).__name__

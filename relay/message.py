@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .errors import ProtocolError
+from .text import is_printable
 
 #: Longest string member accepted from a peer. Certificates and CSRs in PEM are
 #: the largest values (a few KiB); 16 KiB leaves room without letting one field
@@ -25,6 +26,9 @@ MAX_STRING = 16 * 1024
 
 #: Most items in a list member (target names an agent announces).
 MAX_LIST = 256
+
+#: Longest reason a client may give for a session (a ticket number, a sentence or two).
+MAX_REASON = 1024
 
 #: Identifier syntax for users, agents, orgs, vendors and targets.
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-@")
@@ -129,8 +133,13 @@ class ClientHello(Message):
         Message.__post_init__(self)
         if self.mode not in MODES:
             raise ProtocolError(f"client_hello.mode: must be one of {', '.join(MODES)}")
-        if len(self.reason) > 1024:
-            raise ProtocolError("client_hello.reason: longer than 1024 characters")
+        if len(self.reason) > MAX_REASON:
+            raise ProtocolError(f"client_hello.reason: longer than {MAX_REASON} characters")
+        if not is_printable(self.reason):
+            # It is shown at the machine and passed to its approval command.
+            raise ProtocolError(
+                "client_hello.reason: control, line break or bidi characters are not allowed"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,3 +38,15 @@ def test_printable_limit_cuts_before_escaping() -> None:
     assert printable("abc", limit=3) == "abc"
     assert printable("\x1b\x1b\x1b", limit=2) == "\\x1b\\x1b" + ELLIPSIS
     assert printable("abc", limit=0) == ELLIPSIS
+
+
+@pytest.mark.parametrize("reason", ["\x1b[2J", "line\nbreak", "tab\there", "rtl\u202e", "\x9b"])
+def test_client_hello_refuses_a_reason_that_is_not_printable(reason: str) -> None:
+    from relay import message as m
+    from relay.errors import ProtocolError
+
+    hello = {"t": "client_hello", "user": "u", "agent": "a", "target": "t", "mode": "access"}
+    key = {"client_key": "A" * 43}
+    with pytest.raises(ProtocolError, match=r"client_hello\.reason"):
+        m.from_json({**hello, **key, "reason": reason})
+    assert m.from_json({**hello, **key, "reason": "ticket 4711: Grüße"})
