@@ -50,8 +50,9 @@ carries its ``subject``, ``issuer``, ``serial`` and ``sha256`` fingerprint:
                                        extended key usage without clientAuth, or a CA
 ``unsupported critical extension``     a critical extension this code does not know
 ``untrusted issuer``                   no valid path to a trust anchor (detail ``error``)
-``crl missing``                        no usable CRL from an issuer in the path
-``crl stale``                          that issuer's newest CRL is past its nextUpdate
+``crl missing``                        no usable CRL covering a certificate in the path
+                                       from its issuer (detail ``crls_not_used``)
+``crl stale``                          a newest covering CRL is past its nextUpdate
 ``certificate revoked``                the certificate or an intermediate is listed
 ``policy oid missing``                 the required policy is not in the certificate, or
                                        an intermediate allows neither it nor anyPolicy
@@ -89,9 +90,14 @@ is read (no reader, no card, no pyscard, no pcscd) are :class:`DeviceError`, wit
 nothing sent: ``gw`` exits 4 and the gateway audits that the client gave up.
 
 Revocation fails closed: every certificate in the validated path below the trust
-anchor needs a CRL from its issuer among ``crl_files``, signed by that issuer and not
-past its nextUpdate; delta CRLs and partitioned CRLs (IssuingDistributionPoint with
-reasons or indirect) are not used.
+anchor needs a CRL from its issuer among ``crl_files`` whose scope covers it, signed
+by that issuer and not past its nextUpdate. The IssuingDistributionPoint scope is
+honoured (RFC 5280 section 6.3.3): a partitioned CRL covers only certificates whose
+CRLDistributionPoints name its partition; onlyContainsUserCerts/onlyContainsCACerts
+narrow it. Of each scope the newest CRL counts; a certificate listed by any of them is
+revoked, and every one must be fresh, so a newer CRL of another partition never clears
+a certificate the full CRL lists. Delta CRLs, indirect CRLs and CRLs of some reasons
+only are never used (the ``crl missing`` record names each CRL not used and why).
 
 Settings (``[auth.smartcard]``, paths absolute)
 -----------------------------------------------
@@ -635,61 +641,133 @@ def _validate_path(
     return list(verified.chain)
 
 
-def _crl_usable_for(crl: x509.CertificateRevocationList, is_ca: bool) -> bool:
+def _crl_refusal(crl: x509.CertificateRevocationList) -> str | None:
+    """Why this CRL is never used (None: it is, for the certificates in its scope).
+
+    A delta CRL lists only changes since a base CRL, an indirect CRL may speak for
+    other issuers, a CRL of some reasons only cannot clear a certificate: none of them
+    can say that a certificate is *not* revoked, so none is used.
+    """
     for ext in crl.extensions:
-        if isinstance(ext.value, x509.DeltaCRLIndicator):
-            return False
-        if isinstance(ext.value, x509.IssuingDistributionPoint):
-            idp = ext.value
-            if idp.indirect_crl or idp.only_some_reasons is not None:
-                return False
-            if idp.only_contains_attribute_certs:
-                return False
-            if (is_ca and idp.only_contains_user_certs) or (
-                not is_ca and idp.only_contains_ca_certs
-            ):
-                return False
-        elif ext.critical and not isinstance(ext.value, x509.CRLNumber):
-            return False
-    return True
+        value = ext.value
+        if isinstance(value, x509.DeltaCRLIndicator):
+            return "delta CRL"
+        if isinstance(value, x509.IssuingDistributionPoint):
+            if value.indirect_crl:
+                return "indirect CRL"
+            if value.only_some_reasons is not None:
+                return "some reasons only"
+            if value.only_contains_attribute_certs:
+                return "attribute certificates only"
+        elif ext.critical and not isinstance(value, x509.CRLNumber):
+            return f"unsupported critical extension {ext.oid.dotted_string}"
+    return None
+
+
+def _dp_names(
+    full_name: Any, relative_name: x509.RelativeDistinguishedName | None, issuer: x509.Name
+) -> set[x509.GeneralName]:
+    """The names of a distribution point (a relative name is relative to the CRL issuer)."""
+    if full_name:
+        return set(full_name)
+    if relative_name is not None:
+        return {x509.DirectoryName(x509.Name([*issuer.rdns, relative_name]))}
+    return set()
+
+
+def _crl_scope_miss(
+    crl: x509.CertificateRevocationList, cert: x509.Certificate, is_ca: bool
+) -> str | None:
+    """Why this CRL's scope does not cover ``cert`` (None: it covers it).
+
+    RFC 5280 section 6.3.3 (b): a CRL without an IssuingDistributionPoint covers every
+    certificate of its issuer. One with a distribution point name is a partition and
+    covers only certificates whose CRLDistributionPoints name that distribution point
+    (by name, or by cRLIssuer where the point has no name); onlyContainsUserCerts and
+    onlyContainsCACerts narrow the scope further.
+    """
+    try:
+        idp = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
+    except x509.ExtensionNotFound:
+        return None
+    if is_ca and idp.only_contains_user_certs:
+        return "only end-entity certificates"
+    if not is_ca and idp.only_contains_ca_certs:
+        return "only CA certificates"
+    partition = _dp_names(idp.full_name, idp.relative_name, crl.issuer)
+    if not partition:
+        return None
+    points = _extension(cert, x509.CRLDistributionPoints) or []
+    for point in points:
+        names = _dp_names(point.full_name, point.relative_name, cert.issuer)
+        if not names and point.crl_issuer:
+            names = set(point.crl_issuer)
+        if names & partition:
+            return None
+    return "a partition the certificate does not name"
 
 
 def _check_revocation(
     cfg: SmartcardSettings, path: list[x509.Certificate], now: dt.datetime
 ) -> None:
-    """Every certificate below the anchor needs a fresh CRL from its issuer (fail closed)."""
+    """Every certificate below the anchor needs a fresh CRL from its issuer (fail closed).
+
+    Only CRLs whose scope covers the certificate count (:func:`_crl_scope_miss`), and
+    every scope counts on its own: of each scope (full, or one partition) the newest
+    CRL is taken; the certificate is revoked if any of them lists it, and every one of
+    them must be fresh. A newer CRL of another partition, or a delta CRL, can therefore
+    never clear a certificate that a full CRL lists.
+    """
     for depth, cert in enumerate(path[:-1]):
         issuer = path[depth + 1]
         is_ca = depth > 0
-        best: x509.CertificateRevocationList | None = None
+        newest: dict[Any, x509.CertificateRevocationList] = {}
+        not_used: list[str] = []
         for crl in cfg.crls:
             if crl.issuer != issuer.subject:
                 continue
+            why = _crl_refusal(crl) or _crl_scope_miss(crl, cert, is_ca)
+            if why is None:
+                try:
+                    valid = crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+                except (ValueError, TypeError):
+                    valid = False
+                if not valid:
+                    why = "signature does not verify with the issuer's key"
+            if why is not None:
+                not_used.append(f"CRL of {crl.last_update_utc.isoformat()}: {why}")
+                continue
             try:
-                usable = _crl_usable_for(crl, is_ca) and crl.is_signature_valid(
-                    issuer.public_key()  # type: ignore[arg-type]
+                scope: Any = crl.extensions.get_extension_for_class(
+                    x509.IssuingDistributionPoint
+                ).value
+            except x509.ExtensionNotFound:
+                scope = None
+            best = newest.get(scope)
+            if best is None or crl.last_update_utc > best.last_update_utc:
+                newest[scope] = crl
+        if not newest:
+            detail: dict[str, Any] = {"crl_issuer": _name(issuer.subject)}
+            if not_used:
+                detail["crls_not_used"] = not_used[:10]
+            raise _Reject("crl missing", **detail)
+        for crl in newest.values():
+            next_update = crl.next_update_utc
+            if next_update is None or now > next_update:
+                raise _Reject(
+                    "crl stale",
+                    crl_issuer=_name(issuer.subject),
+                    next_update=next_update.isoformat() if next_update else None,
                 )
-            except (ValueError, TypeError):
-                usable = False
-            if usable and (best is None or crl.last_update_utc > best.last_update_utc):
-                best = crl
-        if best is None:
-            raise _Reject("crl missing", crl_issuer=_name(issuer.subject))
-        next_update = best.next_update_utc
-        if next_update is None or now > next_update:
-            raise _Reject(
-                "crl stale",
-                crl_issuer=_name(issuer.subject),
-                next_update=next_update.isoformat() if next_update else None,
-            )
-        entry = best.get_revoked_certificate_by_serial_number(cert.serial_number)
-        if entry is not None:
-            raise _Reject(
-                "certificate revoked",
-                revoked=_name(cert.subject),
-                revoked_serial=format(cert.serial_number, "x"),
-                revocation_date=entry.revocation_date_utc.isoformat(),
-            )
+        for crl in newest.values():
+            entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+            if entry is not None:
+                raise _Reject(
+                    "certificate revoked",
+                    revoked=_name(cert.subject),
+                    revoked_serial=format(cert.serial_number, "x"),
+                    revocation_date=entry.revocation_date_utc.isoformat(),
+                )
 
 
 def _policies(cert: x509.Certificate) -> list[x509.ObjectIdentifier] | None:

@@ -224,6 +224,118 @@ def test_crl_from_the_rogue_ca_is_not_used(card_pki: pki.CardPKI) -> None:
     assert login(card_pki, card_pki.person(1), settings_table=table).reason == "crl missing"
 
 
+# -- partitioned, scoped, delta and indirect CRLs (RFC 5280 sections 5.2.4-5.2.5, 6.3.3) --
+
+PART_1 = "http://crl.test/person-ca/part1.crl"
+PART_2 = "http://crl.test/person-ca/part2.crl"
+
+
+def _with_crl(
+    card_pki: pki.CardPKI, name: str, *, newer: bool = True, **crl: Any
+) -> dict[str, Any]:
+    """The usual table (full CRLs of both CAs) plus one more CRL of the person CA."""
+    table = card_pki.settings()
+    hour = dt.timedelta(hours=1)
+    this_update = card_pki.now - (hour / 2 if newer else 2 * hour)
+    extra = card_pki.intermediate.crl(this_update, card_pki.now + pki.DAY, number=2, **crl)
+    table["crl_files"].append(str(card_pki.write_crl(name, extra)))
+    return table
+
+
+@pytest.mark.parametrize("crl_dps", [None, [PART_1]], ids=["no-cdp", "cdp-part1"])
+def test_newer_empty_partition_crl_does_not_clear_a_revoked_card(
+    card_pki: pki.CardPKI, crl_dps: list[str] | None
+) -> None:
+    """The attack: the full CRL lists the card; a newer, empty CRL of another partition
+    was added. It covers other certificates, not this one: still revoked."""
+    cert = card_pki.person(1, crl_dps=crl_dps)
+    card_pki.revoke(cert)
+    table = _with_crl(card_pki, "part2.crl", idp=pki.partition(PART_2), listed=False)
+    outcome = login(card_pki, cert, settings_table=table)
+    assert (outcome.ok, outcome.reason) == (False, "certificate revoked")
+
+
+def test_partition_crl_that_covers_the_card_counts(card_pki: pki.CardPKI) -> None:
+    """A newer CRL of the card's own partition is authoritative for it, as is the full
+    CRL: a card listed in either is revoked; a card listed in neither passes."""
+    cert = card_pki.person(1, crl_dps=[PART_1])
+    card_pki.revoke(cert)
+    table = _with_crl(card_pki, "part1.crl", idp=pki.partition(PART_1), listed=False)
+    assert login(card_pki, cert, settings_table=table).reason == "certificate revoked"
+    table = _with_crl(card_pki, "part1.crl", idp=pki.partition(PART_1))
+    assert login(card_pki, cert, settings_table=table).reason == "certificate revoked"
+    good = card_pki.person(1, crl_dps=[PART_1])
+    assert login(card_pki, good, settings_table=table).ok
+
+
+def test_partition_crl_alone_covers_only_its_partition(card_pki: pki.CardPKI) -> None:
+    """Without the full CRL: a card of partition 1 is checked by partition 1's CRL; a card
+    without a distribution point, or of partition 2, has no CRL that covers it."""
+    table = card_pki.settings()
+    crl = card_pki.intermediate.crl(
+        card_pki.now - pki.DAY, card_pki.now + pki.DAY, idp=pki.partition(PART_1)
+    )
+    table["crl_files"] = [table["crl_files"][1], str(card_pki.write_crl("part1.crl", crl))]
+    assert login(card_pki, card_pki.person(1, crl_dps=[PART_1]), settings_table=table).ok
+    for crl_dps in (None, [PART_2]):
+        outcome = login(card_pki, card_pki.person(1, crl_dps=crl_dps), settings_table=table)
+        assert outcome.reason == "crl missing"
+        (why,) = outcome.detail["crls_not_used"]
+        assert "a partition the certificate does not name" in why
+
+
+@pytest.mark.parametrize(
+    ("crl", "why"),
+    [
+        ({"idp": pki.partition(None, only_ca=True), "listed": False}, "only CA certificates"),
+        ({"delta_of": 1, "listed": False}, "delta CRL"),
+        ({"idp": pki.partition(None, indirect=True), "listed": False}, "indirect CRL"),
+        (
+            {
+                "idp": pki.partition(None, reasons=frozenset({x509.ReasonFlags.superseded})),
+                "listed": False,
+            },
+            "some reasons only",
+        ),
+    ],
+    ids=["only-ca", "delta", "indirect", "some-reasons"],
+)
+def test_crl_of_another_scope_does_not_clear_a_revoked_card(
+    card_pki: pki.CardPKI, crl: dict[str, Any], why: str
+) -> None:
+    cert = card_pki.person(1)
+    card_pki.revoke(cert)
+    table = _with_crl(card_pki, "scoped.crl", **crl)
+    assert login(card_pki, cert, settings_table=table).reason == "certificate revoked"
+    # Alone, it is no CRL for the card: missing, and the detail says why it was not used.
+    table["crl_files"] = [table["crl_files"][1], table["crl_files"][2]]
+    outcome = login(card_pki, card_pki.person(1), settings_table=table)
+    assert outcome.reason == "crl missing"
+    assert why in outcome.detail["crls_not_used"][0]
+
+
+def test_only_user_certs_crl_covers_the_card(card_pki: pki.CardPKI) -> None:
+    cert = card_pki.person(1)
+    card_pki.revoke(cert)
+    table = card_pki.settings()
+    scoped = card_pki.intermediate.crl(
+        card_pki.now - pki.DAY, card_pki.now + pki.DAY, idp=pki.partition(None, only_user=True)
+    )
+    table["crl_files"] = [table["crl_files"][1], str(card_pki.write_crl("users.crl", scoped))]
+    assert login(card_pki, cert, settings_table=table).reason == "certificate revoked"
+    assert login(card_pki, card_pki.person(1), settings_table=table).ok
+
+
+def test_stale_full_crl_next_to_a_fresh_partition_fails_closed(card_pki: pki.CardPKI) -> None:
+    table = card_pki.settings(stale=True)
+    fresh = card_pki.intermediate.crl(
+        card_pki.now - pki.DAY, card_pki.now + pki.DAY, idp=pki.partition(PART_1)
+    )
+    table["crl_files"].append(str(card_pki.write_crl("part1.crl", fresh)))
+    outcome = login(card_pki, card_pki.person(1, crl_dps=[PART_1]), settings_table=table)
+    assert outcome.reason == "crl stale"
+
+
 @pytest.mark.parametrize(
     "policy",
     [pki.POLICY_PERSON_HSM, pki.POLICY_ENTERPRISE, pki.POLICY_ENTERPRISE_HSM, None],

@@ -156,6 +156,7 @@ class CA:
         not_before: dt.datetime,
         not_after: dt.datetime,
         subject_serial: str | None = None,
+        crl_dps: list[str] | None = None,
     ) -> Issued:
         subject = x509.Name(
             [
@@ -187,6 +188,8 @@ class CA:
             builder = builder.add_extension(_key_usage(content_commitment=True), critical=True)
         if policy is not None:
             builder = builder.add_extension(_policies([policy]), critical=False)
+        if crl_dps:
+            builder = builder.add_extension(crl_distribution_points(crl_dps), critical=False)
         return Issued(builder.sign(self.key, hashes.SHA256()), key)
 
     def revoke(self, cert: x509.Certificate, when: dt.datetime) -> None:
@@ -194,8 +197,17 @@ class CA:
         self.revoked[cert.serial_number] = when
 
     def crl(
-        self, last_update: dt.datetime, next_update: dt.datetime | None, number: int = 1
+        self,
+        last_update: dt.datetime,
+        next_update: dt.datetime | None,
+        number: int = 1,
+        *,
+        idp: x509.IssuingDistributionPoint | None = None,
+        delta_of: int | None = None,
+        listed: bool = True,
     ) -> x509.CertificateRevocationList:
+        """A CRL of this CA. ``idp``: a partitioned (or scoped) CRL; ``delta_of``: a delta
+        CRL on that base CRL number; ``listed=False``: an empty one, whatever was revoked."""
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.name)
@@ -208,7 +220,11 @@ class CA:
         )
         if next_update is not None:
             builder = builder.next_update(next_update)
-        for serial, when in self.revoked.items():
+        if idp is not None:
+            builder = builder.add_extension(idp, critical=True)
+        if delta_of is not None:
+            builder = builder.add_extension(x509.DeltaCRLIndicator(delta_of), critical=True)
+        for serial, when in self.revoked.items() if listed else ():
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder()
                 .serial_number(serial)
@@ -217,6 +233,36 @@ class CA:
                 .build()
             )
         return builder.sign(self.key, hashes.SHA256())
+
+
+def crl_distribution_points(uris: list[str]) -> x509.CRLDistributionPoints:
+    """A certificate's CRLDistributionPoints: one distribution point per URI."""
+    return x509.CRLDistributionPoints(
+        [
+            x509.DistributionPoint([x509.UniformResourceIdentifier(u)], None, None, None)
+            for u in uris
+        ]
+    )
+
+
+def partition(
+    uri: str | None,
+    *,
+    only_user: bool = False,
+    only_ca: bool = False,
+    indirect: bool = False,
+    reasons: frozenset[x509.ReasonFlags] | None = None,
+) -> x509.IssuingDistributionPoint:
+    """An IssuingDistributionPoint: the partition named ``uri`` (None: the scope flags only)."""
+    return x509.IssuingDistributionPoint(
+        full_name=[x509.UniformResourceIdentifier(uri)] if uri else None,
+        relative_name=None,
+        only_contains_user_certs=only_user,
+        only_contains_ca_certs=only_ca,
+        only_some_reasons=reasons,
+        indirect_crl=indirect,
+        only_contains_attribute_certs=False,
+    )
 
 
 def _ca_name(common_name: str) -> x509.Name:
@@ -325,8 +371,11 @@ class CardPKI:
         not_yet_valid: bool = False,
         issuer: CA | None = None,
         subject_serial: str | None = None,
+        crl_dps: list[str] | None = None,
     ) -> Issued:
-        """A certificate for person ``n``. Each call issues a new certificate (new serial)."""
+        """A certificate for person ``n``. Each call issues a new certificate (new serial).
+
+        ``crl_dps``: the URIs of its CRLDistributionPoints (its CRL partition)."""
         if expired:
             not_before, not_after = self.now - 3 * 365 * DAY, self.now - DAY
         elif not_yet_valid:
@@ -341,6 +390,7 @@ class CardPKI:
             not_before=not_before,
             not_after=not_after,
             subject_serial=subject_serial,
+            crl_dps=crl_dps,
         )
 
     def card(self, n: int, key_type: KeyType = "rsa", **kw: Any) -> PersonCard:
@@ -360,6 +410,10 @@ class CardPKI:
         self.intermediate.revoke(issued.cert, self.now - DAY)
 
     # -- files ------------------------------------------------------------------------
+
+    def write_crl(self, name: str, crl: x509.CertificateRevocationList) -> Path:
+        """Write one more CRL (DER) next to :meth:`settings`' last files."""
+        return self._write(name, crl.public_bytes(serialization.Encoding.DER))
 
     def _write(self, name: str, data: bytes) -> Path:
         path = self.files / name
