@@ -12,7 +12,9 @@ from typing import Any
 
 import click
 
+from relay.aio import run
 from relay.errors import GatewayError
+from relay.text import is_printable, printable
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -79,7 +81,8 @@ def _summary(rec: dict[str, Any]) -> list[str]:
         str(reason),
         str(rec.get("source") or ""),
     ]
-    return [v if v else "-" for v in values]
+    # Fields hold what clients sent (a factor name, a reason): never raw to a terminal.
+    return [printable(v) if v else "-" for v in values]
 
 
 @click.group(invoke_without_command=True)
@@ -155,9 +158,56 @@ def verify_cmd(parent: Path | None, config_path: Path | None) -> None:
     if path_cfg is None:
         raise click.UsageError("give --config PATH")
     result = verify(_path(path_cfg))
+    for done in result.acknowledged:
+        click.echo(f"acknowledged: {printable(str(done))}")
     if result.ok:
         click.echo(f"ok: {result.records} records, chain intact")
         return
     for problem in result.problems:
-        click.echo(f"FAIL: {problem}", err=True)
+        click.echo(f"FAIL: {printable(problem)}", err=True)
+    if any(p.gap for p in result.open):
+        click.echo(
+            "a gap or re-anchor may be acknowledged, once looked into, with "
+            "`gw audit acknowledge --seq N --reason TEXT`",
+            err=True,
+        )
     sys.exit(1)
+
+
+@audit.command("acknowledge")
+@click.option("--config", "config_path", type=click.Path(path_type=Path))
+@click.option("--seq", type=click.IntRange(min=1), required=True, help="The record verify names.")
+@click.option("--reason", required=True, help="Why it is acknowledged (kept in the trail).")
+@click.pass_obj
+def acknowledge_cmd(parent: Path | None, config_path: Path | None, seq: int, reason: str) -> None:
+    """Acknowledge a gap or re-anchor that `gw audit verify` reports, through the daemon.
+
+    The running gatewayd writes the acknowledgement (``audit.acknowledged``, with
+    your user name and the reason) into the chain itself; verify then accepts that
+    one place and nothing else.
+    """
+    from gatewayd import config as config_mod
+    from gatewayd.admin import AdminError, request
+
+    from .main import EXIT_FAILED, EXIT_LOCAL, EXIT_UNREACHABLE, fail
+
+    path_cfg = config_path or parent
+    if path_cfg is None:
+        raise click.UsageError("give --config PATH")
+    if not reason.strip() or not is_printable(reason) or len(reason) > 1024:
+        raise click.BadParameter(
+            "printable text on one line, at most 1024 characters", param_hint="--reason"
+        )
+    try:
+        socket = config_mod.load(path_cfg).admin.socket
+    except GatewayError as exc:
+        fail(f"config error: {exc}", EXIT_LOCAL)
+    try:
+        result = run(request(socket, "audit.acknowledge", {"seq": seq, "reason": reason}))
+    except AdminError as exc:
+        code = EXIT_UNREACHABLE if str(exc).startswith("cannot reach") else EXIT_FAILED
+        fail(str(exc), code)
+    click.echo(
+        f"acknowledged seq {seq} ({printable(str(result.get('problem', '')))}) "
+        f"in record {result.get('record')}"
+    )

@@ -30,7 +30,9 @@ from auth import totp
 from relay.approval import peer_user
 from relay.errors import GatewayError
 from relay.message import MODES, valid_id
+from relay.text import is_printable
 
+from . import audit as audit_mod
 from .audit import AuditLog
 from .broker import Broker
 from .config import Config
@@ -73,12 +75,17 @@ def _str(args: dict[str, Any], key: str, default: str | None = None) -> str:
 
 
 class AdminServer:
-    def __init__(self, config: Config, store: Store, audit: AuditLog, broker: Broker) -> None:
-        self.config = config
+    def __init__(self, store: Store, audit: AuditLog, broker: Broker) -> None:
         self.store = store
         self.audit = audit
         self.broker = broker
         self.server: asyncio.AbstractServer | None = None
+        self._bound: Path | None = None
+
+    @property
+    def config(self) -> Config:
+        """The config in force: the broker's holder, which SIGHUP updates for every part."""
+        return self.broker.holder.current
 
     def allowed(self, uid: int, name: str) -> bool:
         if uid in (0, os.getuid()) or uid in self.config.admin.allowed_uids:
@@ -101,13 +108,15 @@ class AdminServer:
         finally:
             os.umask(old)
         os.chmod(path, 0o660)
+        self._bound = path  # a reload may name another path; it takes effect at restart
 
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
-        with contextlib.suppress(FileNotFoundError):
-            self.config.admin.socket.unlink()
+        if self._bound is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._bound.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
@@ -326,6 +335,36 @@ async def _status(s: AdminServer, args: dict[str, Any], by: str) -> Any:
         "audit": s.audit.failure or "ok",
         "modes": {m: [list(step) for step in s.config.mode(m).factors] for m in MODES},
     }
+
+
+@op("audit.acknowledge")
+async def _audit_acknowledge(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+    """An operator has looked into a gap or re-anchor that verify reports: say so in the chain."""
+    seq = args.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+        raise AdminError("seq: expected a sequence number")
+    reason = _str(args, "reason").strip()
+    if not reason or len(reason) > 1024 or not is_printable(reason):
+        raise AdminError("reason: printable text on one line, at most 1024 characters")
+    result = await asyncio.to_thread(audit_mod.verify, s.audit.path)
+    at_seq = [p for p in result.open if p.seq == seq]
+    gaps = [p for p in at_seq if p.gap]
+    if not gaps:
+        if at_seq:
+            raise AdminError(
+                f"seq {seq}: {at_seq[0].text}: a change, not a gap; it cannot be acknowledged"
+            )
+        raise AdminError(f"seq {seq}: verify reports no unacknowledged gap or re-anchor there")
+    problem = gaps[0]
+    record = await s.audit.record(
+        audit_mod.ACKNOWLEDGED,
+        by=by,
+        acknowledged_seq=seq,
+        acknowledged_hash=problem.hash,
+        problem=str(problem),
+        reason=reason,
+    )
+    return {"seq": seq, "problem": str(problem), "record": record}
 
 
 async def request(path: Path, op_name: str, args: dict[str, Any], timeout: float = 30.0) -> Any:

@@ -40,7 +40,8 @@ from relay.errors import ConfigError, GatewayError, ProtocolError, RemoteError, 
 
 from . import ca, policy
 from .audit import AuditError, AuditLog
-from .config import Config
+from .config import Config, ConfigHolder
+from .rejection import RejectionLog
 from .store import Store, StoreError
 
 log = structlog.get_logger("gatewayd.broker")
@@ -133,13 +134,14 @@ def _cn(cert: x509.Certificate) -> str:
 class Broker:
     def __init__(
         self,
-        config: Config,
+        config: Config | ConfigHolder,
         store: Store,
         audit: AuditLog,
         *,
         now: Callable[[], float] = time.time,
     ) -> None:
-        self.config = config
+        self.holder = config if isinstance(config, ConfigHolder) else ConfigHolder(config)
+        config = self.holder.current
         self.store = store
         self.audit = audit
         self.now = now
@@ -153,6 +155,17 @@ class Broker:
         self.auth_limiter = RateLimiter(config.limits.auth_per_minute)
         self.accepting = True
         self.tasks: set[asyncio.Task[Any]] = set()
+        #: connection.rejected records, bounded per source (a flood cannot fill the disk).
+        self.rejections = RejectionLog(audit)
+
+    @property
+    def config(self) -> Config:
+        """The config in force (SIGHUP replaces it in the holder all parts share)."""
+        return self.holder.current
+
+    @config.setter
+    def config(self, value: Config) -> None:
+        self.holder.current = value
 
     # -- entry ----------------------------------------------------------------------
 
@@ -187,9 +200,7 @@ class Broker:
         except (ConnectionClosed, RemoteError) as exc:
             code = exc.code
             if code not in ("eof", "session_ended"):
-                self.audit.write(
-                    "connection.rejected", source=link.peer, code=code, message=str(exc)
-                )
+                self.rejections.reject(link.peer, code, str(exc), self.now())
         except AuditError as exc:
             log.error("audit log failed", error=str(exc))
             link.send_error("unavailable", "the gateway cannot write its audit log")
@@ -746,11 +757,11 @@ class Broker:
         pending = self.pending_dials.get(hello.token)
         agent_id = self._verified_agent(link)
         if pending is None or agent_id is None or pending[0] != agent_id:
-            self.audit.write(
-                "connection.rejected",
-                source=link.peer,
-                code="auth_failed",
-                message="data connection with an unknown token or the wrong agent",
+            self.rejections.reject(
+                link.peer,
+                "auth_failed",
+                "data connection with an unknown token or the wrong agent",
+                self.now(),
                 agent=agent_id,
             )
             link.send_error("auth_failed", "unknown dial token")

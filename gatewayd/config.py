@@ -29,8 +29,10 @@ class GatewaySection:
     """Name of this node in audit records and in a cluster."""
     handshake_timeout: float = 10.0
     """Seconds a new connection has to finish its TLS and protocol handshake."""
-    reuse_port: bool = True
-    """Bind with SO_REUSEPORT, so several gatewayd processes can share the port."""
+    reuse_port: bool = False
+    """Bind with SO_REUSEPORT, so that several gatewayd workers share the port. Only for
+    workers that each have their own ``[store]`` and ``[audit]`` (one process holds each);
+    off by default, so that a second gatewayd started by mistake cannot take connections."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +140,20 @@ class Config:
         return self.modes.get(name) or ModeSection(
             DEFAULT_FACTORS, require_reason=name != "homeoffice"
         )
+
+
+class ConfigHolder:
+    """The config in force, one for every part of the daemon.
+
+    The broker, the admin server and FIDO2 registration read ``current`` each time
+    they need a setting, so that SIGHUP, which replaces it here, reaches them all at
+    once (token lifetime, TOTP issuer, FIDO2 relying party...).
+    """
+
+    __slots__ = ("current",)
+
+    def __init__(self, config: Config) -> None:
+        self.current = config
 
 
 # -- parsing ------------------------------------------------------------------------
@@ -249,7 +265,7 @@ def parse(text: str, path: Path) -> Config:
         listen=parse_listen(g.get("listen", str)),
         node_id=g.get("node_id", str, "gw1"),
         handshake_timeout=g.number("handshake_timeout", 10.0, low=1, high=300),
-        reuse_port=g.get("reuse_port", bool, True),
+        reuse_port=g.get("reuse_port", bool, False),
     )
     g.done()
 

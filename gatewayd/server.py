@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import signal
 import socket
 import ssl
@@ -31,13 +33,36 @@ from . import systemd
 from .admin import AdminServer
 from .audit import AuditLog
 from .broker import Broker
-from .config import Config
+from .config import Config, ConfigHolder
 from .store import Store, load_secrets_key
 
 log = structlog.get_logger("gatewayd")
 
 #: Seconds SIGTERM waits for open tunnels before ending them.
 DRAIN_TIMEOUT = 10.0
+#: Seconds between looks for rejected-connection summaries whose interval is over.
+SUMMARY_EVERY = 5.0
+
+
+def lock_file(path: os.PathLike[str], what: str) -> int:
+    """Hold an exclusive lock on ``path`` (created if missing) for the life of the process.
+
+    flock(2) locks are the file's, not SQLite's (which uses fcntl record locks), so
+    this does not disturb the database; the descriptor stays open until exit.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise GatewayError(f"cannot open {what} {path}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        raise GatewayError(
+            f"another gatewayd is already running with {what} {path}; stop it first, "
+            "or give this one its own [store] and [audit] paths"
+        ) from exc
+    return fd
 
 
 def bind(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -58,13 +83,18 @@ def bind(host: str, port: int, reuse_port: bool) -> socket.socket:
 
 class Gateway:
     def __init__(self, config: Config) -> None:
-        self.config = config
+        #: The config in force, shared by every part; SIGHUP replaces it here.
+        self.holder = ConfigHolder(config)
         self.ssl_context: ssl.SSLContext | None = None
         self.stopping = asyncio.Event()
         self.reloads = 0
 
-    def load_tls(self) -> ssl.SSLContext:
-        tls = self.config.tls
+    @property
+    def config(self) -> Config:
+        return self.holder.current
+
+    def load_tls(self, config: Config | None = None) -> ssl.SSLContext:
+        tls = (config or self.config).tls
         try:
             return server_context(tls.cert_file, tls.key_file, tls.ca_file)
         except (OSError, ssl.SSLError) as exc:
@@ -74,21 +104,42 @@ class Gateway:
         cfg = self.config
         loop = asyncio.get_running_loop()
         self.ssl_context = self.load_tls()
+        keylog = os.environ.get("SSLKEYLOGFILE")
+        if keylog:
+            log.warning(
+                "SSLKEYLOGFILE is set: gatewayd writes every TLS session secret to this file; "
+                "anyone who can read it can decrypt the captured traffic. Unset it unless "
+                "you are debugging on purpose.",
+                sslkeylogfile=keylog,
+            )
+        # One process per state database and audit log, before either is touched.
+        cfg.store.path.parent.mkdir(parents=True, exist_ok=True)
+        state_lock = lock_file(cfg.store.path, "the state database")
+        try:
+            audit = AuditLog(cfg.audit.path, node=cfg.gateway.node_id, fsync=cfg.audit.fsync)
+        except GatewayError:
+            os.close(state_lock)
+            raise
         store = Store(cfg.store.path, load_secrets_key(cfg.store.secrets_key_file))
-        audit = AuditLog(cfg.audit.path, node=cfg.gateway.node_id, fsync=cfg.audit.fsync)
         audit.start()
-        if audit.discontinuity:
-            audit.write("audit.discontinuity", message=audit.discontinuity)
-        broker = Broker(cfg, store, audit)
+        audit.write_startup_records()
+        broker = Broker(self.holder, store, audit)
         _warn_factor_files(cfg)
-        admin = AdminServer(cfg, store, audit, broker)
+        admin = AdminServer(store, audit, broker)
         host, port = cfg.gateway.listen
         sock = bind(host, port, cfg.gateway.reuse_port)
         acceptor = loop.create_task(accept_loop(self, sock, broker, audit))
+        summaries = loop.create_task(_summaries(broker))
         await admin.start()
         bound = sock.getsockname()
         await audit.record(
-            "gateway.start", listen=f"{bound[0]}:{bound[1]}", config=str(cfg.path), version=1
+            "gateway.start",
+            listen=f"{bound[0]}:{bound[1]}",
+            config=str(cfg.path),
+            version=1,
+            tls_keylog=bool(keylog),
+            reuse_port=cfg.gateway.reuse_port,
+            pid=os.getpid(),
         )
         for sig, handler in (
             (signal.SIGTERM, self.stopping.set),
@@ -111,26 +162,28 @@ class Gateway:
             await broker.drain(DRAIN_TIMEOUT)
             if dog is not None:
                 dog.cancel()
+            summaries.cancel()
+            broker.rejections.flush_all()  # nothing counted is left off the record
             with contextlib.suppress(GatewayError):
                 await audit.record("gateway.stop", reason="signal")
             await audit.close()
             store.close()
+            os.close(state_lock)
 
     async def reload(self, broker: Broker, audit: AuditLog) -> None:
         """SIGHUP: re-read config and certificates; live tunnels are untouched."""
         systemd.notify("RELOADING=1")
         try:
             new = config_mod.load(self.config.path)
-            old = self.config
-            self.config = new
-            ctx = self.load_tls()
+            ctx = self.load_tls(new)
         except GatewayError as exc:
             log.error("reload failed; keeping the running config", error=str(exc))
             audit.write("gateway.reload", outcome="failure", reason=str(exc))
             systemd.notify("READY=1")
             return
+        old = self.config
+        self.holder.current = new  # the broker, admin server and registration read it here
         self.ssl_context = ctx
-        broker.config = new
         broker.auth_limiter.limit = new.limits.auth_per_minute
         registry.reload()
         _warn_factor_files(new)
@@ -169,6 +222,13 @@ def _warn_factor_files(cfg: Config) -> None:
         log.warning("logins with this factor will fail until configured", warning=warning)
 
 
+async def _summaries(broker: Broker) -> None:
+    """Write the summaries of rejected connections whose interval is over, also when quiet."""
+    while True:
+        await asyncio.sleep(SUMMARY_EVERY)
+        broker.rejections.flush_due(broker.now())
+
+
 async def accept_loop(
     gateway: Gateway, sock: socket.socket, broker: Broker, audit: AuditLog
 ) -> None:
@@ -204,7 +264,7 @@ async def _upgrade(
     except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
         conn.close()
         reason = str(exc)[:200] or type(exc).__name__
-        audit.write("connection.rejected", source=source, code="tls", message=reason)
+        broker.rejections.reject(source, "tls", reason, broker.now())
         return
     await broker.handle(link)
 

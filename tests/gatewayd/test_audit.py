@@ -7,10 +7,13 @@ and then edits the files the way an intruder or a full disk would.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gzip
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +21,12 @@ import pytest
 import pytest_asyncio
 
 from gatewayd.audit import (
+    ACKNOWLEDGED,
+    DISCONTINUITY,
     GENESIS,
     AuditError,
     AuditLog,
+    Problem,
     head_path,
     line_hash,
     log_files,
@@ -29,6 +35,7 @@ from gatewayd.audit import (
     read_lines,
     verify,
 )
+from gatewayd.rejection import RejectionLog, source_host
 
 
 @pytest.fixture
@@ -171,14 +178,16 @@ async def test_edited_record(log_path: Path, five: list[bytes]) -> None:
     rewrite(log_path, edited)
     result = verify(log_path)
     assert not result.ok
-    assert result.problems == ["seq 4: the record before it was changed, removed or moved"]
+    assert result.problems == [
+        "audit.log line 4: seq 4: the record before it was changed, removed or moved"
+    ]
 
 
 @pytest.mark.asyncio
 async def test_edited_last_record(log_path: Path, five: list[bytes]) -> None:
     rewrite(log_path, [*five[:4], five[4].replace(b"alice@acme", b"mallory@acme")])
     result = verify(log_path)
-    assert result.problems == ["seq 5: the last record was changed"]
+    assert result.problems == ["audit.log line 5: seq 5: the last record was changed"]
 
 
 @pytest.mark.asyncio
@@ -187,14 +196,16 @@ async def test_deleted_middle_record(log_path: Path, five: list[bytes]) -> None:
     result = verify(log_path)
     assert not result.ok
     assert result.records == 4
-    assert "seq 4: expected seq 3 (removed or moved)" in result.problems
+    assert "audit.log line 3: seq 4: expected seq 3 (removed or moved)" in result.problems
 
 
 @pytest.mark.asyncio
 async def test_deleted_first_record(log_path: Path, five: list[bytes]) -> None:
     rewrite(log_path, five[1:])
     result = verify(log_path)
-    assert result.problems == ["seq 2: the trail does not start at seq 1 (records removed)"]
+    assert result.problems == [
+        "audit.log line 1: seq 2: the trail does not start at seq 1 (records removed)"
+    ]
 
 
 @pytest.mark.asyncio
@@ -202,8 +213,11 @@ async def test_two_records_swapped(log_path: Path, five: list[bytes]) -> None:
     rewrite(log_path, [five[0], five[2], five[1], five[3], five[4]])
     result = verify(log_path)
     assert not result.ok
-    assert "seq 3: expected seq 2 (removed or moved)" in result.problems
-    assert "seq 4: the record before it was changed, removed or moved" in result.problems
+    assert "audit.log line 2: seq 3: expected seq 2 (removed or moved)" in result.problems
+    assert (
+        "audit.log line 4: seq 4: the record before it was changed, removed or moved"
+        in result.problems
+    )
 
 
 @pytest.mark.asyncio
@@ -211,21 +225,27 @@ async def test_truncated_tail(log_path: Path, five: list[bytes]) -> None:
     rewrite(log_path, five[:3])
     assert head_path(log_path).exists()
     result = verify(log_path)
-    assert result.problems == ["the log ends at seq 3 but the head says 5: truncated"]
+    assert result.problems == [
+        "audit.log line 3: the log ends at seq 3 but the head says 5: truncated"
+    ]
 
 
 @pytest.mark.asyncio
 async def test_truncated_to_nothing(log_path: Path, five: list[bytes]) -> None:
     rewrite(log_path, [])
     result = verify(log_path)
-    assert result.problems == ["the log ends at seq 0 but the head says 5: truncated"]
+    assert result.problems == [
+        "audit.log (empty): the log ends at seq 0 but the head says 5: truncated"
+    ]
 
 
 @pytest.mark.asyncio
 async def test_missing_head_file(log_path: Path, five: list[bytes]) -> None:
     head_path(log_path).unlink()
     result = verify(log_path)
-    assert result.problems == ["head file missing: truncation cannot be ruled out"]
+    assert result.problems == [
+        "audit.log line 5: head file missing: truncation cannot be ruled out"
+    ]
 
 
 @pytest.mark.asyncio
@@ -234,15 +254,18 @@ async def test_non_json_line(log_path: Path, five: list[bytes]) -> None:
     result = verify(log_path)
     assert not result.ok
     assert result.records == 6
-    assert "line after seq 2: not an audit record" in result.problems
-    assert "seq 3: the record before it was changed, removed or moved" in result.problems
+    assert "audit.log line 3: not an audit record (after seq 2)" in result.problems
+    assert (
+        "audit.log line 4: seq 3: the record before it was changed, removed or moved"
+        in result.problems
+    )
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("line", [b"[1, 2]", b'"text"', b"{}", b'{"seq": "x", "prev": ""}'])
 async def test_json_that_is_not_a_record(log_path: Path, five: list[bytes], line: bytes) -> None:
     rewrite(log_path, [*five[:2], line, *five[2:]])
-    assert "line after seq 2: not an audit record" in verify(log_path).problems
+    assert "audit.log line 3: not an audit record (after seq 2)" in verify(log_path).problems
 
 
 @pytest.mark.asyncio
@@ -252,7 +275,7 @@ async def test_forged_record_appended(log_path: Path, five: list[bytes]) -> None
         {"ts": "x", "seq": 5, "prev": line_hash(five[3]), "node": "t", "event": "nothing"}
     ).encode()
     rewrite(log_path, [*five[:4], forged])
-    assert verify(log_path).problems == ["seq 5: the last record was changed"]
+    assert verify(log_path).problems == ["audit.log line 5: seq 5: the last record was changed"]
 
 
 # -- rotation --------------------------------------------------------------------------------------
@@ -376,3 +399,360 @@ async def test_failed_write_fails_closed_and_leaves_no_gap(log_path: Path) -> No
     assert [r["event"] for r in records(log_path)] == ["before", "after"]
     result = verify(log_path)
     assert result.ok, result.problems
+
+
+# -- short writes and a full disk ------------------------------------------------------------------
+
+
+class TrickleLog(AuditLog):
+    """An audit log whose file takes at most ``step`` bytes per write(2), then maybe none."""
+
+    def __init__(self, path: Path, *, step: int, fail_after: int | None = None) -> None:
+        super().__init__(path, node="t", fsync=False)
+        self.step = step
+        self.fail_after = fail_after  # write(2) calls before the disk is full
+        self.calls = 0
+
+    def _write_some(self, data: memoryview) -> int:
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super()._write_some(data[: self.step])
+
+
+def whole_records(path: Path) -> list[dict[str, Any]]:
+    """Every line of the file, each a whole record; fails on a torn one."""
+    data = path.read_bytes()
+    assert not data or data.endswith(b"\n"), f"torn last record: {data[-80:]!r}"
+    return [json.loads(line) for line in data.splitlines()]
+
+
+@pytest.mark.asyncio
+async def test_short_writes_are_completed(log_path: Path) -> None:
+    log = TrickleLog(log_path, step=7)
+    try:
+        for i in range(3):
+            await log.record("short.writes", i=i)
+        assert log.calls > 30  # every record took many writes
+    finally:
+        await log.close()
+    assert [r["i"] for r in whole_records(log_path)] == [0, 1, 2]
+    assert verify(log_path).ok
+
+
+@pytest.mark.asyncio
+async def test_disk_full_mid_record_cuts_back_and_fails_closed(log_path: Path) -> None:
+    await write_records(log_path, 2)
+    size = log_path.stat().st_size
+    log = TrickleLog(log_path, step=20, fail_after=3)  # 60 bytes of a longer line, then ENOSPC
+    try:
+        with pytest.raises(AuditError, match="No space left"):
+            log.write("lost", filler="x" * 200)
+        assert log.failure is not None and "No space left" in log.failure
+        assert log_path.stat().st_size == size  # cut back to the last whole record
+        with pytest.raises(AuditError):
+            await log.commit()
+        assert log.seq == 2
+        log.fail_after = None  # room again
+        await log.record("after")
+    finally:
+        await log.close()
+    assert [r["seq"] for r in whole_records(log_path)] == [1, 2, 3]
+    assert verify(log_path).ok
+
+
+@pytest.mark.asyncio
+async def test_a_failed_cut_back_is_retried_before_the_next_record(log_path: Path) -> None:
+    await write_records(log_path, 1)
+    size = log_path.stat().st_size
+    log = TrickleLog(log_path, step=10, fail_after=1)
+    real_ftruncate = os.ftruncate
+    try:
+        os.ftruncate = _refuse  # type: ignore[assignment]
+        try:
+            with pytest.raises(AuditError, match="cannot cut it back"):
+                log.write("lost", filler="y" * 100)
+        finally:
+            os.ftruncate = real_ftruncate
+        assert log_path.stat().st_size == size + 10  # the torn part is still there...
+        log.fail_after = None
+        await log.record("after")  # ...and is cut before the next record
+    finally:
+        await log.close()
+    assert [r["event"] for r in whole_records(log_path)] == ["test.event", "after"]
+    assert verify(log_path).ok
+
+
+def _refuse(fd: int, length: int) -> None:
+    raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+FULL_DISK = """
+import asyncio, json, resource, sys
+from pathlib import Path
+from gatewayd.audit import AuditError, AuditLog
+
+path = Path(sys.argv[1])
+limit = path.stat().st_size + 1000  # room for a few records, then EFBIG mid-record
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ
+
+async def main() -> None:
+    log = AuditLog(path, node="t", fsync=True)
+    written = 0
+    try:
+        for i in range(100):
+            await log.record("fill", i=i, filler="z" * 90)
+            written += 1
+    except AuditError as exc:
+        print(json.dumps({"written": written, "error": str(exc), "failure": log.failure}))
+    await log.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.asyncio
+async def test_a_really_full_file_keeps_only_whole_records(log_path: Path) -> None:
+    """RLIMIT_FSIZE makes the kernel write part of a record and refuse the rest."""
+    await write_records(log_path, 3)
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(log_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    outcome = json.loads(result.stdout)
+    assert 0 < outcome["written"] < 100
+    assert "File too large" in outcome["error"] and outcome["failure"] == outcome["error"]
+    recs = whole_records(log_path)
+    assert [r["seq"] for r in recs] == list(range(1, 4 + outcome["written"]))
+    assert verify(log_path).ok, verify(log_path).problems
+
+
+# -- one writer --------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_second_writer_is_refused(log_path: Path) -> None:
+    first = AuditLog(log_path, node="t", fsync=False)
+    try:
+        with pytest.raises(AuditError, match="in use by another process"):
+            AuditLog(log_path, node="t", fsync=False)
+        await first.record("still.mine")
+    finally:
+        await first.close()
+    second = AuditLog(log_path, node="t", fsync=False)  # free once the first is closed
+    await second.close()
+    assert verify(log_path).ok
+
+
+# -- a torn last record at start ---------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_torn_last_record_is_moved_aside_and_noted(log_path: Path) -> None:
+    await write_records(log_path, 3)
+    torn = b'{"ts":"2026-12-01T00:00:00.000000Z","seq":4,"prev":"ab'
+    with log_path.open("ab") as f:
+        f.write(torn)
+    log = AuditLog(log_path, node="t", fsync=False)
+    try:
+        assert log.recovered is not None
+        size, aside = log.recovered
+        assert size == len(torn)
+        assert aside.read_bytes() == torn
+        assert aside.name.startswith("audit.log.torn-")
+        log.write_startup_records()
+        await log.record("next")
+    finally:
+        await log.close()
+    recs = whole_records(log_path)
+    assert [r["event"] for r in recs] == [*["test.event"] * 3, "audit.recovered", "next"]
+    assert recs[3]["bytes"] == len(torn) and recs[3]["aside"] == str(aside)
+    assert aside not in log_files(log_path)
+    assert verify(log_path).ok, verify(log_path).problems
+
+
+@pytest.mark.asyncio
+async def test_a_log_that_is_all_torn(log_path: Path) -> None:
+    log_path.parent.mkdir(parents=True)
+    log_path.write_bytes(b"\x00" * 300)  # what a crash can leave: a size, no data
+    log = AuditLog(log_path, node="t", fsync=False)
+    try:
+        assert log.recovered is not None and log.recovered[0] == 300
+        log.write_startup_records()
+    finally:
+        await log.close()
+    assert [r["event"] for r in whole_records(log_path)] == ["audit.recovered"]
+    assert verify(log_path).ok
+
+
+# -- re-anchoring and acknowledgement ------------------------------------------------------------
+
+
+async def restart(path: Path, *events: str) -> None:
+    log = AuditLog(path, node="t", fsync=False)
+    try:
+        log.write_startup_records()
+        for event in events:
+            await log.record(event)
+    finally:
+        await log.close()
+
+
+async def acknowledge(path: Path, problem: Problem) -> None:
+    log = AuditLog(path, node="t", fsync=False)
+    try:
+        await log.record(
+            ACKNOWLEDGED,
+            by="root",
+            acknowledged_seq=problem.seq,
+            acknowledged_hash=problem.hash,
+            reason="disk replaced",
+        )
+    finally:
+        await log.close()
+
+
+@pytest.mark.asyncio
+async def test_truncation_then_restart_is_a_failure_until_acknowledged(
+    log_path: Path, five: list[bytes]
+) -> None:
+    rewrite(log_path, five[:3])
+    await restart(log_path, "after.restart")
+    recs = records(log_path)
+    anchor = recs[3]
+    assert anchor["event"] == DISCONTINUITY
+    # The lost numbers are never reused, and the chain goes on from what is left.
+    assert (anchor["seq"], anchor["found_seq"], anchor["head_seq"]) == (6, 3, 5)
+    assert anchor["missing"] == [4, 5] and anchor["prev"] == line_hash(five[2])
+    assert recs[4]["seq"] == 7
+    result = verify(log_path)
+    assert not result.ok
+    assert len(result.open) == 1
+    problem = result.open[0]
+    assert (problem.where, problem.seq, problem.gap) == ("audit.log line 4", 6, True)
+    assert str(problem).startswith("audit.log line 4: seq 6: the chain was re-anchored")
+    await acknowledge(log_path, problem)
+    result = verify(log_path)
+    assert result.ok, result.problems
+    assert [p.seq for p in result.acknowledged] == [6]
+    # A second cut, not acknowledged, still fails; the first stays accepted.
+    await restart(log_path, "one", "two")  # seq 9, 10
+    rewrite(log_path, lines(log_path)[:-1])
+    await restart(log_path)
+    result = verify(log_path)
+    assert [(p.seq, p.where) for p in result.open] == [(11, "audit.log line 8")]
+    assert [p.seq for p in result.acknowledged] == [6]
+
+
+@pytest.mark.asyncio
+async def test_an_acknowledgement_names_exactly_one_record(
+    log_path: Path, five: list[bytes]
+) -> None:
+    rewrite(log_path, five[:3])
+    await restart(log_path)
+    problem = verify(log_path).open[0]
+    await acknowledge(log_path, Problem(problem.where, problem.seq, "", "0" * 64, gap=True))
+    assert not verify(log_path).ok  # wrong hash: not this record
+
+
+@pytest.mark.asyncio
+async def test_an_edit_cannot_be_acknowledged(log_path: Path, five: list[bytes]) -> None:
+    edited = [*five[:2], five[2].replace(b"alice@acme", b"mallory@acme"), *five[3:]]
+    rewrite(log_path, edited)
+    problem = verify(log_path).open[0]
+    assert not problem.gap
+    await acknowledge(log_path, problem)
+    assert not verify(log_path).ok
+
+
+@pytest.mark.asyncio
+async def test_a_deleted_middle_record_is_a_gap_that_may_be_acknowledged(
+    log_path: Path, five: list[bytes]
+) -> None:
+    rewrite(log_path, [*five[:2], *five[3:]])
+    result = verify(log_path)
+    assert {(p.seq, p.gap) for p in result.open} == {(4, True)}
+    await acknowledge(log_path, result.open[0])
+    assert verify(log_path).ok
+
+
+@pytest.mark.asyncio
+async def test_a_deleted_log_is_re_anchored_at_genesis(log_path: Path, five: list[bytes]) -> None:
+    log_path.unlink()
+    await restart(log_path)
+    recs = records(log_path)
+    assert (recs[0]["event"], recs[0]["seq"], recs[0]["prev"]) == (DISCONTINUITY, 6, GENESIS)
+    result = verify(log_path)
+    assert [p.seq for p in result.open] == [6]
+
+
+# -- rejected connections: bounded, summarised, never dropped ----------------------------------
+
+
+def rejected(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    recs = records(path)
+    return (
+        [r for r in recs if r["event"] == "connection.rejected"],
+        [r for r in recs if r["event"] == "connection.rejected.summary"],
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_flood_of_rejections_is_summarised(log_path: Path) -> None:
+    log = AuditLog(log_path, node="t", fsync=False)
+    rej = RejectionLog(log, per_interval=10, interval=60.0)
+    t0 = 1_700_000_000.0
+    try:
+        for i in range(3000):  # 3,000 junk connections in 4 s, from 10 ports of one host
+            rej.reject(
+                f"198.51.100.7:{40000 + i % 10}", "tls" if i % 3 else "timeout", "x", t0 + i / 750
+            )
+        rej.reject("[2001:db8::1]:5555", "protocol_error", "garbage", t0 + 4)
+        assert rej.pending == 2990
+        rej.flush_due(t0 + 59.9)
+        assert rej.pending == 2990  # the interval is not over yet
+        rej.flush_due(t0 + 60)
+        assert rej.pending == 0
+        # The next interval starts afresh with full records.
+        rej.reject("198.51.100.7:1", "tls", "again", t0 + 61)
+        rej.flush_all()
+    finally:
+        await log.close()
+    single, summaries = rejected(log_path)
+    assert len(single) == 12
+    assert [r["source"] for r in single if r["source"].startswith("[")] == ["[2001:db8::1]:5555"]
+    assert len(summaries) == 1
+    summary = summaries[0]
+    assert summary["source"] == "198.51.100.7"
+    assert summary["count"] == 2990 and sum(summary["codes"].values()) == 2990
+    assert summary["recorded"] == 10
+    assert summary["first"] == now_rfc3339(t0 + 10 / 750)
+    assert summary["last"] == now_rfc3339(t0 + 2999 / 750)
+    assert len(single) - 2 + summary["count"] == 3000
+    assert verify(log_path).ok
+
+
+@pytest.mark.asyncio
+async def test_shutdown_and_a_full_table_flush_every_count(log_path: Path) -> None:
+    log = AuditLog(log_path, node="t", fsync=False)
+    rej = RejectionLog(log, per_interval=1, interval=60.0, max_sources=3)
+    try:
+        for host in range(5):  # more sources than the table holds
+            for n in range(4):
+                rej.reject(f"192.0.2.{host}:{n}", "tls", "x", 100.0 + host)
+        rej.flush_all()
+    finally:
+        await log.close()
+    single, summaries = rejected(log_path)
+    assert len(single) == 5
+    assert sorted(r["source"] for r in summaries) == [f"192.0.2.{h}" for h in range(5)]
+    assert sum(r["count"] for r in summaries) + len(single) == 20
+
+
+def test_source_host() -> None:
+    assert source_host("192.0.2.1:443") == "192.0.2.1"
+    assert source_host("[2001:db8::1]:443") == "2001:db8::1"
+    assert source_host("?") == "?"

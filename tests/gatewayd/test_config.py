@@ -64,7 +64,7 @@ def test_minimal_document(where: Path) -> None:
     assert cfg.gateway == config.GatewaySection(("127.0.0.1", 8443))
     assert cfg.gateway.node_id == "gw1"
     assert cfg.gateway.handshake_timeout == 10.0
-    assert cfg.gateway.reuse_port is True
+    assert cfg.gateway.reuse_port is False  # only where several workers share the port
     assert cfg.tls == config.TLSSection(
         base / "tls/server.pem",
         base / "tls/server.key",
@@ -119,13 +119,13 @@ cert_days = 30
 """,
         replace={
             'listen = "127.0.0.1:8443"': 'listen = "[::]:443"\nnode_id = "gw7"\n'
-            "handshake_timeout = 20\nreuse_port = false",
+            "handshake_timeout = 20\nreuse_port = true",
             '[admin]\nsocket = "/run/gatewayd/admin.sock"': '[admin]\nsocket = "admin.sock"\n'
             'allowed_uids = [1000, 1001]\nallowed_groups = ["wheel"]',
             '[audit]\npath = "log/audit.jsonl"': '[audit]\npath = "log/audit.jsonl"\nfsync = false',
         },
     )
-    assert cfg.gateway == config.GatewaySection(("::", 443), "gw7", 20.0, False)
+    assert cfg.gateway == config.GatewaySection(("::", 443), "gw7", 20.0, True)
     assert cfg.admin == config.AdminSection(
         where.parent.resolve() / "admin.sock", (1000, 1001), ("wheel",)
     )

@@ -1,0 +1,134 @@
+"""Rejected connections on the record, without letting a flood fill the disk.
+
+Every connection the gateway turns away before it has a role (a failed TLS
+handshake, garbage, an oversized frame, silence) is worth a record, but an
+unauthenticated peer must not be able to write one record per connection for as
+long as it likes. Per source host and interval, the first ``per_interval``
+rejections get their own ``connection.rejected`` record; the rest are counted,
+and one ``connection.rejected.summary`` record per source and interval says how
+many there were, of which kinds, and when the first and last came. Nothing is
+dropped: a summary is written when its interval is over (at the next rejection
+or the next :meth:`RejectionLog.flush_due`), when the table of sources is full
+(the oldest goes first), and at shutdown (:meth:`RejectionLog.flush_all`).
+
+Time is a parameter (``now``), so the tests need no clock.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from .audit import AuditError, AuditLog, now_rfc3339
+
+log = structlog.get_logger("gatewayd.rejection")
+
+#: Full records per source and interval: enough to see what a scanner or a broken
+#: client does, few enough that 3,000 junk connections cost a handful of lines.
+PER_INTERVAL = 10
+#: Seconds of one interval (the same minute the login rate limit counts in).
+INTERVAL = 60.0
+#: Sources tracked at once; past this the oldest interval is summarised early. Bounds
+#: memory under a spread-out flood (about 200 bytes each).
+MAX_SOURCES = 10_000
+
+
+def source_host(source: str) -> str:
+    """``IP`` of ``IP:PORT`` or ``[V6]:PORT``; the whole text when there is no port."""
+    host, sep, port = source.rpartition(":")
+    if not sep or not port.isdigit():
+        return source
+    return host.strip("[]") or source
+
+
+@dataclass
+class _Window:
+    start: float
+    seen: int = 0
+    suppressed: int = 0
+    first: float = 0.0
+    last: float = 0.0
+    codes: Counter[str] = field(default_factory=Counter)
+
+
+class RejectionLog:
+    """Writes ``connection.rejected`` records, at most ``per_interval`` per source and interval."""
+
+    def __init__(
+        self,
+        audit: AuditLog,
+        *,
+        per_interval: int = PER_INTERVAL,
+        interval: float = INTERVAL,
+        max_sources: int = MAX_SOURCES,
+    ) -> None:
+        self.audit = audit
+        self.per_interval = per_interval
+        self.interval = interval
+        self.max_sources = max_sources
+        # Insertion order is start order: a source whose interval ends is re-inserted.
+        self._windows: dict[str, _Window] = {}
+
+    def reject(self, source: str, code: str, message: str, now: float, **fields: Any) -> None:
+        """One connection from ``source`` was turned away with ``code``."""
+        self.flush_due(now)
+        host = source_host(source)
+        window = self._windows.get(host)
+        if window is None:
+            if len(self._windows) >= self.max_sources:
+                oldest = next(iter(self._windows))
+                self._close(oldest, self._windows.pop(oldest))
+            window = self._windows[host] = _Window(start=now)
+        window.seen += 1
+        if window.seen <= self.per_interval:
+            self._write("connection.rejected", source=source, code=code, message=message, **fields)
+            return
+        if not window.suppressed:
+            window.first = now
+        window.suppressed += 1
+        window.last = now
+        window.codes[code] += 1
+
+    def flush_due(self, now: float) -> None:
+        """Summarise every interval that is over."""
+        while self._windows:
+            host, window = next(iter(self._windows.items()))
+            if now < window.start + self.interval:
+                return
+            del self._windows[host]
+            self._close(host, window)
+
+    def flush_all(self) -> None:
+        """Summarise every interval now (shutdown)."""
+        while self._windows:
+            host = next(iter(self._windows))
+            self._close(host, self._windows.pop(host))
+
+    @property
+    def pending(self) -> int:
+        """Rejections counted but not yet on the record in a summary."""
+        return sum(w.suppressed for w in self._windows.values())
+
+    def _close(self, host: str, window: _Window) -> None:
+        if not window.suppressed:
+            return
+        self._write(
+            "connection.rejected.summary",
+            source=host,
+            count=window.suppressed,
+            codes=dict(sorted(window.codes.items())),
+            first=now_rfc3339(window.first),
+            last=now_rfc3339(window.last),
+            interval=self.interval,
+            recorded=min(window.seen - window.suppressed, self.per_interval),
+        )
+
+    def _write(self, event: str, **fields: Any) -> None:
+        try:
+            self.audit.write(event, **fields)
+        except AuditError as exc:
+            # The audit log's failure refuses new sessions; say here what was not recorded.
+            log.error("cannot record a rejected connection", error=str(exc), record=event, **fields)
