@@ -333,6 +333,8 @@ async def _status(s: AdminServer, args: dict[str, Any], by: str) -> Any:
         "agents_online": sorted(s.broker.agents),
         "sessions": len(s.broker.sessions),
         "audit": s.audit.failure or "ok",
+        # Rejected connections counted towards a summary record not written yet.
+        "rejections_pending": s.broker.rejections.pending,
         "modes": {m: [list(step) for step in s.config.mode(m).factors] for m in MODES},
     }
 
