@@ -3,10 +3,13 @@
 Every connection the gateway turns away before it has a role (a failed TLS
 handshake, garbage, an oversized frame, silence) is worth a record, but an
 unauthenticated peer must not be able to write one record per connection for as
-long as it likes. Per source host and interval, the first ``per_interval``
-rejections get their own ``connection.rejected`` record; the rest are counted,
-and one ``connection.rejected.summary`` record per source and interval says how
-many there were, of which kinds, and when the first and last came. Nothing is
+long as it likes. Per source (an IPv4 host, an IPv6 /64: one subscriber's
+addresses) and interval, the first ``per_interval`` rejections get their own
+``connection.rejected`` record; the rest are counted, and one
+``connection.rejected.summary`` record per source and interval says how many there
+were, of which kinds, and when the first and last came. Across all sources at most
+``total_per_interval`` rejections per interval get a record of their own, so that
+many sources together cannot fill the disk either. Nothing is
 dropped: a summary is written when its interval is over (at the next rejection
 or the next :meth:`RejectionLog.flush_due`), when the table of sources is full
 (the oldest goes first), and at shutdown (:meth:`RejectionLog.flush_all`).
@@ -16,6 +19,7 @@ Time is a parameter (``now``), so the tests need no clock.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +35,8 @@ log = structlog.get_logger("gatewayd.rejection")
 PER_INTERVAL = 10
 #: Seconds of one interval (the same minute the login rate limit counts in).
 INTERVAL = 60.0
+#: Own records per interval across all sources (a spread-out flood).
+TOTAL_PER_INTERVAL = 600
 #: Sources tracked at once; past this the oldest interval is summarised early. Bounds
 #: memory under a spread-out flood (about 200 bytes each).
 MAX_SOURCES = 10_000
@@ -44,10 +50,23 @@ def source_host(source: str) -> str:
     return host.strip("[]") or source
 
 
+def source_key(source: str) -> str:
+    """What one source is: its IPv4 address, or the /64 of its IPv6 address."""
+    host = source_host(source)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 6 and address.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address.ipv4_mapped or address) if address.version == 6 else host
+
+
 @dataclass
 class _Window:
     start: float
     seen: int = 0
+    recorded: int = 0
     suppressed: int = 0
     first: float = 0.0
     last: float = 0.0
@@ -64,18 +83,24 @@ class RejectionLog:
         per_interval: int = PER_INTERVAL,
         interval: float = INTERVAL,
         max_sources: int = MAX_SOURCES,
+        total_per_interval: int = TOTAL_PER_INTERVAL,
     ) -> None:
         self.audit = audit
         self.per_interval = per_interval
         self.interval = interval
         self.max_sources = max_sources
+        self.total_per_interval = total_per_interval
+        self._total_start = float("-inf")
+        self._total = 0
         # Insertion order is start order: a source whose interval ends is re-inserted.
         self._windows: dict[str, _Window] = {}
 
     def reject(self, source: str, code: str, message: str, now: float, **fields: Any) -> None:
         """One connection from ``source`` was turned away with ``code``."""
         self.flush_due(now)
-        host = source_host(source)
+        host = source_key(source)
+        if now >= self._total_start + self.interval:
+            self._total_start, self._total = now, 0
         window = self._windows.get(host)
         if window is None:
             if len(self._windows) >= self.max_sources:
@@ -83,7 +108,9 @@ class RejectionLog:
                 self._close(oldest, self._windows.pop(oldest))
             window = self._windows[host] = _Window(start=now)
         window.seen += 1
-        if window.seen <= self.per_interval:
+        if window.seen <= self.per_interval and self._total < self.total_per_interval:
+            self._total += 1
+            window.recorded += 1
             self._write("connection.rejected", source=source, code=code, message=message, **fields)
             return
         if not window.suppressed:
@@ -123,7 +150,7 @@ class RejectionLog:
             first=now_rfc3339(window.first),
             last=now_rfc3339(window.last),
             interval=self.interval,
-            recorded=min(window.seen - window.suppressed, self.per_interval),
+            recorded=window.recorded,
         )
 
     def _write(self, event: str, **fields: Any) -> None:

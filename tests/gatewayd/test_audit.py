@@ -35,7 +35,7 @@ from gatewayd.audit import (
     read_lines,
     verify,
 )
-from gatewayd.rejection import RejectionLog, source_host
+from gatewayd.rejection import RejectionLog, source_host, source_key
 
 
 @pytest.fixture
@@ -756,3 +756,40 @@ def test_source_host() -> None:
     assert source_host("192.0.2.1:443") == "192.0.2.1"
     assert source_host("[2001:db8::1]:443") == "2001:db8::1"
     assert source_host("?") == "?"
+
+
+@pytest.mark.asyncio
+async def test_many_sources_together_are_bounded_too(log_path: Path) -> None:
+    log = AuditLog(log_path, node="t", fsync=False)
+    rej = RejectionLog(log, per_interval=10, interval=60.0, total_per_interval=50)
+    try:
+        for i in range(1000):  # a botnet: 1,000 addresses, one connection each
+            rej.reject(f"10.0.{i // 250}.{i % 250}:1", "tls", "x", 1000.0 + i / 100)
+        rej.flush_all()
+    finally:
+        await log.close()
+    single, summaries = rejected(log_path)
+    assert len(single) == 50
+    assert len(single) + sum(r["count"] for r in summaries) == 1000
+
+
+@pytest.mark.asyncio
+async def test_an_ipv6_64_is_one_source(log_path: Path) -> None:
+    log = AuditLog(log_path, node="t", fsync=False)
+    rej = RejectionLog(log, per_interval=2, interval=60.0)
+    try:
+        for i in range(20):
+            rej.reject(f"[2001:db8:1:2::{i:x}]:443", "tls", "x", 5.0)
+        rej.flush_all()
+    finally:
+        await log.close()
+    single, summaries = rejected(log_path)
+    assert len(single) == 2
+    assert [(r["source"], r["count"]) for r in summaries] == [("2001:db8:1:2::/64", 18)]
+
+
+def test_source_key() -> None:
+    assert source_key("192.0.2.1:443") == "192.0.2.1"
+    assert source_key("[2001:db8::1]:443") == "2001:db8::/64"
+    assert source_key("[::ffff:192.0.2.9]:443") == "192.0.2.9"
+    assert source_key("?") == "?"
