@@ -11,9 +11,14 @@ takes that state back with the prover's response and returns an :class:`Outcome`
 Everything a verifier needs arrives in an :class:`AuthContext`: the user's stored
 credential for this factor, the factor's settings from the config, the current time
 and the TLS channel binding (RFC 9266 ``tls-exporter``). A verifier never touches
-the store, the clock or the network; if the credential must change (a TOTP counter,
-a FIDO2 signature count), the outcome carries the new value and the gateway
-persists it.
+the store, the clock or the network, and never hands back a whole new record to be
+written: the login waited for the person between reading the credential and this
+verdict, so a record built from that copy would undo whatever changed meanwhile. It
+reports *what* moves instead (:attr:`Outcome.counter`: "accepted step N", "key K's
+counter is now C"; :attr:`Outcome.rehash`: a stronger hash of the same password),
+and the gateway's store applies that by a conditional update that fails, failing
+the login, if the counter has already reached that value (a replay) or the
+credential changed since it was read.
 
 Every proof must be bound to the TLS channel: the prover receives the channel
 binding of its own connection and must mix it into what it proves, so that a proof
@@ -68,6 +73,10 @@ class AuthContext:
     """This factor's stored record for the user, or None when not enrolled."""
     settings: Mapping[str, Any] = field(default_factory=dict)
     """This factor's table from the gateway config (``[auth.<name>]``)."""
+    counters: Mapping[str, int] = field(default_factory=dict)
+    """This factor's forward-only counters for the user, kept by the gateway outside the
+    record: ``""`` is TOTP's last accepted step, a FIDO2 key id its signature counter.
+    They override the record's own values, which are those at enrollment."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +98,14 @@ class Outcome:
     """Specific reason, for the audit log only (the peer sees a generic failure)."""
     detail: Mapping[str, Any] = field(default_factory=dict)
     """Extra audit fields (a certificate's subject and issuer, a key's id)."""
-    credential: Mapping[str, Any] | None = None
-    """If not None, the new stored record for this factor (the gateway persists it)."""
+    counter: tuple[str, int] | None = None
+    """If not None, ``(key, value)``: accepting this proof raises the counter ``key``
+    (see :attr:`AuthContext.counters`) to ``value``. The gateway applies it only if
+    the stored counter is still below ``value`` and the credential is still the one
+    verified against; otherwise the login fails after all (a replay, a concurrent change)."""
+    rehash: Mapping[str, Any] | None = None
+    """If not None, a record for the same secret under a stronger scheme (a password
+    moved from scrypt to Argon2id); stored only if the credential did not change meanwhile."""
 
     @classmethod
     def accept(cls, reason: str = "ok", **kw: Any) -> Outcome:

@@ -67,9 +67,14 @@ Credential record
                       "aaguid": hex (32 digits), "attestation": "packed" | "none" | ...,
                       "last_used": float (after the first login)}, ...]}
 
-A user may hold up to :data:`MAX_CREDENTIALS` keys. After a successful login,
-:attr:`auth.base.Outcome.credential` is the record with that key's ``sign_count`` and
-``last_used`` updated; the gateway persists it.
+A user may hold up to :data:`MAX_CREDENTIALS` keys. A record's ``sign_count`` is the
+key's counter at registration; the gateway keeps each key's later counter outside the
+record (:attr:`auth.base.AuthContext.counters`, by key id), and the verifier uses the
+larger. A successful login never returns a record: it reports
+:attr:`auth.base.Outcome.counter` = ``(key id, new count)``, which the gateway stores
+only if the stored count is still lower and the record unchanged, so a login parked
+at the key cannot undo a key added or removed meanwhile, nor can two logins with one
+assertion both pass. A key that keeps no counter (always 0) reports none.
 
 Login checks, in order (every failure is a rejection with its own reason)
 -------------------------------------------------------------------------
@@ -382,8 +387,13 @@ def _entries(record: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
     return list(creds)
 
 
-def _parse_stored(record: Mapping[str, Any] | None) -> list[_Stored]:
-    """Parse every key of a record; ``ValueError`` if the record is corrupt."""
+def _parse_stored(
+    record: Mapping[str, Any] | None, counters: Mapping[str, int] | None = None
+) -> list[_Stored]:
+    """Parse every key of a record; ``ValueError`` if the record is corrupt.
+
+    ``counters`` are the gateway's later signature counters by key id."""
+    counters = counters or {}
     out = []
     for i, entry in enumerate(_entries(record)):
         try:
@@ -394,6 +404,9 @@ def _parse_stored(record: Mapping[str, Any] | None) -> list[_Stored]:
             count = entry.get("sign_count", 0)
             if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count < 2**32:
                 raise ValueError("sign_count is not a 32-bit counter")
+            later = counters.get(str(entry["id"]), 0)
+            if isinstance(later, int) and not isinstance(later, bool):
+                count = max(count, later)
             out.append(
                 _Stored(
                     id=b64d(entry["id"], max_len=MAX_CREDENTIAL_ID),
@@ -566,7 +579,7 @@ class Fido2Verifier(Verifier):
             raise _Rejected("invalid verifier state", error=str(exc)) from exc
 
         try:
-            stored = _parse_stored(ctx.credential)
+            stored = _parse_stored(ctx.credential, ctx.counters)
         except ValueError as exc:
             raise _Rejected("stored FIDO2 credential record is invalid", error=str(exc)) from exc
         if not stored:
@@ -642,9 +655,6 @@ class Fido2Verifier(Verifier):
                 **who,
             )
 
-        entries = [dict(e) for e in _entries(ctx.credential)]
-        entries[key.index].update(sign_count=received, last_used=ctx.now)
-        record = {**dict(ctx.credential or {}), "credentials": entries}
         return Outcome.accept(
             detail={
                 **who,
@@ -652,7 +662,8 @@ class Fido2Verifier(Verifier):
                 "user_verified": user_verified,
                 "aaguid": key.aaguid,
             },
-            credential=record,
+            # A key without a counter (always 0) has nothing to move forward.
+            counter=(b64e(key.id), received) if received else None,
         )
 
 

@@ -1,10 +1,14 @@
 """TOTP factor (RFC 6238): 30-second steps, 6 digits, one step of drift each way.
 
-Stored credential: ``{"secret": <base32, 160 bits>, "last_counter": <int>}``. A
-code is accepted at most once per user: the step it matched must be later than
-the last step accepted, so a replayed (or older) code fails. The gateway stores
-the credential encrypted (see ``gatewayd.store``), so the secret cannot be read
-from the database file alone.
+Stored credential: ``{"secret": <base32, 160 bits>}`` (older records also carry
+``"last_counter"``). A code is accepted at most once per user: the step it matched
+must be later than the last step accepted, so a replayed (or older) code fails. The
+last accepted step is the gateway's counter ``""`` (:attr:`auth.base.AuthContext.counters`);
+an accepted code reports ``Outcome.counter = ("", step)`` and the gateway raises the
+counter only if it is still below that step, so two logins racing with one code (or
+a login parked at the prompt while the code was used elsewhere) cannot both pass.
+The gateway stores the credential encrypted (see ``gatewayd.store``), so the secret
+cannot be read from the database file alone.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ DIGITS = 6
 DRIFT = 1
 #: RFC 4226 section 4 asks for 128 bits at least and recommends 160.
 SECRET_BYTES = 20
+#: The key of the gateway's counter that holds the last accepted step.
+COUNTER = ""
 
 
 def new_secret() -> str:
@@ -63,6 +69,9 @@ class TotpVerifier(Verifier):
         if cred is None or not isinstance(secret, str):
             return Outcome.reject("totp not enrolled")
         last = cred.get("last_counter", -1)
+        if not isinstance(last, int) or isinstance(last, bool):
+            last = -1
+        last = max(last, ctx.counters.get(COUNTER, -1))
         now_counter = int(ctx.now) // STEP
         matched = None
         try:
@@ -78,9 +87,9 @@ class TotpVerifier(Verifier):
                 matched = counter
         if matched is None:
             return Outcome.reject("wrong code")
-        if isinstance(last, int) and matched <= last:
+        if matched <= last:
             return Outcome.reject("code already used", detail={"step": matched})
-        return Outcome.accept(credential={**cred, "last_counter": matched})
+        return Outcome.accept(counter=(COUNTER, matched))
 
 
 class TotpProver(Prover):

@@ -698,7 +698,19 @@ def user_set_cert(socket: Path, user: str, cert_serial: str | None, cert_file: P
 @click.pass_obj
 def user_list(socket: Path, as_json: bool) -> None:
     rows = _admin(socket, "list", what="users")
-    _print_rows(rows, as_json, ["id", "kind", "vendor", "org", "disabled", "failures"])
+    _print_rows(
+        rows, as_json, ["id", "kind", "vendor", "org", "disabled", "failures", "admin_locked"]
+    )
+
+
+@admin_user.command("unlock")
+@click.argument("user")
+@click.pass_obj
+def user_unlock(socket: Path, user: str) -> None:
+    """Clear USER's failed logins and lock, also the lock that only an admin lifts (audited)."""
+    result = _admin(socket, "user.unlock", user=user)
+    state = "was locked" if result.get("was_locked") else "was not locked"
+    click.echo(f"user {user} unlocked ({state}; {result.get('failures', 0)} failures cleared)")
 
 
 @admin.group("totp")

@@ -239,10 +239,33 @@ async def _totp_enroll(s: AdminServer, args: dict[str, Any], by: str) -> Any:
     if s.store.get_user(user) is None:
         raise AdminError(f"no user {user!r}")
     secret = totp.new_secret()
-    s.store.set_credential(user, "totp", {"secret": secret, "last_counter": -1}, s.now())
+    # A new seed: any login still holding the old one fails (the version moved on), and
+    # no step of the new one has been used.
+    s.store.set_credential(user, "totp", {"secret": secret}, s.now(), reset_counters=True)
     issuer = str(s.config.auth.get("totp", {}).get("issuer", "gatewayd"))
     await s.changed(by, "totp.enroll", user=user)
     return {"uri": totp.provisioning_uri(secret, user, issuer), "secret": secret}
+
+
+@op("user.unlock")
+async def _user_unlock(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+    """Clear a user's failed-login count and lock, including the lock that only an
+    administrator can lift (after ``[lockout] hard_limit`` consecutive failures)."""
+    user = _id(args, "user")
+    before = s.store.unlock(user)
+    await s.changed(
+        by,
+        "user.unlock",
+        user=user,
+        failures=before.failures,
+        locked_until=before.locked_until,
+        admin_locked=before.admin_locked,
+    )
+    return {
+        "user": user,
+        "failures": before.failures,
+        "was_locked": before.admin_locked or before.locked_until > s.now(),
+    }
 
 
 @op("agreement.add")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import secrets
 import time
 from collections import deque
@@ -33,7 +34,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from auth import registry
-from auth.base import AuthContext, b64d, b64e
+from auth.base import AuthContext, Outcome, b64d, b64e
 from relay import message as m
 from relay.aio import ConnectionClosed, FramedLink, Pipe
 from relay.errors import ConfigError, GatewayError, ProtocolError, RemoteError, TLSBindingError
@@ -42,12 +43,15 @@ from . import ca, policy
 from .audit import AuditError, AuditLog
 from .config import Config, ConfigHolder
 from .rejection import RejectionLog
-from .store import Store, StoreError
+from .store import Attempt, AttemptEnd, Credential, Lockout, Store, StoreError, User
 
 log = structlog.get_logger("gatewayd.broker")
 
 #: Seconds a person gets for each factor (typing a code, a PIN, touching a key).
 AUTH_STEP_TIMEOUT = 120.0
+
+_REPLAYED = "already used (a replay, or a concurrent login with the same proof)"
+_CHANGED = "credential changed during the login (by an administrator or another login)"
 
 
 class DialError(GatewayError):
@@ -83,6 +87,8 @@ class Session:
     approved_by: str = ""
     unattended: bool = False
     tunnels: set[Pipe] = field(default_factory=set)
+    reserved: int = 0
+    """Tunnels being set up (dial, audit): they hold a place under the per-session limit."""
     tunnel_count: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -97,7 +103,8 @@ class Session:
 
 
 class RateLimiter:
-    """At most ``limit`` events per source address in any 60-second window."""
+    """At most ``limit`` events per key (a source, see :func:`source_key`; a user name)
+    in any 60-second window."""
 
     WINDOW = 60.0
     #: Sources remembered at most; the oldest are forgotten first.
@@ -123,6 +130,24 @@ class RateLimiter:
 
 def _host(source: str) -> str:
     return source.rpartition(":")[0].strip("[]") or source
+
+
+def source_key(source: str) -> str:
+    """Whom a source address's rate limit counts: the IPv4 address, or the IPv6 /64.
+
+    One IPv6 host commonly holds a whole /64 (SLAAC, privacy addresses), so counting
+    single IPv6 addresses would give it 2**64 budgets (RFC 7707, section 3).
+    """
+    host = _host(source)
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def _cn(cert: x509.Certificate) -> str:
@@ -153,6 +178,7 @@ class Broker:
         #: request id -> (agent id, future of the agent's answer); each is used once.
         self.pending_approvals: dict[str, tuple[str, asyncio.Future[m.ApprovalAnswer]]] = {}
         self.auth_limiter = RateLimiter(config.limits.auth_per_minute)
+        self.user_limiter = RateLimiter(config.limits.auth_per_user_per_minute)
         self.accepting = True
         self.tasks: set[asyncio.Task[Any]] = set()
         #: connection.rejected records, bounded per source (a flood cannot fill the disk).
@@ -232,25 +258,47 @@ class Broker:
                 return name
         return step[0]
 
+    def _lockout(self) -> Lockout:
+        lo = self.config.lockout
+        return Lockout(
+            threshold=lo.threshold,
+            base_seconds=lo.base_seconds,
+            max_seconds=lo.max_seconds,
+            decay_seconds=lo.decay_seconds,
+            hard_limit=lo.hard_limit,
+        )
+
     async def _authenticate(self, link: FramedLink, hello: m.ClientHello, sid: str) -> bool:
-        """Prove every factor of the mode; audit each attempt. True when all passed."""
+        """Prove every factor of the mode; audit each attempt. True when all passed.
+
+        Nothing read before an ``await`` is written back after it. Each factor's check
+        runs in a slot of the store's lockout (:meth:`Store.begin_attempt`, taken once
+        the answer is in, so the lock is checked before every factor), its outcome is
+        counted and the lock decided in the same transaction that gives the slot back,
+        and a lock set meanwhile by a parallel connection fails even a right answer.
+        What an accepted factor changes (a TOTP step, a key's counter, a rehashed
+        password) is applied by a conditional update; if that fails (a replay, or the
+        credential was changed by an administrator while this login waited), the
+        login fails.
+        """
         cfg = self.config
+        lockout = self._lockout()
         user = self.store.get_user(hello.user)
         binding = link.channel_binding()
         enrolled = set(self.store.credential_methods(hello.user)) if user else set()
-        now = self.now()
-        locked = user is not None and user.locked_until > now
-        for step in cfg.mode(hello.mode).factors:
+        steps = cfg.mode(hello.mode).factors
+        for index, step in enumerate(steps):
             method = self._choose(step, hello.factors, enrolled)
             verifier = registry.get(method).verifier()
-            credential = self.store.get_credential(hello.user, method) if user else None
+            credential = self.store.load_credential(hello.user, method) if user else None
             ctx = AuthContext(
                 user=hello.user,
                 channel_binding=binding,
                 now=self.now(),
                 source=link.peer,
-                credential=credential,
+                credential=credential.data if credential else None,
                 settings=cfg.auth.get(method, {}),
+                counters=credential.counters if credential else {},
             )
             challenge = verifier.begin(ctx)
             link.extend_handshake(AUTH_STEP_TIMEOUT)
@@ -273,22 +321,50 @@ class Broker:
                 )
                 raise
             assert isinstance(response, m.AuthResponse)
-            if response.method != method:
-                outcome_ok, reason, detail = False, f"answered {response.method[:32]}", {}
-            else:
-                outcome = await asyncio.to_thread(
-                    verifier.complete, ctx, challenge.state, response.payload
-                )
-                outcome_ok, reason, detail = outcome.ok, outcome.reason, dict(outcome.detail)
-                if outcome.ok and outcome.credential is not None and user is not None:
-                    self.store.set_credential(hello.user, method, dict(outcome.credential), now)
+            # The lock, checked before this factor: a slot, or why not.
+            attempt = Attempt.UNKNOWN
+            if user is not None and not user.disabled:
+                attempt = self.store.begin_attempt(hello.user, self.now(), lockout)
+            try:
+                if response.method != method:
+                    outcome = Outcome.reject(f"answered {response.method[:32]}")
+                else:
+                    outcome = await asyncio.to_thread(
+                        verifier.complete, ctx, challenge.state, response.payload
+                    )
+            except BaseException:
+                if attempt is Attempt.GO:
+                    self.store.cancel_attempt(hello.user)
+                raise
+            outcome_ok, reason, detail = outcome.ok, outcome.reason, dict(outcome.detail)
+            verified = outcome_ok and attempt is Attempt.GO
+            if verified and credential is not None:
+                verified, why = self._apply(hello.user, method, credential, outcome)
+                if not verified:
+                    outcome_ok, reason = False, why
             # Checked after the factor ran, so the answer takes as long either way.
             if user is None:
                 outcome_ok, reason = False, "unknown user"
             elif user.disabled:
                 outcome_ok, reason = False, "user disabled"
-            elif locked:
-                outcome_ok, reason = False, f"account locked ({reason})"
+            elif attempt is not Attempt.GO:
+                outcome_ok, reason = False, f"{attempt.value} ({reason})"
+            elif index == 0 and (refused := self._source_refused(user, link.peer)):
+                # Told only after the first factor, with the answer an unknown user gets.
+                outcome_ok, reason = False, refused
+            if attempt is Attempt.GO:
+                # The lock, checked after this factor: counted and decided atomically.
+                end = self.store.end_attempt(
+                    hello.user,
+                    ok=verified,  # a refused source is not a wrong answer: not counted
+                    final=index == len(steps) - 1 and outcome_ok,
+                    now=self.now(),
+                    policy=lockout,
+                )
+                if end.newly_locked is not None:
+                    self._audit_locked(hello.user, end)
+                if outcome_ok and end.locked(self.now()):
+                    outcome_ok, reason = False, "account locked meanwhile by other attempts"
             self.audit.write(
                 "auth.attempt",
                 session=sid,
@@ -302,23 +378,45 @@ class Broker:
                 **{k: v for k, v in detail.items() if k not in ("event", "seq", "ts")},
             )
             if not outcome_ok:
-                if user is not None and not locked and not user.disabled:
-                    self._count_failure(hello.user, user.failures + 1)
                 await self.audit.commit()
                 link.send_error("auth_failed", "authentication failed")
                 return False
-        if user is not None:
-            self.store.record_success(hello.user)
         return True
 
-    def _count_failure(self, user: str, failures: int) -> None:
-        lo = self.config.lockout
-        until = None
-        if failures >= lo.threshold:
-            length = min(lo.base_seconds * 2 ** (failures - lo.threshold), lo.max_seconds)
-            until = self.now() + length
-            self.audit.write("auth.locked", user=user, failures=failures, seconds=length)
-        self.store.record_failure(user, until)
+    def _apply(
+        self, user: str, method: str, credential: Credential, outcome: Outcome
+    ) -> tuple[bool, str]:
+        """Store what an accepted factor changes, conditionally; (applied, why not)."""
+        now = self.now()
+        if outcome.counter is not None:
+            key, value = outcome.counter
+            if not self.store.advance_counter(
+                user, method, key, value, version=credential.version, now=now
+            ):
+                if self.store.credential_version(user, method) != credential.version:
+                    return False, _CHANGED
+                return False, f"{_REPLAYED} (counter {value} already reached)"
+        elif self.store.credential_version(user, method) != credential.version:
+            return False, _CHANGED
+        if outcome.rehash is not None and not self.store.replace_credential(
+            user, method, dict(outcome.rehash), credential.version, now
+        ):
+            return False, _CHANGED
+        return True, "ok"
+
+    def _audit_locked(self, user: str, end: AttemptEnd) -> None:
+        if end.admin_locked:
+            self.audit.write(
+                "auth.locked",
+                user=user,
+                failures=end.failures,
+                seconds=None,
+                until="unlocked by an administrator",
+            )
+        else:
+            self.audit.write(
+                "auth.locked", user=user, failures=end.failures, seconds=end.newly_locked
+            )
 
     def _decide(self, user_id: str, agent_id: str, mode: str) -> policy.Decision:
         user = self.store.get_user(user_id)
@@ -345,9 +443,18 @@ class Broker:
         if self.audit.failure is not None:
             link.send_error("unavailable", "the gateway cannot write its audit log")
             return
-        if not self.auth_limiter.allow(_host(link.peer), time.monotonic()):
+        # Per source (an IPv6 /64 counts as one) and per claimed user name, known or not,
+        # so that many sources cannot spread guesses at one account past the lockout.
+        now = time.monotonic()
+        self.user_limiter.limit = self.config.limits.auth_per_user_per_minute
+        limited = None
+        if not self.auth_limiter.allow(source_key(link.peer), now):
+            limited = "source"
+        elif not self.user_limiter.allow(hello.user, now):
+            limited = "user"
+        if limited is not None:
             await self.audit.record(
-                "auth.rate_limited", session=sid, user=hello.user, source=link.peer
+                "auth.rate_limited", session=sid, user=hello.user, source=link.peer, limit=limited
             )
             link.send_error("rate_limited", "too many login attempts; try again later")
             return
@@ -357,8 +464,6 @@ class Broker:
             client_key = b""
         if len(client_key) != 32:
             link.send_error("protocol_error", "client_key must be a 32-byte X25519 key")
-            return
-        if not self._source_allowed(link, hello, sid):
             return
         if not await self._authenticate(link, hello, sid):
             return
@@ -468,27 +573,19 @@ class Broker:
                 bytes_down=session.bytes_down + sum(p.b_to_a for p in session.tunnels),
             )
 
-    def _source_allowed(self, link: FramedLink, hello: m.ClientHello, sid: str) -> bool:
-        """A vendor may restrict where its users log in from (CIDRs in the directory)."""
-        user = self.store.get_user(hello.user)
-        if user is None or user.vendor is None:
-            return True
+    def _source_refused(self, user: User, source: str) -> str | None:
+        """A vendor may restrict where its users log in from (CIDRs in the directory).
+
+        Why this source is refused, or None. Asked only after the first factor ran, so
+        that the answer (``auth_failed``) and its timing are an unknown user's: the
+        check cannot tell whether a user exists.
+        """
+        if user.vendor is None:
+            return None
         networks = self.store.source_networks(user.vendor)
-        if policy.source_allowed(networks, link.peer):
-            return True
-        self.audit.write(
-            "auth.attempt",
-            session=sid,
-            user=hello.user,
-            factor="source",
-            outcome="failure",
-            reason=f"source address not allowed for vendor {user.vendor}",
-            source=link.peer,
-            mode=hello.mode,
-            agent=hello.agent,
-        )
-        link.send_error("auth_failed", "authentication failed")
-        return False
+        if policy.source_allowed(networks, source):
+            return None
+        return f"source address not allowed for vendor {user.vendor}"
 
     async def _list_agents(self, link: FramedLink, hello: m.ClientHello, sid: str) -> None:
         """After login: the agents this user may reach, each with the modes allowed."""
@@ -674,10 +771,21 @@ class Broker:
             session.end(f"no longer allowed: {decision.reason}")
             link.send_error("denied", decision.reason)
             return False
-        if len(session.tunnels) >= self.config.limits.max_tunnels_per_session:
+        # Check and take the place with no await between, so that concurrent requests
+        # cannot all pass the check before any of them is counted.
+        if len(session.tunnels) + session.reserved >= self.config.limits.max_tunnels_per_session:
             self.audit.write("tunnel.refused", **fields, reason="too many tunnels")
             link.send_error("rate_limited", "too many tunnels in this session")
             return False
+        session.reserved += 1
+        try:
+            return await self._open_tunnel(link, session, fields)
+        finally:
+            session.reserved -= 1
+
+    async def _open_tunnel(
+        self, link: FramedLink, session: Session, fields: dict[str, Any]
+    ) -> bool:
         online = self.agents.get(session.agent)
         if online is None:
             self.audit.write("tunnel.refused", **fields, reason="agent offline")
@@ -840,7 +948,7 @@ class Broker:
 
     async def _enroll(self, link: FramedLink, hello: m.EnrollRequest) -> None:
         source = link.peer
-        if not self.auth_limiter.allow(_host(source), time.monotonic()):
+        if not self.auth_limiter.allow(source_key(source), time.monotonic()):
             self.audit.write(
                 "agent.enroll", source=source, outcome="failure", reason="rate limited"
             )

@@ -76,11 +76,14 @@ class AdminSection:
 @dataclass(frozen=True, slots=True)
 class LimitsSection:
     auth_per_minute: int = 30
-    """Login attempts per source address per minute before ``rate_limited``."""
+    """Login attempts per source address per minute before ``rate_limited`` (IPv6
+    sources are counted per /64)."""
     dial_timeout: float = 10.0
     """Seconds the agent has to answer a dial request with its data connection."""
     max_tunnels_per_session: int = 64
     """Concurrent tunnels one session may hold."""
+    auth_per_user_per_minute: int = 20
+    """Login attempts per user name per minute, from all sources together."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +94,11 @@ class LockoutSection:
     """First lock length; each further failure doubles it."""
     max_seconds: float = 3600.0
     """Longest lock."""
+    decay_seconds: float = 86400.0
+    """Each full period of this many seconds without a failure forgives one failure."""
+    hard_limit: int = 100
+    """Consecutive failures after which the account stays locked until
+    ``gw admin user unlock`` (NIST SP 800-63B section 5.2.2: at most 100)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +196,9 @@ class _Table:
         return value
 
     def number(self, name: str, default: float, *, low: float, high: float) -> float:
-        value = float(self.get(name, (int, float), default))
+        number = self.get(name, (int, float), default)
+        # TOML integers have no bound; one past float's range is out of range here too.
+        value = float(number) if abs(number) < 2**63 else float("inf")
         if not low <= value <= high:
             raise ConfigError(self.key(name), f"must be between {low:g} and {high:g}")
         return value
@@ -219,7 +229,10 @@ class _Table:
 def parse_listen(value: str, key: str = "gateway.listen") -> tuple[str, int]:
     """``HOST:PORT`` or ``[V6]:PORT`` into (host, port)."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    # isdigit() alone takes "²" and any number of digits, which int() then refuses.
+    if not sep or not (port.isascii() and port.isdigit() and len(port) <= 5):
+        raise ConfigError(key, f"expected HOST:PORT, got {value!r}")
+    if not 0 <= int(port) <= 65535:
         raise ConfigError(key, f"expected HOST:PORT, got {value!r}")
     host = host.strip("[]")
     if not host:
@@ -296,6 +309,7 @@ def parse(text: str, path: Path) -> Config:
     li = root.table("limits")
     limits = LimitsSection(
         auth_per_minute=li.integer("auth_per_minute", 30, low=1, high=100000),
+        auth_per_user_per_minute=li.integer("auth_per_user_per_minute", 20, low=1, high=100000),
         dial_timeout=li.number("dial_timeout", 10.0, low=1, high=120),
         max_tunnels_per_session=li.integer("max_tunnels_per_session", 64, low=1, high=10000),
     )
@@ -306,7 +320,13 @@ def parse(text: str, path: Path) -> Config:
         threshold=lo.integer("threshold", 5, low=1, high=1000),
         base_seconds=lo.number("base_seconds", 60.0, low=0, high=86400),
         max_seconds=lo.number("max_seconds", 3600.0, low=0, high=30 * 86400),
+        decay_seconds=lo.number("decay_seconds", 86400.0, low=1, high=365 * 86400),
+        hard_limit=lo.integer("hard_limit", 100, low=1, high=100),
     )
+    if lockout.decay_seconds <= lockout.max_seconds:
+        # Else one guess per lock period is forgiven as fast as it is counted and an
+        # attacker could go on guessing for ever without reaching hard_limit.
+        raise ConfigError("lockout.decay_seconds", "must be longer than lockout.max_seconds")
     lo.done()
 
     en = root.table("enrollment")

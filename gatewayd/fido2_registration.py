@@ -43,6 +43,7 @@ from relay.aio import ConnectionClosed, FramedLink
 from relay.errors import AuthError, ConfigError, RemoteError
 
 from .admin import AdminError, AdminServer, _id, _str, op
+from .broker import source_key
 from .config import Config
 
 if TYPE_CHECKING:
@@ -107,10 +108,6 @@ def _user_handle(record: dict[str, Any] | None) -> str:
     return b64e(os.urandom(_USER_HANDLE_BYTES))
 
 
-def _host(source: str) -> str:
-    return source.rpartition(":")[0].strip("[]") or source
-
-
 # -- the register role (gateway side) ---------------------------------------------------
 
 
@@ -126,7 +123,7 @@ async def serve_registration(broker: Broker, link: FramedLink, hello: m.Register
     if audit.failure is not None:
         link.send_error("unavailable", "the gateway cannot write its audit log")
         return
-    if not broker.auth_limiter.allow(_host(link.peer), time.monotonic()):
+    if not broker.auth_limiter.allow(source_key(link.peer), time.monotonic()):
         await refuse("rate limited", "rate_limited", "too many attempts; try again later")
         return
     if hello.method != METHOD:
@@ -186,10 +183,11 @@ async def serve_registration(broker: Broker, link: FramedLink, hello: m.Register
         await refuse(f"answered {response.method[:32]}", "auth_failed", "registration failed")
         return
 
-    # From here to set_credential() nothing awaits, so no other registration of this
-    # user can interleave: the record read now is the one written back.
+    # The record is read again now (the person took a while) and written back only if
+    # it is still that version: a key removed or added meanwhile is never undone.
     now = broker.now()
-    current = store.get_credential(hello.user, METHOD)
+    loaded = store.load_credential(hello.user, METHOD)
+    current = loaded.data if loaded is not None else None
     try:
         new_record, key = fido2.registration_complete(
             verifier_state, response.payload, current, now=now
@@ -207,7 +205,13 @@ async def serve_registration(broker: Broker, link: FramedLink, hello: m.Register
         await refuse(_CODE_REASONS.get(state, "unknown code"), "auth_failed", _GENERIC)
         return
     new_record.setdefault("user_handle", handle)
-    store.set_credential(hello.user, METHOD, new_record, now)
+    if loaded is None:
+        stored = store.add_credential(hello.user, METHOD, new_record, now)
+    else:
+        stored = store.replace_credential(hello.user, METHOD, new_record, loaded.version, now)
+    if not stored:  # nothing awaits since the read: only another process could get here
+        await refuse("credential changed meanwhile; try again", "auth_failed", _GENERIC)
+        return
     await audit.record(
         EVENT,
         **fields,
@@ -264,24 +268,36 @@ async def _invite(s: AdminServer, args: dict[str, Any], by: str) -> Any:
 @op("fido2.list")
 async def _list(s: AdminServer, args: dict[str, Any], by: str) -> Any:
     user = _existing_user(s, args)
-    return fido2.list_credentials(s.store.get_credential(user, METHOD))
+    loaded = s.store.load_credential(user, METHOD)
+    if loaded is None:
+        return []
+    keys = fido2.list_credentials(loaded.data)
+    for key in keys:  # the counter as the last login left it
+        key["sign_count"] = max(key.get("sign_count", 0), loaded.counters.get(key["id"], 0))
+    return keys
 
 
 @op("fido2.remove")
 async def _remove(s: AdminServer, args: dict[str, Any], by: str) -> Any:
     user = _existing_user(s, args)
     key_id = _str(args, "key")
-    record = s.store.get_credential(user, METHOD)
+    loaded = s.store.load_credential(user, METHOD)
+    record = loaded.data if loaded is not None else None
     try:
         new_record = fido2.remove_credential(record, key_id)
     except AuthError as exc:
         raise AdminError(str(exc)) from exc
+    assert loaded is not None  # remove_credential found the key
     kept = {e["id"] for e in fido2.list_credentials(new_record)}
     (removed,) = [e for e in fido2.list_credentials(record) if e["id"] not in kept]
+    # Written only over the version read: a key registered meanwhile is not dropped.
     if new_record["credentials"]:
-        s.store.set_credential(user, METHOD, new_record, s.now())
+        done = s.store.replace_credential(user, METHOD, new_record, loaded.version, s.now())
     else:  # no key left: the user no longer holds the factor at all
-        s.store.delete_credential(user, METHOD)
+        done = s.store.delete_credential(user, METHOD, loaded.version)
+    if not done:
+        raise AdminError("the user's security keys changed meanwhile; list them and try again")
+    s.store.drop_counter(user, METHOD, removed["id"])
     await s.changed(
         by, "fido2.remove", user=user, key_id=removed["id"], key_name=removed.get("name", "")
     )

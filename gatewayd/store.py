@@ -7,17 +7,36 @@ so a copy of the database alone reveals no TOTP seed and a sealed blob cannot be
 moved to another user.
 
 All methods are synchronous and short; they run on the event loop thread.
+
+State that logins change moves only by atomic conditional updates, never by writing
+back a copy read before an ``await``:
+
+- each credential row carries a ``version``; a whole-record write made from a copy
+  (an admin's re-enrollment, a key added or removed, a password rehashed) names the
+  version it was made from and fails if the row moved on meanwhile
+  (``UPDATE ... WHERE version = ?``);
+- counters that only go forward (TOTP's last accepted step, each FIDO2 key's signature
+  counter) live in ``factor_counters``, one row per (user, factor, key), outside the
+  sealed record: a login raises one with ``... WHERE counter < ?`` and only while the
+  credential is still the version it verified against, so a replayed code, a cloned
+  key's old count or a login against a since-replaced secret fails;
+- the lockout: :meth:`Store.begin_attempt` takes a slot for one factor check only
+  while the account is unlocked and fewer checks are in flight than failures are left
+  before the lock; :meth:`Store.end_attempt` counts the outcome and decides the lock in
+  the same transaction. So parallel connections get no more guesses than one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +45,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from relay.errors import GatewayError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS orgs (
@@ -39,10 +58,17 @@ CREATE TABLE IF NOT EXISTS users (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL CHECK (kind IN ('vendor', 'employee')),
     vendor TEXT REFERENCES vendors(id), org TEXT REFERENCES orgs(id),
     created REAL NOT NULL, disabled INTEGER NOT NULL DEFAULT 0,
-    failures INTEGER NOT NULL DEFAULT 0, locked_until REAL NOT NULL DEFAULT 0);
+    failures INTEGER NOT NULL DEFAULT 0, locked_until REAL NOT NULL DEFAULT 0,
+    last_failure REAL NOT NULL DEFAULT 0, pending INTEGER NOT NULL DEFAULT 0,
+    admin_locked INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS credentials (
     user TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE, method TEXT NOT NULL,
-    sealed BLOB NOT NULL, updated REAL NOT NULL, PRIMARY KEY (user, method));
+    sealed BLOB NOT NULL, updated REAL NOT NULL, version INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (user, method));
+CREATE TABLE IF NOT EXISTS factor_counters (
+    user TEXT NOT NULL, method TEXT NOT NULL, key TEXT NOT NULL,
+    counter INTEGER NOT NULL, updated REAL NOT NULL, PRIMARY KEY (user, method, key),
+    FOREIGN KEY (user, method) REFERENCES credentials(user, method) ON DELETE CASCADE);
 CREATE TABLE IF NOT EXISTS agents (
     id TEXT PRIMARY KEY, org TEXT NOT NULL REFERENCES orgs(id), created REAL NOT NULL,
     disabled INTEGER NOT NULL DEFAULT 0,
@@ -64,6 +90,14 @@ CREATE TABLE IF NOT EXISTS registration_codes (
     created REAL NOT NULL, expires REAL NOT NULL, created_by TEXT NOT NULL, used REAL);
 """
 
+#: Columns added since schema 1: (table, column, definition), added by ALTER TABLE.
+_ADDED_COLUMNS = (
+    ("users", "last_failure", "REAL NOT NULL DEFAULT 0"),
+    ("users", "pending", "INTEGER NOT NULL DEFAULT 0"),
+    ("users", "admin_locked", "INTEGER NOT NULL DEFAULT 0"),
+    ("credentials", "version", "INTEGER NOT NULL DEFAULT 1"),
+)
+
 
 class StoreError(GatewayError):
     """A directory operation failed: unknown or duplicate id, bad reference."""
@@ -78,6 +112,67 @@ class User:
     disabled: bool
     failures: int
     locked_until: float
+    admin_locked: bool = False
+    """Locked after too many consecutive failures: only ``gw admin user unlock`` opens it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A factor credential as a login sees it."""
+
+    data: dict[str, Any]
+    """The unsealed record (a TOTP secret, a password hash, the FIDO2 keys)."""
+    version: int
+    """Grows with every whole-record write; a conditional write names the one it read."""
+    counters: dict[str, int]
+    """Forward-only counters by key: ``""`` for TOTP's last step, a key id for FIDO2."""
+
+
+class Attempt(StrEnum):
+    """What :meth:`Store.begin_attempt` decided about checking one factor."""
+
+    GO = "go"
+    """A slot is taken: check the factor, then call :meth:`Store.end_attempt`."""
+    LOCKED = "account locked"
+    ADMIN_LOCKED = "account locked until an administrator unlocks it"
+    BUSY = "too many attempts at once"
+    """As many checks are in flight as failures are left before the lock."""
+    UNKNOWN = "unknown user"
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptEnd:
+    """What :meth:`Store.end_attempt` recorded."""
+
+    failures: int
+    """Consecutive failures now (after decay)."""
+    locked_until: float
+    """The account's lock (0 or in the past: not locked by time)."""
+    admin_locked: bool
+    newly_locked: float | None = None
+    """Seconds of the lock this failure set (``inf`` for an admin lock), else None."""
+
+    def locked(self, now: float) -> bool:
+        return self.admin_locked or self.locked_until > now
+
+
+@dataclass(frozen=True, slots=True)
+class Lockout:
+    """The lockout policy (the ``[lockout]`` table)."""
+
+    threshold: int = 5
+    base_seconds: float = 60.0
+    max_seconds: float = 3600.0
+    decay_seconds: float = 86400.0
+    hard_limit: int = 100
+
+    def lock_seconds(self, failures: int) -> float:
+        """Lock length after ``failures`` consecutive failures (0: no lock)."""
+        if failures < self.threshold:
+            return 0.0
+        # Exponent capped: 2**64 seconds is past any max_seconds a config allows.
+        seconds = self.base_seconds * 2.0 ** min(failures - self.threshold, 64)
+        return float(min(seconds, self.max_seconds))
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +232,14 @@ class Store:
             raise StoreError(f"{path} has schema {version}, newer than this gatewayd knows")
         # executescript() commits on its own; the schema is idempotent (IF NOT EXISTS).
         self.db.executescript(_SCHEMA)
+        for table, column, definition in _ADDED_COLUMNS:
+            have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        # Checks in flight when the last process stopped never ended: free their slots.
+        # (One daemon per state directory holds the database.)
+        self.db.execute("UPDATE users SET pending = 0 WHERE pending != 0")
         self._aead = AESGCM(secrets_key)
 
     def close(self) -> None:
@@ -238,45 +340,124 @@ class Store:
             bool(row["disabled"]),
             row["failures"],
             row["locked_until"],
+            bool(row["admin_locked"]),
         )
 
-    def record_failure(self, user: str, locked_until: float | None) -> int:
-        """Count a failed login; set a lock if given. Returns the new failure count."""
-        with self.tx() as db:
-            db.execute("UPDATE users SET failures = failures + 1 WHERE id = ?", (user,))
-            if locked_until is not None:
-                db.execute("UPDATE users SET locked_until = ? WHERE id = ?", (locked_until, user))
-        row = self._one("SELECT failures FROM users WHERE id = ?", user)
-        return int(row["failures"]) if row else 0
+    # -- the lockout ----------------------------------------------------------------------
 
-    def record_success(self, user: str) -> None:
+    #: Consecutive failures after decay: one forgiven per full ``decay`` seconds since the
+    #: last failure (a clock that went back forgives nothing).
+    _DECAYED = "MAX(0, failures - CAST(MAX(0, :now - last_failure) / :decay AS INTEGER))"
+
+    def begin_attempt(self, user: str, now: float, policy: Lockout) -> Attempt:
+        """Take a slot to check one factor of ``user``, or say why not.
+
+        A slot is given only while the account is not locked and fewer checks are in
+        flight than failures are left before the lock (at least one once the lock has
+        run out), so N parallel connections get no more guesses than one connection.
+        Every :attr:`Attempt.GO` must be followed by one :meth:`end_attempt`.
+        """
+        args = {"u": user, "now": now, "decay": policy.decay_seconds, "t": policy.threshold}
         with self.tx() as db:
-            db.execute("UPDATE users SET failures = 0, locked_until = 0 WHERE id = ?", (user,))
+            row = db.execute(
+                "UPDATE users SET pending = pending + 1 WHERE id = :u AND admin_locked = 0 "  # noqa: S608 - a fixed expression
+                "AND locked_until <= :now "
+                f"AND pending < MAX(1, :t - {self._DECAYED}) RETURNING pending",
+                args,
+            ).fetchone()
+            if row is not None:
+                return Attempt.GO
+            state = db.execute(
+                "SELECT admin_locked, locked_until FROM users WHERE id = ?", (user,)
+            ).fetchone()
+        if state is None:
+            return Attempt.UNKNOWN
+        if state["admin_locked"]:
+            return Attempt.ADMIN_LOCKED
+        if state["locked_until"] > now:
+            return Attempt.LOCKED
+        return Attempt.BUSY
+
+    def end_attempt(
+        self, user: str, *, ok: bool, final: bool, now: float, policy: Lockout
+    ) -> AttemptEnd:
+        """Give back the slot of :meth:`begin_attempt` and count its outcome, atomically.
+
+        A failure adds one to the (decayed) consecutive failures and, at the threshold,
+        locks the account for :meth:`Lockout.lock_seconds`; at ``policy.hard_limit``
+        until an administrator unlocks it (NIST SP 800-63B section 5.2.2: at most 100
+        consecutive failures). A success of the ``final`` factor clears the failures,
+        but only if no lock was set meanwhile: the caller must check
+        :meth:`AttemptEnd.locked` and fail the login if it is.
+        """
+        args = {"u": user, "now": now, "decay": policy.decay_seconds}
+        with self.tx() as db:
+            if ok:
+                row = db.execute(
+                    "UPDATE users SET pending = MAX(pending - 1, 0) WHERE id = :u "
+                    "RETURNING failures, locked_until, admin_locked",
+                    args,
+                ).fetchone()
+                if row is None:
+                    return AttemptEnd(0, 0.0, False)
+                if final and not row["admin_locked"] and row["locked_until"] <= now:
+                    db.execute(
+                        "UPDATE users SET failures = 0, last_failure = 0, locked_until = 0 "
+                        "WHERE id = :u",
+                        args,
+                    )
+                    return AttemptEnd(0, 0.0, False)
+                return AttemptEnd(row["failures"], row["locked_until"], bool(row["admin_locked"]))
+            row = db.execute(
+                "UPDATE users SET pending = MAX(pending - 1, 0), "  # noqa: S608 - a fixed expression
+                f"failures = {self._DECAYED} + 1, last_failure = :now WHERE id = :u "
+                "RETURNING failures, locked_until, admin_locked",
+                args,
+            ).fetchone()
+            if row is None:
+                return AttemptEnd(0, 0.0, False)
+            failures = int(row["failures"])
+            locked_until, admin_locked = float(row["locked_until"]), bool(row["admin_locked"])
+            newly: float | None = None
+            if failures >= policy.hard_limit and not admin_locked:
+                admin_locked, newly = True, math.inf
+                db.execute("UPDATE users SET admin_locked = 1 WHERE id = :u", args)
+            elif not admin_locked and (seconds := policy.lock_seconds(failures)) > 0:
+                locked_until, newly = max(locked_until, now + seconds), seconds
+                db.execute(
+                    "UPDATE users SET locked_until = :until WHERE id = :u",
+                    {**args, "until": locked_until},
+                )
+        return AttemptEnd(failures, locked_until, admin_locked, newly)
+
+    def cancel_attempt(self, user: str) -> None:
+        """Give back a slot whose check never finished (the connection was cancelled)."""
+        with self.tx() as db:
+            db.execute("UPDATE users SET pending = MAX(pending - 1, 0) WHERE id = ?", (user,))
+
+    def unlock(self, user: str) -> User:
+        """Clear the user's failures and locks (``gw admin user unlock``); the user before."""
+        before = self.get_user(user)
+        if before is None:
+            raise StoreError(f"no user {user!r}")
+        with self.tx() as db:
+            db.execute(
+                "UPDATE users SET failures = 0, last_failure = 0, locked_until = 0, "
+                "admin_locked = 0 WHERE id = ?",
+                (user,),
+            )
+        return before
+
+    # -- credentials ----------------------------------------------------------------------
 
     def _ad(self, user: str, method: str) -> bytes:
         return f"gw-credential-v1\0{user}\0{method}".encode()
 
-    def set_credential(self, user: str, method: str, data: dict[str, Any], now: float) -> None:
-        self._require("users", user)
+    def _seal(self, user: str, method: str, data: dict[str, Any]) -> bytes:
         nonce = os.urandom(12)
-        sealed = nonce + self._aead.encrypt(
-            nonce, json.dumps(data).encode(), self._ad(user, method)
-        )
-        with self.tx() as db:
-            db.execute(
-                "INSERT INTO credentials VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (user, method) DO UPDATE SET sealed = excluded.sealed, "
-                "updated = excluded.updated",
-                (user, method, sealed, now),
-            )
+        return nonce + self._aead.encrypt(nonce, json.dumps(data).encode(), self._ad(user, method))
 
-    def get_credential(self, user: str, method: str) -> dict[str, Any] | None:
-        row = self._one(
-            "SELECT sealed FROM credentials WHERE user = ? AND method = ?", user, method
-        )
-        if row is None:
-            return None
-        sealed = bytes(row["sealed"])
+    def _unseal(self, user: str, method: str, sealed: bytes) -> dict[str, Any]:
         try:
             plain = self._aead.decrypt(sealed[:12], sealed[12:], self._ad(user, method))
         except InvalidTag as exc:
@@ -284,16 +465,137 @@ class Store:
         data: dict[str, Any] = json.loads(plain)
         return data
 
+    def set_credential(
+        self,
+        user: str,
+        method: str,
+        data: dict[str, Any],
+        now: float,
+        *,
+        reset_counters: bool = False,
+    ) -> int:
+        """Write the user's whole ``method`` record, whatever it was; its new version.
+
+        For an administrator's decision (a new password, a new TOTP seed): any login
+        that verified against the old record then fails at its conditional update.
+        ``reset_counters`` forgets the forward-only counters (a new TOTP secret starts
+        with no step used).
+        """
+        self._require("users", user)
+        sealed = self._seal(user, method, data)
+        with self.tx() as db:
+            row = db.execute(
+                "INSERT INTO credentials (user, method, sealed, updated) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (user, method) DO UPDATE SET sealed = excluded.sealed, "
+                "updated = excluded.updated, version = credentials.version + 1 "
+                "RETURNING version",
+                (user, method, sealed, now),
+            ).fetchone()
+            if reset_counters:
+                db.execute(
+                    "DELETE FROM factor_counters WHERE user = ? AND method = ?", (user, method)
+                )
+        return int(row["version"])
+
+    def replace_credential(
+        self, user: str, method: str, data: dict[str, Any], version: int, now: float
+    ) -> bool:
+        """Write a record made from version ``version``; False if the row moved on (or is gone)."""
+        sealed = self._seal(user, method, data)
+        with self.tx() as db:
+            cur = db.execute(
+                "UPDATE credentials SET sealed = ?, updated = ?, version = version + 1 "
+                "WHERE user = ? AND method = ? AND version = ?",
+                (sealed, now, user, method, version),
+            )
+        return cur.rowcount == 1
+
+    def add_credential(self, user: str, method: str, data: dict[str, Any], now: float) -> bool:
+        """Write a first ``method`` record; False if the user has one already."""
+        self._require("users", user)
+        sealed = self._seal(user, method, data)
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT INTO credentials (user, method, sealed, updated) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (user, method) DO NOTHING",
+                (user, method, sealed, now),
+            )
+        return cur.rowcount == 1
+
+    def advance_counter(
+        self, user: str, method: str, key: str, value: int, *, version: int, now: float
+    ) -> bool:
+        """Raise counter ``key`` to ``value``: only if it is below ``value`` now and the
+        credential is still version ``version``. False: a replay, or a concurrent change."""
+        with self.tx() as db:
+            row = db.execute(
+                "SELECT version FROM credentials WHERE user = ? AND method = ?", (user, method)
+            ).fetchone()
+            if row is None or row["version"] != version:
+                return False
+            cur = db.execute(
+                "INSERT INTO factor_counters VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (user, method, key) DO UPDATE SET counter = excluded.counter, "
+                "updated = excluded.updated WHERE factor_counters.counter < excluded.counter",
+                (user, method, key, value, now),
+            )
+        return cur.rowcount == 1
+
+    def drop_counter(self, user: str, method: str, key: str) -> None:
+        """Forget one counter (a FIDO2 key that was removed)."""
+        with self.tx() as db:
+            db.execute(
+                "DELETE FROM factor_counters WHERE user = ? AND method = ? AND key = ?",
+                (user, method, key),
+            )
+
+    def load_credential(self, user: str, method: str) -> Credential | None:
+        """The record, its version and its counters, read in one snapshot."""
+        with self.tx() as db:
+            row = db.execute(
+                "SELECT sealed, version FROM credentials WHERE user = ? AND method = ?",
+                (user, method),
+            ).fetchone()
+            if row is None:
+                return None
+            counters = {
+                r["key"]: int(r["counter"])
+                for r in db.execute(
+                    "SELECT key, counter FROM factor_counters WHERE user = ? AND method = ?",
+                    (user, method),
+                )
+            }
+        data = self._unseal(user, method, bytes(row["sealed"]))
+        return Credential(data, int(row["version"]), counters)
+
+    def credential_version(self, user: str, method: str) -> int | None:
+        """The credential's version now (None: there is none)."""
+        row = self._one(
+            "SELECT version FROM credentials WHERE user = ? AND method = ?", user, method
+        )
+        return None if row is None else int(row["version"])
+
+    def get_credential(self, user: str, method: str) -> dict[str, Any] | None:
+        row = self._one(
+            "SELECT sealed FROM credentials WHERE user = ? AND method = ?", user, method
+        )
+        if row is None:
+            return None
+        return self._unseal(user, method, bytes(row["sealed"]))
+
     def credential_methods(self, user: str) -> list[str]:
         rows = self.db.execute("SELECT method FROM credentials WHERE user = ?", (user,))
         return [r["method"] for r in rows]
 
-    def delete_credential(self, user: str, method: str) -> bool:
-        """Forget the user's credential of ``method``; False if there was none."""
+    def delete_credential(self, user: str, method: str, version: int | None = None) -> bool:
+        """Forget the user's ``method`` credential (only version ``version`` if given);
+        False if there was none (or it moved on)."""
+        sql = "DELETE FROM credentials WHERE user = ? AND method = ?"
+        args: tuple[Any, ...] = (user, method)
+        if version is not None:
+            sql, args = sql + " AND version = ?", (*args, version)
         with self.tx() as db:
-            cur = db.execute(
-                "DELETE FROM credentials WHERE user = ? AND method = ?", (user, method)
-            )
+            cur = db.execute(sql, args)
         return cur.rowcount > 0
 
     # -- one-time registration codes ----------------------------------------------------

@@ -1,4 +1,4 @@
-"""The password (scrypt) and TOTP (RFC 6238) factors: pure verifiers, no clock, no store."""
+"""The password (Argon2id; older scrypt records) and TOTP (RFC 6238) factors: pure verifiers."""
 
 from __future__ import annotations
 
@@ -30,25 +30,73 @@ def ctx(credential: Mapping[str, Any] | None, now: float = 1_700_000_000.0) -> A
 
 @pytest.fixture(scope="module")
 def stored() -> str:
-    """One hash at the real cost (about 0.1 s), shared by the tests below."""
+    """One Argon2id hash at the real cost, shared by the tests below."""
     return password.hash_password("correct horse battery staple")
 
 
+@pytest.fixture(scope="module")
+def scrypt_stored() -> str:
+    """A record as written before Argon2id (scrypt, about 0.1 s)."""
+    return password.scrypt_hash("correct horse battery staple")
+
+
 def test_hash_format(stored: str) -> None:
-    scheme, log2_n, r, p, salt, key = stored.split("$")
+    # OWASP Password Storage Cheat Sheet: Argon2id, m = 19 MiB, t = 2, p = 1.
+    _, scheme, version, params, salt, key = stored.split("$")
+    assert (scheme, version, params) == ("argon2id", "v=19", "m=19456,t=2,p=1")
+    assert len(base64.b64decode(salt + "==")) == 16
+    assert len(base64.b64decode(key + "=")) == 32
+    assert not password.needs_rehash(stored)
+
+
+def test_scrypt_hash_format(scrypt_stored: str) -> None:
+    scheme, log2_n, r, p, salt, key = scrypt_stored.split("$")
     assert (scheme, int(log2_n), int(r), int(p)) == ("scrypt", 15, 8, 1)
     assert len(base64.urlsafe_b64decode(salt + "==")) == 16
     assert len(base64.urlsafe_b64decode(key + "=")) == password.KEY_LEN
+    assert password.needs_rehash(scrypt_stored)
+
+
+def test_scrypt_record_is_accepted_and_rehashed_with_argon2id(scrypt_stored: str) -> None:
+    outcome = password.PasswordVerifier().complete(
+        ctx({"hash": scrypt_stored}), {}, {"password": "correct horse battery staple"}
+    )
+    assert outcome.ok and outcome.rehash is not None
+    new = outcome.rehash["hash"]
+    assert new.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    assert password.check_password(new, "correct horse battery staple")
+    wrong = password.PasswordVerifier().complete(
+        ctx({"hash": scrypt_stored}), {}, {"password": "wrong"}
+    )
+    assert (wrong.ok, wrong.rehash) == (False, None)
+
+
+@pytest.mark.parametrize(
+    "params",
+    ["m=1048576,t=2,p=1", "m=19456,t=100,p=1", "m=19456,t=2,p=64"],
+    ids=["1GiB", "t100", "p64"],
+)
+def test_argon2_record_asking_too_much_is_refused_before_any_work(stored: str, params: str) -> None:
+    parts = stored.split("$")
+    parts[3] = params
+    assert not password.check_password("$".join(parts), "correct horse battery staple")
+
+
+def test_argon2i_record_is_refused(stored: str) -> None:
+    assert not password.check_password(
+        stored.replace("$argon2id$", "$argon2i$"), "correct horse battery staple"
+    )
 
 
 def test_hash_is_salted() -> None:
     assert password.hash_password("pw") != password.hash_password("pw")
 
 
-def test_check_password(stored: str) -> None:
-    assert password.check_password(stored, "correct horse battery staple")
-    assert not password.check_password(stored, "correct horse battery stapler")
-    assert not password.check_password(stored, "")
+def test_check_password(stored: str, scrypt_stored: str) -> None:
+    for hashed in (stored, scrypt_stored):
+        assert password.check_password(hashed, "correct horse battery staple")
+        assert not password.check_password(hashed, "correct horse battery stapler")
+        assert not password.check_password(hashed, "")
 
 
 def _with(stored: str, **parts: str) -> str:
@@ -77,11 +125,16 @@ def _with(stored: str, **parts: str) -> str:
     ],
     ids=lambda c: "-".join(f"{k}={v[:8]}" for k, v in c.items()),
 )
-def test_malformed_stored_hash_does_not_match(stored: str, change: dict[str, str]) -> None:
-    assert not password.check_password(_with(stored, **change), "correct horse battery staple")
+def test_malformed_stored_hash_does_not_match(scrypt_stored: str, change: dict[str, str]) -> None:
+    assert not password.check_password(
+        _with(scrypt_stored, **change), "correct horse battery staple"
+    )
 
 
-@pytest.mark.parametrize("bad", ["", "scrypt", "scrypt$15$8$1$$", "plaintext", "$$$$$$$"])
+@pytest.mark.parametrize(
+    "bad",
+    ["", "scrypt", "scrypt$15$8$1$$", "plaintext", "$$$$$$$", "$argon2id$", "$argon2id$v=19$$$"],
+)
 def test_malformed_stored_hash_shapes(bad: str) -> None:
     assert not password.check_password(bad, "anything")
 
@@ -177,7 +230,7 @@ def test_rfc6238_vectors_with_our_verifier(when: int, code: str) -> None:
         ctx({"secret": RFC6238_SECRET}, now=when), {}, {"code": code[-6:]}
     )
     assert outcome.ok, outcome.reason
-    assert outcome.credential == {"secret": RFC6238_SECRET, "last_counter": when // 30}
+    assert outcome.counter == ("", when // 30)
 
 
 SECRET = RFC6238_SECRET
@@ -204,15 +257,14 @@ def test_totp_challenge() -> None:
 def test_totp_current_code() -> None:
     outcome = verify(code_for_step(STEP))
     assert outcome.ok
-    assert outcome.credential == {"secret": SECRET, "last_counter": STEP}
+    assert outcome.counter == ("", STEP)
 
 
 @pytest.mark.parametrize("drift", [-1, 1])
 def test_totp_one_step_of_drift_each_way(drift: int) -> None:
     outcome = verify(code_for_step(STEP + drift))
     assert outcome.ok
-    assert outcome.credential is not None
-    assert outcome.credential["last_counter"] == STEP + drift
+    assert outcome.counter == ("", STEP + drift)
 
 
 @pytest.mark.parametrize("drift", [-2, 2, -10, 10])
@@ -221,7 +273,7 @@ def test_totp_more_drift_is_rejected(drift: int) -> None:
     assert code not in {code_for_step(STEP + d) for d in (-1, 0, 1)}  # no chance collision
     outcome = verify(code)
     assert (outcome.ok, outcome.reason) == (False, "wrong code")
-    assert outcome.credential is None
+    assert outcome.counter is None
 
 
 def test_totp_step_boundaries() -> None:
@@ -234,12 +286,12 @@ def test_totp_step_boundaries() -> None:
 
 def test_totp_replay_is_rejected() -> None:
     first = verify(code_for_step(STEP))
-    assert first.ok and first.credential is not None
-    last = first.credential["last_counter"]
+    assert first.ok and first.counter is not None
+    last = first.counter[1]
     again = verify(code_for_step(STEP), last=last)
     assert (again.ok, again.reason) == (False, "code already used")
     assert again.detail == {"step": STEP}
-    assert again.credential is None
+    assert again.counter is None
     # Still refused 20 seconds later, while the code is within the drift window.
     assert not verify(code_for_step(STEP), now=NOW + 20, last=last).ok
     # The next step's code is fine.
@@ -248,20 +300,37 @@ def test_totp_replay_is_rejected() -> None:
 
 def test_totp_older_code_after_newer_is_rejected() -> None:
     newer = verify(code_for_step(STEP + 1))  # a phone a little ahead
-    assert newer.ok and newer.credential is not None
-    older = verify(code_for_step(STEP), last=newer.credential["last_counter"])
+    assert newer.ok and newer.counter is not None
+    older = verify(code_for_step(STEP), last=newer.counter[1])
     assert (older.ok, older.reason) == (False, "code already used")
-    older = verify(code_for_step(STEP - 1), last=newer.credential["last_counter"])
+    older = verify(code_for_step(STEP - 1), last=newer.counter[1])
     assert not older.ok
 
 
-def test_totp_credential_keeps_other_members() -> None:
+def test_totp_reports_the_step_and_never_a_record() -> None:
+    """The verifier says which step it accepted; it never hands back a record to write
+    (a login waits for the person, and a record built from its copy would undo an
+    administrator's re-enrollment made meanwhile)."""
     outcome = totp.TotpVerifier().complete(
         ctx({"secret": SECRET, "last_counter": 5, "label": "phone"}, NOW),
         {},
         {"code": code_for_step(STEP)},
     )
-    assert outcome.credential == {"secret": SECRET, "last_counter": STEP, "label": "phone"}
+    assert (outcome.counter, outcome.rehash) == (("", STEP), None)
+
+
+def test_totp_gateway_counter_overrides_the_record() -> None:
+    """The gateway's counter (raised by every accepted code) wins over the record's value."""
+    context = AuthContext(
+        user="vera",
+        channel_binding=b"\x00" * 32,
+        now=NOW,
+        source="127.0.0.1:1",
+        credential={"secret": SECRET, "last_counter": 5},
+        counters={"": STEP},
+    )
+    outcome = totp.TotpVerifier().complete(context, {}, {"code": code_for_step(STEP)})
+    assert (outcome.ok, outcome.reason) == (False, "code already used")
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,10 @@ import pytest
 from gatewayd.store import (
     Agent,
     Agreement,
+    Attempt,
+    AttemptEnd,
+    Credential,
+    Lockout,
     Store,
     StoreError,
     User,
@@ -86,14 +90,237 @@ def test_user_kind_is_checked(store: Store) -> None:
         store.add_user("u", kind="admin", vendor=None, org="clinic", now=NOW)
 
 
-def test_failures_and_lock(directory: Store) -> None:
-    assert directory.record_failure("vera@acme", None) == 1
-    assert directory.record_failure("vera@acme", NOW + 60) == 2
+# -- the lockout: slots, counting and the lock in one transaction -------------------------
+
+POLICY = Lockout(threshold=5, base_seconds=60, max_seconds=3600, decay_seconds=3600)
+
+
+def fail(
+    store: Store, user: str = "vera@acme", now: float = NOW, policy: Lockout = POLICY
+) -> AttemptEnd:
+    assert store.begin_attempt(user, now, policy) is Attempt.GO
+    return store.end_attempt(user, ok=False, final=False, now=now, policy=policy)
+
+
+def test_parallel_attempts_get_no_more_guesses_than_the_threshold(directory: Store) -> None:
+    """20 checks at once: only 5 (the threshold) get a slot; those 5 failing lock the account."""
+    answers = [directory.begin_attempt("vera@acme", NOW, POLICY) for _ in range(20)]
+    assert answers.count(Attempt.GO) == 5
+    assert set(answers[5:]) == {Attempt.BUSY}
+    ends = [
+        directory.end_attempt("vera@acme", ok=False, final=False, now=NOW, policy=POLICY)
+        for _ in range(5)
+    ]
+    assert [e.failures for e in ends] == [1, 2, 3, 4, 5]
+    assert [e.newly_locked for e in ends] == [None, None, None, None, 60]
+    assert ends[-1].locked(NOW) and ends[-1].locked_until == NOW + 60
+    # The right answer arriving now is refused before it is checked.
+    assert directory.begin_attempt("vera@acme", NOW + 1, POLICY) is Attempt.LOCKED
     user = directory.get_user("vera@acme")
-    assert user is not None and (user.failures, user.locked_until) == (2, NOW + 60)
-    directory.record_success("vera@acme")
+    assert user is not None and (user.failures, user.locked_until) == (5, NOW + 60)
+
+
+def test_a_right_answer_in_flight_fails_when_others_lock_meanwhile(directory: Store) -> None:
+    slots = [directory.begin_attempt("vera@acme", NOW, POLICY) for _ in range(5)]
+    assert slots == [Attempt.GO] * 5
+    for _ in range(4):
+        directory.end_attempt("vera@acme", ok=False, final=False, now=NOW, policy=POLICY)
+    # Four wrong guesses and one right one in flight: the right one ends last, but the
+    # lock is decided only by failures, and four do not reach it.
+    right = directory.end_attempt("vera@acme", ok=True, final=True, now=NOW, policy=POLICY)
+    assert not right.locked(NOW) and right.failures == 0
+    # Now five wrong in flight plus one right: the right one sees the lock.
+    slots = [directory.begin_attempt("vera@acme", NOW, POLICY) for _ in range(6)]
+    assert slots == [Attempt.GO] * 5 + [Attempt.BUSY]
+    for _ in range(4):
+        directory.end_attempt("vera@acme", ok=False, final=False, now=NOW, policy=POLICY)
+    assert directory.end_attempt("vera@acme", ok=False, final=False, now=NOW, policy=POLICY).locked(
+        NOW
+    )
+
+
+def test_lock_grows_is_capped_and_the_slot_after_it_is_one_at_a_time(directory: Store) -> None:
+    now = NOW
+    for _ in range(5):
+        end = fail(directory, now=now)
+    assert end.newly_locked == 60
+    now = end.locked_until
+    assert directory.begin_attempt("vera@acme", now, POLICY) is Attempt.GO
+    assert directory.begin_attempt("vera@acme", now, POLICY) is Attempt.BUSY  # one at a time
+    end = directory.end_attempt("vera@acme", ok=False, final=False, now=now, policy=POLICY)
+    assert (end.failures, end.newly_locked) == (6, 120)
+    lengths = []
+    for _ in range(8):
+        now = end.locked_until
+        end = fail(directory, now=now)
+        lengths.append(end.newly_locked)
+    assert lengths == [240, 480, 960, 1920, 3600, 3600, 3600, 3600]
+
+
+def test_failures_decay(directory: Store) -> None:
+    """One failure forgiven per full decay period without failures."""
+    for _ in range(4):
+        fail(directory)
+    # Three hours later, three of the four are forgiven: this failure is the second.
+    end = fail(directory, now=NOW + 3 * 3600 + 1)
+    assert (end.failures, end.newly_locked) == (2, None)
+    # A guess a day never locks and never accumulates.
+    now = NOW + 3 * 3600 + 1
+    for _ in range(200):
+        now += 86400
+        end = fail(directory, now=now)
+        assert end.failures == 1 and not end.locked(now)
+
+
+def test_hard_limit_needs_an_administrator(directory: Store) -> None:
+    """NIST SP 800-63B 5.2.2: at most 100 consecutive failures, then only an admin opens it."""
+    policy = Lockout()  # the defaults: the lock is capped at an hour, decay is a day
+    now = NOW
+    end = None
+    for _ in range(100):
+        end = fail(directory, now=now, policy=policy)
+        now = max(now, end.locked_until)  # one guess per lock period
+    assert end is not None and end.admin_locked and end.newly_locked == float("inf")
+    assert end.failures == 100
+    far = now + 10 * 365 * 86400.0
+    assert directory.begin_attempt("vera@acme", far, policy) is Attempt.ADMIN_LOCKED
+    before = directory.unlock("vera@acme")
+    assert before.admin_locked and before.failures == 100
+    assert directory.begin_attempt("vera@acme", far, policy) is Attempt.GO
     user = directory.get_user("vera@acme")
-    assert user is not None and (user.failures, user.locked_until) == (0, 0)
+    assert user is not None and (user.failures, user.admin_locked) == (0, False)
+    with pytest.raises(StoreError, match="no user"):
+        directory.unlock("ghost")
+
+
+def test_success_clears_failures_only_at_the_final_factor(directory: Store) -> None:
+    for _ in range(3):
+        fail(directory)
+    assert directory.begin_attempt("vera@acme", NOW, POLICY) is Attempt.GO
+    end = directory.end_attempt("vera@acme", ok=True, final=False, now=NOW, policy=POLICY)
+    assert end.failures == 3  # the password alone does not clear them
+    assert directory.begin_attempt("vera@acme", NOW, POLICY) is Attempt.GO
+    end = directory.end_attempt("vera@acme", ok=True, final=True, now=NOW, policy=POLICY)
+    assert end.failures == 0
+
+
+def test_unknown_user_and_cancelled_slots(directory: Store) -> None:
+    assert directory.begin_attempt("ghost", NOW, POLICY) is Attempt.UNKNOWN
+    for _ in range(5):
+        assert directory.begin_attempt("vera@acme", NOW, POLICY) is Attempt.GO
+    assert directory.begin_attempt("vera@acme", NOW, POLICY) is Attempt.BUSY
+    directory.cancel_attempt("vera@acme")
+    assert directory.begin_attempt("vera@acme", NOW, POLICY) is Attempt.GO
+
+
+def test_slots_left_by_a_stopped_daemon_are_freed(db_path: Path) -> None:
+    first = Store(db_path, KEY)
+    first.add_vendor("acme", "ACME", NOW)
+    first.add_user("vera@acme", kind="vendor", vendor="acme", org=None, now=NOW)
+    for _ in range(5):
+        first.begin_attempt("vera@acme", NOW, POLICY)
+    first.close()
+    second = Store(db_path, KEY)
+    try:
+        assert second.begin_attempt("vera@acme", NOW, POLICY) is Attempt.GO
+    finally:
+        second.close()
+
+
+# -- factor state: versions and forward-only counters -----------------------------------------
+
+
+def test_totp_step_is_accepted_once(directory: Store) -> None:
+    version = directory.set_credential("vera@acme", "totp", {"secret": TOTP_SECRET}, NOW)
+    assert directory.advance_counter("vera@acme", "totp", "", 100, version=version, now=NOW)
+    # The same step again (a replay, or a parallel login with the same code): refused.
+    assert not directory.advance_counter("vera@acme", "totp", "", 100, version=version, now=NOW)
+    assert not directory.advance_counter("vera@acme", "totp", "", 99, version=version, now=NOW)
+    assert directory.advance_counter("vera@acme", "totp", "", 101, version=version, now=NOW)
+    loaded = directory.load_credential("vera@acme", "totp")
+    assert loaded == Credential({"secret": TOTP_SECRET}, version, {"": 101})
+
+
+def test_new_totp_seed_defeats_a_login_that_read_the_old_one(directory: Store) -> None:
+    old = directory.set_credential("vera@acme", "totp", {"secret": TOTP_SECRET}, NOW)
+    directory.advance_counter("vera@acme", "totp", "", 100, version=old, now=NOW)
+    new = directory.set_credential(
+        "vera@acme", "totp", {"secret": "OTHERSECRET"}, NOW, reset_counters=True
+    )
+    assert new == old + 1
+    # A login parked with the old seed: its step is refused, the new seed is kept.
+    assert not directory.advance_counter("vera@acme", "totp", "", 200, version=old, now=NOW)
+    assert directory.load_credential("vera@acme", "totp") == Credential(
+        {"secret": "OTHERSECRET"}, new, {}
+    )
+
+
+def test_fido2_counters_per_key(directory: Store) -> None:
+    record = {"credentials": [{"id": "k1", "sign_count": 1}, {"id": "k2", "sign_count": 0}]}
+    version = directory.set_credential("vera@acme", "fido2", record, NOW)
+    assert directory.advance_counter("vera@acme", "fido2", "k1", 5, version=version, now=NOW)
+    assert directory.advance_counter("vera@acme", "fido2", "k2", 3, version=version, now=NOW)
+    assert not directory.advance_counter("vera@acme", "fido2", "k1", 5, version=version, now=NOW)
+    assert not directory.advance_counter("vera@acme", "fido2", "k1", 4, version=version, now=NOW)
+    loaded = directory.load_credential("vera@acme", "fido2")
+    assert loaded is not None and loaded.counters == {"k1": 5, "k2": 3}
+    directory.drop_counter("vera@acme", "fido2", "k1")
+    loaded = directory.load_credential("vera@acme", "fido2")
+    assert loaded is not None and loaded.counters == {"k2": 3}
+
+
+def test_stale_record_write_is_refused(directory: Store) -> None:
+    """A key list written from an old copy does not undo a change made meanwhile."""
+    v1 = directory.set_credential("vera@acme", "fido2", {"credentials": [{"id": "k1"}]}, NOW)
+    # An administrator removes k1 (from v1); a registration made from v1 comes in late.
+    assert directory.replace_credential("vera@acme", "fido2", {"credentials": []}, v1, NOW)
+    late = {"credentials": [{"id": "k1"}, {"id": "k2"}]}
+    assert not directory.replace_credential("vera@acme", "fido2", late, v1, NOW)
+    assert directory.get_credential("vera@acme", "fido2") == {"credentials": []}
+    # Counters of a login that read v1 are refused too.
+    assert not directory.advance_counter("vera@acme", "fido2", "k1", 9, version=v1, now=NOW)
+    assert directory.credential_version("vera@acme", "fido2") == v1 + 1
+    # Deleting names the version as well.
+    assert not directory.delete_credential("vera@acme", "fido2", v1)
+    assert directory.delete_credential("vera@acme", "fido2", v1 + 1)
+    assert directory.credential_version("vera@acme", "fido2") is None
+    assert not directory.advance_counter("vera@acme", "fido2", "k1", 9, version=v1, now=NOW)
+
+
+def test_add_credential_only_when_absent(directory: Store) -> None:
+    assert directory.add_credential("vera@acme", "fido2", {"credentials": [{"id": "a"}]}, NOW)
+    assert not directory.add_credential("vera@acme", "fido2", {"credentials": [{"id": "b"}]}, NOW)
+    assert directory.get_credential("vera@acme", "fido2") == {"credentials": [{"id": "a"}]}
+
+
+def test_counters_go_with_the_credential(directory: Store) -> None:
+    version = directory.set_credential("vera@acme", "totp", {"secret": TOTP_SECRET}, NOW)
+    directory.advance_counter("vera@acme", "totp", "", 7, version=version, now=NOW)
+    directory.delete_credential("vera@acme", "totp")
+    with directory.tx() as db:
+        assert db.execute("SELECT COUNT(*) FROM factor_counters").fetchone()[0] == 0
+
+
+def test_schema_1_database_is_upgraded(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    with sqlite3.connect(db_path) as db:
+        db.executescript(
+            "CREATE TABLE users (id TEXT PRIMARY KEY, kind TEXT NOT NULL, vendor TEXT, org TEXT,"
+            " created REAL NOT NULL, disabled INTEGER NOT NULL DEFAULT 0,"
+            " failures INTEGER NOT NULL DEFAULT 0, locked_until REAL NOT NULL DEFAULT 0);"
+            "CREATE TABLE credentials (user TEXT NOT NULL, method TEXT NOT NULL,"
+            " sealed BLOB NOT NULL, updated REAL NOT NULL, PRIMARY KEY (user, method));"
+            "INSERT INTO users (id, kind, created, failures) VALUES ('old', 'vendor', 1, 2);"
+            "PRAGMA user_version=1;"
+        )
+    db.close()
+    store = Store(db_path, KEY)
+    try:
+        user = store.get_user("old")
+        assert user is not None and (user.failures, user.admin_locked) == (2, False)
+        assert store.begin_attempt("old", NOW, POLICY) is Attempt.GO
+    finally:
+        store.close()
 
 
 def test_agents(directory: Store) -> None:
@@ -360,7 +587,8 @@ def test_sealed_blob_moved_to_another_method_does_not_unseal(directory: Store) -
     directory.set_credential("vera@acme", "totp", {"secret": TOTP_SECRET}, NOW)
     with directory.tx() as db:
         db.execute(
-            "INSERT INTO credentials SELECT user, 'fido2', sealed, updated FROM credentials "
+            "INSERT INTO credentials SELECT user, 'fido2', sealed, updated, version "
+            "FROM credentials "
             "WHERE user = 'vera@acme' AND method = 'totp'"
         )
     with pytest.raises(StoreError, match="does not unseal"):
