@@ -1369,14 +1369,18 @@ def pcsc_connector(reader: str | None = None) -> CardConnector:
     return connect
 
 
-async def wait_for_removal(reader_name: str, poll: float = 0.5) -> None:
+async def wait_for_removal(
+    reader_name: str, poll: float = 0.5, on_present: Callable[[], None] | None = None
+) -> None:
     """Return once the card in ``reader_name`` is gone.
 
     "Gone" means: no card in the reader, a different card (PC/SC's per-reader event
     counter moved: the card was pulled and put back between two polls), the reader
     itself unplugged, or the PC/SC service unreachable (fail closed). Polls every
     ``poll`` seconds; each poll is one non-blocking ``SCardGetStatusChange`` in a
-    worker thread. Cancel the task to stop watching.
+    worker thread, and ``on_present`` (if given) is called after each poll that saw the
+    same card still there (the session's ``card_present`` heartbeat hangs on it). Cancel
+    the task to stop watching.
 
     ``gw connect`` runs this next to its tunnels and closes them when it returns::
 
@@ -1398,6 +1402,8 @@ async def wait_for_removal(reader_name: str, poll: float = 0.5) -> None:
                 first = events
             elif events != first:
                 return
+            if on_present is not None:
+                on_present()
             await asyncio.sleep(poll)
     finally:
         await asyncio.to_thread(scard.SCardReleaseContext, context)

@@ -9,12 +9,18 @@ gateway's ``session`` message says so (``watch_card``, the mode's
 swapped, the reader unplugged, PC/SC gone), it tells the gateway why with ``bye``
 (audited as ``session.end``, reason ``client: card removed``), stops every tunnel and
 raises :class:`CardRemoved`, which ``gw`` prints as one line and exits 1 for.
+
+While the card is seen in its reader, the session's control connection carries a
+``card_present`` message every ``card_heartbeat`` seconds (when the gateway asks for
+it): the gateway ends the session by itself when they stop, so the rule holds even
+for a client that does not keep it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,8 +58,18 @@ async def run_watched(
         return
     from auth.smartcard import wait_for_removal
 
+    interval = session.opened.card_heartbeat
+    last_sent = -interval
+
+    def present() -> None:
+        nonlocal last_sent
+        now = time.monotonic()
+        if interval and now - last_sent >= interval:
+            last_sent = now
+            session.card_present()
+
     main = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(wait_for_removal(reader))
+    watcher = asyncio.ensure_future(wait_for_removal(reader, on_present=present))
     try:
         await asyncio.wait({main, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if main.done():

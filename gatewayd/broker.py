@@ -93,6 +93,9 @@ class Session:
     bytes_up: int = 0
     bytes_down: int = 0
     last_activity: float = field(default_factory=time.monotonic)
+    card_timeout: float = 0.0
+    """Seconds without a ``card_present`` after which the session ends (0: not watched)."""
+    card_seen: float = field(default_factory=time.monotonic)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     end_reason: str = ""
 
@@ -512,6 +515,7 @@ class Broker:
         agent = self.store.get_agent(hello.agent)
         assert agent is not None and agent.noise_key is not None
         mode_cfg = self.config.mode(hello.mode)
+        watched = mode_cfg.end_on_card_removal and self._card_proved(hello)
         now = self.now()
         session = Session(
             id=sid,
@@ -530,6 +534,7 @@ class Broker:
             agreement=decision.agreement,
             approved_by=approved_by,
             unattended=not decision.needs_approval and hello.mode != "homeoffice",
+            card_timeout=mode_cfg.card_heartbeat_timeout if watched else 0.0,
         )
         await self.audit.record(
             "session.start", **context, expires=session.expires, approved_by=approved_by or None
@@ -545,6 +550,7 @@ class Broker:
                 agent_key=agent.noise_key,
                 expires=session.expires,
                 watch_card=mode_cfg.end_on_card_removal,
+                card_heartbeat=mode_cfg.card_heartbeat if watched else 0.0,
             )
         )
         if session.unattended:
@@ -711,14 +717,33 @@ class Broker:
                 ended += 1
         return ended
 
+    def _card_proved(self, hello: m.ClientHello) -> bool:
+        """Whether a smartcard was one of the factors this login proved.
+
+        Every step's factor passed, and each was picked by :meth:`_choose` from the mode,
+        what the client offered and what the user holds; the same choice, made again.
+        """
+        enrolled = set(self.store.credential_methods(hello.user))
+        steps = self.config.mode(hello.mode).factors
+        return any(self._choose(step, hello.factors, enrolled) == "smartcard" for step in steps)
+
     async def _hold(self, session: Session) -> None:
-        """Keep a session until its client leaves, it is killed, expires or idles out."""
+        """Keep a session until its client leaves, it is killed, expires or idles out.
+
+        A session whose login a smartcard proved, in a mode with ``end_on_card_removal``,
+        also ends when the client's ``card_present`` heartbeat stops: the client, not
+        the gateway, sees the card, so a client that stops watching it (or is made not
+        to) cannot keep the session past ``card_heartbeat_timeout``.
+        """
         link = session.link
 
         async def control() -> None:
             with contextlib.suppress(ConnectionClosed, RemoteError):
                 while True:
-                    msg = await link.expect(m.Bye)  # keepalives are skipped
+                    msg = await link.expect(m.Bye, m.CardPresent)  # keepalives are skipped
+                    if isinstance(msg, m.CardPresent):
+                        session.card_seen = time.monotonic()
+                        continue
                     assert isinstance(msg, m.Bye)
                     session.end(f"client: {msg.reason}" if msg.reason else "client closed")
                     return
@@ -738,6 +763,12 @@ class Broker:
                     session.end("idle timeout")
                     break
                 wait = min(session.expires - now, session.idle_timeout - idle, 60.0)
+                if session.card_timeout:
+                    silent = time.monotonic() - session.card_seen
+                    if silent >= session.card_timeout:
+                        session.end("card heartbeat stopped")
+                        break
+                    wait = min(wait, session.card_timeout - silent)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(max(wait, 0.05)):
                         await session.ended.wait()

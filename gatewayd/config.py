@@ -120,6 +120,13 @@ class ModeSection:
     end_on_card_removal: bool = True
     """When a smartcard proved the login, ``gw connect`` ends the session once the card
     leaves its reader (audited as ``session.end``, reason ``client: card removed``)."""
+    card_heartbeat: float = 5.0
+    """With ``end_on_card_removal``, when a smartcard proved the login: seconds between
+    the client's ``card_present`` messages (sent while it sees the card in its reader)."""
+    card_heartbeat_timeout: float = 15.0
+    """The gateway ends such a session when no ``card_present`` arrived for this long
+    (audited as ``session.end``, reason ``card heartbeat stopped``); a client that stops
+    watching the card cannot keep the session."""
     require_reason: bool = True
     """``gw connect --reason`` is required (default for access and support)."""
     approval_timeout: float = 120.0
@@ -355,9 +362,15 @@ def parse(text: str, path: Path) -> Config:
             max_session=m.number("max_session", 12 * 3600.0, low=60, high=7 * 86400),
             idle_timeout=m.number("idle_timeout", 1800.0, low=10, high=86400),
             end_on_card_removal=m.get("end_on_card_removal", bool, True),
+            card_heartbeat=m.number("card_heartbeat", 5.0, low=1, high=60),
+            card_heartbeat_timeout=m.number("card_heartbeat_timeout", 15.0, low=2, high=600),
             require_reason=m.get("require_reason", bool, name != "homeoffice"),
             approval_timeout=m.number("approval_timeout", 120.0, low=5, high=600),
         )
+        if modes[name].card_heartbeat_timeout < 2 * modes[name].card_heartbeat:
+            raise ConfigError(
+                m.key("card_heartbeat_timeout"), "must be at least twice card_heartbeat"
+            )
         m.done()
     mt.done()
 

@@ -224,6 +224,15 @@ class ClientSession:
         except ConnectionClosed:
             return ""
 
+    def card_present(self) -> None:
+        """Tell the gateway that the login's smartcard is still in its reader.
+
+        ``gw connect`` calls this while it watches the card, at most every
+        ``opened.card_heartbeat`` seconds; the gateway ends the session when it stops.
+        """
+        with contextlib.suppress(GatewayError):
+            self.link.send(m.CardPresent())
+
     def end(self, reason: str) -> None:
         """Tell the gateway why the session ends (audited), then close."""
         with contextlib.suppress(GatewayError):

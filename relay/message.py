@@ -248,11 +248,21 @@ class SessionOpened(Message):
     watch_card: bool = True
     """If a smartcard proved the login, the client ends the session when the card leaves
     its reader (the mode's ``end_on_card_removal``). Absent from older gateways: True."""
+    card_heartbeat: float = 0.0
+    """Seconds between the client's :class:`CardPresent` messages while it watches the
+    card; the gateway ends the session when they stop. 0 (absent): none expected."""
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        if not 0 <= self.card_heartbeat <= 3600:
+            raise ProtocolError("session.card_heartbeat: must be 0 to 3600 seconds")
 
     def to_json(self) -> dict[str, Any]:
         out = Message.to_json(self)
         if self.watch_card:  # the default goes unsaid, so that older clients still parse
             del out["watch_card"]
+        if not self.card_heartbeat:
+            del out["card_heartbeat"]
         return out
 
 
@@ -385,6 +395,14 @@ class AgentList(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class CardPresent(Message):
+    """Client to gateway, on a session's control connection: the smartcard that proved
+    the login was seen in its reader just now (see ``SessionOpened.card_heartbeat``)."""
+
+    TYPE = "card_present"
+
+
+@dataclass(frozen=True, slots=True)
 class Bye(Message):
     """The client ends its session and says why (``card removed``, ``user quit``)."""
 
@@ -458,6 +476,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Dial,
         DialFailed,
         Spliced,
+        CardPresent,
         Bye,
         ApprovalPending,
         Approve,

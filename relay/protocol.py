@@ -84,7 +84,7 @@ _KEEPALIVE = frozenset({"ping", "pong", "error"})
 PEER_MAY_SEND: dict[tuple[Side, State], frozenset[str]] = {
     (Side.ACCEPTOR, State.EXPECT_HELLO): frozenset(_HELLOS),
     (Side.ACCEPTOR, State.EXPECT_AUTH): frozenset({"auth_response"}) | _KEEPALIVE,
-    (Side.ACCEPTOR, State.SESSION): frozenset({"bye"}) | _KEEPALIVE,
+    (Side.ACCEPTOR, State.SESSION): frozenset({"bye", "card_present"}) | _KEEPALIVE,
     (Side.ACCEPTOR, State.AGENT): frozenset({"dial_failed", "approval"}) | _KEEPALIVE,
     (Side.ACCEPTOR, State.EXPECT_ENROLLED): frozenset({"error"}),
     (Side.ACCEPTOR, State.EXPECT_REGISTERED): frozenset({"auth_response"}) | _KEEPALIVE,

@@ -584,6 +584,7 @@ def test_every_message_type_round_trips_json(msg_type: str) -> None:
             REGISTER,
             REGISTERED,
             m.Bye("user quit"),
+            m.CardPresent(),
             m.ApprovalPending("r1", "s1", "key", 120.0),
             m.Approve(
                 "r1", "s1", "alice", "acme", "Acme AS", "support", "rdp", "ticket", "k", 120.0
