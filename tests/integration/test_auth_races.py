@@ -24,9 +24,12 @@ from soft_authenticator import SoftAuthenticator
 import relay.client
 from auth import registry
 from auth.base import ProverOptions
+from auth.password import scrypt_hash
 from auth.totp import code_at
 from cli.fido2 import register_key
+from gatewayd.admin import request as admin_request
 from gatewayd.demo import EchoServer, Lab
+from gatewayd.store import Store, load_secrets_key
 from relay import message as m
 from relay import noise
 from relay.aio import FramedLink
@@ -252,6 +255,45 @@ def test_totp_enroll_during_a_parked_login_is_not_reverted(lab: Lab) -> None:
         "auth_failed"
     )
     run(login(lab, user, answers(user, totp=lambda: code_at(new_secret, now)))).close()
+
+
+def test_password_change_during_a_parked_login_defeats_the_old_password(lab: Lab) -> None:
+    """The old password, typed into a login opened before the change, no longer counts."""
+    user = new_user(lab)
+    socket = lab.root / "gw" / "admin.sock"
+
+    async def attack() -> str:
+        gate = Gate()
+        prove = answers(user, totp=lambda: lab.totp(user), park={"password": gate})
+        parked = asyncio.ensure_future(refused(login(lab, user, prove)))
+        await gate.reached.wait()
+        await admin_request(socket, "user.password", {"user": user, "password": "new passphrase"})
+        gate.release()
+        return await parked
+
+    assert run(attack()) == "auth_failed"
+    (parked,) = records(lab, "auth.attempt", user=user, factor="password")
+    assert parked["reason"] == CHANGED
+    prove = answers(user, password="new passphrase", totp=lambda: lab.totp(user))
+    run(login(lab, user, prove)).close()
+
+
+def test_scrypt_password_is_rehashed_with_argon2id_at_login(lab: Lab) -> None:
+    user = new_user(lab)
+    state = lab.root / "gw" / "state"
+    store = Store(state / "directory.db", load_secrets_key(state / "secrets.key"))
+    try:
+        store.set_credential(user, "password", {"hash": scrypt_hash(PASSWORD)}, time.time())
+        run(login(lab, user, answers(user, totp=lambda: lab.totp(user)))).close()
+        stored = store.get_credential(user, "password")
+    finally:
+        store.close()
+    assert stored is not None and stored["hash"].startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    (attempt,) = records(lab, "auth.attempt", user=user, factor="password")
+    assert attempt["outcome"] == "success" and attempt["rehashed"] == "scrypt"
+    run(login(lab, user, answers(user, totp=lambda: lab.totp(user)))).close()
+    again = records(lab, "auth.attempt", user=user, factor="password")[-1]
+    assert again["outcome"] == "success" and "rehashed" not in again
 
 
 def register(lab: Lab, user: str, device: SoftAuthenticator) -> dict[str, Any]:
