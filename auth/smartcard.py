@@ -383,7 +383,7 @@ def _load_certs(path: str, key: str) -> list[x509.Certificate]:
             certs = x509.load_pem_x509_certificates(data)
         else:
             certs = [x509.load_der_x509_certificate(data)]
-    except ValueError as exc:
+    except MALFORMED_X509 as exc:
         raise ConfigError(f"{SETTINGS_KEY}.{key}", f"{path}: not a certificate file") from exc
     return certs
 
@@ -395,9 +395,15 @@ def _load_crls(path: str) -> list[x509.CertificateRevocationList]:
             blocks = _pem_blocks(data, b"X509 CRL")
             if not blocks:
                 raise ValueError("no CRL in PEM file")
-            return [x509.load_pem_x509_crl(block) for block in blocks]
-        return [x509.load_der_x509_crl(data)]
-    except ValueError as exc:
+            crls = [x509.load_pem_x509_crl(block) for block in blocks]
+        else:
+            crls = [x509.load_der_x509_crl(data)]
+        for crl in crls:  # parsed lazily: a malformed CRL is a config error, not a failed login
+            crl.issuer, crl.extensions, crl.last_update_utc, crl.next_update_utc  # noqa: B018
+            for entry in crl:
+                entry.serial_number, entry.revocation_date_utc  # noqa: B018
+        return crls
+    except MALFORMED_X509 as exc:
         raise ConfigError(f"{SETTINGS_KEY}.crl_files", f"{path}: not a CRL file") from exc
 
 
@@ -479,7 +485,8 @@ def credential_from_certificate(
             cert = certs[0]
         else:
             cert = x509.load_der_x509_certificate(data)
-    except ValueError as exc:
+        cert.subject  # noqa: B018 - parsed lazily
+    except MALFORMED_X509 as exc:
         raise ValueError(f"not an X.509 certificate ({exc})") from None
     values = cert.subject.get_attributes_for_oid(oid)
     if len(values) != 1:
@@ -514,6 +521,26 @@ class _Response:
     signature: bytes
 
 
+#: What cryptography raises for malformed X.509 (certificates, CRLs), not only ValueError.
+MALFORMED_X509 = (
+    ValueError,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+)
+
+
+def _der_certificate(der: bytes) -> x509.Certificate:
+    """Load a client's DER certificate; one of MALFORMED_X509 if it or its names do not parse.
+
+    cryptography parses the names lazily: checked here, a bad one is a malformed
+    response with this reason instead of an exception deep in a later check.
+    """
+    cert = x509.load_der_x509_certificate(der)
+    cert.subject, cert.issuer  # noqa: B018
+    return cert
+
+
 def _parse_response(response: object) -> _Response:
     if not isinstance(response, Mapping):
         raise _Reject("malformed response", error="response is not an object")
@@ -532,9 +559,9 @@ def _parse_response(response: object) -> _Response:
     if not signature:
         raise _Reject("malformed response", error="empty signature")
     try:
-        leaf = x509.load_der_x509_certificate(leaf_der)
-        chain = [x509.load_der_x509_certificate(der) for der in chain_der]
-    except ValueError:
+        leaf = _der_certificate(leaf_der)
+        chain = [_der_certificate(der) for der in chain_der]
+    except MALFORMED_X509:
         raise _Reject("malformed response", error="certificate is not DER X.509") from None
     return _Response(leaf, chain, str(algorithm), signature)
 
@@ -575,7 +602,7 @@ def _check_usage(cert: x509.Certificate) -> None:
         eku = _extension(cert, x509.ExtendedKeyUsage)
         constraints = _extension(cert, x509.BasicConstraints)
         extensions = list(cert.extensions)
-    except ValueError as exc:
+    except MALFORMED_X509 as exc:
         raise _Reject("malformed response", error=f"bad extension: {exc}") from None
     if key_usage is None or not key_usage.digital_signature:
         raise _Reject(
@@ -880,8 +907,8 @@ def _check_declined(
     if "certificate" in response:
         try:
             der = b64d(response.get("certificate"), max_len=MAX_CERT_BYTES)
-            leaf = x509.load_der_x509_certificate(der)
-        except ValueError:
+            leaf = _der_certificate(der)
+        except MALFORMED_X509:
             raise _Reject("malformed response", error="certificate is not DER X.509") from None
         detail.update(_describe(leaf))
         _check_certificate(cfg, leaf, [], now, credential)
@@ -1209,7 +1236,10 @@ def sign_with_card(card: PivCard, cert: x509.Certificate, message: bytes) -> tup
     The signature is checked against the certificate before it leaves, so a card whose
     key does not match its certificate fails here with a clear message.
     """
-    key = cert.public_key()
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise AuthError("the smartcard's certificate holds an unreadable public key") from None
     digest = hashlib.sha256(message).digest()
     try:
         if isinstance(key, rsa.RSAPublicKey) and key.key_size in _RSA_ALGS:
@@ -1503,9 +1533,11 @@ class SmartcardProver(Prover):
     @staticmethod
     def _load_certificate(der: bytes) -> x509.Certificate:
         try:
-            return x509.load_der_x509_certificate(der)
-        except ValueError:
+            cert = x509.load_der_x509_certificate(der)
+            cert.subject  # noqa: B018 - parsed lazily: a bad name fails here, not mid-login
+        except MALFORMED_X509:
             raise AuthError("the smartcard's certificate cannot be read") from None
+        return cert
 
     def _check_validity(self, cert: x509.Certificate) -> None:
         """Refuse an expired card before asking for its PIN."""
