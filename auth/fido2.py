@@ -603,7 +603,8 @@ class Fido2Verifier(Verifier):
 
         try:
             auth_data = AuthenticatorData(auth_data_raw)
-        except (ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error) as exc:
+            # AttributeError: attested credential data whose COSE key is not a map.
             raise _Rejected(
                 "malformed response", error=f"authenticatorData: {type(exc).__name__}", **who
             ) from exc
