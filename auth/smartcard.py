@@ -521,9 +521,11 @@ class _Response:
     signature: bytes
 
 
-#: What cryptography raises for malformed X.509 (certificates, CRLs), not only ValueError.
+#: What cryptography raises for malformed X.509 (certificates, CRLs), not only ValueError
+#: (TypeError: a name attribute whose string type its OID does not allow).
 MALFORMED_X509 = (
     ValueError,
+    TypeError,
     x509.InvalidVersion,
     x509.DuplicateExtension,
     x509.UnsupportedGeneralNameType,
