@@ -150,6 +150,21 @@ def machine(world: World) -> Iterator[tuple[TtyAgent, Path]]:
         agent.close()
 
 
+def _raw_reason_client(
+    world: World, user: str, reason: str, totp: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    lab = world.lab
+    code = totp or lab.totp(user)
+    args = [lab.gateway, str(lab.ca_file), user, VENDOR_PASSWORD, code, "pc-tty", reason]
+    return subprocess.run(
+        [str(BIN / "python"), "-c", RAW_REASON_CLIENT, *args],
+        capture_output=True,
+        text=True,
+        env=lab.env(),
+        timeout=60,
+    )
+
+
 def test_reason_with_control_characters_is_refused(world: World, machine: Any) -> None:
     agent, dump = machine
     lab = world.lab
@@ -159,26 +174,12 @@ def test_reason_with_control_characters_is_refused(world: World, machine: Any) -
     refused = lab.run(*args, check=False)
     assert refused.returncode == 2, refused.stderr
     assert "--reason" in refused.stderr and "printable" in refused.stderr
+    args = lab.connect_args("pc-tty", user, "echo", "access", "--stdio", "--reason", "x" * 1025)
+    refused = lab.run(*args, check=False)
+    assert refused.returncode == 2 and "at most 1024 characters" in refused.stderr
     # A client that sends it anyway: the gateway refuses it, says why and audits it.
     before = len(lab.events("connection.rejected"))
-    result = subprocess.run(
-        [
-            str(BIN / "python"),
-            "-c",
-            RAW_REASON_CLIENT,
-            lab.gateway,
-            str(lab.ca_file),
-            user,
-            VENDOR_PASSWORD,
-            lab.totp(user),
-            "pc-tty",
-            HOSTILE_REASON,
-        ],
-        capture_output=True,
-        text=True,
-        env=lab.env(),
-        timeout=60,
-    )
+    result = _raw_reason_client(world, user, HOSTILE_REASON)
     assert result.stdout.startswith("refused: client_hello.reason: control"), result
     wait_for(lambda: len(lab.events("connection.rejected")) > before, 10, "connection.rejected")
     rejected = lab.events("connection.rejected")[-1]
@@ -186,6 +187,15 @@ def test_reason_with_control_characters_is_refused(world: World, machine: Any) -
     # Nothing reached the machine.
     assert not [r for r in lab.events("approval.requested") if r["user"] == user]
     assert b"approval requested" not in agent.seen and not dump.exists()
+
+
+def test_overlong_reason_is_refused_by_the_gateway(world: World) -> None:
+    lab = world.lab
+    before = len(lab.events("connection.rejected"))
+    result = _raw_reason_client(world, world.new_user("attended"), "x" * 1025, totp="000000")
+    assert result.stdout.startswith("refused: client_hello.reason: longer than 1024"), result
+    wait_for(lambda: len(lab.events("connection.rejected")) > before, 10, "connection.rejected")
+    assert "longer than 1024" in lab.events("connection.rejected")[-1]["message"]
 
 
 def test_vendor_name_with_escape_sequences_reaches_the_machine_escaped(
