@@ -67,8 +67,9 @@ class Request:
     answer: asyncio.Future[tuple[bool, str, str]] = field(repr=False)
     asked: float = field(default_factory=time.time)
 
-    def shown(self) -> dict[str, str]:
-        """The request's texts, escaped for a terminal or an environment."""
+    def shown(self, limit: int | None = MAX_SHOWN) -> dict[str, str]:
+        """The request's texts, escaped for a terminal or an environment, each cut at
+        ``limit`` characters."""
         fields = {
             "id": self.id,
             "user": self.user,
@@ -79,14 +80,14 @@ class Request:
             "reason": self.reason,
             "sas": self.sas,
         }
-        return {k: printable(v, MAX_SHOWN) for k, v in fields.items()}
+        return {k: printable(v, limit) for k, v in fields.items()}
 
     def describe(self) -> dict[str, Any]:
         seconds_left = max(0, round(self.expires - time.monotonic()))
         return {**self.shown(), "seconds_left": seconds_left}
 
     def env(self, event: str) -> dict[str, str]:
-        shown = self.shown()
+        shown = self.shown(None)  # a program gets all of it (the wire bounds each field)
         env = {"GW_EVENT": event, "GW_REQUEST": shown.pop("id")}
         return env | {f"GW_{k.upper()}": v for k, v in shown.items()}
 
@@ -199,11 +200,12 @@ class Approvals:
 
     async def announce(self, event: str, **fields: str) -> None:
         """Unattended session start or end: a log line and the command hook."""
-        fields = {k: printable(v, MAX_SHOWN) for k, v in fields.items()}
         event = printable(event, MAX_SHOWN)
-        self.log(f"unattended session {event}", **fields)
+        self.log(
+            f"unattended session {event}", **{k: printable(v, MAX_SHOWN) for k, v in fields.items()}
+        )
         if self.command:
-            env = {**os.environ, **{f"GW_{k.upper()}": v for k, v in fields.items()}}
+            env = {**os.environ, **{f"GW_{k.upper()}": printable(v) for k, v in fields.items()}}
             env["GW_EVENT"] = event
             with contextlib.suppress(OSError):
                 proc = await asyncio.create_subprocess_shell(

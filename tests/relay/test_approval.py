@@ -105,3 +105,26 @@ def test_listing_on_the_local_socket_is_escaped(tmp_path: Path) -> None:
 
     (row,) = asyncio.run(listed())
     assert all(is_printable(str(v)) for v in row.values()), row
+
+
+def test_long_reason_is_cut_on_the_terminal_but_whole_for_the_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reason = "ticket 4711 " + "x" * 1000
+    request = {**HOSTILE, "reason": reason}
+    terminal = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("n\n"))
+    at_terminal = Approvals(tmp_path / "a.sock", terminal=True, log=lambda e, **f: None)
+    assert asyncio.run(at_terminal.ask("r4", timeout=30, **request))[0] is False
+    assert f"reason: {reason[:300]}...\n" in terminal.getvalue()
+
+    dump = tmp_path / "reason.txt"
+    by_command = Approvals(
+        tmp_path / "b.sock",
+        command=f"printf '%s' \"$GW_REASON\" > {shlex.quote(str(dump))}; exit 1",
+        terminal=False,
+        log=lambda e, **f: None,
+    )
+    assert asyncio.run(by_command.ask("r5", timeout=30, **request))[1] == "approval_command"
+    assert dump.read_text() == reason
