@@ -274,6 +274,8 @@ async def _list(s: AdminServer, args: dict[str, Any], by: str) -> Any:
     keys = fido2.list_credentials(loaded.data)
     for key in keys:  # the counter as the last login left it
         key["sign_count"] = max(key.get("sign_count", 0), loaded.counters.get(key["id"], 0))
+        if key["id"] in loaded.moved:
+            key["last_used"] = loaded.moved[key["id"]]
     return keys
 
 

@@ -35,7 +35,7 @@ import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -126,6 +126,8 @@ class Credential:
     """Grows with every whole-record write; a conditional write names the one it read."""
     counters: dict[str, int]
     """Forward-only counters by key: ``""`` for TOTP's last step, a key id for FIDO2."""
+    moved: dict[str, float] = field(default_factory=dict)
+    """When each counter last moved (a FIDO2 key's last use)."""
 
 
 class Attempt(StrEnum):
@@ -558,15 +560,14 @@ class Store:
             ).fetchone()
             if row is None:
                 return None
-            counters = {
-                r["key"]: int(r["counter"])
-                for r in db.execute(
-                    "SELECT key, counter FROM factor_counters WHERE user = ? AND method = ?",
-                    (user, method),
-                )
-            }
+            rows = db.execute(
+                "SELECT key, counter, updated FROM factor_counters WHERE user = ? AND method = ?",
+                (user, method),
+            ).fetchall()
         data = self._unseal(user, method, bytes(row["sealed"]))
-        return Credential(data, int(row["version"]), counters)
+        counters = {r["key"]: int(r["counter"]) for r in rows}
+        moved = {r["key"]: float(r["updated"]) for r in rows}
+        return Credential(data, int(row["version"]), counters, moved)
 
     def credential_version(self, user: str, method: str) -> int | None:
         """The credential's version now (None: there is none)."""

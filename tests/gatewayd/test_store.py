@@ -237,8 +237,9 @@ def test_totp_step_is_accepted_once(directory: Store) -> None:
     assert not directory.advance_counter("vera@acme", "totp", "", 100, version=version, now=NOW)
     assert not directory.advance_counter("vera@acme", "totp", "", 99, version=version, now=NOW)
     assert directory.advance_counter("vera@acme", "totp", "", 101, version=version, now=NOW)
+    directory.advance_counter("vera@acme", "totp", "", 102, version=version, now=NOW + 30)
     loaded = directory.load_credential("vera@acme", "totp")
-    assert loaded == Credential({"secret": TOTP_SECRET}, version, {"": 101})
+    assert loaded == Credential({"secret": TOTP_SECRET}, version, {"": 102}, {"": NOW + 30})
 
 
 def test_new_totp_seed_defeats_a_login_that_read_the_old_one(directory: Store) -> None:
