@@ -450,7 +450,9 @@ def check_settings(settings: Mapping[str, Any]) -> str | None:
 
     A table that names neither trust anchors nor CRLs (as ``gatewayd init`` writes it,
     before the operator has the national CA's files) is not an error but a warning:
-    smartcard logins fail (``settings invalid``) until it is filled in.
+    smartcard logins fail (``settings invalid``) until it is filled in. So is a CRL that
+    is never used (a delta or indirect CRL, one of some reasons only): the warning
+    names each file and why.
     """
     if not settings.get("trust_anchors") and not settings.get("crl_files"):
         return (
@@ -458,6 +460,14 @@ def check_settings(settings: Mapping[str, Any]) -> str | None:
             "smartcard logins fail until it does"
         )
     load_settings(settings)
+    unused = [
+        f"{path} ({why})"
+        for path in _paths(settings, "crl_files", required=True)
+        for crl in _load_crls(path)
+        if (why := _crl_refusal(crl)) is not None
+    ]
+    if unused:
+        return f"{SETTINGS_KEY}.crl_files: never used for revocation: {', '.join(unused)}"
     return None
 
 

@@ -326,6 +326,17 @@ def test_only_user_certs_crl_covers_the_card(card_pki: pki.CardPKI) -> None:
     assert login(card_pki, card_pki.person(1), settings_table=table).ok
 
 
+def test_check_settings_names_crls_that_are_never_used(card_pki: pki.CardPKI) -> None:
+    assert smartcard.check_settings(card_pki.settings()) is None
+    table = _with_crl(card_pki, "delta.crl", delta_of=1)
+    warning = smartcard.check_settings(table)
+    assert warning == (
+        f"auth.smartcard.crl_files: never used for revocation: {table['crl_files'][2]} (delta CRL)"
+    )
+    # A partition is used (for its own certificates): no warning.
+    assert smartcard.check_settings(_with_crl(card_pki, "p.crl", idp=pki.partition(PART_1))) is None
+
+
 def test_stale_full_crl_next_to_a_fresh_partition_fails_closed(card_pki: pki.CardPKI) -> None:
     table = card_pki.settings(stale=True)
     fresh = card_pki.intermediate.crl(
