@@ -10,7 +10,10 @@ BIN    := $(VENV)/bin
 SYSTEM_PACKAGES := pcscd vsmartcard-vpcd libpcsclite-dev swig mosquitto \
                    openssh-server openssh-client haproxy
 
-.PHONY: demo test lint typecheck unit system-deps bench clean
+# make fuzz: every fuzz target (tests/fuzz) for FUZZ_SECONDS each, coverage-guided (atheris).
+FUZZ_SECONDS ?= 60
+
+.PHONY: demo test lint typecheck unit system-deps bench fuzz clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +50,14 @@ unit: $(VENV)/.test
 test: system-deps $(VENV)/.test
 	$(MAKE) --no-print-directory lint typecheck
 	$(BIN)/pytest --cov=relay --cov=auth --cov=gatewayd --cov=cli --cov-branch --cov-report=term:skip-covered
+
+$(VENV)/.fuzz: pyproject.toml | $(VENV)/.test
+	$(BIN)/pip install --quiet -e '.[fuzz]'
+	touch $@
+
+# The same harnesses run briefly under Hypothesis in `make test` (tests/fuzz/test_fuzz_smoke.py).
+fuzz: $(VENV)/.test $(VENV)/.fuzz
+	$(BIN)/python tests/fuzz/run.py all --seconds $(FUZZ_SECONDS)
 
 bench: system-deps $(VENV)/.test
 	$(BIN)/python bench/tunnel_bench.py
