@@ -14,7 +14,9 @@ Durability: :meth:`AuditLog.write` appends at once; :meth:`AuditLog.commit` wait
 until that line has been fsync'ed. One fsync covers every line written before it
 started (group commit), so many concurrent sessions share the cost. When the log
 cannot be written, :attr:`AuditLog.failure` says why and the gateway refuses new
-sessions until it can (fail closed).
+sessions until it can (fail closed). Each look at ``failure`` (at most once a second)
+and each new record first tries to write ``audit.resumed``, which says since when and
+why the log could not be written; once that succeeds the gateway serves again.
 
 A record is acknowledged only once all of its bytes are written: a short write is
 retried, and a write that fails part-way (a full disk) cuts the file back to the
@@ -45,6 +47,7 @@ import gzip
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -67,6 +70,8 @@ MAX_TORN_BYTES = 1024 * 1024
 
 DISCONTINUITY = "audit.discontinuity"
 ACKNOWLEDGED = "audit.acknowledged"
+#: Seconds between tries to write again after a failure, when asked whether it is over.
+RETRY_EVERY = 1.0
 
 
 class AuditError(GatewayError):
@@ -232,7 +237,9 @@ class AuditLog:
         self.node = node
         self.do_fsync = fsync
         self.rotate_bytes = rotate_bytes
-        self.failure: str | None = None
+        self._failure: str | None = None
+        self._failed_at = 0.0
+        self._next_retry = 0.0
         path.parent.mkdir(parents=True, exist_ok=True)
         # One writer per log: the head file is locked for the life of this object, before
         # anything is read or changed.
@@ -320,7 +327,7 @@ class AuditLog:
             self._size = start + written
         except OSError as exc:
             self.seq -= 1  # _stamp took this number for a line that was not written
-            self.failure = f"cannot write audit log {self.path}: {exc.strerror or exc}"
+            failure = f"cannot write audit log {self.path}: {exc.strerror or exc}"
             if self._cut_to is not None:
                 # Part of the line may be down: cut back to the last whole record now,
                 # or before the next write if even that fails.
@@ -328,8 +335,8 @@ class AuditLog:
                     os.ftruncate(self._fd, self._cut_to)
                     self._size, self._cut_to = self._cut_to, None
                 except OSError as cut:
-                    self.failure += f"; cannot cut it back: {cut.strerror or cut}"
-            raise AuditError(self.failure) from exc
+                    failure += f"; cannot cut it back: {cut.strerror or cut}"
+            raise AuditError(self._fail(failure)) from exc
         self.prev = line_hash(line)
 
     def write_startup_records(self) -> None:
@@ -369,11 +376,38 @@ class AuditLog:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self._size = 0
 
+    @property
+    def failure(self) -> str | None:
+        """Why the log cannot be written, or None. Tries again at most once a second."""
+        if self._failure is not None and time.monotonic() >= self._next_retry:
+            with contextlib.suppress(AuditError):
+                self._resume()
+        return self._failure
+
+    def _fail(self, failure: str) -> str:
+        if self._failure is None:
+            self._failed_at = time.time()
+        self._failure = failure
+        self._next_retry = time.monotonic() + RETRY_EVERY
+        return failure
+
+    def _resume(self) -> None:
+        """Try to write again: the first record after a failure says since when and why."""
+        failure, since = self._failure, self._failed_at
+        if failure is None:
+            return
+        self._failure = None
+        try:
+            self._logger.msg("audit.resumed", failure=failure, since=now_rfc3339(since))
+        except AuditError:
+            self._failed_at = since
+            raise
+        if self._flusher is not None:
+            self._wake.set()
+
     def write(self, event: str, **fields: Any) -> int:
         """Append a record now; returns its sequence number. Raises AuditError if it cannot."""
-        if self.failure is not None:
-            # Try again: the disk may have room now.
-            self.failure = None
+        self._resume()  # the disk may have room now
         self._logger.msg(event, **fields)
         if self._flusher is not None:
             self._wake.set()
@@ -382,8 +416,8 @@ class AuditLog:
     async def commit(self, seq: int | None = None) -> None:
         """Wait until record ``seq`` (default: the last written) is on disk."""
         seq = self.seq if seq is None else seq
-        if self.failure is not None:
-            raise AuditError(self.failure)
+        if self._failure is not None:
+            raise AuditError(self._failure)
         if seq <= self._durable:
             return
         if self._flusher is None:
@@ -413,8 +447,9 @@ class AuditLog:
             record = json.dumps({"seq": seq, "hash": hash_}).encode().ljust(HEAD_SIZE - 1)
             os.pwrite(self._head_fd, record + b"\n", 0)
         except OSError as exc:
-            self.failure = f"cannot sync audit log {self.path}: {exc.strerror or exc}"
-            raise AuditError(self.failure) from exc
+            raise AuditError(
+                self._fail(f"cannot sync audit log {self.path}: {exc.strerror or exc}")
+            ) from exc
         self._durable = max(self._durable, seq)
 
     async def _flush_loop(self) -> None:

@@ -392,11 +392,14 @@ async def test_failed_write_fails_closed_and_leaves_no_gap(log_path: Path) -> No
     finally:
         os.close(log._fd)
         log._fd = good_fd
-    # The disk has room again: the next record continues the chain without a gap.
+    # The disk has room again: the next record continues the chain without a gap, after
+    # one that says since when and why the log could not be written.
     await log.record("after")
     assert log.failure is None
     await log.close()
-    assert [r["event"] for r in records(log_path)] == ["before", "after"]
+    recs = records(log_path)
+    assert [r["event"] for r in recs] == ["before", "audit.resumed", "after"]
+    assert "cannot write audit log" in recs[1]["failure"] and recs[1]["since"]
     result = verify(log_path)
     assert result.ok, result.problems
 
@@ -457,7 +460,8 @@ async def test_disk_full_mid_record_cuts_back_and_fails_closed(log_path: Path) -
         await log.record("after")
     finally:
         await log.close()
-    assert [r["seq"] for r in whole_records(log_path)] == [1, 2, 3]
+    recs = whole_records(log_path)
+    assert [(r["seq"], r["event"]) for r in recs[2:]] == [(3, "audit.resumed"), (4, "after")]
     assert verify(log_path).ok
 
 
@@ -479,12 +483,30 @@ async def test_a_failed_cut_back_is_retried_before_the_next_record(log_path: Pat
         await log.record("after")  # ...and is cut before the next record
     finally:
         await log.close()
-    assert [r["event"] for r in whole_records(log_path)] == ["test.event", "after"]
+    assert [r["event"] for r in whole_records(log_path)] == ["test.event", "audit.resumed", "after"]
     assert verify(log_path).ok
 
 
 def _refuse(fd: int, length: int) -> None:
     raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+@pytest.mark.asyncio
+async def test_asking_whether_the_log_works_tries_again(log_path: Path) -> None:
+    log = TrickleLog(log_path, step=1000, fail_after=0)
+    try:
+        with pytest.raises(AuditError):
+            log.write("lost")
+        assert log.failure is not None  # asked again at once: no new try yet
+        assert log.calls == 1
+        log.fail_after = None
+        log._next_retry = 0.0  # a second later
+        assert log.failure is None  # the try wrote audit.resumed
+        await log.commit()
+    finally:
+        await log.close()
+    assert [r["event"] for r in whole_records(log_path)] == ["audit.resumed"]
+    assert verify(log_path).ok
 
 
 FULL_DISK = """

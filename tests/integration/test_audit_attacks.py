@@ -75,12 +75,12 @@ def test_full_disk_keeps_whole_records_and_refuses_sessions(lab: Lab) -> None:
     for i in range(6000):
         filler.write("test.filler", i=i, text="f" * 200)
     asyncio.run(filler.close())
-    limit = lab.audit_path.stat().st_size + 1500
+    limit = lab.audit_path.stat().st_size + 800
     db = lab.root / "gw" / "state"
     assert all(p.stat().st_size < limit // 2 for p in db.glob("*") if p.is_file())
 
     def limited() -> None:  # the child, before exec: Python ignores SIGXFSZ itself
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
     out = (lab.root / "gatewayd-full.log").open("wb")
     popen = subprocess.Popen(
@@ -116,6 +116,19 @@ def test_full_disk_keeps_whole_records_and_refuses_sessions(lab: Lab) -> None:
     )
     assert result.returncode == 1
     assert "audit log" in result.stderr, result.stderr
+    # Room again: the gateway writes again by itself, saying since when it could not.
+    resource.prlimit(popen.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    wait_for(lambda: status(lab)["audit"] == "ok", 10, "the audit log to work again")
+    resumed = lab.events("audit.resumed")
+    assert len(resumed) == 1 and "File too large" in resumed[0]["failure"]
+    result = lab.run(
+        *lab.connect_args(
+            "pc1", "someone", "echo", "access", "--stdio", "--password-stdin", "--totp", "123456"
+        ),
+        input=f"{PASSWORD}\n",
+        check=False,
+    )
+    assert "audit log" not in result.stderr, result.stderr
     # The chain on disk is whole.
     stop_gateway(lab)
     assert verify_cli(lab).returncode == 0
