@@ -1131,7 +1131,7 @@ def report(res: dict[str, Any]) -> str:
             + " MiB"
         )
     lines += [
-        "    (gw's VmHWM counts scrypt, 32 MiB per password hash or check in flight, in",
+        "    (gw's VmHWM counts Argon2id, 19 MiB per password hash or check in flight, in",
         "    gatewayd when this bench adds its users 3 at a time.)",
     ]
     pr = res["probes"]
