@@ -340,8 +340,12 @@ class Broker:
                     self.store.cancel_attempt(hello.user)
                 raise
             outcome_ok, reason, detail = outcome.ok, outcome.reason, dict(outcome.detail)
+            refused = None
+            if index == 0 and user is not None:
+                # Told only after the first factor, with the answer an unknown user gets.
+                refused = self._source_refused(user, link.peer)
             verified = outcome_ok and attempt is Attempt.GO
-            if verified and credential is not None:
+            if verified and refused is None and credential is not None:
                 verified, why = self._apply(hello.user, method, credential, outcome)
                 if not verified:
                     outcome_ok, reason = False, why
@@ -352,9 +356,8 @@ class Broker:
                 outcome_ok, reason = False, "user disabled"
             elif attempt is not Attempt.GO:
                 outcome_ok, reason = False, f"{attempt.value} ({reason})"
-            elif index == 0 and (refused := self._source_refused(user, link.peer)):
-                # Told only after the first factor, with the answer an unknown user gets.
-                outcome_ok, reason = False, refused
+            elif refused is not None:
+                outcome_ok, reason = False, refused if outcome_ok else f"{refused} ({reason})"
             if attempt is Attempt.GO:
                 # The lock, checked after this factor: counted and decided atomically.
                 end = self.store.end_attempt(
