@@ -249,7 +249,7 @@ class Agent:
     async def _notice(self, notice: m.Notice) -> None:
         if notice.event == "end":
             for pipe in self.session_pipes.pop(notice.session_id, set()):
-                pipe.finish("session ended")
+                pipe.abort("session ended")  # the target sees a reset: its stream was cut
         await self.approvals.announce(
             notice.event,
             session=notice.session_id,
@@ -304,7 +304,10 @@ class Agent:
         )
         pipes = self.session_pipes.setdefault(dial.session_id, set())
         pipes.add(pipe)
-        pipe.start(bytes(local.buffer), est.leftover, eof_a=local.eof)
+        # No await between taking what the tunnel delivered past the handshake and the
+        # pipe's start: nothing can fall between (the target's first bytes are in its buffer).
+        tunnel_pending, tunnel_eof = est.take_pending()
+        pipe.start(bytes(local.buffer), tunnel_pending, eof_a=local.eof, eof_b=tunnel_eof)
         result = await pipe.done
         pipes.discard(pipe)
         if not pipes:
@@ -317,3 +320,10 @@ class Agent:
             bytes_out=result.bytes_a_to_b,
             reason=result.reason,
         )
+        if result.cut:
+            self.log(
+                "tunnel cut before its end; the target connection was reset",
+                session=dial.session_id,
+                target=dial.target,
+                reason=result.reason,
+            )

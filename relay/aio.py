@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
+import struct
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
@@ -270,7 +272,10 @@ class Codec(Protocol):
         ...  # pragma: no cover
 
     def end(self) -> bytes | None:
-        """Bytes to send the other side when this side's input ends; None: close it."""
+        """Bytes to send the other side when this side's input ends; None: close it.
+
+        Raises GatewayError when the input must not end here (a truncated stream).
+        """
         ...  # pragma: no cover
 
 
@@ -280,6 +285,21 @@ class PipeResult:
     bytes_b_to_a: int
     reason: str
     """Which side ended it first and how: ``a closed``, ``b closed``, ``stopped: ...``."""
+    cut: bool = False
+    """Ended by :meth:`Pipe.abort`: buffered bytes were dropped and both sides reset."""
+
+
+def reset(transport: Any) -> None:
+    """Abort ``transport``; a TCP socket under it is closed with a reset (SO_LINGER 0).
+
+    The application at the other end then reads ECONNRESET, not a clean end of stream
+    that would make it believe it received everything.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, AttributeError, TypeError, ValueError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class _End(asyncio.Protocol):
@@ -293,6 +313,8 @@ class _End(asyncio.Protocol):
         self.eof = False
 
     def data_received(self, data: bytes) -> None:
+        if self.pipe.done.done():
+            return  # a transport may deliver what it had read after the pipe stopped
         self.count += len(data)
         self.pipe.last_activity = time.monotonic()
         if self.codec is None:
@@ -312,7 +334,13 @@ class _End(asyncio.Protocol):
         if self.eof:  # some transports report it twice around set_protocol()
             return True
         self.eof = True
-        tail = self.codec.end() if self.codec is not None else None
+        if self.pipe.done.done():
+            return None
+        try:
+            tail = self.codec.end() if self.codec is not None else None
+        except GatewayError as exc:  # the stream was cut: what came is incomplete
+            self.pipe.abort(f"{self.name} cut: {exc}")
+            return None
         if tail is None:
             self.pipe.finish(f"{self.name} closed")
             return None
@@ -320,7 +348,9 @@ class _End(asyncio.Protocol):
         if self.other.eof:
             self.pipe.finish(f"{self.name} closed")
             return None
-        return True  # keep our write side open: the other direction still flows
+        # Keep our write side open: the other direction still flows. (A TLS transport
+        # has no half-close and warns when asked to keep one.)
+        return True if self.transport.can_write_eof() else None
 
     def pause_writing(self) -> None:
         self.other.transport.pause_reading()
@@ -329,6 +359,16 @@ class _End(asyncio.Protocol):
         self.other.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.pipe.done.done():
+            return
+        if not self.eof:
+            if exc is not None:  # reset or failed: the other side must not see a clean end
+                self.pipe.abort(f"{self.name} failed: {exc}")
+                return
+            # Gone without an end of stream: for the tunnel, a cut (no END record).
+            self.eof_received()
+            if self.pipe.done.done():
+                return
         reason = f"{self.name} closed" if exc is None else f"{self.name} failed: {exc}"
         self.pipe.finish(reason)
 
@@ -338,6 +378,10 @@ class Pipe:
 
     ``codec_a`` transforms what ``a`` reads before ``b`` writes it, and ``codec_b``
     the other way. Without codecs the pipe copies opaquely (the gateway's splice).
+
+    A codec whose input ends without its in-band end of stream (:meth:`Codec.end`
+    raises) makes the pipe :meth:`abort`: both transports are reset, so an application
+    at either end sees a reset rather than a clean end of a truncated stream.
     """
 
     def __init__(
@@ -375,7 +419,9 @@ class Pipe:
             if eof:
                 end.eof_received()
             if end.transport.is_closing():
-                self.finish(f"{end.name} closed")
+                end.connection_lost(None)
+        if self.done.done():
+            return
         for end in (self.a, self.b):
             with contextlib.suppress(AttributeError, RuntimeError):
                 end.transport.resume_reading()
@@ -402,17 +448,18 @@ class Pipe:
         """Stop: flush and close both transports (idempotent)."""
         if self.done.done():
             return
+        # Done first: closing a transport may call back into the pipe at once.
+        self.done.set_result(PipeResult(self.a.count, self.b.count, reason))
         for end in (self.a, self.b):
             if not end.transport.is_closing():
                 end.transport.close()
-        self.done.set_result(PipeResult(self.a.count, self.b.count, reason))
 
     def abort(self, reason: str) -> None:
-        """Stop at once, dropping what is buffered (session killed)."""
+        """Stop at once, dropping what is buffered; both sides see a reset (idempotent)."""
         if not self.done.done():
-            self.done.set_result(PipeResult(self.a.count, self.b.count, reason))
+            self.done.set_result(PipeResult(self.a.count, self.b.count, reason, cut=True))
         for end in (self.a, self.b):
-            end.transport.abort()
+            reset(end.transport)
 
 
 class PausedProtocol(asyncio.Protocol):

@@ -25,7 +25,14 @@ from typing import Any
 from . import message as m
 from . import noise, tunnel
 from .aio import ConnectionClosed, FramedLink, PausedProtocol, Pipe, open_link
-from .errors import AuthError, GatewayError, NoiseError, ProtocolError, RemoteError
+from .errors import (
+    AuthError,
+    GatewayError,
+    NoiseError,
+    ProtocolError,
+    RemoteError,
+    TunnelCut,
+)
 from .text import printable
 
 #: Most characters of a gateway's error message shown to the person.
@@ -141,7 +148,11 @@ class ClientSession:
         return transport, established
 
     async def splice(self, local: PausedProtocol) -> None:
-        """Carry one local stream through a new tunnel until either side ends."""
+        """Carry one local stream through a new tunnel until either side ends.
+
+        Raises TunnelCut when the tunnel ended without the agent's end of stream (the
+        local connection is then reset, not closed, so its application knows).
+        """
         remote, est = await self.open_tunnel()
         assert local.transport is not None
         pipe = Pipe(
@@ -151,13 +162,23 @@ class ClientSession:
             codec_b=est.opener,
             names=("local", "tunnel"),
         )
-        self.tunnels.add(pipe)
+        await self._run_pipe(pipe, bytes(local.buffer), local.eof, est)
+
+    async def _run_pipe(
+        self, pipe: Pipe, local_pending: bytes, local_eof: bool, est: tunnel.Established
+    ) -> None:
+        self.tunnels.add(pipe)  # so that end() stops it too
         try:
-            # What the local side sent while the tunnel opened is in its buffer.
-            pipe.start(bytes(local.buffer), est.leftover, eof_a=local.eof)
-            await pipe.done
+            # What the local side sent while the tunnel opened is in its buffer, and
+            # what the agent's side sent since the handshake is with the handshake.
+            # No await between taking it and the pipe's start: nothing falls between.
+            tunnel_pending, tunnel_eof = est.take_pending()
+            pipe.start(local_pending, tunnel_pending, eof_a=local_eof, eof_b=tunnel_eof)
+            result = await pipe.done
         finally:
             self.tunnels.discard(pipe)
+        if result.cut:
+            raise TunnelCut(f"tunnel cut before the end of the stream ({result.reason})")
 
     async def serve_local(
         self, host: str, port: int, on_error: Callable[[str], None], ready: Callable[[str], None]
@@ -184,7 +205,7 @@ class ClientSession:
         finally:
             server.close()
             for pipe in list(self.tunnels):
-                pipe.finish("session ended")
+                pipe.abort("session ended")
 
     async def _serve_one(self, proto: PausedProtocol, on_error: Callable[[str], None]) -> None:
         await asyncio.sleep(0)  # let connection_made run
@@ -192,27 +213,37 @@ class ClientSession:
         assert local is not None
         try:
             await self.splice(proto)
+        except TunnelCut as exc:
+            on_error(f"{exc}; the local connection was reset")
         except (GatewayError, OSError, TimeoutError) as exc:
             on_error(describe(exc))
             local.close()
 
     async def stdio(self) -> None:
-        """``--stdio``: one tunnel on standard input and output (ssh ProxyCommand style)."""
+        """``--stdio``: one tunnel on standard input and output (ssh ProxyCommand style).
+
+        Both pipes are taken before the tunnel opens; standard input is held still
+        (and kept) until the pipe starts. Raises TunnelCut when the tunnel ended
+        without the agent's end of stream: what was written to standard output is
+        then incomplete.
+        """
         loop = asyncio.get_running_loop()
-        remote, est = await self.open_tunnel()
         reader = PausedProtocol()
         stdin_t, _ = await loop.connect_read_pipe(lambda: reader, sys.stdin)
         stdout_t, _ = await loop.connect_write_pipe(asyncio.Protocol, sys.stdout)
         joined = _Duplex(stdin_t, stdout_t)
+        try:
+            remote, est = await self.open_tunnel()
+        except BaseException:
+            joined.close()
+            raise
         pipe = Pipe(
             joined, remote, codec_a=est.sealer, codec_b=est.opener, names=("local", "tunnel")
         )
-        self.tunnels.add(pipe)  # so that end() stops it too
         try:
-            pipe.start(bytes(reader.buffer), est.leftover, eof_a=reader.eof)
-            await pipe.done
-        finally:
-            self.tunnels.discard(pipe)
+            await self._run_pipe(pipe, bytes(reader.buffer), reader.eof, est)
+        except TunnelCut as exc:
+            raise TunnelCut(f"{exc}; the output is incomplete") from None
 
     async def wait_closed(self) -> str:
         """Wait for the session's control connection to end; returns the gateway's reason."""

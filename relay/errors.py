@@ -8,6 +8,7 @@
     │   └── UnsupportedVersion
     ├── HandshakeTimeout            the peer went silent during a handshake
     ├── NoiseError                  the end-to-end handshake or a record failed
+    ├── TunnelCut                   a tunnel ended without its end-to-end end of stream
     ├── TLSBindingError             the TLS channel binding could not be read
     ├── AuthError                   auth/: a factor could not be proved or checked
     │   └── DeviceError             the local authenticator (security key, card reader) is
@@ -56,6 +57,10 @@ class HandshakeTimeout(GatewayError):
 
 class NoiseError(GatewayError):
     """The Noise handshake or a transport message failed to verify."""
+
+
+class TunnelCut(GatewayError):
+    """A tunnel ended without the peer's end-of-stream record: what came is incomplete."""
 
 
 class TLSBindingError(GatewayError):

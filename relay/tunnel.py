@@ -16,11 +16,12 @@ length (Noise spec section 13).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 
 from . import noise
-from .errors import NoiseError
+from .errors import NoiseError, TunnelCut
 
 PROLOGUE = b"gw-e2e-v1\x00"
 RECORD_DATA = 0x00
@@ -30,6 +31,8 @@ MAX_RECORD_DATA = noise.MAX_PLAINTEXT - 1
 _DATA = bytes([RECORD_DATA])
 #: How long each side waits for the other's handshake message.
 HANDSHAKE_TIMEOUT = 15.0
+#: Most tunnel bytes held between the end of the handshake and the pipe's start.
+HOLD_MAX = 256 * 1024
 
 
 def prologue(session_id: str) -> bytes:
@@ -96,25 +99,40 @@ class Opener:
         return out, self.ended
 
     def end(self) -> bytes | None:
+        """The tunnel ended: cleanly only after the peer's END record."""
+        if not self.ended:
+            raise TunnelCut("the tunnel ended without the end-to-end end-of-stream record")
         return None
 
 
 class _HandshakeReader(asyncio.Protocol):
-    """Collects length-framed handshake messages from a raw transport."""
+    """Collects length-framed handshake messages from a raw transport.
 
-    def __init__(self) -> None:
+    It stays the transport's protocol after the handshake, until the pipe takes the
+    transport over, and keeps whatever arrives meanwhile: a service that speaks first
+    (an ssh server's banner) may send its first record in the same instant as the
+    handshake's last message. Past :data:`HOLD_MAX` bytes it pauses the transport.
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
         self.frames = noise.FrameReader()
         self.waiter: asyncio.Future[None] | None = None
         self.lost = False
+        self.held = 0
 
     def data_received(self, data: bytes) -> None:
         self.frames.receive_data(data)
+        self.held += len(data)
+        if self.held > HOLD_MAX:
+            with contextlib.suppress(AttributeError, RuntimeError):
+                self.transport.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool | None:
         self.lost = True
         self._wake()
-        return True
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -131,24 +149,41 @@ class _HandshakeReader(asyncio.Protocol):
                     raise NoiseError("tunnel closed during the end-to-end handshake")
                 self.waiter = asyncio.get_running_loop().create_future()
                 await self.waiter
+        self.held = 0
         return msg
 
 
 class Established:
     """A finished handshake: codecs for the pipe and what to show the person."""
 
-    def __init__(self, hs: noise.HandshakeState, leftover: bytes) -> None:
+    def __init__(self, hs: noise.HandshakeState, reader: _HandshakeReader) -> None:
         send, receive = hs.split()
         self.sealer = Sealer(send)
         self.opener = Opener(receive)
-        self.leftover = leftover
+        self._reader = reader
         self.handshake_hash = hs.handshake_hash
         self.sas = noise.short_auth_string(hs.handshake_hash)
         self.remote_static = hs.remote_static
 
+    @property
+    def leftover(self) -> bytes:
+        """The tunnel bytes that arrived past the handshake so far (left in place)."""
+        frames = self._reader.frames
+        data = frames.take_remaining()
+        frames.receive_data(data)
+        return data
+
+    def take_pending(self) -> tuple[bytes, bool]:
+        """Take what arrived past the handshake until now, and whether the tunnel ended.
+
+        Call it right before the pipe takes the transport over (with no ``await``
+        in between): the transport keeps delivering to the handshake reader until then.
+        """
+        return self._reader.frames.take_remaining(), self._reader.lost
+
 
 def _take(transport: asyncio.Transport, leftover: bytes) -> _HandshakeReader:
-    reader = _HandshakeReader()
+    reader = _HandshakeReader(transport)
     transport.set_protocol(reader)
     if leftover:
         reader.data_received(leftover)
@@ -172,7 +207,7 @@ async def initiate(
         hs.read_message(await reader.read_message(timeout))
     except TimeoutError as exc:
         raise NoiseError("the agent did not answer the end-to-end handshake") from exc
-    return Established(hs, reader.frames.take_remaining())
+    return Established(hs, reader)
 
 
 async def respond(
@@ -195,4 +230,4 @@ async def respond(
     if not hmac.compare_digest(remote, expected_client_key):
         raise NoiseError("the client's key is not the one the gateway authorised")
     transport.write(noise.frame(hs.write_message()))
-    return Established(hs, reader.frames.take_remaining())
+    return Established(hs, reader)

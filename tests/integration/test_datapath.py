@@ -1,0 +1,453 @@
+"""The tunnel's data path under stress: real gatewayd, agent, gw, OpenSSH and services on loopback.
+
+Nothing a service sends may be lost or reordered, whoever speaks first; a tunnel cut at
+the gateway must not look like a clean end of stream to either application; a peer that
+does not read must not grow the gateway's memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import pytest
+from world import PASSWORD, World, build_world
+
+from gatewayd.demo import BIN, free_port, wait_for
+
+pytestmark = pytest.mark.integration
+
+SSHD = Path("/usr/sbin/sshd")
+BANNER = b"220 banner service ready, speaking first\n"
+
+
+class BannerServer:
+    """Writes a banner the moment a connection is accepted, then echoes, then closes."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port: int = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.sendall(BANNER)
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class StreamServer:
+    """``source``: sends without end and never reads; ``sink``: reads and never sends.
+
+    Each connection's end is noted in ``ends``: ``reset`` (ECONNRESET) or ``eof``.
+    """
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.ends: list[str] = []
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port: int = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        chunk = bytes(range(256)) * 256
+        with conn:
+            try:
+                if self.mode == "source":
+                    while True:
+                        conn.sendall(chunk)
+                while conn.recv(65536):
+                    pass
+            except ConnectionResetError:
+                self.ends.append("reset")
+                return
+            except OSError as exc:
+                self.ends.append(f"error: {exc}")
+                return
+            self.ends.append("eof")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Sshd:
+    """A real OpenSSH server on loopback, with its own host key and one authorized key."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.host_key = root / "host_ed25519"
+        self.client_key = root / "client_ed25519"
+        for key in (self.host_key, self.client_key):
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True
+            )
+        (root / "authorized_keys").write_bytes((root / "client_ed25519.pub").read_bytes())
+        (root / "authorized_keys").chmod(0o600)
+        self.port = free_port()
+        config = root / "sshd_config"
+        config.write_text(
+            f"ListenAddress 127.0.0.1\nHostKey {self.host_key}\n"
+            f"AuthorizedKeysFile {root / 'authorized_keys'}\nPidFile {root / 'sshd.pid'}\n"
+            "StrictModes no\nUsePAM no\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+            "MaxStartups 100\nLogLevel ERROR\n"
+        )
+        if os.geteuid() == 0:
+            # sshd running as root insists on its privilege separation directory.
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        self.log = root / "sshd.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [str(SSHD), "-D", "-e", "-f", str(config), "-p", str(self.port)],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        wait_for(self._listening, 20, "sshd to listen")
+
+    def _listening(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"sshd exited: {self.log.read_text()}")
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    w = build_world(tmp_path_factory.mktemp("datapath"))
+    try:
+        yield w
+    finally:
+        w.lab.close()
+        w.echo.close()
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    if not SSHD.exists() or shutil.which("ssh") is None:
+        pytest.skip("OpenSSH server and client are installed by `make system-deps`")
+    server = Sshd(tmp_path_factory.mktemp("sshd"))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def banner() -> Iterator[BannerServer]:
+    server = BannerServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def streams() -> Iterator[dict[str, StreamServer]]:
+    servers = {mode: StreamServer(mode) for mode in ("source", "sink")}
+    try:
+        yield servers
+    finally:
+        for server in servers.values():
+            server.close()
+
+
+@pytest.fixture(scope="module")
+def pc2(world: World, banner: BannerServer, streams: dict[str, StreamServer]) -> str:
+    """A second agent exposing the banner, source, sink and echo services."""
+    world.lab.enroll_agent("pc2", "clinic")
+    targets = {name: server.port for name, server in streams.items()}
+    world.lab.start_agent("pc2", {"banner": banner.port, "echo": world.echo.port, **targets})
+    return "pc2"
+
+
+@pytest.fixture(scope="module")
+def pc3(world: World, sshd: Sshd) -> str:
+    """A third agent exposing the ssh server."""
+    world.lab.enroll_agent("pc3", "clinic")
+    world.lab.start_agent("pc3", {"ssh": sshd.port})
+    return "pc3"
+
+
+def _clean(stderr: str) -> bool:
+    """Nothing but gw's own one-line messages on stderr."""
+    return all(line.startswith("gw: ") for line in stderr.splitlines() if line.strip())
+
+
+def _proxy_command(world: World, agent: str, user: str, target: str) -> str:
+    args = world.lab.connect_args(
+        agent, user, target, "access", "--stdio", "--totp", world.lab.totp(user)
+    )
+    return shlex.join([str(BIN / args[0]), *args[1:]])
+
+
+def _ssh(world: World, sshd: Sshd, proxy: str, *command: str) -> subprocess.CompletedProcess[str]:
+    env = world.lab.env()
+    env["GW_PASSWORD"] = PASSWORD
+    return subprocess.run(
+        [
+            "ssh",
+            "-F",
+            "none",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-i",
+            str(sshd.client_key),
+            "-o",
+            f"ProxyCommand={proxy}",
+            "-l",
+            os.environ.get("USER") or "root",
+            "target",
+            *command,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_openssh_through_stdio_twenty_times(world: World, sshd: Sshd, pc3: str) -> None:
+    """The ssh server speaks first: its banner must reach the client every time."""
+    for run in range(20):
+        user = world.new_user()
+        result = _ssh(world, sshd, _proxy_command(world, pc3, user, "ssh"), "echo", f"run-{run}")
+        assert result.returncode == 0, f"run {run}: {result.stderr}"
+        assert result.stdout == f"run-{run}\n"
+        assert _clean(result.stderr), result.stderr
+
+
+def test_service_speaking_first_through_stdio(world: World, pc2: str) -> None:
+    """The banner comes first, then the echo of what we sent, in order, every time."""
+    for run in range(8):
+        user = world.new_user()
+        sent = f"line {run}\n" * 100
+        result = world.lab.connect_stdio(pc2, user, PASSWORD, "banner", sent)
+        assert result.returncode == 0, f"run {run}: {result.stderr}"
+        assert result.stdout == BANNER.decode() + sent
+        assert _clean(result.stderr), result.stderr
+
+
+def test_peer_end_after_local_end_leaves_stderr_clean(world: World, pc2: str) -> None:
+    """Standard input ends at once; the service's banner and END come after that."""
+    for run in range(5):
+        user = world.new_user()
+        result = world.lab.connect_stdio(pc2, user, PASSWORD, "banner", "")
+        assert result.returncode == 0, f"run {run}: {result.stderr}"
+        assert result.stdout == BANNER.decode()
+        assert _clean(result.stderr), result.stderr
+
+
+def test_service_speaking_first_through_local_forward(world: World, pc2: str) -> None:
+    user = world.new_user()
+    proc, port = world.lab.connect_local(pc2, user, PASSWORD, "banner")
+    try:
+        for run in range(20):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                got = b""
+                while len(got) < len(BANNER):
+                    chunk = s.recv(65536)
+                    assert chunk, f"run {run}: closed after {got!r}"
+                    got += chunk
+                assert got == BANNER  # first, before we said anything
+                sent = f"connection {run}\n".encode() * 1000
+                s.sendall(sent)
+                s.shutdown(socket.SHUT_WR)
+                rest = b""
+                while chunk := s.recv(65536):
+                    rest += chunk
+                assert rest == sent
+    finally:
+        proc.stop()
+    assert _clean(proc.output()), proc.output()
+
+
+# -- a tunnel cut at the gateway is not a clean end of stream -------------------------------
+
+
+def _session_of(world: World, user: str) -> str:
+    rows = [r for r in world.lab.audit_records() if r["event"] == "session.start"]
+    (row,) = [r for r in rows if r.get("user") == user]
+    return str(row["session"])
+
+
+def _read_until_end(s: socket.socket, started: threading.Event, limit: int) -> str:
+    """Read until the stream ends; ``started`` is set after ``limit`` bytes."""
+    total = 0
+    try:
+        while chunk := s.recv(65536):
+            total += len(chunk)
+            if total >= limit:
+                started.set()
+        return "eof"
+    except ConnectionResetError:
+        return "reset"
+    finally:
+        started.set()
+
+
+def _write_until_error(s: socket.socket) -> None:
+    chunk = b"x" * 65536
+    with contextlib.suppress(OSError):
+        while True:
+            s.sendall(chunk)
+
+
+def _agent_log(world: World, agent: str) -> str:
+    (proc,) = [p for p in world.lab.procs if p.name == f"agent-{agent}"]
+    return proc.output()
+
+
+def test_session_killed_mid_transfer_resets_both_applications(
+    world: World, pc2: str, streams: dict[str, StreamServer]
+) -> None:
+    """Download from the source in one session, upload to the sink in another; kill both."""
+    downloader, uploader = world.new_user(), world.new_user()
+    down_proc, down_port = world.lab.connect_local(pc2, downloader, PASSWORD, "source")
+    up_proc, up_port = world.lab.connect_local(pc2, uploader, PASSWORD, "sink")
+    sink = streams["sink"]
+    sink_ends = len(sink.ends)
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", down_port), timeout=30) as down,
+            socket.create_connection(("127.0.0.1", up_port), timeout=30) as up,
+        ):
+            writer = threading.Thread(target=_write_until_error, args=(up,), daemon=True)
+            writer.start()
+            started = threading.Event()
+            outcome: list[str] = []
+            reader = threading.Thread(
+                target=lambda: outcome.append(_read_until_end(down, started, 1 << 20)),
+                daemon=True,
+            )
+            reader.start()
+            assert started.wait(30), "no data from the source"
+            wait_for(lambda: bool(world.lab.events("tunnel.start")), 10, "the upload tunnel")
+            for user in (downloader, uploader):
+                world.lab.admin("sessions", "kill", _session_of(world, user))
+            reader.join(30)
+            writer.join(30)
+            # The client application is told the stream was cut: a reset, not an EOF.
+            assert outcome == ["reset"]
+            # So is the agent's target.
+            wait_for(lambda: len(sink.ends) > sink_ends, 30, "the sink to see the end")
+            assert sink.ends[sink_ends:] == ["reset"]
+    finally:
+        down_proc.stop()
+        up_proc.stop()
+    assert "tunnel cut" in down_proc.output(), down_proc.output()
+    assert "tunnel cut" in _agent_log(world, pc2)
+
+
+def _stdio_proc(world: World, agent: str, target: str) -> subprocess.Popen[bytes]:
+    user = world.new_user()
+    args = world.lab.connect_args(
+        agent, user, target, "access", "--stdio", "--totp", world.lab.totp(user)
+    )
+    env = world.lab.env()
+    env["GW_PASSWORD"] = PASSWORD
+    return subprocess.Popen(  # our own command
+        [str(BIN / args[0]), *args[1:]],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+
+
+def test_gateway_killed_mid_transfer_is_not_a_clean_end(
+    tmp_path: Path, streams: dict[str, StreamServer]
+) -> None:
+    """The gateway process dies: no END record; gw --stdio exits non-zero and says so."""
+    w = build_world(tmp_path / "lab")
+    try:
+        w.lab.enroll_agent("pcx", "clinic")
+        w.lab.start_agent("pcx", {name: s.port for name, s in streams.items()})
+        sink = streams["sink"]
+        sink_ends = len(sink.ends)
+        down = _stdio_proc(w, "pcx", "source")
+        up = _stdio_proc(w, "pcx", "sink")
+        assert down.stdout is not None and up.stdin is not None
+        writer = threading.Thread(target=_feed_until_error, args=(up.stdin,), daemon=True)
+        writer.start()
+        got = 0
+        while got < 1 << 20:
+            chunk = down.stdout.read1(65536)
+            assert chunk, down.stderr.read() if down.stderr else ""
+            got += len(chunk)
+        wait_for(lambda: len(w.lab.events("tunnel.start")) >= 2, 10, "both tunnels")
+        (gateway,) = [p for p in w.lab.procs if p.name == "gatewayd"]
+        gateway.stop(signal.SIGKILL)
+        _, down_err = down.communicate(timeout=30)
+        assert down.returncode != 0
+        assert "tunnel cut" in down_err.decode(), down_err
+        assert "Traceback" not in down_err.decode()
+        wait_for(lambda: len(sink.ends) > sink_ends, 30, "the sink to see the end")
+        assert sink.ends[sink_ends:] == ["reset"]
+        up.kill()
+        up.communicate(timeout=30)
+        writer.join(10)
+        wait_for(lambda: "tunnel cut" in _agent_log(w, "pcx"), 10, "the agent to log the cut")
+    finally:
+        w.lab.close()
+        w.echo.close()
+
+
+def _feed_until_error(stream: IO[bytes]) -> None:
+    chunk = b"y" * 65536
+    with contextlib.suppress(OSError, ValueError):
+        while True:
+            stream.write(chunk)
+            stream.flush()
