@@ -204,6 +204,20 @@ def _config_home() -> Path:
     help="Pinned agent keys (default ~/.config/gw/known_agents.json).",
 )
 @click.option(
+    "--agent-key",
+    "agent_key",
+    metavar="FINGERPRINT",
+    default=None,
+    help="The agent's key fingerprint (SHA256:..., from `gw agent fingerprint` at the "
+    "machine); anything else is refused before a byte is sent.",
+)
+@click.option(
+    "--strict-agent-key",
+    is_flag=True,
+    help="Refuse an agent whose key is not known (known-agents file or --agent-key) "
+    "instead of pinning it on first use.",
+)
+@click.option(
     "--identity",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
@@ -226,14 +240,18 @@ def connect(
     reader: str | None,
     reason: str,
     known_agents: Path | None,
+    agent_key: str | None,
+    strict_agent_key: bool,
     identity: Path | None,
     verbose: bool,
 ) -> None:
     """Open an end-to-end encrypted tunnel to TARGET on AGENT through the gateway."""
     from auth.base import ProverOptions
-    from relay.client import KnownAgents, open_session
+    from relay import noise
+    from relay.client import AgentKeyCheck, KnownAgents, open_session
 
     from .card import run_watched
+    from .known_agents import fingerprint_arg
 
     if bool(local) == stdio:
         raise click.UsageError("give exactly one of -L [ADDR:]PORT or --stdio")
@@ -245,6 +263,7 @@ def connect(
             fail("--password-stdin: standard input held no password", EXIT_LOCAL)
     password = password or os.environ.get("GW_PASSWORD")
     gw = _gateway(gateway, ca_file)
+    expected = fingerprint_arg(agent_key, "--agent-key") if agent_key else None
     values: dict[str, Any] = {"password": password, "totp": totp_code, "notify": info}
     values["smartcard_reader"] = reader
     smartcard_first = ("smartcard",) if use_smartcard or reader is not None else ()
@@ -252,6 +271,7 @@ def connect(
     provers: dict[str, Any] = {}
     home = _config_home()
     known = KnownAgents(known_agents or home / "known_agents.json")
+    agent_keys = AgentKeyCheck(known, f"{gw.host}:{gw.port}", agent, expected, strict_agent_key)
     static = _client_key(identity or home / "identity.key")
 
     prove = _prove_with(provers, options)
@@ -275,10 +295,11 @@ def connect(
             prove=prove,
             on_pending=pending,
             factors=smartcard_first + (("fido2", "totp") if use_fido2 else ("totp", "fido2")),
+            agent_keys=agent_keys,
         )
-        first = not known.check(f"{gw.host}:{gw.port}", agent, s.opened.agent_key)
-        if first:
-            info(f"gw: pinned the key of agent {agent} (first connection): {s.opened.agent_key}")
+        if s.pinned:
+            how = "checked with --agent-key" if expected else "first connection, not checked"
+            info(f"gw: pinned the key of agent {agent} ({how}): {noise.fingerprint(s.agent_key)}")
         if verbose:
             info(f"gw: session {s.opened.session_id} open in {time.monotonic() - started:.2f}s")
 
@@ -900,6 +921,11 @@ from . import directory  # noqa: E402, F401 - show/disable/enable/remove, agreem
 from .card import admin_grant  # noqa: E402
 
 admin.add_command(admin_grant)
+
+from .known_agents import agent_fingerprint, known_agents  # noqa: E402
+
+main.add_command(known_agents)
+agent.add_command(agent_fingerprint)
 
 
 if __name__ == "__main__":  # pragma: no cover

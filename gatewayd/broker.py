@@ -556,13 +556,15 @@ class Broker:
                 card_heartbeat=mode_cfg.card_heartbeat if watched else 0.0,
             )
         )
-        if session.unattended:
+        if not decision.needs_approval:
+            # Unattended access and home office: announced at the machine, with the
+            # client key, the only one the agent then accepts in this session's tunnels
+            # (an approved session's key was bound by the approval itself).
             self._notify_agent(session, "start")
         try:
             await self._hold(session)
         finally:
-            if session.unattended:
-                self._notify_agent(session, "end")
+            self._notify_agent(session, "end")  # the agent forgets the session's key
             self.sessions.pop(sid, None)
             self.tickets.pop(session.ticket, None)
             for pipe in list(session.tunnels):
@@ -691,7 +693,8 @@ class Broker:
         return None
 
     def _notify_agent(self, session: Session, event: str) -> None:
-        """Unattended sessions are announced at the machine when they start and end."""
+        """Sessions not approved at the machine are announced there when they start;
+        every session's end is told, so that the agent forgets its client key."""
         online = self.agents.get(session.agent)
         user = self.store.get_user(session.user)
         if online is None:
@@ -707,6 +710,7 @@ class Broker:
                     mode=session.mode,
                     target=session.target,
                     reason=session.reason,
+                    client_key=b64e(session.client_key) if event == "start" else "",
                 )
             )
 

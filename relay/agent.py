@@ -10,8 +10,14 @@ State folder (``--state-dir``), written by :func:`enroll`:
 :class:`Agent` keeps a control connection up (reconnecting with jittered
 exponential backoff), announces its target *names*, and answers each dial request
 by connecting to the named local service and dialling a fresh data connection,
-inside which it runs the Noise responder and accepts only the client key the
-gateway announced.
+inside which it runs the Noise responder.
+
+The agent answers a dial only for a session it knows, and runs the handshake only
+with that session's client key: the key of the approval request the person here
+approved (``approve``), or the key the gateway announced when an unattended session
+started (``notice``). A dial that names another key, or a session never approved
+nor announced, is refused and logged. So a gateway cannot swap in its own client
+key after the person compared the session's code.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hmac
 import json
 import os
 import random
@@ -40,6 +47,9 @@ from .tls import client_context
 
 #: Reconnect backoff: first wait, cap, and the random share added (jitter).
 BACKOFF_FIRST, BACKOFF_MAX, JITTER = 1.0, 60.0, 0.5
+#: Sessions whose client key the agent remembers; the oldest is forgotten beyond this
+#: (an ``end`` notice lost with a dropped connection must not grow memory for ever).
+MAX_KNOWN_SESSIONS = 4096
 
 Log = Callable[..., None]
 
@@ -141,6 +151,69 @@ class AgentState:
         return cls(str(info["agent"]), str(info["gateway"]), state_dir, noise_private)
 
 
+class SessionKeys:
+    """The sessions this agent knows, each with the only client key its tunnels may use.
+
+    A session becomes known when the person here approves it (the approval request's
+    key) or when the gateway announces it (``notice`` start, unattended access and home
+    office); it is forgotten at its ``end`` notice. A dial for an unknown session, or
+    naming another key, is refused.
+    """
+
+    def __init__(self, limit: int = MAX_KNOWN_SESSIONS) -> None:
+        self.limit = limit
+        #: session id -> client key (None: announced by a gateway that does not send the
+        #: key; the first dial's key is then pinned for the rest of the session).
+        self.keys: dict[str, bytes | None] = {}
+        #: sessions announced here at their start, whose end is announced too.
+        self.announced: set[str] = set()
+
+    def check_new(self, session_id: str) -> None:
+        """GatewayError if the session is known already: its key is never replaced (a
+        second approval request or announcement for it is the gateway trying)."""
+        if session_id in self.keys:
+            raise GatewayError(f"session {session_id} is known already; its key stays")
+
+    def bind(self, session_id: str, client_key: bytes | None, *, announced: bool) -> None:
+        """Remember the only client key this session's tunnels may use."""
+        self.check_new(session_id)
+        self.keys[session_id] = client_key
+        if announced:
+            self.announced.add(session_id)
+        while len(self.keys) > self.limit:
+            oldest = next(iter(self.keys))
+            del self.keys[oldest]
+            self.announced.discard(oldest)
+
+    def forget(self, session_id: str) -> bool:
+        """Forget a session that ended; True if it had been announced here."""
+        self.keys.pop(session_id, None)
+        if session_id in self.announced:
+            self.announced.discard(session_id)
+            return True
+        return False
+
+    def key_for(self, session_id: str, client_key: str) -> bytes:
+        """The client key a dial's handshake must present; GatewayError says why not."""
+        if session_id not in self.keys:
+            raise GatewayError("unknown session: neither approved nor announced here")
+        try:
+            named = _unb64(client_key)
+        except ValueError:
+            named = b""
+        if len(named) != 32:
+            raise GatewayError("the dial's client key is malformed")
+        bound = self.keys[session_id]
+        if bound is None:  # announced without a key: the first dial's key stays
+            self.keys[session_id] = bound = named
+        if not hmac.compare_digest(bound, named):
+            raise GatewayError(
+                "the dial names another client key than the one approved or announced "
+                "for this session"
+            )
+        return bound
+
+
 class Agent:
     def __init__(
         self,
@@ -165,6 +238,8 @@ class Agent:
         self.tasks: set[asyncio.Task[Any]] = set()
         #: session id -> open tunnels, so an ended session's tunnels close here too.
         self.session_pipes: dict[str, set[Pipe]] = {}
+        #: The client key each known session's tunnels must present.
+        self.session_keys = SessionKeys()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -210,18 +285,31 @@ class Agent:
                 elif isinstance(msg, m.Approve):
                     self._spawn(self._approve(link, msg))
                 elif isinstance(msg, m.Notice):
-                    self._spawn(self._notice(msg))
+                    self._receive_notice(msg)
         except ConnectionClosed as exc:
             raise GatewayError(f"control connection closed ({exc})") from exc
         finally:
             link.close()
 
     async def _approve(self, control: Any, req: m.Approve) -> None:
-        """Ask the person at this machine; answer the gateway with who decided."""
+        """Ask the person at this machine; answer the gateway with who decided.
+
+        An approved session's client key is bound before the answer leaves, so the
+        gateway's first dial for it already finds it.
+        """
         try:
             client_key = _unb64(req.client_key)
         except ValueError:
             client_key = b""
+        try:
+            if len(client_key) != 32:
+                raise GatewayError("malformed client key")
+            self.session_keys.check_new(req.session_id)
+        except GatewayError as exc:
+            self.log("approval refused", id=req.request, reason=str(exc))
+            with contextlib.suppress(GatewayError):
+                control.send(m.ApprovalAnswer(req.request, False, "agent", str(exc)[:200]))
+            return
         sas = tunnel.session_sas(
             req.session_id, client_key, noise.public_key(self.state.noise_private)
         )
@@ -243,13 +331,38 @@ class Agent:
             by=by or "-",
             reason=reason or "-",
         )
+        if approved:
+            try:
+                self.session_keys.bind(req.session_id, client_key, announced=False)
+            except GatewayError as exc:  # bound meanwhile (by a second request)
+                self.log("approval refused", id=req.request, reason=str(exc))
+                approved, by, reason = False, "agent", str(exc)
         with contextlib.suppress(GatewayError):
             control.send(m.ApprovalAnswer(req.request, approved, by[:200], reason[:200]))
 
-    async def _notice(self, notice: m.Notice) -> None:
-        if notice.event == "end":
+    def _receive_notice(self, notice: m.Notice) -> None:
+        """Bind or forget the session's client key at once (before any later dial is
+        read), then announce the start or end at the machine."""
+        if notice.event == "start":
+            try:
+                key: bytes | None = _unb64(notice.client_key) if notice.client_key else None
+            except ValueError:
+                key = b""
+            try:
+                if key is not None and len(key) != 32:
+                    raise GatewayError("malformed client key")
+                self.session_keys.bind(notice.session_id, key, announced=True)
+            except GatewayError as exc:
+                self.log("notice refused", session=notice.session_id, reason=str(exc))
+                return
+        elif notice.event == "end":
             for pipe in self.session_pipes.pop(notice.session_id, set()):
                 pipe.abort("session ended")  # the target sees a reset: its stream was cut
+            if not self.session_keys.forget(notice.session_id):
+                return  # an approved session: its end needs no announcement
+        self._spawn(self._notice(notice))
+
+    async def _notice(self, notice: m.Notice) -> None:
         await self.approvals.announce(
             notice.event,
             session=notice.session_id,
@@ -265,13 +378,24 @@ class Agent:
         if address is None:
             control.send(m.DialFailed(dial.token, f"no target {dial.target}"))
             return
+        try:
+            expected = self.session_keys.key_for(dial.session_id, dial.client_key)
+        except GatewayError as exc:
+            self.log(
+                "REFUSED a tunnel",
+                session=dial.session_id,
+                user=dial.user,
+                target=dial.target,
+                reason=str(exc),
+            )
+            control.send(m.DialFailed(dial.token, f"refused by the agent: {exc}"))
+            return
         loop = asyncio.get_running_loop()
         try:
-            expected = _unb64(dial.client_key)
             local_t, local = await asyncio.wait_for(
                 loop.create_connection(PausedProtocol, *address), 10
             )
-        except (OSError, TimeoutError, ValueError) as exc:
+        except (OSError, TimeoutError) as exc:
             self.log("target unreachable", target=dial.target, error=str(exc))
             control.send(m.DialFailed(dial.token, f"target {dial.target} unreachable"))
             return

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hmac
 import json
 import os
 import ssl
@@ -42,7 +43,15 @@ Prove = Callable[[str, dict[str, Any], bytes], Awaitable[dict[str, Any]]]
 
 
 class AgentKeyMismatch(GatewayError):
-    """The gateway handed us another key than the one pinned for this agent."""
+    """The gateway handed us another key than the one we trust for this agent."""
+
+
+class AgentKeySwapped(AgentKeyMismatch):
+    """The key the gateway gives for the session is not the key the session's code came from."""
+
+
+class UnknownAgent(AgentKeyMismatch):
+    """``--strict-agent-key``: no key is known for this agent, and none was given to check."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +77,12 @@ class Gateway:
 
 
 class KnownAgents:
-    """Trust on first use for agent keys, like SSH's known_hosts.
+    """The agent keys this client trusts, like SSH's known_hosts.
 
-    One JSON object per file: ``{"<gateway host:port> <agent>": "<noise key b64>"}``.
+    One JSON object per file: ``{"<gateway host:port> <agent>": "<value>"}``, where the
+    value is the agent's Noise key (base64url; pinned on first use) or its fingerprint
+    (``SHA256:...``; added by ``gw known-agents add`` from what the machine showed).
+    Either way the check compares fingerprints. Writes replace the file atomically.
     """
 
     def __init__(self, path: Path) -> None:
@@ -87,26 +99,119 @@ class KnownAgents:
             raise GatewayError(f"known agents file {self.path} is not a JSON object")
         return {str(k): str(v) for k, v in data.items()}
 
-    def check(self, gateway: str, agent: str, key: str) -> bool:
-        """True if ``key`` was pinned before, False if pinned now; raises on a change."""
+    def _save(self, entries: dict[str, str]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, self.path)
+
+    def lookup(self, gateway: str, agent: str) -> str | None:
+        """The fingerprint trusted for ``agent`` at ``gateway``, or None."""
+        value = self._load().get(f"{gateway} {agent}")
+        return None if value is None else _as_fingerprint(value, self.path)
+
+    def entries(self) -> list[tuple[str, str, str]]:
+        """Every entry as ``(gateway, agent, fingerprint)``, sorted."""
+        out = []
+        for name, value in sorted(self._load().items()):
+            gateway, _, agent = name.partition(" ")
+            out.append((gateway, agent, _as_fingerprint(value, self.path)))
+        return out
+
+    def add(self, gateway: str, agent: str, value: str) -> bool:
+        """Trust ``value`` (a key or fingerprint); False if it was already trusted.
+
+        Raises AgentKeyMismatch if another key is trusted for that agent: forget it first.
+        """
         entries = self._load()
         name = f"{gateway} {agent}"
+        wanted = _as_fingerprint(value, self.path)
         pinned = entries.get(name)
-        if pinned is None:
-            entries[name] = key
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
-            os.replace(tmp, self.path)
+        if pinned is not None:
+            if _as_fingerprint(pinned, self.path) == wanted:
+                return False
+            raise AgentKeyMismatch(
+                f"another key is already trusted for agent {agent} at {gateway} "
+                f"({_as_fingerprint(pinned, self.path)}); `gw known-agents forget` it first"
+            )
+        entries[name] = value
+        self._save(entries)
+        return True
+
+    def forget(self, gateway: str, agent: str) -> bool:
+        """Drop the entry; False if there was none."""
+        entries = self._load()
+        if entries.pop(f"{gateway} {agent}", None) is None:
             return False
-        if pinned != key:
+        self._save(entries)
+        return True
+
+    def check(self, gateway: str, agent: str, key: str) -> bool:
+        """True if ``key`` was pinned before, False if pinned now; raises on a change."""
+        self.verify(gateway, agent, noise_key(key))
+        return not self.add(gateway, agent, key)
+
+    def verify(self, gateway: str, agent: str, key: bytes) -> bool:
+        """True if ``key`` is the trusted one, False if none is trusted; raises on a change."""
+        pinned = self.lookup(gateway, agent)
+        if pinned is None:
+            return False
+        if pinned != noise.fingerprint(key):
             raise AgentKeyMismatch(
                 f"the key of agent {agent} at {gateway} has CHANGED since it was first seen.\n"
-                f"  pinned: {pinned}\n  now:    {key}\n"
+                f"  trusted: {pinned}\n  now:     {noise.fingerprint(key)}\n"
                 "Someone may be intercepting the connection, or the agent was re-enrolled.\n"
-                f"If you know it was re-enrolled, remove its line from {self.path}."
+                "If you know it was re-enrolled, check the new fingerprint at the machine "
+                f"(gw agent fingerprint), then run "
+                f"`gw known-agents forget {agent} --gateway {gateway}`."
             )
         return True
+
+
+def _as_fingerprint(value: str, path: Path) -> str:
+    try:
+        if value.startswith("SHA256:"):
+            return noise.parse_fingerprint(value)
+        return noise.fingerprint(noise_key(value))
+    except (ValueError, ProtocolError, NoiseError) as exc:
+        raise GatewayError(f"known agents file {path}: bad entry {value[:60]!r}: {exc}") from exc
+
+
+@dataclass
+class AgentKeyCheck:
+    """Which agent key the client accepts, checked the moment the gateway names one.
+
+    ``expected`` is a fingerprint given out of band (``--agent-key``); ``strict``
+    refuses an agent with no trusted key instead of pinning the first one seen.
+    """
+
+    known: KnownAgents
+    gateway: str
+    agent: str
+    expected: str | None = None
+    strict: bool = False
+
+    def check(self, key: bytes) -> None:
+        """Raise AgentKeyMismatch unless ``key`` may be used for this agent."""
+        got = noise.fingerprint(key)
+        if self.expected is not None and got != self.expected:
+            raise AgentKeyMismatch(
+                f"the key the gateway gives for agent {self.agent} does not match --agent-key:\n"
+                f"  expected: {self.expected}\n  got:      {got}\n"
+                "Someone may be intercepting the connection; no byte was sent."
+            )
+        trusted = self.known.verify(self.gateway, self.agent, key)
+        if not trusted and self.expected is None and self.strict:
+            raise UnknownAgent(
+                f"unknown agent {self.agent} at {self.gateway} (--strict-agent-key): its key "
+                f"{got} is not in {self.known.path}. Check it at the machine "
+                "(gw agent fingerprint), then give it with --agent-key or `gw known-agents add`."
+            )
+
+    def pin(self, key: bytes) -> bool:
+        """Trust ``key`` from now on (after :meth:`check`); True if it was not trusted yet."""
+        text = base64.urlsafe_b64encode(key).rstrip(b"=").decode()
+        return self.known.add(self.gateway, self.agent, text)
 
 
 class ClientSession:
@@ -118,6 +223,8 @@ class ClientSession:
         self.opened = opened
         self.static_private = static_private
         self.agent_key = noise_key(opened.agent_key)
+        #: True when this session's agent key was trusted for the first time (pinned).
+        self.pinned = False
         self.on_tunnel: Callable[[tunnel.Established], None] | None = None
         self.tunnels: set[Pipe] = set()
         self._local_tasks: set[asyncio.Task[None]] = set()
@@ -341,14 +448,20 @@ async def open_session(
     prove: Prove,
     factors: tuple[str, ...] = (),
     on_pending: Callable[[float, str], None] | None = None,
+    agent_keys: AgentKeyCheck | None = None,
 ) -> ClientSession:
     """Authenticate and open a session; raises RemoteError with the gateway's reason.
 
     When the session needs approval at the machine, ``on_pending(seconds, sas)`` is
     called while the person there is asked; ``sas`` is the session's short
     authentication string, which the person sees too.
+
+    The agent key is checked with ``agent_keys`` the moment the gateway names it,
+    before a code is shown; a session whose key is not the one its code was computed
+    from raises :class:`AgentKeySwapped`. Only then is the key pinned
+    (``ClientSession.pinned`` says whether it was new). No tunnel exists before that.
     """
-    opened = await _login(
+    link, opened = await _login(
         gateway,
         user=user,
         agent=agent,
@@ -359,9 +472,17 @@ async def open_session(
         prove=prove,
         factors=factors,
         on_pending=on_pending,
+        agent_keys=agent_keys,
     )
-    assert isinstance(opened[1], m.SessionOpened)
-    return ClientSession(gateway, opened[0], opened[1], static_private)
+    assert isinstance(opened, m.SessionOpened)
+    session = ClientSession(gateway, link, opened, static_private)
+    if agent_keys is not None:
+        try:
+            session.pinned = agent_keys.pin(session.agent_key)
+        except BaseException:
+            session.end("client refused the agent key")
+            raise
+    return session
 
 
 async def list_agents(
@@ -402,6 +523,7 @@ async def _login(
     prove: Prove,
     factors: tuple[str, ...],
     on_pending: Callable[[float, str], None] | None = None,
+    agent_keys: AgentKeyCheck | None = None,
 ) -> tuple[FramedLink, m.Message]:
     link = await gateway.dial(handshake_timeout=30.0)
     client_key = base64.urlsafe_b64encode(noise.public_key(static_private)).rstrip(b"=").decode()
@@ -417,17 +539,27 @@ async def _login(
         )
     )
     binding = link.channel_binding()
+    #: The agent key the session's code was computed from (shown to the person), if any.
+    shown: bytes | None = None
     try:
         while True:
             msg = await link.expect(m.AuthRequest, m.ApprovalPending, m.SessionOpened, m.AgentList)
-            if isinstance(msg, m.SessionOpened | m.AgentList):
+            if isinstance(msg, m.AgentList):
+                return link, msg
+            if isinstance(msg, m.SessionOpened):
+                _check_session_key(link, msg, shown, agent_keys)
                 return link, msg
             if isinstance(msg, m.ApprovalPending):
                 link.extend_handshake(msg.timeout + 10)
+                key = noise_key(msg.agent_key)
+                if shown is not None and key != shown:
+                    raise AgentKeySwapped("the gateway named two agent keys for one session")
+                if agent_keys is not None:
+                    agent_keys.check(key)  # before the code is shown: a wrong key has none
+                shown = key
                 if on_pending is not None:
                     mine = noise.public_key(static_private)
-                    sas = tunnel.session_sas(msg.session_id, mine, noise_key(msg.agent_key))
-                    on_pending(msg.timeout, sas)
+                    on_pending(msg.timeout, tunnel.session_sas(msg.session_id, mine, key))
                 continue
             assert isinstance(msg, m.AuthRequest)
             link.extend_handshake(300.0)
@@ -440,6 +572,32 @@ async def _login(
             link.send(m.AuthResponse(msg.method, payload))
     except BaseException:
         link.close()
+        raise
+
+
+def _check_session_key(
+    link: FramedLink,
+    opened: m.SessionOpened,
+    shown: bytes | None,
+    agent_keys: AgentKeyCheck | None,
+) -> None:
+    """Refuse the session (telling the gateway why, for its audit) unless its agent key
+    is the one the code was computed from and the one this client trusts."""
+    key = noise_key(opened.agent_key)
+    try:
+        if shown is not None and not hmac.compare_digest(key, shown):
+            raise AgentKeySwapped(
+                "the gateway opened the session with an agent key that is not the key the "
+                "code you compared was computed from:\n"
+                f"  code computed from: {noise.fingerprint(shown)}\n"
+                f"  session key:        {noise.fingerprint(key)}\n"
+                "Someone may be intercepting the connection; no byte was sent."
+            )
+        if agent_keys is not None:
+            agent_keys.check(key)
+    except AgentKeyMismatch:
+        with contextlib.suppress(GatewayError):
+            link.send(m.Bye("client refused the agent key"))
         raise
 
 

@@ -373,7 +373,10 @@ class ApprovalAnswer(Message):
 
 @dataclass(frozen=True, slots=True)
 class Notice(Message):
-    """Gateway to agent: an unattended session started or ended (``event``)."""
+    """Gateway to agent: a session that was not approved here started, or a session ended.
+
+    ``event`` is ``start`` (unattended access and home office, announced at the
+    machine) or ``end`` (every session)."""
 
     TYPE = "notice"
     event: str
@@ -383,6 +386,9 @@ class Notice(Message):
     mode: str
     target: str
     reason: str = ""
+    client_key: str = ""
+    """With ``start``: the client's Noise static key, the only one the agent accepts in
+    this session's tunnels (base64url). Older gateways leave it out."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,9 @@ Every failure raises :class:`relay.errors.NoiseError`. A :class:`HandshakeState`
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
@@ -29,8 +32,10 @@ __all__ = [
     "FrameReader",
     "HandshakeState",
     "NoiseStream",
+    "fingerprint",
     "frame",
     "generate_keypair",
+    "parse_fingerprint",
     "public_key",
     "short_auth_string",
 ]
@@ -47,6 +52,7 @@ MAX_NONCE: Final = 2**64 - 1  # spec 5.1: reserved; reaching it is an error
 _LENGTH_PREFIX: Final = 2  # spec 13: 2-byte big-endian length field on a stream
 _COMPACT_AT: Final = 1 << 16  # drop consumed buffer bytes once this many pile up
 _SAS_LABEL: Final = b"gw-sas-v1"
+_FINGERPRINT_PREFIX: Final = "SHA256:"
 
 _Bytes = bytes | bytearray | memoryview
 
@@ -598,3 +604,33 @@ def short_auth_string(handshake_hash: bytes) -> str:
     number = int.from_bytes(_hash(_SAS_LABEL + handshake_hash), "big") % 10**12
     digits = f"{number:012d}"
     return f"{digits[0:4]}-{digits[4:8]}-{digits[8:12]}"
+
+
+# -- key fingerprints -----------------------------------------------------------------------------
+
+
+def fingerprint(public: bytes) -> str:
+    """A static public key's fingerprint, as OpenSSH writes them: ``SHA256:`` then base64.
+
+    The base64 (standard alphabet, no ``=`` padding) of the SHA-256 of the raw 32-byte
+    key; for reading out over the phone or pasting into ``gw connect --agent-key``.
+    """
+    if len(public) != DH_LEN:
+        raise NoiseError(f"X25519 public key must be {DH_LEN} bytes, got {len(public)}")
+    digest = hashlib.sha256(public).digest()
+    return _FINGERPRINT_PREFIX + base64.b64encode(digest).decode().rstrip("=")
+
+
+def parse_fingerprint(text: str) -> str:
+    """Check and normalise a fingerprint typed by a person; ValueError says what is wrong."""
+    text = text.strip()
+    if not text.startswith(_FINGERPRINT_PREFIX):
+        raise ValueError(f"a key fingerprint starts with {_FINGERPRINT_PREFIX} (got {text[:20]!r})")
+    body = text[len(_FINGERPRINT_PREFIX) :].rstrip("=")
+    try:
+        digest = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the fingerprint after SHA256: is not base64") from None
+    if len(digest) != hashlib.sha256().digest_size:
+        raise ValueError("the fingerprint after SHA256: is not 32 bytes of SHA-256")
+    return _FINGERPRINT_PREFIX + base64.b64encode(digest).decode().rstrip("=")

@@ -1,0 +1,262 @@
+"""A gateway that lies about end-to-end keys: gatewayd with a dishonest broker (tests only).
+
+Run it in place of ``gatewayd``, with the same config::
+
+    python tests/support/lying_gateway.py --config PATH
+
+It is the real daemon (the same TLS, store, audit and factor checks) whose broker
+tells the lies a malicious gateway operator could tell. The file ``GW_LIE_FILE``
+names them (comma-separated; read at each decision, so a test switches lies without
+a restart); ``GW_LIE_LOG`` is a JSON-lines file where the attacker writes down what
+it tried and what it got:
+
+- ``agent-key``: ``approval_pending`` shows the genuine agent key (so the code the
+  client shows matches the one at the machine), then ``session`` hands out the
+  attacker's key. Each tunnel of the session is intercepted: the attacker answers
+  the client's Noise handshake with its own agent key, dials the agent with its own
+  client key, relays both ways and writes down the plaintext it read (``read``).
+- ``pending-key``: ``approval_pending`` shows the attacker's key as well (a
+  consistent lie: the code at the two ends then differs).
+- ``client-key``: when a session opens (honestly), the attacker dials the agent in
+  that session with its own client key and tries to reach the target; then once
+  more in a session the agent never heard of.
+
+Each record has ``attack`` and ``outcome``: ``accepted`` means the attacker holds an
+end-to-end channel it should never have; ``refused: ...`` that the agent said no.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+from gatewayd import broker as broker_mod
+from gatewayd import server as server_mod
+from gatewayd.main import main as gatewayd_main
+from relay import message as m
+from relay import noise, tunnel
+from relay.aio import FramedLink
+from relay.errors import NoiseError
+
+LIE_FILE = Path(os.environ.get("GW_LIE_FILE", "lies"))
+LOG = Path(os.environ.get("GW_LIE_LOG", "lies.jsonl"))
+#: The attacker's own Noise keys: one to pose as the agent, one to pose as the client.
+AGENT_PRIVATE, AGENT_PUBLIC = noise.generate_keypair()
+CLIENT_PRIVATE, CLIENT_PUBLIC = noise.generate_keypair()
+#: What the attacker sends the agent's target when it gets through, and waits for back.
+PROBE = b"attacker was here\n"
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def lies() -> frozenset[str]:
+    try:
+        text = LIE_FILE.read_text()
+    except FileNotFoundError:
+        return frozenset()
+    return frozenset(filter(None, text.strip().split(",")))
+
+
+def note(**fields: Any) -> None:
+    with LOG.open("a") as f:
+        f.write(json.dumps(fields) + "\n")
+
+
+class _Tap(asyncio.Protocol):
+    """One side of the intercepted tunnel: decrypts, writes the plaintext down, re-encrypts."""
+
+    def __init__(self, name: str, opener: tunnel.Opener, sealer: tunnel.Sealer) -> None:
+        self.name, self.opener, self.sealer = name, opener, sealer
+        self.other: asyncio.Transport | None = None
+        self.read = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        assert self.other is not None
+        try:
+            parts, ended = self.opener.feed(data)
+        except NoiseError:
+            self.other.abort()
+            return
+        plain = b"".join(bytes(p) for p in parts)
+        if plain:
+            self.read += plain
+            note(attack="agent-key", outcome="read", side=self.name, data=plain.decode("latin-1"))
+            chunks, _ = self.sealer.feed(plain)
+            self.other.write(b"".join(chunks))
+        if ended:
+            end = self.sealer.end()
+            if end:
+                self.other.write(end)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.other is not None:
+            self.other.close()
+
+
+class LyingBroker(broker_mod.Broker):
+    async def _client(self, link: FramedLink, hello: m.ClientHello) -> None:
+        honest_send = link.send
+
+        def lying_send(msg: m.Message) -> None:
+            told = lies()
+            if isinstance(msg, m.ApprovalPending) and "pending-key" in told:
+                msg = m.ApprovalPending(msg.request, msg.session_id, b64(AGENT_PUBLIC), msg.timeout)
+                note(attack="pending-key", outcome="sent", session=msg.session_id)
+            if isinstance(msg, m.SessionOpened) and told & {"agent-key", "pending-key"}:
+                note(attack="agent-key", outcome="sent", session=msg.session_id)
+                msg = _replace_agent_key(msg, b64(AGENT_PUBLIC))
+            honest_send(msg)
+            if isinstance(msg, m.SessionOpened) and "client-key" in told:
+                self.spawn(self._impersonate(hello, msg.session_id))
+
+        link.send = lying_send  # type: ignore[method-assign]
+        await super()._client(link, hello)
+
+    async def _tunnel(self, link: FramedLink, hello: m.TunnelHello) -> bool:
+        session = self.tickets.get(hello.ticket)
+        if session is None or not lies() & {"agent-key", "pending-key"}:
+            return await super()._tunnel(link, hello)
+        note(attack="agent-key", outcome="tunnel requested", session=session.id)
+        got = await self._dial_agent(
+            session.agent, session.target, session.id, session.user, session.mode
+        )
+        if isinstance(got, str):
+            note(attack="agent-key", outcome=got, session=session.id)
+            link.send_error("dial_failed", got)
+            return False
+        agent_link = got
+        link.send(m.Spliced())
+        agent_link.send(m.Spliced())
+        client_t, client_rest = link.detach()
+        agent_t, agent_rest = agent_link.detach()
+        try:
+            to_client = await tunnel.respond(
+                client_t,
+                client_rest,
+                static_private=AGENT_PRIVATE,
+                expected_client_key=session.client_key,
+                session_id=session.id,
+            )
+            client_t.pause_reading()  # what the client sends next waits for the relay
+            to_agent = await tunnel.initiate(
+                agent_t,
+                agent_rest,
+                static_private=CLIENT_PRIVATE,
+                agent_key=self._agent_key(session.agent),
+                session_id=session.id,
+            )
+        except NoiseError as exc:
+            note(attack="agent-key", outcome=f"refused: {exc}", session=session.id)
+            client_t.abort()
+            agent_t.abort()
+            return True
+        note(attack="agent-key", outcome="accepted", session=session.id)
+        up = _Tap("client", to_client.opener, to_agent.sealer)
+        down = _Tap("agent", to_agent.opener, to_client.sealer)
+        up.other, down.other = agent_t, client_t
+        client_t.set_protocol(up)
+        agent_t.set_protocol(down)
+        if to_client.leftover:
+            up.data_received(to_client.leftover)
+        if to_agent.leftover:
+            down.data_received(to_agent.leftover)
+        client_t.resume_reading()
+        return True
+
+    def _agent_key(self, agent_id: str) -> bytes:
+        agent = self.store.get_agent(agent_id)
+        assert agent is not None and agent.noise_key is not None
+        return base64.urlsafe_b64decode(agent.noise_key + "=" * (-len(agent.noise_key) % 4))
+
+    async def _dial_agent(
+        self, agent: str, target: str, session_id: str, user: str, mode: str
+    ) -> FramedLink | str:
+        """Ask the agent for a data connection presenting the attacker's client key."""
+        online = self.agents.get(agent)
+        if online is None:
+            return "agent offline"
+        token = secrets.token_urlsafe(32)
+        waiter: asyncio.Future[FramedLink] = asyncio.get_running_loop().create_future()
+        self.pending_dials[token] = (agent, waiter)
+        try:
+            online.link.send(m.Dial(token, target, session_id, b64(CLIENT_PUBLIC), user, mode))
+            async with asyncio.timeout(10):
+                return await waiter
+        except broker_mod.DialError as exc:
+            return f"refused: {exc}"
+        except TimeoutError:
+            return "refused: no answer"
+        finally:
+            self.pending_dials.pop(token, None)
+
+    async def _impersonate(self, hello: m.ClientHello, session_id: str) -> None:
+        """Pose as the client to the agent: in the real session, then in an invented one."""
+        for attack, sid in (
+            ("client-key", session_id),
+            ("unknown-session", secrets.token_hex(8)),
+        ):
+            outcome = await self._try_agent(hello, sid)
+            note(attack=attack, outcome=outcome, session=sid)
+
+    async def _try_agent(self, hello: m.ClientHello, sid: str) -> str:
+        got = await self._dial_agent(hello.agent, hello.target, sid, hello.user, hello.mode)
+        if isinstance(got, str):
+            return got
+        got.send(m.Spliced())
+        transport, rest = got.detach()
+        try:
+            est = await tunnel.initiate(
+                transport,
+                rest,
+                static_private=CLIENT_PRIVATE,
+                agent_key=self._agent_key(hello.agent),
+                session_id=sid,
+            )
+        except NoiseError as exc:
+            transport.abort()
+            return f"refused: {exc}"
+        answer = bytearray()
+        done = asyncio.get_running_loop().create_future()
+
+        class Reader(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                with contextlib.suppress(NoiseError):
+                    parts, _ = est.opener.feed(data)
+                    answer.extend(b"".join(bytes(p) for p in parts))
+                if len(answer) >= len(PROBE) and not done.done():
+                    done.set_result(None)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                if not done.done():
+                    done.set_result(None)
+
+        transport.set_protocol(Reader())
+        if est.leftover:
+            transport.get_protocol().data_received(est.leftover)  # type: ignore[attr-defined]
+        chunks, _ = est.sealer.feed(PROBE)
+        transport.write(b"".join(chunks))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await done
+        transport.abort()
+        return f"accepted: target answered {bytes(answer).decode('latin-1')!r}"
+
+
+def _replace_agent_key(msg: m.SessionOpened, key: str) -> m.SessionOpened:
+    fields = {k: v for k, v in msg.to_json().items() if k != "t"}
+    fields["agent_key"] = key
+    return m.SessionOpened(**fields)
+
+
+if __name__ == "__main__":
+    server_mod.Broker = LyingBroker  # type: ignore[misc]
+    sys.exit(gatewayd_main())
