@@ -459,8 +459,15 @@ class Broker:
         elif not self.user_limiter.allow(hello.user, now):
             limited = "user"
         if limited is not None:
-            await self.audit.record(
-                "auth.rate_limited", session=sid, user=hello.user, source=link.peer, limit=limited
+            # Bounded per source like every refusal before login (a flood cannot fill the disk).
+            self.rejections.refuse(
+                "auth.rate_limited",
+                link.peer,
+                "rate_limited",
+                self.now(),
+                session=sid,
+                user=hello.user,
+                limit=limited,
             )
             link.send_error("rate_limited", "too many login attempts; try again later")
             return
@@ -791,7 +798,13 @@ class Broker:
     async def _tunnel(self, link: FramedLink, hello: m.TunnelHello) -> bool:
         session = self.tickets.get(hello.ticket)
         if session is None or session.ended.is_set():
-            self.audit.write("tunnel.refused", source=link.peer, reason="unknown or ended session")
+            self.rejections.refuse(
+                "tunnel.refused",
+                link.peer,
+                "unknown_session",
+                self.now(),
+                reason="unknown or ended session",
+            )
             link.send_error("session_ended", "no such session")
             return False
         fields = {
@@ -938,8 +951,12 @@ class Broker:
     async def _agent(self, link: FramedLink, hello: m.AgentHello) -> None:
         agent_id = self._verified_agent(link)
         if agent_id is None:
-            self.audit.write(
-                "agent.rejected", source=link.peer, reason="no enrolled certificate or disabled"
+            self.rejections.refuse(
+                "agent.rejected",
+                link.peer,
+                "agent_rejected",
+                self.now(),
+                reason="no enrolled certificate or disabled",
             )
             link.send_error("auth_failed", "agent not enrolled, disabled, or certificate unknown")
             return
@@ -987,8 +1004,13 @@ class Broker:
     async def _enroll(self, link: FramedLink, hello: m.EnrollRequest) -> None:
         source = link.peer
         if not self.auth_limiter.allow(source_key(source), time.monotonic()):
-            self.audit.write(
-                "agent.enroll", source=source, outcome="failure", reason="rate limited"
+            self.rejections.refuse(
+                "agent.enroll",
+                source,
+                "enroll_rate_limited",
+                self.now(),
+                outcome="failure",
+                reason="rate limited",
             )
             link.send_error("rate_limited", "too many attempts; try again later")
             return

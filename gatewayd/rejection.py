@@ -97,6 +97,11 @@ class RejectionLog:
 
     def reject(self, source: str, code: str, message: str, now: float, **fields: Any) -> None:
         """One connection from ``source`` was turned away with ``code``."""
+        self.refuse("connection.rejected", source, code, now, code=code, message=message, **fields)
+
+    def refuse(self, event: str, source: str, kind: str, now: float, **fields: Any) -> None:
+        """Record ``event`` for an unauthenticated peer, within the bounds; ``kind`` is what
+        a summary counts it as (``tls``, ``rate_limited``...)."""
         self.flush_due(now)
         host = source_key(source)
         if now >= self._total_start + self.interval:
@@ -111,13 +116,13 @@ class RejectionLog:
         if window.seen <= self.per_interval and self._total < self.total_per_interval:
             self._total += 1
             window.recorded += 1
-            self._write("connection.rejected", source=source, code=code, message=message, **fields)
+            self._write(event, source=source, **fields)
             return
         if not window.suppressed:
             window.first = now
         window.suppressed += 1
         window.last = now
-        window.codes[code] += 1
+        window.codes[kind] += 1
 
     def flush_due(self, now: float) -> None:
         """Summarise every interval that is over."""

@@ -815,3 +815,20 @@ def test_source_key() -> None:
     assert source_key("[2001:db8::1]:443") == "2001:db8::/64"
     assert source_key("[::ffff:192.0.2.9]:443") == "192.0.2.9"
     assert source_key("?") == "?"
+
+
+@pytest.mark.asyncio
+async def test_other_refusals_share_the_bounds(log_path: Path) -> None:
+    log = AuditLog(log_path, node="t", fsync=False)
+    rej = RejectionLog(log, per_interval=3, interval=60.0)
+    try:
+        for i in range(5):
+            rej.refuse("auth.rate_limited", "192.0.2.1:1", "rate_limited", 1.0, user=f"u{i}")
+        rej.reject("192.0.2.1:2", "tls", "handshake failed", 2.0)
+        rej.flush_all()
+    finally:
+        await log.close()
+    recs = records(log_path)
+    assert [r["event"] for r in recs] == ["auth.rate_limited"] * 3 + ["connection.rejected.summary"]
+    assert recs[0]["source"] == "192.0.2.1:1" and recs[0]["user"] == "u0"
+    assert recs[-1]["codes"] == {"rate_limited": 2, "tls": 1}

@@ -239,6 +239,58 @@ def test_junk_connections_cannot_fill_the_disk(lab: Lab) -> None:
     assert verify_cli(lab).returncode == 0
 
 
+def hello_and_leave(lab: Lab) -> str:
+    """A ClientHello, then gone at the first answer: what a password sprayer's script does."""
+    ctx = ssl.create_default_context(cafile=str(lab.ca_file))
+    conn = Connection(Side.CONNECTOR, now=time.monotonic())
+    conn.send(
+        m.ClientHello(
+            user="nobody",
+            agent="pc1",
+            target="echo",
+            mode="access",
+            client_key=b64e(bytes(32)),
+            reason="x",
+        )
+    )
+    with (
+        socket.create_connection(("127.0.0.1", lab.port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(conn.data_to_send())
+        while data := tls.recv(65536):
+            conn.receive_data(data, time.monotonic())
+            for event in conn.events_received():
+                if isinstance(event, m.Error | Closed):
+                    return event.code
+                return type(event).__name__
+    return "eof"
+
+
+def test_rate_limited_logins_cannot_fill_the_disk(lab: Lab) -> None:
+    answers = [hello_and_leave(lab) for _ in range(150)]
+    limited = answers.count("rate_limited")
+    assert limited >= 100, answers  # 20 a minute per user name, 30 per source
+
+    def counted() -> int:
+        recs = lab.audit_records()
+        single = sum(r["event"] == "auth.rate_limited" for r in recs)
+        summed = sum(
+            r["codes"].get("rate_limited", 0)
+            for r in recs
+            if r["event"] == "connection.rejected.summary"
+        )
+        return single + summed + status(lab)["rejections_pending"]
+
+    wait_for(lambda: counted() == limited, 30, "every refused login to be counted")
+    stop_gateway(lab)
+    recs = lab.audit_records()
+    single = [r for r in recs if r["event"] == "auth.rate_limited"]
+    summaries = [r for r in recs if r["event"] == "connection.rejected.summary"]
+    assert len(single) <= 20
+    assert len(single) + sum(s["codes"]["rate_limited"] for s in summaries) == limited
+
+
 # -- two gatewayd on one config --------------------------------------------------------------------
 
 
