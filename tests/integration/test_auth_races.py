@@ -389,6 +389,56 @@ def test_parallel_wrong_passwords_lock_the_account(lab: Lab) -> None:
     assert not records(lab, "session.start", user=user)
 
 
+def test_lock_set_while_a_login_waits_fails_its_right_answer(lab: Lab) -> None:
+    """The right password is in; while the login waits at the TOTP prompt, guesses lock
+    the account: the right code is then refused too (the lock is checked at each step)."""
+    user = new_user(lab)
+
+    async def attack() -> str:
+        gate = Gate()
+        prove = answers(user, totp=lambda: lab.totp(user), park={"totp": gate})
+        parked = asyncio.ensure_future(refused(login(lab, user, prove)))
+        await gate.reached.wait()
+        for i in range(THRESHOLD):
+            assert await refused(login(lab, user, answers(user, password=f"no {i}"))) == (
+                "auth_failed"
+            )
+        gate.release()
+        return await parked
+
+    assert run(attack()) == "auth_failed"
+    assert records(lab, "auth.locked", user=user)
+    (totp,) = records(lab, "auth.attempt", user=user, factor="totp")
+    assert totp["reason"].startswith("account locked")
+    assert not records(lab, "session.start", user=user)
+
+
+def test_admin_unlock_is_audited_and_opens_the_account(lab: Lab) -> None:
+    user = new_user(lab)
+
+    async def guesses() -> list[str]:
+        return [
+            await refused(login(lab, user, answers(user, password=f"no {i}")))
+            for i in range(THRESHOLD)
+        ]
+
+    assert run(guesses()) == ["auth_failed"] * THRESHOLD
+    assert records(lab, "auth.locked", user=user)
+    prove = answers(user, totp=lambda: lab.totp(user))
+    assert run(refused(login(lab, user, prove))) == "auth_failed"
+    out = lab.admin("user", "unlock", user)
+    assert out.strip() == f"user {user} unlocked (was locked; {THRESHOLD} failures cleared)"
+    (change,) = records(lab, "admin.change", op="user.unlock", user=user)
+    assert change["failures"] == THRESHOLD and change["admin_locked"] is False
+    assert change["locked_until"] > time.time()
+    run(login(lab, user, answers(user, totp=lambda: lab.totp(user)))).close()
+    unknown = lab.run(
+        "gw", "admin", "--config", str(lab.config), "user", "unlock", "ghost", check=False
+    )
+    assert unknown.returncode == 1 and "no user 'ghost'" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+
+
 async def hello(lab: Lab, source: str, user: str) -> str:
     """Start a login from ``source``: "asked" if the gateway asks for a factor, else the error."""
     link = await dial_from(lab, source)
