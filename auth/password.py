@@ -39,7 +39,7 @@ from .base import (
 )
 
 #: Argon2id cost: OWASP's first recommended set, m = 19 MiB (19456 KiB), t = 2, p = 1,
-#: about 30 ms here; RFC 9106's own low-memory profile (64 MiB, t = 3, p = 4) costs
+#: about 40 ms here; RFC 9106's own low-memory profile (64 MiB, t = 3, p = 4) costs
 #: three times the memory per login in flight for no gain at one thread.
 ARGON2_MEMORY_KIB, ARGON2_TIME, ARGON2_LANES = 19 * 1024, 2, 1
 #: Bounds on what a stored Argon2 hash may ask for: ours are well inside; a damaged or
