@@ -411,11 +411,13 @@ def test_vendor_source_networks(site: Site) -> None:
     site.lab.agreement("netco", "clinic", "access", unattended=True)
     site.lab.admin("vendor", "networks", "netco", "10.0.0.0/8")
     user = site.vendor_user("netco")
-    # Refused before any factor is asked, so the code is never looked at.
+    # Refused after the first factor, as an unknown user is (the answer must not tell
+    # that the user exists), so the code is never looked at.
     refused = site.stdio("pc1", user, "access", totp="000000")
     assert refused.returncode == 1 and "authentication failed" in refused.stderr
     (attempt,) = _records(site, "auth.attempt", user=user)
-    assert attempt["factor"] == "source" and attempt["source"].startswith("127.0.0.1:")
+    assert attempt["factor"] == "password" and attempt["source"].startswith("127.0.0.1:")
+    assert attempt["reason"] == "source address not allowed for vendor netco"
     site.lab.admin("vendor", "networks", "netco", "127.0.0.0/8")
     assert site.stdio("pc1", user, "access").returncode == 0
 
