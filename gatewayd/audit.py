@@ -372,9 +372,12 @@ class AuditLog:
         self._sync()
         stamp = _stamp_now()
         os.close(self._fd)
-        os.rename(self.path, self.path.with_name(f"{self.path.name}.{stamp}"))
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        self._size = 0
+        try:
+            os.rename(self.path, self.path.with_name(f"{self.path.name}.{stamp}"))
+        finally:
+            # A new file, or the same one again if the rename failed: never a closed fd.
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            self._size = os.fstat(self._fd).st_size
 
     @property
     def failure(self) -> str | None:

@@ -832,3 +832,25 @@ async def test_other_refusals_share_the_bounds(log_path: Path) -> None:
     assert [r["event"] for r in recs] == ["auth.rate_limited"] * 3 + ["connection.rejected.summary"]
     assert recs[0]["source"] == "192.0.2.1:1" and recs[0]["user"] == "u0"
     assert recs[-1]["codes"] == {"rate_limited": 2, "tls": 1}
+
+
+@pytest.mark.asyncio
+async def test_a_failed_rotation_keeps_writing_to_the_same_file(
+    log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = AuditLog(log_path, node="t", fsync=False, rotate_bytes=300)
+    try:
+        await log.record("one", filler="a" * 200)
+
+        def refuse(*_: Any) -> None:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+
+        monkeypatch.setattr(os, "rename", refuse)
+        with pytest.raises(AuditError, match="Permission denied"):
+            log.write("two", filler="b" * 200)
+        monkeypatch.undo()
+        await log.record("three", filler="c" * 200)  # rotates now
+    finally:
+        await log.close()
+    assert [r["event"] for r in records(log_path)] == ["one", "audit.resumed", "three"]
+    assert verify(log_path).ok, verify(log_path).problems
