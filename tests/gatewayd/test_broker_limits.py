@@ -1,10 +1,33 @@
-"""Rate-limit keys and windows of the broker (gatewayd/broker.py): no sockets, no sleeps."""
+"""Rate limits and lockout settings: the broker's keys and windows, the config keys.
+
+No sockets, no sleeps."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from gatewayd.broker import RateLimiter, source_key
+from gatewayd.config import parse
+from relay.errors import ConfigError
+
+MINIMAL = """
+[gateway]
+listen = "127.0.0.1:8443"
+[tls]
+cert_file = "tls/server.pem"
+key_file = "tls/server.key"
+ca_file = "tls/ca.pem"
+ca_key_file = "tls/ca.key"
+[store]
+path = "state/directory.db"
+secrets_key_file = "state/secrets.key"
+[audit]
+path = "log/audit.jsonl"
+[admin]
+socket = "admin.sock"
+"""
 
 
 @pytest.mark.parametrize(
@@ -41,3 +64,35 @@ def test_user_names_are_limited_like_sources() -> None:
     limiter = RateLimiter(2)
     assert [limiter.allow("vera@acme", now=0.0) for _ in range(3)] == [True, True, False]
     assert limiter.allow("emil@clinic", now=0.0)
+
+
+# -- the [lockout] and [limits] keys of this policy ----------------------------------------------
+
+
+def test_lockout_and_limit_keys_parse(tmp_path: Path) -> None:
+    cfg = parse(
+        MINIMAL
+        + "[limits]\nauth_per_user_per_minute = 7\n"
+        + "[lockout]\ndecay_seconds = 7200\nhard_limit = 50\nmax_seconds = 600\n",
+        tmp_path / "gatewayd.toml",
+    )
+    assert cfg.limits.auth_per_user_per_minute == 7
+    assert (cfg.lockout.decay_seconds, cfg.lockout.hard_limit) == (7200, 50)
+    defaults = parse(MINIMAL, tmp_path / "gatewayd.toml")
+    assert defaults.limits.auth_per_user_per_minute == 20
+    assert (defaults.lockout.decay_seconds, defaults.lockout.hard_limit) == (86400, 100)
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        # One guess per lock period would be forgiven as fast as it is counted.
+        ("[lockout]\ndecay_seconds = 3600\n", "lockout.decay_seconds: must be longer"),
+        # NIST SP 800-63B 5.2.2: no more than 100 consecutive failures.
+        ("[lockout]\nhard_limit = 101\n", "lockout.hard_limit: must be between 1 and 100"),
+        ("[limits]\nauth_per_user_per_minute = 0\n", "limits.auth_per_user_per_minute"),
+    ],
+)
+def test_lockout_keys_are_checked(tmp_path: Path, table: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse(MINIMAL + table, tmp_path / "gatewayd.toml")
