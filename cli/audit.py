@@ -70,6 +70,14 @@ def _summary(rec: dict[str, Any]) -> list[str]:
     if rec.get("event") == "tunnel.end":
         up, down, duration = rec.get("bytes_up"), rec.get("bytes_down"), rec.get("duration")
         reason = f"{reason}; up {up} B, down {down} B, {duration} s"
+    elif rec.get("event") == "connection.rejected.summary":
+        codes = rec.get("codes") if isinstance(rec.get("codes"), dict) else {}
+        kinds = ", ".join(f"{k} {v}" for k, v in codes.items())
+        reason = f"{rec.get('count')} more ({kinds}) from {rec.get('first')} to {rec.get('last')}"
+    elif rec.get("event") == "audit.acknowledged":
+        reason = f"seq {rec.get('acknowledged_seq')} by {rec.get('by')}: {reason}"
+    elif rec.get("event") == "audit.resumed":
+        reason = f"{rec.get('failure')}, since {rec.get('since')}"
     values = [
         str(rec.get("ts", ""))[:23].replace("T", " "),
         str(rec.get("event", "")),

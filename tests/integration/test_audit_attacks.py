@@ -237,6 +237,8 @@ def test_junk_connections_cannot_fill_the_disk(lab: Lab) -> None:
     assert len(single) + sum(s["count"] for s in summaries) == 500
     assert len(recs) < 40
     assert verify_cli(lab).returncode == 0
+    shown = lab.run("gw", "audit", "--config", str(lab.config), "--event", "connection.").stdout
+    assert f"{summaries[0]['count']} more (tls {summaries[0]['count']})" in shown
 
 
 def hello_and_leave(lab: Lab) -> str:
