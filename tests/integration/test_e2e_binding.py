@@ -167,6 +167,21 @@ def test_a_consistent_lie_changes_the_code_and_the_agent_refuses(site: Site) -> 
     assert [a for a in attacks if a["outcome"].startswith("refused")], attacks
 
 
+def test_client_key_swapped_in_the_approval_request_changes_the_code_at_the_machine(
+    site: Site,
+) -> None:
+    site.lie("approve-key")
+    user = site.user("attended")
+    refused = site.agent.output().count("REFUSED a tunnel")
+    result = site.stdio(user, data="the secret plans\n")
+    # The machine's code comes from the key it was told, so it differs from the client's.
+    assert _client_code(result.stderr) != site.agent_codes()[-1]
+    # Approved without comparing, the session is bound to the attacker's key: the
+    # genuine client's tunnel is refused, and nothing reaches the target.
+    assert result.returncode != 0 and result.stdout == "", result.stderr
+    assert site.agent.output().count("REFUSED a tunnel") == refused + 1
+
+
 # -- the agent: only the client key of the approved or announced session ----------------
 
 

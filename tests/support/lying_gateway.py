@@ -17,6 +17,8 @@ it tried and what it got:
   client key, relays both ways and writes down the plaintext it read (``read``).
 - ``pending-key``: ``approval_pending`` shows the attacker's key as well (a
   consistent lie: the code at the two ends then differs).
+- ``approve-key``: the approval request shows the person at the machine the
+  attacker's client key instead of the client's (the code there then differs).
 - ``client-key``: when a session opens (honestly), the attacker dials the agent in
   that session with its own client key and tries to reach the target; then once
   more in a session the agent never heard of.
@@ -120,6 +122,20 @@ class LyingBroker(broker_mod.Broker):
 
         link.send = lying_send  # type: ignore[method-assign]
         await super()._client(link, hello)
+
+    async def _ask_approval(
+        self,
+        link: FramedLink,
+        online: Any,
+        hello: m.ClientHello,
+        sid: str,
+        client_key: bytes,
+        context: dict[str, Any],
+    ) -> str | None:
+        if "approve-key" in lies():
+            note(attack="approve-key", outcome="sent", session=sid)
+            client_key = CLIENT_PUBLIC
+        return await super()._ask_approval(link, online, hello, sid, client_key, context)
 
     async def _tunnel(self, link: FramedLink, hello: m.TunnelHello) -> bool:
         session = self.tickets.get(hello.ticket)
