@@ -335,20 +335,22 @@ class Broker:
                     outcome = await asyncio.to_thread(
                         verifier.complete, ctx, challenge.state, response.payload
                     )
+                outcome_ok, reason, detail = outcome.ok, outcome.reason, dict(outcome.detail)
+                refused = None
+                if index == 0 and user is not None:
+                    # Told only after the first factor, with the answer an unknown user gets.
+                    refused = self._source_refused(user, link.peer)
+                verified = outcome_ok and attempt is Attempt.GO
+                if verified and refused is None and credential is not None:
+                    verified, why = self._apply(hello.user, method, credential, outcome)
+                    if not verified:
+                        outcome_ok, reason = False, why
             except BaseException:
+                # Cancelled, or the verifier's settings or the store failed: free the
+                # slot without counting (the end below is never reached).
                 if attempt is Attempt.GO:
                     self.store.cancel_attempt(hello.user)
                 raise
-            outcome_ok, reason, detail = outcome.ok, outcome.reason, dict(outcome.detail)
-            refused = None
-            if index == 0 and user is not None:
-                # Told only after the first factor, with the answer an unknown user gets.
-                refused = self._source_refused(user, link.peer)
-            verified = outcome_ok and attempt is Attempt.GO
-            if verified and refused is None and credential is not None:
-                verified, why = self._apply(hello.user, method, credential, outcome)
-                if not verified:
-                    outcome_ok, reason = False, why
             # Checked after the factor ran, so the answer takes as long either way.
             if user is None:
                 outcome_ok, reason = False, "unknown user"
