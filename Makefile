@@ -6,9 +6,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # What the tests run for real: pcscd + the vpcd reader driver (smartcard), swig and
 # libpcsclite-dev (to build pyscard), mosquitto (cluster bus), and the benchmark's
-# reference tools (OpenSSH, haproxy).
+# reference tools (OpenSSH, haproxy); SoftHSM2 and OpenSC (PKCS#11 modules for the
+# smartcard through middleware, and OpenSC's pkcs11-tool to fill the SoftHSM tokens).
 SYSTEM_PACKAGES := pcscd vsmartcard-vpcd libpcsclite-dev swig mosquitto \
-                   openssh-server openssh-client haproxy
+                   openssh-server openssh-client haproxy softhsm2 opensc
 
 # make fuzz: every fuzz target (tests/fuzz) for FUZZ_SECONDS each, coverage-guided (atheris).
 FUZZ_SECONDS ?= 60
@@ -24,7 +25,7 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test,smartcard,fido2,cluster]'
+	$(BIN)/pip install --quiet -e '.[test,smartcard,pkcs11,fido2,cluster]'
 	touch $@
 
 demo: $(VENV)/.runtime

@@ -21,16 +21,24 @@ Signature schemes (named by ``algorithm`` in the response):
     EMSA-PKCS1-v1_5 block around the SHA-256 DigestInfo and the card applies the raw
     RSA private-key operation (GENERAL AUTHENTICATE, algorithm 07 for RSA-2048, 05 for
     RSA-3072, 16 for RSA-4096).
+``rsa-pss-sha256``
+    RSASSA-PSS with SHA-256, MGF1 with SHA-256 and a 32-byte salt (RFC 8017 section
+    8.1), for tokens whose keys sign only PSS (the PKCS#11 prover, :mod:`auth.pkcs11`).
 ``ecdsa-p256-sha256``
     ECDSA over P-256 with SHA-256; the card signs the 32-byte SHA-256 digest
     (algorithm 11) and returns the DER ``Ecdsa-Sig-Value``, which is sent as is.
 
 Wire payloads (binary values are :func:`auth.base.b64e`, base64url without padding)::
 
-    challenge  {"nonce": b64e(32 random bytes)}
+    challenge  {"nonce": b64e(32 random bytes),
+                "policy": "2.16.578.1.26.1.3.1",    # the required policy OID and the
+                "issuers": [b64e(DER name), ...]}   # CAs trusted (hints for choosing
+                                                    # a certificate; absent while the
+                                                    # settings are unusable)
     response   {"certificate": b64e(DER of the slot 9A certificate),
                 "chain": [b64e(DER), ...],          # extra intermediates, may be []
-                "algorithm": "rsa-pkcs1-sha256" | "ecdsa-p256-sha256",
+                "algorithm": "rsa-pkcs1-sha256" | "rsa-pss-sha256" |
+                             "ecdsa-p256-sha256",
                 "signature": b64e(signature)}
 
 Gateway checks, in this order; the first failure is the audit reason
@@ -221,7 +229,9 @@ NONCE_LEN = 32
 
 ALG_RSA_PKCS1_SHA256 = "rsa-pkcs1-sha256"
 ALG_ECDSA_P256_SHA256 = "ecdsa-p256-sha256"
-ALGORITHMS = (ALG_RSA_PKCS1_SHA256, ALG_ECDSA_P256_SHA256)
+ALG_RSA_PSS_SHA256 = "rsa-pss-sha256"
+ALGORITHMS = (ALG_RSA_PKCS1_SHA256, ALG_RSA_PSS_SHA256, ALG_ECDSA_P256_SHA256)
+_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
 
 DEFAULT_REQUIRED_POLICY = "2.16.578.1.26.1.3.1"
 DEFAULT_SUBJECT_FIELD = "serialNumber"
@@ -861,10 +871,11 @@ def _check_signature(
     if isinstance(key, rsa.RSAPublicKey):
         if not 2048 <= key.key_size <= 4096:
             raise _Reject("unsupported key", key=f"rsa-{key.key_size}")
-        if algorithm != ALG_RSA_PKCS1_SHA256:
+        if algorithm not in (ALG_RSA_PKCS1_SHA256, ALG_RSA_PSS_SHA256):
             raise _Reject("bad signature", error="algorithm does not fit an RSA key")
+        pad = _PSS if algorithm == ALG_RSA_PSS_SHA256 else padding.PKCS1v15()
         try:
-            key.verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
+            key.verify(signature, message, pad, hashes.SHA256())
         except InvalidSignature:
             raise _Reject("bad signature") from None
     elif isinstance(key, ec.EllipticCurvePublicKey):
@@ -927,6 +938,22 @@ def _check_declined(
     raise _Reject(str(reason))
 
 
+def _wanted(settings: Mapping[str, Any]) -> JSON:
+    """What the policy accepts, for a client choosing among several certificates.
+
+    The required policy OID and the subject names of the configured CAs: public facts
+    (a TLS server names its acceptable CAs the same way). Nothing while the settings
+    are unusable (the login fails with ``settings invalid`` anyway).
+    """
+    try:
+        cfg = load_settings(settings)
+    except ConfigError:
+        return {}
+    cas = (*cfg.trust_anchors, *cfg.intermediates)
+    names = list(dict.fromkeys(b64e(ca.subject.public_bytes()) for ca in cas))
+    return {"policy": cfg.required_policy.dotted_string, "issuers": names}
+
+
 class SmartcardVerifier(Verifier):
     """Gateway side: check the certificate path, revocation, policy, identity, signature."""
 
@@ -934,7 +961,7 @@ class SmartcardVerifier(Verifier):
 
     def begin(self, ctx: AuthContext) -> Challenge:
         nonce = b64e(secrets.token_bytes(NONCE_LEN))
-        return Challenge(payload={"nonce": nonce}, state={"nonce": nonce})
+        return Challenge(payload={"nonce": nonce, **_wanted(ctx.settings)}, state={"nonce": nonce})
 
     def complete(self, ctx: AuthContext, state: JSON, response: JSON) -> Outcome:
         detail: dict[str, Any] = {}
@@ -975,7 +1002,12 @@ class SmartcardVerifier(Verifier):
             leaf, parsed.algorithm, parsed.signature, to_be_signed(nonce, ctx.channel_binding)
         )
         return Outcome.accept(
-            detail={**detail, "person": person, "policy": cfg.required_policy.dotted_string}
+            detail={
+                **detail,
+                "person": person,
+                "policy": cfg.required_policy.dotted_string,
+                "algorithm": parsed.algorithm,
+            }
         )
 
 
@@ -1585,8 +1617,16 @@ def _declined(exc: AuthError, stage: str, cert: x509.Certificate, der: bytes, no
     return payload
 
 
-def make_prover(options: ProverOptions) -> SmartcardProver:
-    """The prover factory: ``options.values["smartcard_reader"]`` picks the reader."""
+def make_prover(options: ProverOptions) -> Prover:
+    """The prover factory: ``options.values["smartcard_reader"]`` picks the reader;
+    ``values["pkcs11_module"]`` (a path) signs through that PKCS#11 module instead
+    (:mod:`auth.pkcs11`), ``values["cert_label"]`` naming the certificate."""
+    module = options.values.get("pkcs11_module")
+    if module:
+        from .pkcs11 import make_pkcs11_prover
+
+        label = options.values.get("cert_label")
+        return make_pkcs11_prover(str(module), options.prompt, label and str(label))
     reader = options.values.get("smartcard_reader")
     if reader is not None and not isinstance(reader, str):
         raise AuthError("smartcard_reader must be a reader name")

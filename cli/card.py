@@ -14,6 +14,10 @@ While the card is seen in its reader, the session's control connection carries a
 ``card_present`` message every ``card_heartbeat`` seconds (when the gateway asks for
 it): the gateway ends the session by itself when they stop, so the rule holds even
 for a client that does not keep it.
+
+A card used through a PKCS#11 module (``--pkcs11-module``) is watched the same way by
+its prover's own ``wait_for_removal`` (:mod:`auth.pkcs11`: token-present polling), which
+feeds the same heartbeat.
 """
 
 from __future__ import annotations
@@ -69,7 +73,11 @@ async def run_watched(
             session.card_present()
 
     main = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(wait_for_removal(reader, on_present=present))
+    own = getattr(prover, "wait_for_removal", None)  # a PKCS#11 token watches itself
+    watch = (
+        own(on_present=present) if callable(own) else wait_for_removal(reader, on_present=present)
+    )
+    watcher = asyncio.ensure_future(watch)
     try:
         await asyncio.wait({main, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if main.done():

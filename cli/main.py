@@ -192,6 +192,20 @@ def _config_home() -> Path:
     help="The smartcard reader (a unique part of its name); default: one with a card.",
 )
 @click.option(
+    "--pkcs11-module",
+    metavar="PATH",
+    envvar="GW_PKCS11_MODULE",
+    default=None,
+    help="Use the smartcard through this PKCS#11 module (the card's middleware, "
+    "e.g. OpenSC's opensc-pkcs11.so) instead of PIV over PC/SC [env GW_PKCS11_MODULE].",
+)
+@click.option(
+    "--cert-label",
+    metavar="LABEL",
+    default=None,
+    help="With --pkcs11-module: the certificate's label, when the card holds several that fit.",
+)
+@click.option(
     "--reason",
     default="",
     callback=lambda _ctx, _param, value: _check_reason(value),
@@ -238,6 +252,8 @@ def connect(
     use_fido2: bool,
     use_smartcard: bool,
     reader: str | None,
+    pkcs11_module: str | None,
+    cert_label: str | None,
     reason: str,
     known_agents: Path | None,
     agent_key: str | None,
@@ -266,7 +282,12 @@ def connect(
     expected = fingerprint_arg(agent_key, "--agent-key") if agent_key else None
     values: dict[str, Any] = {"password": password, "totp": totp_code, "notify": info}
     values["smartcard_reader"] = reader
-    smartcard_first = ("smartcard",) if use_smartcard or reader is not None else ()
+    values["pkcs11_module"] = pkcs11_module
+    values["cert_label"] = cert_label
+    if cert_label is not None and not pkcs11_module:
+        raise click.UsageError("--cert-label needs --pkcs11-module")
+    by_card = use_smartcard or reader is not None or cert_label is not None
+    smartcard_first = ("smartcard",) if by_card else ()
     options = ProverOptions(user=user, prompt=prompt, values=values)
     provers: dict[str, Any] = {}
     home = _config_home()

@@ -639,3 +639,47 @@ def test_import_does_not_need_pyscard() -> None:
     assert result.stdout.startswith("DeviceError ")  # an AuthError: gw exits 4
     assert "pip install 'gatewayd[smartcard]'" in result.stdout
     assert "libpcsclite" in result.stdout
+
+
+# -- RSA-PSS and the challenge's hints (PKCS#11 tokens) -------------------------------
+
+
+def _pss_login(card_pki: pki.CardPKI, issued: pki.Issued, algorithm: str, salt: int) -> Outcome:
+    ctx = context(card_pki, card_pki.settings(), {"cert_serial": pki.person_id(1)})
+    verifier = SmartcardVerifier()
+    challenge = verifier.begin(ctx)
+    nonce = base64.urlsafe_b64decode(challenge.payload["nonce"] + "=")
+    key = issued.key
+    assert isinstance(key, rsa.RSAPrivateKey)
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=salt)
+    signature = key.sign(to_be_signed(nonce, CHANNEL), pss, hashes.SHA256())
+    response = {
+        "certificate": b64e(issued.der),
+        "chain": [],
+        "algorithm": algorithm,
+        "signature": b64e(signature),
+    }
+    return verifier.complete(ctx, challenge.state, response)
+
+
+def test_rsa_pss_signature(card_pki: pki.CardPKI) -> None:
+    cert = card_pki.person(1, "rsa")
+    outcome = _pss_login(card_pki, cert, "rsa-pss-sha256", 32)
+    assert outcome.ok and outcome.detail["algorithm"] == "rsa-pss-sha256"
+    # A PSS signature named as PKCS#1 v1.5, or with another salt length, is refused.
+    assert _pss_login(card_pki, cert, "rsa-pkcs1-sha256", 32).reason == "bad signature"
+    assert _pss_login(card_pki, cert, "rsa-pss-sha256", 20).reason == "bad signature"
+    # PSS does not fit an EC key.
+    ec_cert = card_pki.person(1, "ec")
+    outcome = login(card_pki, ec_cert, algorithm="rsa-pss-sha256")
+    assert outcome.reason == "bad signature"
+    assert outcome.detail["error"] == "algorithm does not fit a P-256 key"
+
+
+def test_challenge_names_the_policy_and_the_trusted_cas(card_pki: pki.CardPKI) -> None:
+    ctx = context(card_pki, card_pki.settings(), None)
+    challenge = SmartcardVerifier().begin(ctx)
+    assert challenge.payload["policy"] == pki.POLICY_PERSON_CARD
+    names = {base64.urlsafe_b64decode(n + "==") for n in challenge.payload["issuers"]}
+    assert names == {card_pki.root.name.public_bytes(), card_pki.intermediate.name.public_bytes()}
+    assert set(challenge.state) == {"nonce"}
