@@ -72,8 +72,10 @@ class Office:
             env["GW_PKCS11_MODULE"] = "/nonexistent/env-pkcs11.so"
         return Terminal(self.lab, args, env), port
 
-    def login(self, user: str, hsm: softhsm.SoftHSM, *extra: str) -> tuple[Terminal, int]:
-        term, port = self.connect(user, hsm, *extra)
+    def login(
+        self, user: str, hsm: softhsm.SoftHSM | None, *extra: str, module: str | None = None
+    ) -> tuple[Terminal, int]:
+        term, port = self.connect(user, hsm, *extra, module=module)
         try:
             term.expect(PROMPT)
             term.type(PIN)

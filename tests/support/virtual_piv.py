@@ -17,9 +17,12 @@ payload. vpcd sends; the card answers only where noted:
 
 pcscd asks for the ATR at every presence poll, so the card answers it at any time.
 
-The card (:class:`VirtualPIV`) implements just what the smartcard factor uses, after
-NIST SP 800-73-4 part 2: SELECT of the PIV application, GET DATA for 5FC105 (PIV
-Authentication certificate) and 5FC10A (Digital Signature certificate), VERIFY with
+The card (:class:`VirtualPIV`) implements what the smartcard factor and OpenSC's PIV
+driver (``opensc-pkcs11.so``, through pcscd) use, after NIST SP 800-73-4 part 2: SELECT
+of the PIV application, GET DATA for 5FC105 (PIV Authentication certificate), 5FC10A
+(Digital Signature certificate), 5FC102 (CHUID: FASC-N, a GUID from which OpenSC makes
+the token's serial number, expiry), 5FC107 (Card Capability Container) and 7E (the
+discovery object: the PIV AID, PIN usage policy "PIV PIN only"), VERIFY with
 key reference 80 (retry counter, 63Cx, blocking with 6983), GENERAL AUTHENTICATE for
 keys 9A and 9C (RSA-2048 raw, algorithm 07; ECC P-256, algorithm 11), command
 chaining and GET RESPONSE. Power off and reset clear the PIN-verified state.
@@ -59,6 +62,9 @@ VPCD_PORT = 35963
 PIV_AID = bytes.fromhex("A000000308000010000100")
 OBJ_AUTH_CERT = bytes.fromhex("5FC105")
 OBJ_SIGN_CERT = bytes.fromhex("5FC10A")
+OBJ_CHUID = bytes.fromhex("5FC102")
+OBJ_CCC = bytes.fromhex("5FC107")
+OBJ_DISCOVERY = bytes.fromhex("7E")
 KEY_AUTH = 0x9A
 KEY_SIGN = 0x9C
 ALG_RSA_2048 = 0x07
@@ -116,6 +122,23 @@ def _tlvs(data: bytes) -> Iterator[tuple[int, bytes]]:
         i += n
 
 
+def _data_objects(guid: bytes) -> dict[bytes, bytes]:
+    """CHUID, CCC and discovery object (SP 800-73-4 part 1, tables 9, 7 and 18)."""
+    fasc_n = bytes.fromhex("D4E739DA739CED39CE739D836858210842108421C84210C3EB")  # all-9 test
+    chuid = (
+        _tlv(0x30, fasc_n) + _tlv(0x34, guid) + _tlv(0x35, b"20991231") + _tlv(0x3E, b"")
+        + _tlv(0xFE, b"")
+    )  # fmt: skip
+    ccc = (
+        _tlv(0xF0, bytes([0xA0, 0x00, 0x00, 0x01, 0x16, 0xFF, 0x02]) + guid[:14])
+        + _tlv(0xF1, b"\x21") + _tlv(0xF2, b"\x21") + _tlv(0xF3, b"") + _tlv(0xF4, b"\x00")
+        + _tlv(0xF5, b"\x10") + _tlv(0xF6, b"") + _tlv(0xF7, b"") + _tlv(0xFA, b"")
+        + _tlv(0xFB, b"") + _tlv(0xFC, b"") + _tlv(0xFD, b"") + _tlv(0xFE, b"")
+    )  # fmt: skip
+    discovery = _tlv(0x7E, _tlv(0x4F, PIV_AID) + _tlv(0x5F2F, b"\x40\x00"))
+    return {OBJ_CHUID: chuid, OBJ_CCC: ccc, OBJ_DISCOVERY: discovery}
+
+
 def sw(code: int) -> bytes:
     return code.to_bytes(2, "big")
 
@@ -145,6 +168,10 @@ class VirtualPIV:
         self.selected = False
         self.keys: dict[int, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey] = {KEY_AUTH: auth_key}
         self.objects: dict[bytes, bytes] = {OBJ_AUTH_CERT: self._cert_object(auth_cert, compress)}
+        # The card's GUID (its serial number for OpenSC): from the certificate, so that
+        # every test person's card is a different token.
+        self.guid = auth_cert.fingerprint(hashes.SHA256())[:16]
+        self.objects.update(_data_objects(self.guid))
         if sign_cert is not None and sign_key is not None:
             self.keys[KEY_SIGN] = sign_key
             self.objects[OBJ_SIGN_CERT] = self._cert_object(sign_cert, compress)
@@ -290,6 +317,8 @@ class VirtualPIV:
         obj = self.objects.get(tag)
         if obj is None:
             return b"", 0x6A82
+        if tag == OBJ_DISCOVERY:  # the discovery object is its own template (tag 7E)
+            return obj, 0x9000
         return _tlv(0x53, obj), 0x9000
 
     def _verify(self, p1: int, p2: int, data: bytes) -> bytes:
