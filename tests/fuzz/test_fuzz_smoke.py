@@ -28,7 +28,7 @@ for extra in (HERE, HERE.parent / "support"):
 import fuzz_targets as ft  # noqa: E402
 
 #: Examples per target in the smoke: the slower harnesses get fewer.
-EXAMPLES = {"admin": 60, "config": 80, "piv_card": 80, "smartcard_crl": 80}
+EXAMPLES = {"admin": 150, "config": 150, "piv_card": 200, "smartcard_crl": 150}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -91,7 +91,7 @@ def test_fuzz_smoke(name: str) -> None:
     harness = ft.TARGETS[name]
 
     @settings(
-        max_examples=EXAMPLES.get(name, 200),
+        max_examples=EXAMPLES.get(name, 300),
         deadline=None,
         derandomize=False,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
