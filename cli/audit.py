@@ -71,7 +71,8 @@ def _summary(rec: dict[str, Any]) -> list[str]:
         up, down, duration = rec.get("bytes_up"), rec.get("bytes_down"), rec.get("duration")
         reason = f"{reason}; up {up} B, down {down} B, {duration} s"
     elif rec.get("event") == "connection.rejected.summary":
-        codes = rec.get("codes") if isinstance(rec.get("codes"), dict) else {}
+        raw = rec.get("codes")
+        codes: dict[str, Any] = raw if isinstance(raw, dict) else {}
         kinds = ", ".join(f"{k} {v}" for k, v in codes.items())
         reason = f"{rec.get('count')} more ({kinds}) from {rec.get('first')} to {rec.get('last')}"
     elif rec.get("event") == "audit.acknowledged":
