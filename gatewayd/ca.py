@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -165,11 +166,15 @@ def sign_agent_csr(
     """Sign an agent's CSR; the subject is set here from the agent id, not taken from the CSR."""
     try:
         csr = x509.load_pem_x509_csr(csr_pem.encode())
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise CAError("the certificate signing request is not valid PEM") from exc
-    if not csr.is_signature_valid:
+    try:
+        signed = csr.is_signature_valid
+        public_key = csr.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:  # a curve or algorithm we do not know
+        raise CAError("agent keys must be ECDSA P-256") from exc
+    if not signed:
         raise CAError("the certificate signing request's signature does not verify")
-    public_key = csr.public_key()
     if (
         not isinstance(public_key, ec.EllipticCurvePublicKey)
         or public_key.curve.name != "secp256r1"
