@@ -548,6 +548,35 @@ def smartcard_crl(data: bytes) -> bool:
     return _smartcard_check(settings, fx["good_response"])
 
 
+# -- agent enrollment: the certificate signing request ------------------------------------
+
+
+@functools.cache
+def _enroll_ca() -> Any:
+    from gatewayd import ca
+
+    return ca.make_ca("fuzz CA")
+
+
+@target
+def enroll_csr(data: bytes) -> bool:
+    """gatewayd.ca.sign_agent_csr: the CSR of an enroll message (DER, sent as PEM).
+
+    Promise: a certificate, or CAError / ValueError (the broker answers both with a
+    protocol error and an audit record).
+    """
+    from gatewayd import ca
+
+    pem = "-----BEGIN CERTIFICATE REQUEST-----\n"
+    pem += base64.encodebytes(data).decode() + "-----END CERTIFICATE REQUEST-----\n"
+    key, cert = _enroll_ca()
+    try:
+        ca.sign_agent_csr(key, cert, pem, "agent-1", 365)
+    except (ca.CAError, ValueError):
+        return False
+    return True
+
+
 # -- the config file and the admin socket ----------------------------------------------------
 
 

@@ -43,6 +43,7 @@ MODULES = {
     "piv_tlv": ["auth.smartcard"],
     "smartcard_response": ["auth.smartcard"],
     "smartcard_crl": ["auth.smartcard"],
+    "enroll_csr": ["gatewayd.ca"],
     "config": ["gatewayd.config", "auth.registry", "auth.fido2"],
     "admin": ["gatewayd.admin", "gatewayd.init"],
 }

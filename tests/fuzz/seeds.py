@@ -348,6 +348,20 @@ def smartcard_seeds() -> tuple[list[bytes], list[bytes]]:
     return responses, crls
 
 
+def csr_seeds() -> list[bytes]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from gatewayd import ca
+
+    seeds = []
+    for cn in ("agent-1", "a" * 60):
+        pem = ca.make_csr(ca.new_key(), cn)
+        csr = x509.load_pem_x509_csr(pem.encode())
+        seeds.append(csr.public_bytes(serialization.Encoding.DER))
+    return seeds
+
+
 def config_seeds() -> list[bytes]:
     seeds = [(ROOT / "config.example.toml").read_bytes()]
     from gatewayd import init
@@ -413,6 +427,7 @@ def main() -> int:
     responses, crls = smartcard_seeds()
     write_seeds("smartcard_response", responses)
     write_seeds("smartcard_crl", crls)
+    write_seeds("enroll_csr", csr_seeds())
     write_seeds("config", config_seeds())
     write_seeds("admin", admin_seeds())
     missing = set(ft.TARGETS) - {p.name for p in ft.CORPUS.iterdir()}

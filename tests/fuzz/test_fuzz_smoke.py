@@ -252,3 +252,18 @@ def test_client_certificate_with_bitstring_name_is_a_malformed_response() -> Non
     with pytest.raises(sc._Reject) as info:
         sc._parse_response(response)
     assert info.value.reason == "malformed response"
+
+
+@pytest.mark.parametrize("label", ["unsupported-curve", "invalid-version"])
+def test_enroll_csr_with_unusable_key_or_version_is_a_ca_error(label: str) -> None:
+    """An enroll message's CSR on a curve cryptography does not know (UnsupportedAlgorithm)
+    or of an unknown version (InvalidVersion): both escaped the broker's enroll handler,
+    so the agent got no clear error and the failure no audit record."""
+    from gatewayd import ca
+
+    data = regression("enroll_csr", label)
+    pem = "-----BEGIN CERTIFICATE REQUEST-----\n" + ft.base64.encodebytes(data).decode()
+    pem += "-----END CERTIFICATE REQUEST-----\n"
+    key, cert = ft._enroll_ca()
+    with pytest.raises(ca.CAError):
+        ca.sign_agent_csr(key, cert, pem, "agent-1", 365)
