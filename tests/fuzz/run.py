@@ -187,6 +187,11 @@ def main() -> int:
         fuzz_targets.TARGETS[args.target](args.replay.read_bytes())
         print("no finding")
         return 0
+    try:
+        import atheris  # noqa: F401
+    except ImportError:
+        print("atheris is not installed: `make fuzz` installs it (pip install -e '.[fuzz]')")
+        return 2
     names = list(fuzz_targets.TARGETS) if args.target == "all" else [args.target]
     unknown = [n for n in names if n not in fuzz_targets.TARGETS]
     if unknown:
