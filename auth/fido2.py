@@ -72,9 +72,10 @@ key's counter at registration; the gateway keeps each key's later counter outsid
 record (:attr:`auth.base.AuthContext.counters`, by key id), and the verifier uses the
 larger. A successful login never returns a record: it reports
 :attr:`auth.base.Outcome.counter` = ``(key id, new count)``, which the gateway stores
-only if the stored count is still lower and the record unchanged, so a login parked
-at the key cannot undo a key added or removed meanwhile, nor can two logins with one
-assertion both pass. A key that keeps no counter (always 0) reports none.
+only if the stored count is still lower and the key still registered, so a login
+parked at the key cannot undo a key added or removed meanwhile, nor can two logins
+with one assertion both pass. A key that keeps no counter reports 0 (the gateway
+then only checks that the key is still registered).
 
 Login checks, in order (every failure is a rejection with its own reason)
 -------------------------------------------------------------------------
@@ -663,8 +664,8 @@ class Fido2Verifier(Verifier):
                 "user_verified": user_verified,
                 "aaguid": key.aaguid,
             },
-            # A key without a counter (always 0) has nothing to move forward.
-            counter=(b64e(key.id), received) if received else None,
+            # 0: a key that keeps no counter; the gateway then only checks it is still there.
+            counter=(b64e(key.id), received),
         )
 
 

@@ -294,12 +294,13 @@ async def _remove(s: AdminServer, args: dict[str, Any], by: str) -> Any:
     (removed,) = [e for e in fido2.list_credentials(record) if e["id"] not in kept]
     # Written only over the version read: a key registered meanwhile is not dropped.
     if new_record["credentials"]:
-        done = s.store.replace_credential(user, METHOD, new_record, loaded.version, s.now())
-    else:  # no key left: the user no longer holds the factor at all
+        done = s.store.replace_credential(
+            user, METHOD, new_record, loaded.version, s.now(), drop_counters=(removed["id"],)
+        )
+    else:  # no key left: the user no longer holds the factor at all (counters go too)
         done = s.store.delete_credential(user, METHOD, loaded.version)
     if not done:
         raise AdminError("the user's security keys changed meanwhile; list them and try again")
-    s.store.drop_counter(user, METHOD, removed["id"])
     await s.changed(
         by, "fido2.remove", user=user, key_id=removed["id"], key_name=removed.get("name", "")
     )

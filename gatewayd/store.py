@@ -500,9 +500,17 @@ class Store:
         return int(row["version"])
 
     def replace_credential(
-        self, user: str, method: str, data: dict[str, Any], version: int, now: float
+        self,
+        user: str,
+        method: str,
+        data: dict[str, Any],
+        version: int,
+        now: float,
+        *,
+        drop_counters: tuple[str, ...] = (),
     ) -> bool:
-        """Write a record made from version ``version``; False if the row moved on (or is gone)."""
+        """Write a record made from version ``version``; False if the row moved on (or is
+        gone). ``drop_counters``: the counters of entries the new record no longer has."""
         sealed = self._seal(user, method, data)
         with self.tx() as db:
             cur = db.execute(
@@ -510,6 +518,11 @@ class Store:
                 "WHERE user = ? AND method = ? AND version = ?",
                 (sealed, now, user, method, version),
             )
+            if cur.rowcount == 1:
+                db.executemany(
+                    "DELETE FROM factor_counters WHERE user = ? AND method = ? AND key = ?",
+                    [(user, method, key) for key in drop_counters],
+                )
         return cur.rowcount == 1
 
     def add_credential(self, user: str, method: str, data: dict[str, Any], now: float) -> bool:
@@ -527,9 +540,31 @@ class Store:
     def advance_counter(
         self, user: str, method: str, key: str, value: int, *, version: int, now: float
     ) -> bool:
-        """Raise counter ``key`` to ``value``: only if it is below ``value`` now and the
-        credential is still version ``version``. False: a replay, or a concurrent change."""
+        """Raise counter ``key`` to ``value``, only if it is below ``value`` now. False: a
+        replay, or a concurrent change (the login must fail).
+
+        The record-wide counter ``""`` (TOTP's step) moves only while the credential is
+        still version ``version``: a code of a replaced secret never counts. A counter
+        named after an entry of the record (a FIDO2 key id) exists from that entry's
+        first use until the entry is removed (:meth:`replace_credential` drops it), so
+        while it exists it alone decides, and a key added or removed meanwhile does not
+        fail a login with another key; its first use needs the version read. ``value``
+        0 is a key that keeps no counter: it must exist, nothing moves.
+        """
         with self.tx() as db:
+            current = db.execute(
+                "SELECT counter FROM factor_counters WHERE user = ? AND method = ? AND key = ?",
+                (user, method, key),
+            ).fetchone()
+            if key and current is not None:
+                if value == 0:
+                    return int(current["counter"]) == 0
+                cur = db.execute(
+                    "UPDATE factor_counters SET counter = ?, updated = ? "
+                    "WHERE user = ? AND method = ? AND key = ? AND counter < ?",
+                    (value, now, user, method, key, value),
+                )
+                return cur.rowcount == 1
             row = db.execute(
                 "SELECT version FROM credentials WHERE user = ? AND method = ?", (user, method)
             ).fetchone()
@@ -542,14 +577,6 @@ class Store:
                 (user, method, key, value, now),
             )
         return cur.rowcount == 1
-
-    def drop_counter(self, user: str, method: str, key: str) -> None:
-        """Forget one counter (a FIDO2 key that was removed)."""
-        with self.tx() as db:
-            db.execute(
-                "DELETE FROM factor_counters WHERE user = ? AND method = ? AND key = ?",
-                (user, method, key),
-            )
 
     def load_credential(self, user: str, method: str) -> Credential | None:
         """The record, its version and its counters, read in one snapshot."""

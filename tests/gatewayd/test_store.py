@@ -265,9 +265,47 @@ def test_fido2_counters_per_key(directory: Store) -> None:
     assert not directory.advance_counter("vera@acme", "fido2", "k1", 4, version=version, now=NOW)
     loaded = directory.load_credential("vera@acme", "fido2")
     assert loaded is not None and loaded.counters == {"k1": 5, "k2": 3}
-    directory.drop_counter("vera@acme", "fido2", "k1")
+
+
+def test_key_added_meanwhile_does_not_fail_a_login_with_another_key(directory: Store) -> None:
+    v1 = directory.set_credential("vera@acme", "fido2", {"credentials": [{"id": "k1"}]}, NOW)
+    assert directory.advance_counter("vera@acme", "fido2", "k1", 1, version=v1, now=NOW)
+    # k2 is registered while a login with k1 (which read v1) waits at the touch.
+    two = {"credentials": [{"id": "k1"}, {"id": "k2"}]}
+    assert directory.replace_credential("vera@acme", "fido2", two, v1, NOW)
+    assert directory.advance_counter("vera@acme", "fido2", "k1", 2, version=v1, now=NOW)
+    # k1 is removed while another login with it (read v2) waits: its count is refused.
     loaded = directory.load_credential("vera@acme", "fido2")
-    assert loaded is not None and loaded.counters == {"k2": 3}
+    assert loaded is not None
+    only_k2 = {"credentials": [{"id": "k2"}]}
+    assert directory.replace_credential(
+        "vera@acme", "fido2", only_k2, loaded.version, NOW, drop_counters=("k1",)
+    )
+    assert not directory.advance_counter(
+        "vera@acme", "fido2", "k1", 3, version=loaded.version, now=NOW
+    )
+    after = directory.load_credential("vera@acme", "fido2")
+    assert after is not None and after.counters == {}
+
+
+def test_key_without_a_counter_must_still_be_registered(directory: Store) -> None:
+    v1 = directory.set_credential("vera@acme", "fido2", {"credentials": [{"id": "k0"}]}, NOW)
+    for _ in range(2):  # always 0: nothing moves, the key is there
+        assert directory.advance_counter("vera@acme", "fido2", "k0", 0, version=v1, now=NOW)
+    assert directory.replace_credential(
+        "vera@acme", "fido2", {"credentials": []}, v1, NOW, drop_counters=("k0",)
+    )
+    assert not directory.advance_counter("vera@acme", "fido2", "k0", 0, version=v1, now=NOW)
+
+
+def test_totp_step_of_a_replaced_secret_never_counts(directory: Store) -> None:
+    """A login parked with a stolen seed: the admin re-enrolls, the user logs in with the
+    new seed (the step counter exists again), then the parked login answers with a
+    later step of the old seed. The record-wide counter is bound to the version."""
+    old = directory.set_credential("vera@acme", "totp", {"secret": "OLD"}, NOW)
+    new = directory.set_credential("vera@acme", "totp", {"secret": "NEW"}, NOW, reset_counters=True)
+    assert directory.advance_counter("vera@acme", "totp", "", 100, version=new, now=NOW)
+    assert not directory.advance_counter("vera@acme", "totp", "", 101, version=old, now=NOW)
 
 
 def test_stale_record_write_is_refused(directory: Store) -> None:
