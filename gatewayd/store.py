@@ -17,9 +17,11 @@ back a copy read before an ``await``:
   (``UPDATE ... WHERE version = ?``);
 - counters that only go forward (TOTP's last accepted step, each FIDO2 key's signature
   counter) live in ``factor_counters``, one row per (user, factor, key), outside the
-  sealed record: a login raises one with ``... WHERE counter < ?`` and only while the
-  credential is still the version it verified against, so a replayed code, a cloned
-  key's old count or a login against a since-replaced secret fails;
+  sealed record: a login raises one with ``... WHERE counter < ?``, so a replayed code
+  or a cloned key's old count fails. TOTP's step moves only while the credential is
+  still the version the login verified against (a code of a replaced seed never
+  counts); a key's counter row exists from its first use until the key is removed,
+  and decides alone while it exists (another key added meanwhile fails no login);
 - the lockout: :meth:`Store.begin_attempt` takes a slot for one factor check only
   while the account is unlocked and fewer checks are in flight than failures are left
   before the lock; :meth:`Store.end_attempt` counts the outcome and decides the lock in
