@@ -705,17 +705,21 @@ class Broker:
         """Sessions not approved at the machine are announced there when they start;
         every session's end is told, so that the agent forgets its client key."""
         online = self.agents.get(session.agent)
-        user = self.store.get_user(session.user)
         if online is None:
             return
-        vendor = user.vendor if user is not None and user.vendor else ""
+        try:
+            user = self.store.get_user(session.user)
+            vendor = user.vendor if user is not None and user.vendor else ""
+            vendor_name = self.store.vendor_name(vendor) if vendor else ""
+        except StoreError:  # called as a session ends: the notice matters, not the name
+            vendor_name = ""
         with contextlib.suppress(ProtocolError):
             online.link.send(
                 m.Notice(
                     event=event,
                     session_id=session.id,
                     user=session.user,
-                    vendor_name=self.store.vendor_name(vendor) if vendor else "",
+                    vendor_name=vendor_name,
                     mode=session.mode,
                     target=session.target,
                     reason=session.reason,
