@@ -401,9 +401,14 @@ class Broker:
             if not self.store.advance_counter(
                 user, method, key, value, version=credential.version, now=now
             ):
-                if self.store.credential_version(user, method) != credential.version:
-                    return False, _CHANGED
-                return False, f"{_REPLAYED} (counter {value} already reached)"
+                # Which condition failed, for the audit record: the counter is already
+                # there (a replay), or the credential or the key is not what was verified.
+                now_stored = self.store.load_credential(user, method)
+                reached = now_stored.counters.get(key) if now_stored is not None else None
+                version_kept = now_stored is not None and now_stored.version == credential.version
+                if reached is not None and reached >= value and (key or version_kept):
+                    return False, f"{_REPLAYED} (counter {value} already reached)"
+                return False, _CHANGED
         elif self.store.credential_version(user, method) != credential.version:
             return False, _CHANGED
         if outcome.rehash is not None and not self.store.replace_credential(
