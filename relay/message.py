@@ -399,6 +399,27 @@ class AgentList(Message):
     agents: dict[str, Any]
     """agent id -> {"org", "modes": [...], "online": bool, "targets": [...]}"""
 
+    #: The entry fields a client reads, each with the type it must have when present.
+    ENTRY: ClassVar[dict[str, type]] = {"org": str, "modes": list, "online": bool, "targets": list}
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        # A gateway's answer is remote input: every entry is checked before anyone prints it.
+        for agent, entry in self.agents.items():
+            if not valid_id(agent):
+                raise ProtocolError("agent_list: an agent id is not a valid identifier")
+            if not isinstance(entry, dict):
+                raise ProtocolError(f"agent_list.{agent}: expected an object")
+            for name, kind in self.ENTRY.items():
+                value = entry.get(name)
+                items = value if isinstance(value, list) else [value]
+                if value is not None and not (
+                    isinstance(value, kind)
+                    and all(isinstance(i, str | bool) and len(str(i)) <= MAX_STRING for i in items)
+                    and (kind is not list or all(isinstance(i, str) for i in items))
+                ):
+                    raise ProtocolError(f"agent_list.{agent}.{name}: expected {kind.__name__}")
+
 
 @dataclass(frozen=True, slots=True)
 class CardPresent(Message):
