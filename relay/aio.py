@@ -38,6 +38,10 @@ T = TypeVar("T")
 #: Write-buffer high-water mark for spliced transports: 256 KiB keeps a gigabit
 #: link busy over a few milliseconds of latency while bounding per-tunnel memory.
 HIGH_WATER = 256 * 1024
+#: Control links carry small messages: past this much unread, stop reading the peer.
+LINK_HIGH_WATER = 64 * 1024
+#: Past this much unread on a control link, the peer is not reading: close it at once.
+LINK_HARD_CAP = 1024 * 1024
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
@@ -58,7 +62,15 @@ class ConnectionClosed(GatewayError):
 
 
 class FramedLink(asyncio.Protocol):
-    """A transport speaking the gateway protocol, as awaitable messages."""
+    """A transport speaking the gateway protocol, as awaitable messages.
+
+    Flow control: when the transport's write buffer passes :data:`LINK_HIGH_WATER`
+    the link stops reading the peer (so a peer that sends pings and never reads the
+    pongs makes us queue no more), and tells the protocol, whose timer closes the
+    link if the peer still does not read after its ``stall_timeout``. More than
+    :data:`LINK_HARD_CAP` unread closes it at once. A link closed for not reading is
+    aborted, not flushed.
+    """
 
     def __init__(
         self,
@@ -93,6 +105,8 @@ class FramedLink(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+        with contextlib.suppress(AttributeError, NotImplementedError):
+            transport.set_write_buffer_limits(high=LINK_HIGH_WATER)  # type: ignore[attr-defined]
         self._flush()
 
     def data_received(self, data: bytes) -> None:
@@ -103,6 +117,20 @@ class FramedLink(asyncio.Protocol):
         self.conn.receive_eof()
         self._flush()
         return None
+
+    def pause_writing(self) -> None:
+        self.conn.pause_writing(time.monotonic())
+        if self.transport is not None:
+            with contextlib.suppress(AttributeError, RuntimeError):
+                self.transport.pause_reading()
+        self._arm()
+
+    def resume_writing(self) -> None:
+        self.conn.resume_writing()
+        if self.transport is not None and self.conn.state is not State.CLOSED:
+            with contextlib.suppress(AttributeError, RuntimeError):
+                self.transport.resume_reading()
+        self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.conn.state is not State.CLOSED and self.conn.state is not State.RAW:
@@ -205,11 +233,17 @@ class FramedLink(asyncio.Protocol):
 
     def _flush(self) -> None:
         data = self.conn.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        transport = self.transport
+        if data and transport is not None and not transport.is_closing():
+            transport.write(data)
+            if transport.get_write_buffer_size() > LINK_HARD_CAP:
+                self.conn.stall(f"peer left more than {LINK_HARD_CAP} bytes unread")
         self._dispatch()
-        if self.conn.state is State.CLOSED and self.transport is not None:
-            self.transport.close()
+        if self.conn.state is State.CLOSED and transport is not None:
+            if self.conn.write_stalled:
+                reset(transport)  # flushing to a peer that does not read would never end
+            elif not transport.is_closing():
+                transport.close()
         self._arm()
 
     def _dispatch(self) -> None:

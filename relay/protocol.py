@@ -27,6 +27,13 @@ Time is a parameter: the adapter calls :meth:`Connection.handle_timer` with the
 current time whenever :meth:`Connection.get_timer` says so. The handshake must
 finish within ``handshake_timeout``; established control connections send a
 ping every ``ping_interval`` and close a peer silent for ``idle_timeout``.
+
+A peer may not make us write without end: more than ``max_pings`` pings within
+``ping_window`` seconds is a protocol error (each ping costs us a pong), and a peer
+that stops reading is closed. The adapter reports its transport's flow control with
+:meth:`Connection.pause_writing` / :meth:`Connection.resume_writing` (and stops
+reading meanwhile); writing paused for ``stall_timeout`` seconds closes the
+connection (``write_stalled`` is then true: nothing more is worth writing to it).
 """
 
 from __future__ import annotations
@@ -50,6 +57,11 @@ MAX_FRAME = 64 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 PING_INTERVAL = 20.0
 IDLE_TIMEOUT = 60.0
+#: Pings a peer may send per window. An honest peer sends one per PING_INTERVAL.
+MAX_PINGS = 10
+PING_WINDOW = 10.0
+#: How long a peer may leave our writes unread (write buffer above its high-water mark).
+STALL_TIMEOUT = 30.0
 
 
 class Side(enum.Enum):
@@ -151,6 +163,9 @@ class Connection:
         ping_interval: float = PING_INTERVAL,
         idle_timeout: float = IDLE_TIMEOUT,
         max_frame: int = MAX_FRAME,
+        max_pings: int = MAX_PINGS,
+        ping_window: float = PING_WINDOW,
+        stall_timeout: float = STALL_TIMEOUT,
     ) -> None:
         self.side = side
         self.state = State.EXPECT_PREAMBLE if side is Side.ACCEPTOR else State.EXPECT_HELLO
@@ -162,6 +177,14 @@ class Connection:
         self._last_received = now
         self._last_sent = now
         self._ping_seq = 0
+        self.max_pings = max_pings
+        self.ping_window = ping_window
+        self.stall_timeout = stall_timeout
+        self._pings_since = now
+        self._pings = 0
+        self._paused_since: float | None = None
+        #: True once the connection was closed because the peer did not read.
+        self.write_stalled = False
         self._buffer = bytearray()
         self._out = bytearray(PREAMBLE if side is Side.CONNECTOR else b"")
         self._events: list[Event] = []
@@ -178,7 +201,7 @@ class Connection:
         self._last_received = now
         self._buffer += data
         try:
-            self._parse()
+            self._parse(now)
         except ProtocolError as exc:
             self._fail(getattr(exc, "code", "protocol_error"), str(exc))
 
@@ -232,13 +255,37 @@ class Connection:
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` must next be called, or None."""
+        when: float | None = None
         if self.state in HANDSHAKE_STATES:
-            return self._handshake_deadline
-        if self.state in LIVE_STATES:
-            return min(
+            when = self._handshake_deadline
+        elif self.state in LIVE_STATES:
+            when = min(
                 self._last_sent + self.ping_interval, self._last_received + self.idle_timeout
             )
-        return None
+        if when is not None and self._paused_since is not None:
+            when = min(when, self._paused_since + self.stall_timeout)
+        return when
+
+    # -- flow control ---------------------------------------------------------------
+
+    def pause_writing(self, now: float) -> None:
+        """The transport's write buffer passed its high-water mark: the peer is not reading."""
+        if self._paused_since is None:
+            self._paused_since = now
+
+    def resume_writing(self) -> None:
+        """The write buffer drained below its low-water mark."""
+        self._paused_since = None
+
+    @property
+    def writing_paused(self) -> bool:
+        return self._paused_since is not None
+
+    def stall(self, message: str) -> None:
+        """Close at once because the peer does not read (the adapter saw too much queued)."""
+        if self.state not in (State.CLOSED, State.RAW):
+            self.write_stalled = True
+            self._close(Closed("timeout", message))
 
     def extend_handshake(self, now: float, seconds: float) -> None:
         """Give the handshake until ``now + seconds`` (a person types a code, touches a key)."""
@@ -246,7 +293,11 @@ class Connection:
 
     def handle_timer(self, now: float) -> None:
         """Act on timeouts: handshake deadline, heartbeat, idle peer."""
-        if self.state in HANDSHAKE_STATES and now >= self._handshake_deadline:
+        if self.state in (State.CLOSED, State.RAW):
+            return
+        if self._paused_since is not None and now >= self._paused_since + self.stall_timeout:
+            self.stall("peer does not read")
+        elif self.state in HANDSHAKE_STATES and now >= self._handshake_deadline:
             self._fail("timeout", "handshake not completed in time")
         elif self.state in LIVE_STATES:
             if now >= self._last_received + self.idle_timeout:
@@ -273,7 +324,7 @@ class Connection:
             raise ProtocolError(f"{msg.TYPE} is larger than the frame limit")
         self._out += len(body).to_bytes(4, "big") + body
 
-    def _parse(self) -> None:
+    def _parse(self, now: float) -> None:
         if self.state is State.EXPECT_PREAMBLE:
             if len(self._buffer) < len(PREAMBLE):
                 if not PREAMBLE[:3].startswith(bytes(self._buffer[:3])):
@@ -296,9 +347,9 @@ class Connection:
                 return
             body = bytes(self._buffer[4 : 4 + length])
             del self._buffer[: 4 + length]
-            self._receive_message(body)
+            self._receive_message(body, now)
 
-    def _receive_message(self, body: bytes) -> None:
+    def _receive_message(self, body: bytes, now: float) -> None:
         try:
             obj = json.loads(body)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -316,6 +367,13 @@ class Connection:
             self._close(Closed(msg.code, msg.message, by_peer=True))
             return
         if isinstance(msg, m.Ping):
+            if now >= self._pings_since + self.ping_window:
+                self._pings_since, self._pings = now, 0
+            self._pings += 1
+            if self._pings > self.max_pings:
+                raise ProtocolError(
+                    f"more than {self.max_pings} pings in {self.ping_window:g} seconds"
+                )
             self.send(m.Pong(msg.seq))
         self.state = TRANSITIONS.get((self.state, msg.TYPE), self.state)
         self._events.append(msg)

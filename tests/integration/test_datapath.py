@@ -8,13 +8,16 @@ does not read must not grow the gateway's memory.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -23,6 +26,8 @@ import pytest
 from world import PASSWORD, World, build_world
 
 from gatewayd.demo import BIN, free_port, wait_for
+from relay import message as m
+from relay.protocol import PREAMBLE
 
 pytestmark = pytest.mark.integration
 
@@ -436,9 +441,15 @@ def test_gateway_killed_mid_transfer_is_not_a_clean_end(
         assert "Traceback" not in down_err.decode()
         wait_for(lambda: len(sink.ends) > sink_ends, 30, "the sink to see the end")
         assert sink.ends[sink_ends:] == ["reset"]
-        up.kill()
-        up.communicate(timeout=30)
-        writer.join(10)
+        # The uploading gw saw its tunnel cut too; its writer then meets a closed pipe.
+        assert up.wait(30) != 0
+        writer.join(30)
+        with contextlib.suppress(OSError):
+            up.stdin.close()
+        assert up.stdout is not None and up.stderr is not None
+        up.stdout.close()
+        with up.stderr:
+            assert "tunnel cut" in up.stderr.read().decode()
         wait_for(lambda: "tunnel cut" in _agent_log(w, "pcx"), 10, "the agent to log the cut")
     finally:
         w.lab.close()
@@ -451,3 +462,112 @@ def _feed_until_error(stream: IO[bytes]) -> None:
         while True:
             stream.write(chunk)
             stream.flush()
+
+
+# -- a peer that does not read cannot grow the gateway's memory -----------------------------
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _frame(msg: m.Message) -> bytes:
+    body = json.dumps(msg.to_json(), separators=(",", ":")).encode()
+    return len(body).to_bytes(4, "big") + body
+
+
+def _read_message(tls: ssl.SSLSocket) -> m.Message:
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = tls.recv(n - len(data))
+            assert chunk, "the gateway closed the connection"
+            data += chunk
+        return data
+
+    length = int.from_bytes(exactly(4), "big")
+    return m.from_json(json.loads(exactly(length)))
+
+
+def _ping_flood(
+    world: World, seconds: float, outcome: list[str], user: str | None, ready: threading.Barrier
+) -> None:
+    """Say hello (and log in as ``user`` when given, to flood the authenticated session
+    link), then send pings as fast as TLS takes them and never read; then read what the
+    gateway left and note how the connection ended."""
+    ctx = ssl.create_default_context(cafile=str(world.lab.ca_file))
+    raw = socket.create_connection(("127.0.0.1", world.lab.port), timeout=10)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        hello = m.ClientHello(
+            user=user or "flooder",
+            agent="pc1",
+            target="echo",
+            mode="access",
+            client_key="A" * 43,
+            reason="flood",
+            factors=(),
+        )
+        tls.sendall(PREAMBLE + _frame(hello))
+        if user is not None:
+            answers = {"password": {"password": PASSWORD}, "totp": {"code": world.lab.totp(user)}}
+            while not isinstance(msg := _read_message(tls), m.SessionOpened):
+                assert isinstance(msg, m.AuthRequest), msg
+                tls.sendall(_frame(m.AuthResponse(msg.method, answers[msg.method])))
+        pings = b"".join(_frame(m.Ping(i)) for i in range(1, 101))
+        ready.wait(60)  # all logged in: the memory is measured from here
+        tls.settimeout(1)
+        deadline = time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline:
+                tls.sendall(pings)
+        except TimeoutError:
+            pass  # the gateway stopped reading us
+        except (OSError, ssl.SSLError):
+            outcome.append("closed while sending")
+            return
+        # Drain: a closed connection ends within the deadline; a live one keeps sending pongs.
+        tls.settimeout(5)
+        end = time.monotonic() + 30
+        try:
+            while time.monotonic() < end:
+                if not tls.recv(65536):
+                    outcome.append("closed")
+                    return
+        except (OSError, ssl.SSLError):
+            outcome.append("closed")
+            return
+        outcome.append("still open")
+
+
+@pytest.mark.parametrize("when", ["before login", "logged in"])
+def test_ping_flood_without_reading_is_cut_and_memory_stays_bounded(
+    world: World, when: str
+) -> None:
+    """Before authentication and on the authenticated session link alike."""
+    (gateway,) = [p for p in world.lab.procs if p.name == "gatewayd"]
+    users = [world.new_user() if when == "logged in" else None for _ in range(4)]
+    outcome: list[str] = []
+    ready = threading.Barrier(len(users) + 1)
+    floods = [
+        threading.Thread(target=_ping_flood, args=(world, 12.0, outcome, user, ready), daemon=True)
+        for user in users
+    ]
+    for t in floods:
+        t.start()
+    # Logging in costs memory of its own (the password hash): measure after it.
+    ready.wait(60)
+    before = _rss_kib(gateway.popen.pid)
+    peak = before
+    while any(t.is_alive() for t in floods):
+        peak = max(peak, _rss_kib(gateway.popen.pid))
+        time.sleep(0.2)
+    assert len(outcome) == 4 and all(o.startswith("closed") for o in outcome), outcome
+    # Four peers at full speed for 12 s (unbounded, this grew by about 1.5 MiB/s each).
+    assert peak - before < 8 * 1024, f"gatewayd grew from {before} to {peak} KiB"
+    # And the gateway still serves.
+    user = world.new_user()
+    assert world.lab.connect_stdio("pc1", user, PASSWORD, "echo", "x\n").stdout == "X\n"
