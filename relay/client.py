@@ -101,7 +101,9 @@ class KnownAgents:
 
     def _save(self, entries: dict[str, str]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        # A name of this process's own: two gw processes pinning at once never write
+        # into one temporary file (the last replace wins, whole).
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(entries, indent=1, sort_keys=True) + "\n")
         os.replace(tmp, self.path)
 
