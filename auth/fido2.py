@@ -105,7 +105,13 @@ Prover options (``ProverOptions.values``)
 -----------------------------------------
 
 ``fido2_device``: a ready :class:`fido2.ctap.CtapDevice` (tests pass a software
-authenticator); without it the prover opens the one USB security key plugged in.
+authenticator); without it the prover finds the key (:func:`open_device`): USB HID
+keys and keys over PC/SC (python-fido2's ``CtapPcscDevice``: a key on an NFC reader, a
+CCID key; needs pyscard and pcscd, and is skipped without them).
+``fido2_device_name``: use the key whose name (a USB key's product and path, a PC/SC
+key's reader) contains this, case-insensitively (``--fido2-device NAME``).
+``fido2_choose``: ``callable(list of names) -> index`` that asks the person which of
+several keys to use; absent (scripts), several keys are refused with their list.
 ``notify``: ``callable(str)`` that shows "Touch your security key". ``fido2_pin``: the
 PIN for unattended use (otherwise ``prompt("Security key PIN: ", True)`` asks, and only
 when the key needs user verification). ``fido2_rp_id``: if set, refuse a challenge for
@@ -125,6 +131,7 @@ without UV", so the prover asks such a key with ``discouraged`` instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -1121,11 +1128,15 @@ def _guarded(device: CtapDevice, work: Callable[[], _T]) -> _T:
     except OSError as exc:
         raise DeviceError(f"lost contact with the security key: {exc}") from exc
     except Exception as exc:  # gw shows a message, never a traceback
+        if type(exc).__name__ == "CardConnectionException":  # pyscard: key left the reader
+            raise DeviceError(
+                "the security key left the reader during login: hold it there and try again"
+            ) from exc
         raise AuthError(f"security key error: {type(exc).__name__}: {exc}") from exc
 
 
-def _open_hid_device() -> CtapDevice:
-    """The one USB security key plugged in (blocking)."""
+def _hid_devices() -> list[tuple[str, CtapDevice]]:
+    """USB security keys, with a name for each (blocking)."""
     try:
         from fido2.hid import CtapHidDevice
     except Exception as exc:  # python-fido2 raises a bare Exception on odd platforms
@@ -1134,30 +1145,89 @@ def _open_hid_device() -> CtapDevice:
         devices: list[CtapDevice] = list(CtapHidDevice.list_devices())
     except Exception as exc:  # OSError, or a device that does not answer INIT
         raise DeviceError(f"cannot open the security key: {exc}") from exc
-    if not devices:
+    named = []
+    for i, device in enumerate(devices, 1):
+        product = getattr(device, "product_name", None) or "USB security key"
+        path = getattr(getattr(device, "descriptor", None), "path", None) or f"#{i}"
+        named.append((f"{product} ({path})", device))
+    return named
+
+
+def _pcsc_devices() -> list[tuple[str, CtapDevice]]:
+    """Security keys over PC/SC (NFC readers, CCID), named by their reader (blocking).
+
+    Nothing when pyscard is not installed or no PC/SC service runs: USB keys still work.
+    """
+    try:
+        from fido2.pcsc import CtapPcscDevice
+    except Exception:  # pyscard (or libpcsclite under it) missing
+        return []
+    try:
+        devices = list(CtapPcscDevice.list_devices())
+    except Exception:  # no pcscd, no readers: no key there
+        return []
+    return [(str(getattr(d, "_name", "") or repr(d)), d) for d in devices]
+
+
+def _close_all(devices: list[tuple[str, CtapDevice]]) -> None:
+    for _, device in devices:
+        with contextlib.suppress(Exception):
+            device.close()
+
+
+def _open_device(
+    name: str | None = None, choose: Callable[[list[str]], int] | None = None
+) -> CtapDevice:
+    found = _hid_devices() + _pcsc_devices()
+    if name is not None:
+        hits = [d for d in found if name.casefold() in d[0].casefold()]
+        listed = ", ".join(repr(n) for n, _ in found) or "none"
+        if len(hits) != 1:
+            _close_all(found)
+            if not hits:
+                raise DeviceError(f"no security key named {name!r} (found: {listed})")
+            raise DeviceError(f"{name!r} matches several security keys ({listed}): be precise")
+        _close_all([d for d in found if d is not hits[0]])
+        return hits[0][1]
+    if not found:
         raise DeviceError(
-            "no security key found: plug in your YubiKey and try again "
-            "(on Linux, your account also needs access to /dev/hidraw*, "
+            "no security key found: plug in your YubiKey (or put it on the NFC reader) and "
+            "try again (on Linux, your account also needs access to /dev/hidraw*, "
             "e.g. through the udev rules of libfido2)"
         )
-    if len(devices) > 1:
-        for device in devices:
-            device.close()
-        raise DeviceError(
-            f"{len(devices)} security keys are plugged in; leave only the one registered for you"
-        )
-    return devices[0]
+    if len(found) == 1:
+        return found[0][1]
+    names = [n for n, _ in found]
+    if choose is not None:
+        try:
+            index = choose(names)
+        except BaseException:
+            _close_all(found)
+            raise
+        if 0 <= index < len(found):
+            _close_all([d for i, d in enumerate(found) if i != index])
+            return found[index][1]
+    _close_all(found)
+    listed = ", ".join(repr(n) for n in names)
+    raise DeviceError(
+        f"{len(found)} security keys are plugged in ({listed}): choose one with --fido2-device NAME"
+    )
 
 
-def open_device() -> CtapDevice:
-    """The one USB security key plugged in (blocking: call it through ``asyncio.to_thread``).
+def open_device(
+    name: str | None = None, choose: Callable[[list[str]], int] | None = None
+) -> CtapDevice:
+    """The security key to use (blocking: call it through ``asyncio.to_thread``).
 
-    Raise :class:`DeviceError` saying why not: python-fido2 missing, no key, several keys,
-    no access to the device. ``gw fido2 register`` opens the key with this before it
+    USB HID keys and keys over PC/SC; ``name`` picks one by a part of its name, and
+    ``choose`` (given the names, returns an index) asks the person when there are
+    several; without it several keys are refused with their names. Raise
+    :class:`DeviceError` saying why not: python-fido2 missing, no key, several keys, no
+    access to the device. ``gw fido2 register`` opens the key with this before it
     contacts the gateway, so a missing key costs no registration attempt.
     """
     _require_fido2()
-    return _open_hid_device()
+    return _open_device(name, choose)
 
 
 async def _in_thread(work: Callable[[threading.Event], _T]) -> _T:
@@ -1192,6 +1262,8 @@ class Fido2Prover(Prover):
         self._notify: Callable[[str], None] | None = options.values.get("notify")
         self._pin: str | None = options.values.get("fido2_pin")
         self._rp_id: str | None = options.values.get("fido2_rp_id")
+        self._device_name: str | None = options.values.get("fido2_device_name")
+        self._choose: Callable[[list[str]], int] | None = options.values.get("fido2_choose")
 
     async def respond(self, challenge: JSON, channel_binding: bytes) -> JSON:
         request = _parse_request(challenge, "allow")
@@ -1240,7 +1312,9 @@ class Fido2Prover(Prover):
 
     async def _get_device(self) -> CtapDevice:
         if self._device is None:
-            self._owned = self._device = await asyncio.to_thread(_open_hid_device)
+            self._owned = self._device = await asyncio.to_thread(
+                _open_device, self._device_name, self._choose
+            )
         return self._device
 
     async def aclose(self) -> None:
@@ -1260,6 +1334,7 @@ async def register(
     notify: Callable[[str], None] | None = None,
     name: str | None = None,
     pin: str | None = None,
+    device_name: str | None = None,
 ) -> JSON:
     """Client side of registration: make a credential on ``device`` for ``payload``.
 
@@ -1281,7 +1356,7 @@ async def register(
     webauthn_challenge = registration_challenge(request.nonce, channel_binding)
     owned = None
     if device is None:
-        owned = device = await asyncio.to_thread(_open_hid_device)
+        owned = device = await asyncio.to_thread(_open_device, device_name)
     else:
         device = _check_device(device)
     interaction = _make_interaction(prompt, notify, pin)

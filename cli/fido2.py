@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,19 +46,22 @@ async def register_key(
     name: str | None = None,
     device: Any = None,
     pin: str | None = None,
+    device_name: str | None = None,
+    choose: Callable[[list[str]], int] | None = None,
 ) -> dict[str, Any]:
     """Register a security key for ``user`` with a one-time ``code``; what the gateway stored.
 
-    ``device`` is a :class:`fido2.ctap.CtapDevice`; None opens the one USB key plugged
-    in, *before* the gateway is contacted, so that a missing key or a missing
-    python-fido2 is a :class:`relay.errors.DeviceError` that costs no attempt.
+    ``device`` is a :class:`fido2.ctap.CtapDevice`; None finds the key (USB or PC/SC:
+    ``device_name`` or ``choose`` picks one of several) *before* the gateway is
+    contacted, so that a missing key or a missing python-fido2 is a
+    :class:`relay.errors.DeviceError` that costs no attempt.
     """
     from auth import fido2 as f2
     from relay.registration import register_credential
 
     owned = None
     if device is None:
-        owned = device = await asyncio.to_thread(f2.open_device)
+        owned = device = await asyncio.to_thread(f2.open_device, device_name, choose)
     key = device
 
     async def answer(payload: dict[str, Any], binding: bytes) -> dict[str, Any]:
@@ -72,6 +76,19 @@ async def register_key(
             owned.close()
 
 
+def choose_key(names: list[str]) -> int:
+    """Ask the person at the terminal which security key to use; -1 without a terminal."""
+    from . import main as cli
+
+    if not sys.stdin.isatty() and not os.environ.get("GW_FORCE_PROMPT"):
+        return -1
+    cli.info("gw: several security keys are there:")
+    for i, name in enumerate(names, 1):
+        cli.info(f"  {i}. {name}")
+    answer = cli.prompt(f"Security key to use (1-{len(names)}): ", False)
+    return int(answer) - 1 if answer.isdigit() else -1
+
+
 # -- gw fido2 -------------------------------------------------------------------------
 
 
@@ -84,7 +101,21 @@ def fido2() -> None:
 @login_options
 @click.option("--code", default=None, help="One-time registration code (else asked).")
 @click.option("--name", default=None, help="A label for this key, e.g. 'blue YubiKey'.")
-def register(gateway: str, ca_file: Path, user: str, code: str | None, name: str | None) -> None:
+@click.option(
+    "--fido2-device",
+    "device_name",
+    metavar="NAME",
+    default=None,
+    help="The key to use when several are there (a part of its name: USB product or reader).",
+)
+def register(
+    gateway: str,
+    ca_file: Path,
+    user: str,
+    code: str | None,
+    name: str | None,
+    device_name: str | None,
+) -> None:
     """Register the security key plugged in, with the code your administrator gave you."""
     from . import main as cli
 
@@ -94,7 +125,14 @@ def register(gateway: str, ca_file: Path, user: str, code: str | None, name: str
     async def run() -> dict[str, Any]:
         try:
             return await register_key(
-                gw, user=user, code=code, prompt=cli.prompt, notify=cli.info, name=name
+                gw,
+                user=user,
+                code=code,
+                prompt=cli.prompt,
+                notify=cli.info,
+                name=name,
+                device_name=device_name,
+                choose=choose_key,
             )
         except RemoteError as exc:
             if exc.code in ("auth_failed", "denied", "unavailable") and exc.message:

@@ -180,6 +180,13 @@ def _config_home() -> Path:
     help="Prove the second factor with your security key (YubiKey), not a code.",
 )
 @click.option(
+    "--fido2-device",
+    metavar="NAME",
+    default=None,
+    help="The security key to use when several are there (a part of its name: the USB "
+    "product or the NFC/PC/SC reader); implies --fido2.",
+)
+@click.option(
     "--smartcard",
     "use_smartcard",
     is_flag=True,
@@ -250,6 +257,7 @@ def connect(
     password_stdin: bool,
     totp_code: str | None,
     use_fido2: bool,
+    fido2_device: str | None,
     use_smartcard: bool,
     reader: str | None,
     pkcs11_module: str | None,
@@ -267,6 +275,7 @@ def connect(
     from relay.client import AgentKeyCheck, KnownAgents, open_session
 
     from .card import run_watched
+    from .fido2 import choose_key
     from .known_agents import fingerprint_arg
 
     if bool(local) == stdio:
@@ -282,6 +291,9 @@ def connect(
     expected = fingerprint_arg(agent_key, "--agent-key") if agent_key else None
     values: dict[str, Any] = {"password": password, "totp": totp_code, "notify": info}
     values["smartcard_reader"] = reader
+    values["fido2_device_name"] = fido2_device
+    values["fido2_choose"] = choose_key
+    use_fido2 = use_fido2 or fido2_device is not None
     values["pkcs11_module"] = pkcs11_module
     values["cert_label"] = cert_label
     if cert_label is not None and not pkcs11_module:
