@@ -156,21 +156,59 @@ def audit(
         click.echo("  ".join(v[:w].ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
 
 
+def _public_key(config_path: Path, key_file: Path | None) -> Any:
+    """The key checkpoints are checked with: ``--key FILE``, else the gateway's own."""
+    from gatewayd import config as config_mod
+    from gatewayd.audit import AuditError, audit_key_path, load_public_key, public_key_file
+
+    try:
+        if key_file is not None:
+            return load_public_key(key_file)
+        key_path = audit_key_path(config_mod.load(config_path))
+        pub = public_key_file(key_path)
+        return load_public_key(pub if pub.exists() else key_path)
+    except GatewayError as exc:
+        if isinstance(exc, AuditError) and key_file is None:
+            raise click.ClickException(
+                f"{exc}; give the gateway's public key with --key FILE (`gw audit key` on it)"
+            ) from exc
+        raise click.ClickException(str(exc)) from exc
+
+
 @audit.command("verify")
 @click.option("--config", "config_path", type=click.Path(path_type=Path))
+@click.option(
+    "--key",
+    "key_file",
+    type=click.Path(path_type=Path),
+    help="The gateway's public key (as `gw audit key` prints it, or PEM): verify elsewhere.",
+)
+@click.option("--path", "log_path", type=click.Path(path_type=Path), help="The trail's live file.")
 @click.pass_obj
-def verify_cmd(parent: Path | None, config_path: Path | None) -> None:
-    """Check the hash chain: finds edits, deletions, reordering and truncation."""
+def verify_cmd(
+    parent: Path | None, config_path: Path | None, key_file: Path | None, log_path: Path | None
+) -> None:
+    """Check the hash chain and every signed checkpoint: finds edits, deletions,
+    insertions, reordering, truncation and a whole trail rewritten without the key."""
     from gatewayd.audit import verify
 
     path_cfg = config_path or parent
-    if path_cfg is None:
-        raise click.UsageError("give --config PATH")
-    result = verify(_path(path_cfg))
+    if path_cfg is None and (log_path is None or key_file is None):
+        raise click.UsageError("give --config PATH (or --path LOG --key FILE on another host)")
+    path = log_path if log_path is not None else _path(path_cfg)  # type: ignore[arg-type]
+    key = _public_key(path_cfg, key_file) if path_cfg is not None else _public_key_only(key_file)
+    result = verify(path, key)
     for done in result.acknowledged:
         click.echo(f"acknowledged: {printable(str(done))}")
+    cp = result.last_checkpoint
+    if cp is not None:
+        click.echo(
+            f"last verified checkpoint: seq {cp.seq} at {cp.ts} ({printable(cp.where)}); "
+            f"{result.checkpoints} checkpoints verified, {result.unsigned} records after it"
+        )
     if result.ok:
-        click.echo(f"ok: {result.records} records, chain intact")
+        start = f" from seq {result.first_seq}" if result.first_seq > 1 else ""
+        click.echo(f"ok: {result.records} records{start}, chain intact")
         return
     for problem in result.problems:
         click.echo(f"FAIL: {printable(problem)}", err=True)
@@ -181,6 +219,31 @@ def verify_cmd(parent: Path | None, config_path: Path | None) -> None:
             err=True,
         )
     sys.exit(1)
+
+
+def _public_key_only(key_file: Path | None) -> Any:
+    from gatewayd.audit import load_public_key
+
+    assert key_file is not None
+    try:
+        return load_public_key(key_file)
+    except GatewayError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@audit.command("key")
+@click.option("--config", "config_path", type=click.Path(path_type=Path))
+@click.pass_obj
+def key_cmd(parent: Path | None, config_path: Path | None) -> None:
+    """Print the public key that verifies the trail's checkpoints (keep a copy elsewhere)."""
+    from gatewayd.audit import key_id, public_key_text
+
+    path_cfg = config_path or parent
+    if path_cfg is None:
+        raise click.UsageError("give --config PATH")
+    key = _public_key(path_cfg, None)
+    click.echo(public_key_text(key))
+    click.echo(f"key id: {key_id(key)}", err=True)
 
 
 @audit.command("acknowledge")

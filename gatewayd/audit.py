@@ -31,14 +31,24 @@ sequence numbers of the lost records, and :func:`verify` reports it until an
 operator acknowledges it (``audit.acknowledged``, written by the daemon for
 ``gw audit acknowledge``).
 
-Rotation: when the file passes ``rotate_bytes``, it is renamed to
-``<name>.<UTC stamp>`` and a new file continues the same chain; readers take the
-rotated files (plain or ``.gz``) in order, then the live one.
+Signed checkpoints: with a signing key (Ed25519, in gatewayd's state), an
+``audit.checkpoint`` record signs the chain head (node, sequence number, hash, time)
+at start, every ``checkpoint_every`` records, every ``checkpoint_seconds``, as the
+first record of each new file and at close. Someone who rewrites the whole trail and
+its head consistently cannot make those signatures; :func:`verify` checks each one.
+
+Rotation: once the file has reached ``rotate_bytes``, or the UTC day changed
+(``rotate_daily``), it is renamed to ``<name>.<UTC stamp>`` (gzip-compressed in the
+background when ``compress``) and a new file continues the same chain, starting with
+a checkpoint; rotated files older than the retention are deleted from the oldest, so
+what remains starts from a signed checkpoint. Readers take the rotated files (plain
+or ``.gz``) in order, then the live one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import errno
@@ -47,16 +57,23 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from relay.errors import GatewayError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 GENESIS = "0" * 64
 #: The head file is one fixed-size record, rewritten in place.
@@ -70,6 +87,18 @@ MAX_TORN_BYTES = 1024 * 1024
 
 DISCONTINUITY = "audit.discontinuity"
 ACKNOWLEDGED = "audit.acknowledged"
+CHECKPOINT = "audit.checkpoint"
+RETENTION = "audit.retention"
+#: Defaults of ``[audit]``: a checkpoint at least every 1000 records and every minute.
+CHECKPOINT_EVERY = 1000
+CHECKPOINT_SECONDS = 60.0
+#: Records beyond ``every`` a stretch between checkpoints may hold: those a start
+#: writes (re-anchor, recovery, retention) before its own checkpoint.
+CHECKPOINT_SLACK = 8
+#: Default retention: the health norm expects the access log kept for two years.
+RETENTION_DAYS = 730
+#: What a checkpoint signature covers starts with this, so it can mean nothing else.
+SIGNING_CONTEXT = b"gatewayd audit checkpoint v1"
 #: Seconds between tries to write again after a failure, when asked whether it is over.
 RETRY_EVERY = 1.0
 
@@ -91,14 +120,123 @@ def head_path(path: Path) -> Path:
     return path.with_name(path.name + ".head")
 
 
+# -- the signing key ----------------------------------------------------------------------------
+
+
+def load_or_create_key(path: Path) -> Ed25519PrivateKey:
+    """The audit signing key in ``path`` (PEM, PKCS#8), made (mode 0600) if missing."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return load_or_create_key(path)  # made meanwhile by another process
+        except OSError as exc:
+            raise AuditError(f"cannot create the audit key {path}: {exc.strerror}") from exc
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+            f.flush()
+            os.fsync(f.fileno())
+        return key
+    except OSError as exc:
+        raise AuditError(f"cannot read the audit key {path}: {exc.strerror}") from exc
+    try:
+        loaded = serialization.load_pem_private_key(data, password=None)
+    except ValueError as exc:
+        raise AuditError(f"{path} is not a PEM private key") from exc
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise AuditError(f"{path} is not an Ed25519 key")
+    return loaded
+
+
+def public_key_file(key_path: Path) -> Path:
+    """``<key>.pub``: the public key in text, readable by whoever reads the trail."""
+    return key_path.with_name(key_path.name + ".pub")
+
+
+def write_public_key(key_path: Path, key: Ed25519PrivateKey) -> None:
+    """Keep ``<key>.pub`` up to date (best effort: the private key is what counts)."""
+    text = public_key_text(key.public_key()) + "\n"
+    pub = public_key_file(key_path)
+    with contextlib.suppress(OSError):
+        if not pub.exists() or pub.read_text() != text:
+            tmp = pub.with_name(pub.name + ".tmp")
+            tmp.write_text(text)
+            tmp.chmod(0o644)
+            tmp.replace(pub)
+
+
+def public_key_text(key: Ed25519PublicKey) -> str:
+    """``ed25519:<base64 of the 32-byte key>``: what ``gw audit key`` prints."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "ed25519:" + base64.b64encode(raw).decode()
+
+
+def key_id(key: Ed25519PublicKey) -> str:
+    """First 16 hex digits of the SHA-256 of the raw public key."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    """A public key from a file: ``ed25519:BASE64`` (as printed), PEM public or private key."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise AuditError(f"cannot read the key {path}: {exc.strerror}") from exc
+    text = data.strip()
+    try:
+        if text.startswith(b"ed25519:"):
+            raw = base64.b64decode(text[len(b"ed25519:") :], validate=True)
+            return Ed25519PublicKey.from_public_bytes(raw)
+        if b"PRIVATE KEY" in text:
+            private = serialization.load_pem_private_key(text, password=None)
+            if isinstance(private, Ed25519PrivateKey):
+                return private.public_key()
+        else:
+            public = serialization.load_pem_public_key(text)
+            if isinstance(public, Ed25519PublicKey):
+                return public
+    except ValueError as exc:
+        raise AuditError(f"{path}: not an Ed25519 key ({exc})") from exc
+    raise AuditError(f"{path}: not an Ed25519 key (expected ed25519:BASE64 or PEM)")
+
+
+def checkpoint_message(node: str, seq: int, hash_: str, ts: str, every: int) -> bytes:
+    """The bytes a checkpoint signs."""
+    parts = [node, str(seq), hash_, ts, str(every)]
+    return b"\n".join([SIGNING_CONTEXT, *(part.encode() for part in parts)])
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+
+def rotated_stamp(path: Path, live: Path) -> str | None:
+    """The UTC stamp in a rotated file's name (``<live>.<stamp>[.gz]``), or None."""
+    rest = path.name[len(live.name) + 1 :]
+    stamp = rest.removesuffix(".gz")
+    return stamp if re.fullmatch(r"\d{8}T\d{12}Z", stamp) else None
+
+
 def log_files(path: Path) -> list[Path]:
     """Rotated files (oldest first) then the live file, for reading the whole trail."""
-    rotated = sorted(
-        p
+    names = {
+        p.name
         for p in path.parent.glob(path.name + ".*")
-        if not p.name.endswith((".head", ".tmp")) and TORN_MARK not in p.name
-    )
-    return [*rotated, path] if path.exists() else rotated
+        if not p.name.endswith((".head", ".tmp", ".pub")) and TORN_MARK not in p.name
+    }
+    # While a rotated file is being compressed both exist for a moment: read the plain one.
+    rotated = sorted(n for n in names if not (n.endswith(".gz") and n[:-3] in names))
+    files = [path.parent / n for n in rotated]
+    return [*files, path] if path.exists() else files
 
 
 def read_lines(path: Path) -> Iterator[bytes]:
@@ -107,13 +245,41 @@ def read_lines(path: Path) -> Iterator[bytes]:
         yield line
 
 
-def numbered_lines(path: Path) -> Iterator[tuple[Path, int, bytes]]:
-    """(file, line number from 1, line) for every line of the trail, in order."""
-    for p in log_files(path):
-        opener = gzip.open if p.suffix == ".gz" else open
-        with opener(p, "rb") as f:
-            for number, raw in enumerate(f, 1):
-                yield p, number, raw.rstrip(b"\n")
+def open_log_file(p: Path) -> Any:
+    """A rotated or live file for reading; one compressed meanwhile is read compressed."""
+    if p.suffix == ".gz":
+        return gzip.open(p, "rb")
+    try:
+        return open(p, "rb")
+    except FileNotFoundError:
+        gz = p.with_name(p.name + ".gz")
+        if gz.exists():
+            return gzip.open(gz, "rb")
+        raise
+
+
+def numbered_lines(
+    path: Path, errors: list[Problem] | None = None, files: list[Path] | None = None
+) -> Iterator[tuple[Path, int, bytes]]:
+    """(file, line number from 1, line) for every line of the trail, in order.
+
+    A file that cannot be read, or a gzip file cut short, is noted in ``errors`` (file,
+    line) and the next file is read; without ``errors`` it raises :class:`AuditError`.
+    """
+    for p in log_files(path) if files is None else files:
+        number = 0
+        try:
+            with open_log_file(p) as f:
+                for number, raw in enumerate(f, 1):
+                    yield p, number, raw.rstrip(b"\n")
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            what = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            if isinstance(exc, EOFError):
+                what = "compressed file cut short"
+            problem = Problem(f"{p.name} line {number + 1}", None, f"cannot read: {what}")
+            if errors is None:
+                raise AuditError(str(problem)) from exc
+            errors.append(problem)
 
 
 @dataclass
@@ -130,25 +296,39 @@ def read_head(path: Path) -> Head | None:
         return None
 
 
-def _tail(path: Path) -> tuple[int, str]:
-    """seq and hash of the last line of the trail (0, GENESIS when empty)."""
-    last = None
+def _tail(path: Path) -> tuple[int, str, int]:
+    """seq and hash of the last line of the trail (0, GENESIS when empty), and how many
+    records of its last file follow its last checkpoint."""
+    lines: list[bytes] = []
     for p in reversed(log_files(path)):
-        if p.suffix == ".gz":
-            with gzip.open(p, "rb") as f:
-                lines = f.read().splitlines()
-        else:
-            lines = p.read_bytes().splitlines()
+        with open_log_file(p) as f:
+            lines = f.read().splitlines()
         if lines:
-            last = lines[-1]
             break
-    if last is None:
-        return 0, GENESIS
+    if not lines:
+        return 0, GENESIS, 0
+    last = lines[-1]
     try:
         seq = int(json.loads(last)["seq"])
     except (ValueError, KeyError, TypeError) as exc:
         raise AuditError(f"last line of {path} is not an audit record") from exc
-    return seq, line_hash(last)
+    since = 0
+    mark = b'"event":"' + CHECKPOINT.encode() + b'"'
+    for line in reversed(lines):
+        if mark in line:
+            break
+        since += 1
+    return seq, line_hash(last), since
+
+
+def _first_day(path: Path) -> str | None:
+    """UTC day (``YYYY-MM-DD``) of the live file's first record, None when it is empty."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline()
+    except FileNotFoundError:
+        return None
+    return first[7:17].decode("ascii", "replace") if first.startswith(b'{"ts":"') else None
 
 
 def _stamp_now() -> str:
@@ -231,12 +411,32 @@ class AuditLog:
     """Append-only, hash-chained audit log with group-commit fsync."""
 
     def __init__(
-        self, path: Path, *, node: str, fsync: bool = True, rotate_bytes: int = ROTATE_BYTES
+        self,
+        path: Path,
+        *,
+        node: str,
+        fsync: bool = True,
+        rotate_bytes: int = ROTATE_BYTES,
+        rotate_daily: bool = False,
+        compress: bool = False,
+        retention_days: float | None = None,
+        signer: Ed25519PrivateKey | None = None,
+        checkpoint_every: int = CHECKPOINT_EVERY,
+        checkpoint_seconds: float = CHECKPOINT_SECONDS,
     ) -> None:
         self.path = path
         self.node = node
         self.do_fsync = fsync
         self.rotate_bytes = rotate_bytes
+        self.rotate_daily = rotate_daily
+        self.compress = compress
+        self.retention_days = retention_days
+        self.signer = signer
+        self.key_id = key_id(signer.public_key()) if signer is not None else None
+        self.checkpoint_every = max(1, checkpoint_every)
+        self.checkpoint_seconds = checkpoint_seconds
+        self._checkpoint_at = time.monotonic()
+        self._housekeeper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-gzip")
         self._failure: str | None = None
         self._failed_at = 0.0
         self._next_retry = 0.0
@@ -254,10 +454,13 @@ class AuditLog:
             ) from exc
         try:
             self.recovered = recover_torn_tail(path)
-            self.seq, self.prev = _tail(path)
-        except AuditError:
+            self.seq, self.prev, self._since_checkpoint = _tail(path)
+            self._file_day = _first_day(path)
+        except (AuditError, OSError) as exc:
             os.close(self._head_fd)
-            raise
+            if isinstance(exc, AuditError):
+                raise
+            raise AuditError(f"cannot read the audit log {path}: {exc}") from exc
         self.gap: Gap | None = None
         head = read_head(path)
         if head is not None and (
@@ -309,12 +512,6 @@ class AuditLog:
             if self._cut_to is not None:
                 os.ftruncate(self._fd, self._cut_to)
                 self._size, self._cut_to = self._cut_to, None
-            if self._size + len(line) > self.rotate_bytes and self._size > 0:
-                try:
-                    self._rotate()
-                except AuditError:
-                    self.seq -= 1
-                    raise
             start = self._size
             written = 0
             while written < len(data):
@@ -325,6 +522,8 @@ class AuditLog:
                 written += n
             self._cut_to = None
             self._size = start + written
+            if start == 0:
+                self._file_day = line[7:17].decode("ascii", "replace")
         except OSError as exc:
             self.seq -= 1  # _stamp took this number for a line that was not written
             failure = f"cannot write audit log {self.path}: {exc.strerror or exc}"
@@ -367,17 +566,127 @@ class AuditLog:
                 message=f"{size} bytes of a record cut short were moved to {aside.name}",
             )
             self.recovered = None
+        self._write_retention()
+        if self.signer is not None and (self._since_checkpoint or self.seq == 0):
+            self.checkpoint("start")
 
-    def _rotate(self) -> None:
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def checkpoint(self, reason: str) -> int | None:
+        """Sign the chain head now (``audit.checkpoint``); its seq, or None without a key."""
+        if self.signer is None:
+            return None
+        ts = now_rfc3339()
+        every = self.checkpoint_every
+        message = checkpoint_message(self.node, self.seq, self.prev, ts, every)
+        self._logger.msg(
+            CHECKPOINT,
+            signed_seq=self.seq,
+            signed_hash=self.prev,
+            signed_ts=ts,
+            every=every,
+            key_id=self.key_id,
+            reason=reason,
+            sig=base64.b64encode(self.signer.sign(message)).decode(),
+        )
+        self._since_checkpoint = 0
+        self._checkpoint_at = time.monotonic()
+        if self._flusher is not None:
+            self._wake.set()
+        return self.seq
+
+    def _checkpoint_due(self) -> bool:
+        return self.signer is not None and (
+            self._since_checkpoint >= self.checkpoint_every
+            or (
+                self._since_checkpoint > 0
+                and time.monotonic() - self._checkpoint_at >= self.checkpoint_seconds
+            )
+        )
+
+    # -- rotation and retention -----------------------------------------------------------
+
+    def _rotation_due(self) -> bool:
+        if self._size == 0:
+            return False
+        if self._size >= self.rotate_bytes:
+            return True
+        return (
+            self.rotate_daily
+            and self._file_day is not None
+            and self._file_day != now_rfc3339()[:10]
+        )
+
+    def _rotate_if_due(self) -> None:
+        """Before a record: a new file when this one is full or from another day."""
+        if not self._rotation_due():
+            return
+        try:
+            rotated = self._rotate()
+        except OSError as exc:
+            raise AuditError(
+                self._fail(f"cannot rotate audit log {self.path}: {exc.strerror or exc}")
+            ) from exc
+        if self.compress:
+            self._housekeeper.submit(compress_file, rotated)
+        if self.signer is not None:
+            self.checkpoint("rotation")  # the new file starts from a signed point
+        self._write_retention()
+
+    def _rotate(self) -> Path:
         self._sync()
-        stamp = _stamp_now()
+        rotated = self.path.with_name(f"{self.path.name}.{_stamp_now()}")
         os.close(self._fd)
         try:
-            os.rename(self.path, self.path.with_name(f"{self.path.name}.{stamp}"))
+            os.rename(self.path, rotated)
         finally:
             # A new file, or the same one again if the rename failed: never a closed fd.
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             self._size = os.fstat(self._fd).st_size
+        self._file_day = None
+        return rotated
+
+    def remove_expired(self, now: float | None = None) -> list[str]:
+        """Delete rotated files (oldest first) whose last record is older than the retention.
+
+        A rotated file's name stamp is its rotation time, after its last record. Only a
+        prefix of the trail is removed, so what remains is one unbroken chain; each file
+        begins with a signed checkpoint, from which ``verify`` starts.
+        """
+        if self.retention_days is None:
+            return []
+        limit = (time.time() if now is None else now) - self.retention_days * 86400
+        removed: list[str] = []
+        for p in log_files(self.path):
+            stamp = rotated_stamp(p, self.path) if p != self.path else None
+            if stamp is None:
+                break
+            when = dt.datetime.strptime(stamp, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=dt.UTC)
+            if when.timestamp() >= limit:
+                break
+            for q in (p, p.with_name(p.name.removesuffix(".gz") + ".gz")):
+                with contextlib.suppress(FileNotFoundError):
+                    q.unlink()
+            removed.append(p.name)
+        return removed
+
+    def _write_retention(self, now: float | None = None) -> None:
+        try:
+            removed = self.remove_expired(now)
+        except OSError as exc:
+            removed = []
+            self._logger.msg(
+                RETENTION, files=[], message=f"cannot delete expired files: {exc.strerror}"
+            )
+            self._since_checkpoint += 1
+        if removed:
+            self._logger.msg(
+                RETENTION,
+                files=removed,
+                retention_days=self.retention_days,
+                message=f"{len(removed)} rotated files older than the retention deleted",
+            )
+            self._since_checkpoint += 1
 
     @property
     def failure(self) -> str | None:
@@ -401,7 +710,7 @@ class AuditLog:
             return
         self._failure = None
         try:
-            self._logger.msg("audit.resumed", failure=failure, since=now_rfc3339(since))
+            self._emit("audit.resumed", {"failure": failure, "since": now_rfc3339(since)})
         except AuditError:
             self._failed_at = since
             raise
@@ -411,10 +720,24 @@ class AuditLog:
     def write(self, event: str, **fields: Any) -> int:
         """Append a record now; returns its sequence number. Raises AuditError if it cannot."""
         self._resume()  # the disk may have room now
-        self._logger.msg(event, **fields)
+        seq = self._emit(event, fields)
         if self._flusher is not None:
             self._wake.set()
-        return self.seq
+        return seq
+
+    def _emit(self, event: str, fields: dict[str, Any]) -> int:
+        """Rotate first if due, write the record, then a checkpoint if one is due."""
+        self._rotate_if_due()
+        self._logger.msg(event, **fields)
+        seq = self.seq
+        self._since_checkpoint += 1
+        if self._checkpoint_due():
+            # The record is written; a failed checkpoint fails the next record instead.
+            with contextlib.suppress(AuditError):
+                self.checkpoint(
+                    "count" if self._since_checkpoint >= self.checkpoint_every else "time"
+                )
+        return seq
 
     async def commit(self, seq: int | None = None) -> None:
         """Wait until record ``seq`` (default: the last written) is on disk."""
@@ -457,7 +780,17 @@ class AuditLog:
 
     async def _flush_loop(self) -> None:
         while True:
-            await self._wake.wait()
+            timeout = None
+            if self.signer is not None and self._since_checkpoint:
+                timeout = max(0.0, self._checkpoint_at + self.checkpoint_seconds - time.monotonic())
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                # Quiet for checkpoint_seconds after a record: sign the head now.
+                with contextlib.suppress(AuditError):
+                    self._resume()
+                    if self._since_checkpoint:
+                        self.checkpoint("time")
             self._wake.clear()
             if self._durable >= self.seq and not self._waiters:
                 continue
@@ -493,11 +826,60 @@ class AuditLog:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
             self._flusher = None
+        if self._failure is None and self._since_checkpoint and self.signer is not None:
+            with contextlib.suppress(AuditError):
+                self.checkpoint("stop")
         with contextlib.suppress(AuditError):
             self._sync()
         self._executor.shutdown(wait=True)
+        self._housekeeper.shutdown(wait=True)
         os.close(self._fd)
         os.close(self._head_fd)
+
+
+def audit_key_path(cfg: Config) -> Path:
+    """Where the signing key of this config's audit log lives."""
+    return cfg.audit.key_file or cfg.store.path.parent / "audit.key"
+
+
+def open_audit_log(cfg: Config) -> AuditLog:
+    """The audit log as ``[audit]`` configures it, its signing key made if missing."""
+    a = cfg.audit
+    signer = load_or_create_key(audit_key_path(cfg))
+    write_public_key(audit_key_path(cfg), signer)
+    return AuditLog(
+        a.path,
+        node=cfg.gateway.node_id,
+        fsync=a.fsync,
+        rotate_bytes=a.rotate_bytes,
+        rotate_daily=a.rotate_daily,
+        compress=a.compress,
+        retention_days=a.retention_days,
+        signer=signer,
+        checkpoint_every=a.checkpoint_every,
+        checkpoint_seconds=a.checkpoint_seconds,
+    )
+
+
+def compress_file(path: Path) -> Path | None:
+    """gzip a rotated file to ``<name>.gz`` (through a temporary file), then delete it."""
+    target = path.with_name(path.name + ".gz")
+    tmp = path.with_name(path.name + ".gz.tmp")
+    try:
+        with open(path, "rb") as src, open(tmp, "wb") as raw:
+            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+                while chunk := src.read(1 << 20):
+                    gz.write(chunk)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.rename(tmp, target)
+        path.unlink()
+    except OSError:
+        # Left plain (readers take both); a temporary file is never read as the trail.
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return None
+    return target
 
 
 # -- reading and verifying ---------------------------------------------------------------
@@ -522,6 +904,16 @@ class Problem:
         return f"{self.where}: {at}{self.text}"
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A verified checkpoint: the records up to ``seq`` are signed."""
+
+    seq: int
+    """The last record it signs."""
+    ts: str
+    where: str
+
+
 @dataclass
 class VerifyResult:
     ok: bool
@@ -530,6 +922,12 @@ class VerifyResult:
     """Every problem not acknowledged, as ``FILE line N: seq S: what``."""
     open: list[Problem] = field(default_factory=list)
     acknowledged: list[Problem] = field(default_factory=list)
+    checkpoints: int = 0
+    """How many checkpoints were checked with the key (0 without a key)."""
+    last_checkpoint: Checkpoint | None = None
+    unsigned: int = 0
+    """Records after the last checkpoint (not yet signed)."""
+    first_seq: int = 0
 
 
 def _record(line: bytes) -> dict[str, Any] | None:
@@ -544,36 +942,101 @@ def _record(line: bytes) -> dict[str, Any] | None:
     return None
 
 
-def verify(path: Path) -> VerifyResult:
-    """Check the chain over the whole trail and against the head file.
+#: The fixed start of every record as gatewayd renders it: verify reads seq and prev
+#: from it without parsing the JSON (the chain of hashes covers the rest of the line).
+_HEAD_RE = re.compile(rb'\{"ts":"[^"]{1,40}","seq":(\d{1,19}),"prev":"([0-9a-f]{64})","node":')
+#: Records verify must read whole: they carry meaning for the chain itself.
+_SPECIAL = b'"event":"audit.'
 
-    A gap in the sequence numbers and a re-anchor (``audit.discontinuity``) are
-    problems until an ``audit.acknowledged`` record later in the chain names that
-    record by sequence number and hash.
-    """
-    found: list[Problem] = []
-    acks: set[tuple[int, str]] = set()
-    prev_hash: str | None = None
-    last_seq = 0
-    count = 0
-    where = f"{path.name} (empty)"
-    for file, number, line in numbered_lines(path):
-        count += 1
-        where = f"{file.name} line {number}"
-        digest = line_hash(line)
-        rec = _record(line)
-        if rec is None:
-            found.append(Problem(where, None, f"not an audit record (after seq {last_seq})"))
-            prev_hash = digest
-            continue
-        seq, prev = int(rec["seq"]), str(rec["prev"])
-        event = rec.get("event")
-        if event == ACKNOWLEDGED:
+
+class _Verifier:
+    def __init__(self, key: Ed25519PublicKey | None) -> None:
+        self.key = key
+        self.kid = key_id(key) if key is not None else None
+        self.found: list[Problem] = []
+        self.acks: set[tuple[int, str]] = set()
+        self.prev_hash: str | None = None
+        self.last_seq = 0
+        self.count = 0
+        self.checkpoints = 0
+        self.last_cp: Checkpoint | None = None
+        self.cp_every: int | None = None
+        self.since_cp = 0
+        self.stretch_reported = False
+        self.first_seq = 0
+
+    def checkpoint(self, rec: dict[str, Any], where: str, seq: int, digest: str) -> bool:
+        """Check one checkpoint; True if its signature holds (or there is no key)."""
+        if self.key is None:
+            return True
+        try:
+            signed_seq, signed_hash = int(rec["signed_seq"]), str(rec["signed_hash"])
+            ts, every = str(rec["signed_ts"]), int(rec["every"])
+            sig = base64.b64decode(str(rec["sig"]), validate=True)
+            node = str(rec["node"])
+        except (KeyError, ValueError, TypeError):
+            self.found.append(Problem(where, seq, "checkpoint without its signed fields", digest))
+            return False
+        expected_hash = self.prev_hash if self.prev_hash is not None else str(rec["prev"])
+        expected_seq = self.last_seq if self.prev_hash is not None else seq - 1
+        if (signed_seq, signed_hash) != (expected_seq, expected_hash):
+            self.found.append(
+                Problem(
+                    where,
+                    seq,
+                    f"checkpoint signs seq {signed_seq} {signed_hash[:12]}..., but the chain "
+                    f"before it is seq {expected_seq} {expected_hash[:12]}...: records changed",
+                    digest,
+                )
+            )
+            return False
+        if rec.get("key_id") != self.kid:
+            self.found.append(
+                Problem(
+                    where,
+                    seq,
+                    f"checkpoint signed by key {rec.get('key_id')}, not by {self.kid}",
+                    digest,
+                )
+            )
+            return False
+        try:
+            self.key.verify(sig, checkpoint_message(node, signed_seq, signed_hash, ts, every))
+        except InvalidSignature:
+            self.found.append(
+                Problem(where, seq, "checkpoint signature does not verify (forged)", digest)
+            )
+            return False
+        self.checkpoints += 1
+        self.last_cp = Checkpoint(signed_seq, ts, where)
+        self.cp_every = every
+        self.since_cp = 0
+        self.stretch_reported = False
+        return True
+
+    def line(self, where: str, line: bytes) -> None:
+        self.count += 1
+        digest = hashlib.sha256(line).hexdigest()
+        fast = _HEAD_RE.match(line)
+        rec: dict[str, Any] | None = None
+        if fast is None or _SPECIAL in line:
+            rec = _record(line)
+            if rec is None:
+                self.found.append(
+                    Problem(where, None, f"not an audit record (after seq {self.last_seq})")
+                )
+                self.prev_hash = digest
+                return
+            seq, prev = int(rec["seq"]), str(rec["prev"])
+        else:
+            seq, prev = int(fast[1]), fast[2].decode()
+        event = rec.get("event") if rec is not None else None
+        if event == ACKNOWLEDGED and rec is not None:
             with contextlib.suppress(ValueError, KeyError, TypeError):
-                acks.add((int(rec["acknowledged_seq"]), str(rec["acknowledged_hash"])))
-        reanchor = event == DISCONTINUITY and seq > last_seq
-        if reanchor:
-            found.append(
+                self.acks.add((int(rec["acknowledged_seq"]), str(rec["acknowledged_hash"])))
+        reanchor = event == DISCONTINUITY and seq > self.last_seq
+        if reanchor and rec is not None:
+            self.found.append(
                 Problem(
                     where,
                     seq,
@@ -582,9 +1045,30 @@ def verify(path: Path) -> VerifyResult:
                     gap=True,
                 )
             )
-        if prev_hash is None:
-            if (seq != 1 or prev != GENESIS) and not (reanchor and prev == GENESIS):
-                found.append(
+        signed_start = False
+        if event == CHECKPOINT and rec is not None:
+            signed_start = self.checkpoint(rec, where, seq, digest) and self.prev_hash is None
+        elif self.cp_every is not None:
+            self.since_cp += 1
+            if self.since_cp > self.cp_every + CHECKPOINT_SLACK and not self.stretch_reported:
+                self.stretch_reported = True
+                self.found.append(
+                    Problem(
+                        where,
+                        seq,
+                        f"more than {self.cp_every} records after the checkpoint at "
+                        f"{self.last_cp.where if self.last_cp else '?'} without another: "
+                        "checkpoints removed",
+                        digest,
+                    )
+                )
+        if self.prev_hash is None:
+            self.first_seq = seq
+            # The trail starts at seq 1, or (after retention) at a checkpoint whose
+            # signature holds.
+            starts_well = (seq == 1 and prev == GENESIS) or (reanchor and prev == GENESIS)
+            if not starts_well and not (signed_start and self.key is not None):
+                self.found.append(
                     Problem(
                         where,
                         seq,
@@ -594,45 +1078,82 @@ def verify(path: Path) -> VerifyResult:
                     )
                 )
         else:
-            if seq != last_seq + 1 and not reanchor:
-                found.append(
+            if seq != self.last_seq + 1 and not reanchor:
+                self.found.append(
                     Problem(
                         where,
                         seq,
-                        f"expected seq {last_seq + 1} (removed or moved)",
+                        f"expected seq {self.last_seq + 1} (removed or moved)",
                         digest,
-                        gap=seq > last_seq + 1,
+                        gap=seq > self.last_seq + 1,
                     )
                 )
-            if prev != prev_hash:
-                found.append(
+            if prev != self.prev_hash:
+                self.found.append(
                     Problem(
                         where,
                         seq,
                         "the record before it was changed, removed or moved",
                         digest,
                         # Part of a gap of missing records; an edit alone is never acknowledged.
-                        gap=seq > last_seq + 1 and not reanchor,
+                        gap=seq > self.last_seq + 1 and not reanchor,
                     )
                 )
-        prev_hash = digest
-        last_seq = seq
+        self.prev_hash = digest
+        self.last_seq = seq
+
+
+def verify(path: Path, key: Ed25519PublicKey | None = None) -> VerifyResult:
+    """Check the chain over the whole trail, the head file and (with ``key``) every checkpoint.
+
+    A gap in the sequence numbers and a re-anchor (``audit.discontinuity``) are
+    problems until an ``audit.acknowledged`` record later in the chain names that
+    record by sequence number and hash. With the gateway's public key, each
+    ``audit.checkpoint`` must sign exactly the chain before it, the trail must hold at
+    least one, and no stretch after one may be longer than the ``every`` it states;
+    a trail that begins after rotated files were deleted must begin with one.
+    """
+    v = _Verifier(key)
+    read_errors: list[Problem] = []
+    where = f"{path.name} (empty)"
+    for file, number, line in numbered_lines(path, read_errors):
+        where = f"{file.name} line {number}"
+        if read_errors:
+            v.found.extend(read_errors)
+            read_errors.clear()
+        v.line(where, line)
+    v.found.extend(read_errors)
+    found = v.found
     head = read_head(path)
     if head is None:
-        if count:
+        if v.count:
             found.append(Problem(where, None, "head file missing: truncation cannot be ruled out"))
-    elif head.seq > last_seq:
+    elif head.seq > v.last_seq:
         found.append(
             Problem(
                 where,
                 None,
-                f"the log ends at seq {last_seq} but the head says {head.seq}: truncated",
+                f"the log ends at seq {v.last_seq} but the head says {head.seq}: truncated",
             )
         )
-    elif head.seq == last_seq and head.hash != (prev_hash or GENESIS):
-        found.append(Problem(where, last_seq, "the last record was changed"))
+    elif head.seq == v.last_seq and head.hash != (v.prev_hash or GENESIS):
+        found.append(Problem(where, v.last_seq, "the last record was changed"))
+    if key is not None and v.count and v.last_cp is None:
+        found.append(
+            Problem(where, None, "no checkpoint signed by this key: the trail cannot be trusted")
+        )
     still: list[Problem] = []
     done: list[Problem] = []
     for p in found:
-        (done if p.gap and (p.seq, p.hash) in acks else still).append(p)
-    return VerifyResult(not still, count, [str(p) for p in still], still, done)
+        (done if p.gap and (p.seq, p.hash) in v.acks else still).append(p)
+    return VerifyResult(
+        not still,
+        v.count,
+        [str(p) for p in still],
+        still,
+        done,
+        checkpoints=v.checkpoints,
+        last_checkpoint=v.last_cp,
+        unsigned=v.since_cp if v.last_cp is not None else v.count,
+        first_seq=v.first_seq,
+    )

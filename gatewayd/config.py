@@ -61,6 +61,21 @@ class AuditSection:
     """Audit log, one JSON object per line (``docs/audit.md``)."""
     fsync: bool = True
     """fsync before a session or tunnel starts (group commit). Off only for tests."""
+    key_file: Path | None = None
+    """Ed25519 key that signs checkpoints; default ``audit.key`` beside ``[store] path``
+    (made by ``gatewayd init`` or at the first start)."""
+    checkpoint_every: int = 1000
+    """A signed ``audit.checkpoint`` at least every this many records..."""
+    checkpoint_seconds: float = 60.0
+    """...and this many seconds after a record."""
+    rotate_bytes: int = 64 * 1024 * 1024
+    """A new file once the live one has reached this size..."""
+    rotate_daily: bool = True
+    """...and at the first record of each UTC day."""
+    compress: bool = True
+    """gzip rotated files."""
+    retention_days: float = 730.0
+    """Rotated files older than this are deleted (two years: the health norm's expectation)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +315,17 @@ def parse(text: str, path: Path) -> Config:
     s.done()
 
     a = root.table("audit")
-    audit = AuditSection(a.path_("path"), a.get("fsync", bool, True))
+    audit = AuditSection(
+        a.path_("path"),
+        a.get("fsync", bool, True),
+        a.path_("key_file") if "key_file" in a.data else None,
+        a.integer("checkpoint_every", 1000, low=1, high=10_000_000),
+        a.number("checkpoint_seconds", 60.0, low=0.01, high=86400.0),
+        a.integer("rotate_bytes", 64 * 1024 * 1024, low=4096, high=2**40),
+        a.get("rotate_daily", bool, True),
+        a.get("compress", bool, True),
+        a.number("retention_days", 730.0, low=1.0, high=36500.0),
+    )
     a.done()
 
     ad = root.table("admin")

@@ -10,6 +10,13 @@ from pathlib import Path
 from relay.errors import ConfigError
 
 from . import ca
+from .audit import load_or_create_key, public_key_text, write_public_key
+
+
+def audit_public_key(config_path: Path) -> str:
+    """``ed25519:...``: the public key of the audit signing key ``init`` made."""
+    return public_key_text(load_or_create_key(config_path.parent / "state/audit.key").public_key())
+
 
 CONFIG_TEMPLATE = """\
 # gatewayd configuration, written by `gatewayd init`. Every key is documented in
@@ -106,6 +113,10 @@ def init(directory: Path, listen: tuple[str, int], names: list[str]) -> tuple[Pa
     ca.write_private(directory / "tls/server.key", ca.key_pem(server_key))
     (directory / "tls/server.pem").write_bytes(ca.cert_pem(server_cert))
     ca.write_private(directory / "state/secrets.key", os.urandom(32))
+    # Signs the audit trail's checkpoints; its public key verifies them anywhere.
+    write_public_key(
+        directory / "state/audit.key", load_or_create_key(directory / "state/audit.key")
+    )
     shown = f"[{host}]" if ":" in host else host
     config_path.write_text(
         CONFIG_TEMPLATE.format(

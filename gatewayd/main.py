@@ -125,7 +125,7 @@ def _warn_unusable_fido2(cfg: config_mod.Config) -> None:
 )
 def init_cmd(directory: Path, listen: str, names: tuple[str, ...]) -> None:
     """Create a config, CA, server certificate and state folder in DIR."""
-    from .init import init
+    from .init import audit_public_key, init
 
     try:
         addr = config_mod.parse_listen(listen, "--listen")
@@ -136,6 +136,7 @@ def init_cmd(directory: Path, listen: str, names: tuple[str, ...]) -> None:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"config: {config_path}")
     click.echo(f"ca-file: {ca_file}")
+    click.echo(f"audit key (verifies the trail's checkpoints): {audit_public_key(config_path)}")
     click.echo(
         f"homeoffice (smartcard): put the national CA's certificates and CRLs in "
         f"{config_path.parent / 'pki'} and name them in [auth.smartcard] of {config_path.name}"

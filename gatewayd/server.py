@@ -31,7 +31,7 @@ from relay.tls import server_context
 from . import config as config_mod
 from . import systemd
 from .admin import AdminServer
-from .audit import AuditLog
+from .audit import AuditLog, open_audit_log
 from .broker import Broker
 from .config import Config, ConfigHolder
 from .store import Store, load_secrets_key
@@ -116,7 +116,7 @@ class Gateway:
         cfg.store.path.parent.mkdir(parents=True, exist_ok=True)
         state_lock = lock_file(cfg.store.path, "the state database")
         try:
-            audit = AuditLog(cfg.audit.path, node=cfg.gateway.node_id, fsync=cfg.audit.fsync)
+            audit = open_audit_log(cfg)
         except GatewayError:
             os.close(state_lock)
             raise

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from auth.base import b64e
-from gatewayd.audit import AuditLog
+from gatewayd.audit import AuditLog, load_or_create_key
 from gatewayd.demo import BIN, Lab, Proc, wait_for
 from relay import message as m
 from relay.protocol import Closed, Connection, Side
@@ -71,7 +71,9 @@ def test_full_disk_keeps_whole_records_and_refuses_sessions(lab: Lab) -> None:
     stop_gateway(lab)
     # Make the log the largest file by far, so a file-size limit just above it hits the
     # log mid-record long before the database or the daemon's own log.
-    filler = AuditLog(lab.audit_path, node="gw1", fsync=False)
+    # Written as gatewayd would: signed checkpoints, with the gateway's own key.
+    key = load_or_create_key(lab.root / "gw" / "state" / "audit.key")
+    filler = AuditLog(lab.audit_path, node="gw1", fsync=False, signer=key)
     for i in range(6000):
         filler.write("test.filler", i=i, text="f" * 200)
     asyncio.run(filler.close())
@@ -172,7 +174,11 @@ def test_truncation_is_a_failure_of_verify_until_acknowledged(lab: Lab) -> None:
     anchor = lab.events("audit.discontinuity")[-1]
     result = verify_cli(lab)
     assert result.returncode == 1
-    line = len(lab.audit_path.read_bytes().splitlines()) - 1  # gateway.start follows it
+    line = next(
+        number
+        for number, raw in enumerate(lab.audit_path.read_bytes().splitlines(), 1)
+        if f'"seq":{anchor["seq"]},'.encode() in raw
+    )
     assert (
         f"FAIL: audit.jsonl line {line}: seq {anchor['seq']}: the chain was re-anchored"
         in result.stderr
