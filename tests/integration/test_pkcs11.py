@@ -12,6 +12,7 @@ is tested through OpenSC and the virtual PIV card (test_pkcs11_opensc.py).
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -291,3 +292,38 @@ def test_token_removed_ends_the_session(office: Office, hsm: softhsm.SoftHSM) ->
     )
     (end,) = [r for r in office.lab.events("session.end") if r["user"] == user]
     assert end["reason"] == "client: card removed"
+
+
+def test_expired_certificate_is_refused_before_the_pin(
+    office: Office, hsm: softhsm.SoftHSM
+) -> None:
+    card = office.pki.card(111, expired=True)
+    hsm.token(TOKEN, PIN)
+    hsm.put(TOKEN, PIN, card.auth, label="Authentication", key_id="01")
+    user = office.employee(card.person)
+    status, out, _ = office.attempt(user, hsm, pin=None)
+    assert status == 1
+    assert re.fullmatch(
+        r"gw: the certificate on your smartcard expired on \d{4}-\d\d-\d\d: order a new card",
+        one_line(out),
+    )
+    wait_for(lambda: bool(office.attempts(user)), 10, "auth.attempt")
+    (record,) = office.attempts(user)
+    assert (record["outcome"], record["reason"]) == ("failure", "certificate expired")
+    assert record["not_after"] == card.auth.cert.not_valid_after_utc.isoformat()
+
+
+def test_key_that_does_not_match_its_certificate(office: Office, hsm: softhsm.SoftHSM) -> None:
+    # A token whose key under the certificate's id is another one: gw checks the
+    # signature against the certificate before it sends anything signed.
+    card, other = office.pki.card(112), office.pki.card(113)
+    hsm.token(TOKEN, PIN)
+    hsm.put(TOKEN, PIN, card.auth, label="Authentication", key_id="01", with_key=False)
+    hsm.put(TOKEN, PIN, other.auth, label="Other", key_id="01", cert=False)
+    user = office.employee(card.person)
+    status, said, _ = office.attempt(user, hsm)
+    assert status == 1
+    assert one_line(said) == "gw: the smartcard's signature does not match its certificate"
+    wait_for(lambda: bool(office.attempts(user)), 10, "auth.attempt")
+    (record,) = office.attempts(user)
+    assert (record["reason"], record["reported_by"]) == ("card error", "client")

@@ -64,12 +64,15 @@ class SoftHSM:
         key_id: str,
         allowed: str | None = None,
         with_key: bool = True,
+        cert: bool = True,
     ) -> None:
-        """Write ``issued``'s certificate and (``with_key``) private key under ``key_id``
-        (hex) and ``label``; ``allowed`` limits the key's mechanisms (``RSA-PKCS-PSS``)."""
-        cert = self.dir / f"{token}-{key_id}.crt"
-        cert.write_bytes(issued.der)
-        self._write(token, pin, cert, "cert", label, key_id)
+        """Write ``issued``'s certificate (``cert``) and private key (``with_key``) under
+        ``key_id`` (hex) and ``label``; ``allowed`` limits the key's mechanisms
+        (``RSA-PKCS-PSS``)."""
+        if cert:
+            path = self.dir / f"{token}-{key_id}.crt"
+            path.write_bytes(issued.der)
+            self._write(token, pin, path, "cert", label, key_id)
         if with_key:
             key = self.dir / f"{token}-{key_id}.key"
             key.write_bytes(
