@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
 import json
 import os
-import pwd
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -88,6 +86,9 @@ class AdminServer:
         return self.broker.holder.current
 
     def allowed(self, uid: int, name: str) -> bool:
+        import grp  # POSIX only: gw imports this module on every platform
+        import pwd
+
         if uid in (0, os.getuid()) or uid in self.config.admin.allowed_uids:
             return True
         for group in self.config.admin.allowed_groups:

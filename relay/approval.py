@@ -10,7 +10,11 @@ every way that is set up, and the first answer wins:
 - the agent's local socket (``<state-dir>/approval.sock``): ``gw agent
   approvals`` lists pending requests, ``gw agent approve ID`` and ``gw agent deny
   ID [--reason TEXT]`` answer them. Only local users can reach a Unix socket; the
-  kernel tells us which one answered (SO_PEERCRED) and that name is recorded;
+  kernel tells us which one answered (SO_PEERCRED) and that name is recorded.
+  Where the kernel names no peer (Windows, macOS) the agent listens on loopback
+  TCP instead and writes its port and a random token to ``<state-dir>/approval.token``,
+  a file only the agent's user can read; a connection that does not present that
+  token first is refused, and the answer is recorded as that user's;
 - ``approval_command``: a program (a desktop prompt) started with the request in
   its environment (``GW_*`` variables); exit status 0 approves.
 
@@ -29,11 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import os
-import pwd
-import socket
-import struct
+import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -41,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import platform
+from .platform import peer_user
 from .text import printable
 
 #: Longest request line on the local socket.
@@ -92,14 +97,16 @@ class Request:
         return env | {f"GW_{k.upper()}": v for k, v in shown.items()}
 
 
-def peer_user(sock: socket.socket) -> tuple[int, str]:
-    """The uid and user name of the process at the other end of a Unix socket (kernel's word)."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    try:
-        return uid, pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return uid, str(uid)
+__all__ = ["Approvals", "Request", "peer_user", "request", "token_path"]
+
+
+def token_path(socket_path: Path) -> Path:
+    """The token file that stands for ``socket_path`` where there are no Unix sockets."""
+    return socket_path.with_name("approval.token")
+
+
+def _use_unix_socket() -> bool:
+    return platform.unix_peer_credentials() and not os.environ.get("GW_APPROVALS_TCP")
 
 
 class Approvals:
@@ -119,21 +126,40 @@ class Approvals:
         self.log = log
         self.pending: dict[str, Request] = {}
         self._server: asyncio.AbstractServer | None = None
+        self._token: bytes | None = None  # loopback TCP: the secret a peer must present
         self._terminal_lock = asyncio.Lock()
 
     async def start(self) -> None:
+        if not _use_unix_socket():
+            await self._start_tcp()
+            return
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         self._server = await asyncio.start_unix_server(self._serve, path=str(self.socket_path))
         # Any local user may answer (and is recorded by name); nobody remote can.
         os.chmod(self.socket_path, 0o666)  # noqa: S103 - local users answer; each is named
 
+    async def _start_tcp(self) -> None:
+        """Loopback TCP guarded by a token file only this user can read."""
+        token = secrets.token_hex(32)
+        self._token = token.encode()
+        self._server = await asyncio.start_server(self._serve, host="127.0.0.1", port=0)
+        port = self._server.sockets[0].getsockname()[1]
+        body = json.dumps({"port": port, "token": token}).encode()
+        try:
+            platform.write_private(token_path(self.socket_path), body)
+        except OSError:
+            self._server.close()
+            await self._server.wait_closed()
+            raise
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        path = self.socket_path if self._token is None else token_path(self.socket_path)
         with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+            path.unlink()
 
     # -- asking -----------------------------------------------------------------------
 
@@ -250,16 +276,17 @@ class Approvals:
             sys.stderr.flush()
             line = await asyncio.to_thread(sys.stdin.readline)
             yes = line.strip().lower() in ("y", "yes")
-            try:
-                name = pwd.getpwuid(os.getuid()).pw_name
-            except KeyError:
-                name = str(os.getuid())
+            name = platform.user_name()
             self.answer(req.id, yes, f"{name} (terminal)", "" if yes else "denied at the terminal")
 
     # -- the local socket ---------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        _, by = peer_user(writer.get_extra_info("socket"))
+        if self._token is None:
+            _, by = peer_user(writer.get_extra_info("socket"))
+        else:
+            # Only the agent's user can read the token file: whoever presents it is them.
+            by = f"{platform.user_name()} (token)"
         try:
             line = await reader.readline()
             if len(line) > MAX_LINE:
@@ -268,11 +295,12 @@ class Approvals:
             if not isinstance(req, dict):
                 raise ValueError
             op = req.get("op")
-            if op == "list":
-                reply: dict[str, Any] = {
-                    "ok": True,
-                    "result": [r.describe() for r in self.pending.values()],
-                }
+            if self._token is not None and not hmac.compare_digest(
+                str(req.get("token", "")).encode(), self._token
+            ):
+                reply: dict[str, Any] = {"ok": False, "error": "wrong approvals token"}
+            elif op == "list":
+                reply = {"ok": True, "result": [r.describe() for r in self.pending.values()]}
             elif op in ("approve", "deny"):
                 rid = str(req.get("id", ""))
                 reason = str(req.get("reason", ""))[:200]
@@ -295,12 +323,23 @@ async def request(socket_path: Path, op: str, **args: Any) -> Any:
     """Client side of the local socket, for ``gw agent approvals/approve/deny``."""
     from .errors import GatewayError
 
+    hint = "(is `gw agent run` running with this --state-dir?)"
+    where = socket_path
     try:
-        reader, writer = await asyncio.open_unix_connection(str(socket_path))
+        if _use_unix_socket():
+            reader, writer = await asyncio.open_unix_connection(str(socket_path))
+        else:
+            where = token_path(socket_path)
+            try:
+                endpoint = json.loads(where.read_bytes())
+                port, token = int(endpoint["port"]), str(endpoint["token"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise GatewayError(f"{where} is damaged {hint}") from exc
+            args = {**args, "token": token}
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
     except OSError as exc:
         raise GatewayError(
-            f"cannot reach the agent at {socket_path}: {exc.strerror or exc} "
-            "(is `gw agent run` running with this --state-dir?)"
+            f"cannot reach the agent at {where}: {exc.strerror or exc} {hint}"
         ) from exc
     writer.write(json.dumps({"op": op, **args}).encode() + b"\n")
     await writer.drain()
