@@ -157,7 +157,9 @@ def _client_key(path: Path | None) -> bytes:
 
 
 def _config_home() -> Path:
-    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "gw"
+    from relay.platform import config_home  # %APPDATA%\gw on Windows
+
+    return config_home()
 
 
 @main.command()
