@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import os
 import ssl
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +68,55 @@ def client_context(
     return ctx
 
 
+def _libssl_candidates(ssl_module_file: str, base_prefix: str, platform: str) -> list[Path]:
+    """Where the libssl that ``_ssl`` links to is, in the order to try.
+
+    On Linux (and macOS) the ``_ssl`` module's own handle resolves the libssl symbols
+    it links to, so that comes first. Windows resolves a symbol only in the DLL that
+    exports it: python.org's builds ship ``libssl-3.dll`` (``-x64`` in some builds)
+    next to ``_ssl.pyd``, in the installation's ``DLLs`` folder. python.org's macOS
+    builds keep ``libssl.3.dylib`` in the framework's ``lib`` folder. Only files in
+    the interpreter's own folders are tried, never a search path: the library must
+    be the one ``_ssl`` really uses.
+    """
+    here = Path(ssl_module_file).parent
+    if platform == "win32":
+        names = ["libssl-3-x64.dll", "libssl-3.dll"]
+        folders = [here, Path(base_prefix) / "DLLs", Path(base_prefix)]
+        return [folder / name for folder in folders for name in names]
+    found = [Path(ssl_module_file)]
+    if platform == "darwin":
+        found += [here.parent / "libssl.3.dylib", Path(base_prefix) / "lib" / "libssl.3.dylib"]
+    return found
+
+
+def _load_libssl() -> ctypes.CDLL:
+    """The loaded libssl that exports SSL_export_keying_material, or TLSBindingError."""
+    import _ssl  # the C module; its handle resolves libssl symbols it links to
+
+    tried = []
+    for path in _libssl_candidates(_ssl.__file__, sys.base_prefix, sys.platform):
+        if path != Path(_ssl.__file__) and not path.is_file():
+            continue
+        tried.append(path.name)
+        try:
+            lib = ctypes.CDLL(str(path))
+            lib.SSL_export_keying_material  # noqa: B018 - a missing symbol raises here
+        except (OSError, AttributeError):
+            continue
+        return lib
+    raise TLSBindingError(
+        "TLS exporter unavailable: this Python's OpenSSL exports no "
+        f"SSL_export_keying_material (tried {', '.join(tried) or 'nothing'}); "
+        "channel-bound logins cannot work with this Python build"
+    )
+
+
 class _OpenSSL:
     """The few libssl entry points we need, from the library ``_ssl`` uses."""
 
     def __init__(self) -> None:
-        import _ssl  # the C module; its handle resolves libssl symbols it links to
-
-        lib = ctypes.CDLL(_ssl.__file__)
+        lib = _load_libssl()
         self.export = lib.SSL_export_keying_material
         self.export.argtypes = [
             ctypes.c_void_p,
