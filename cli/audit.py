@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import datetime as dt
+import ipaddress
 import json
+import os
 import re
 import sys
-from collections.abc import Iterator
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +55,330 @@ def records(path: Path) -> Iterator[dict[str, Any]]:
             yield rec
 
 
+def parse_until(value: str) -> dt.datetime:
+    try:
+        return parse_since(value)
+    except click.BadParameter as exc:
+        raise click.BadParameter(str(exc.message), param_hint="--until") from exc
+
+
+def ts_text(when: dt.datetime) -> str:
+    """A time as records write it (fixed width, so that byte order is time order)."""
+    return when.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+#: Events that are failures whatever their fields say.
+FAILURE_EVENTS = frozenset(
+    {
+        "auth.locked",
+        "auth.rate_limited",
+        "session.refused",
+        "tunnel.refused",
+        "tunnel.failed",
+        "agent.rejected",
+        "admin.refused",
+        "connection.rejected",
+        "connection.rejected.summary",
+        "audit.discontinuity",
+        "audit.recovered",
+    }
+)
+_FAILED = frozenset({"failure", "denied", "timeout", "abandoned", "failed", "deny"})
+_SUCCEEDED = frozenset({"success", "approved", "allow"})
+
+
+def outcome_of(rec: dict[str, Any]) -> str | None:
+    """``success``, ``failure`` or None (a record that is neither, e.g. session.start)."""
+    if rec.get("event") in FAILURE_EVENTS:
+        return "failure"
+    value = rec.get("outcome", rec.get("decision"))
+    if value in _FAILED:
+        return "failure"
+    if value in _SUCCEEDED:
+        return "success"
+    return None
+
+
+def _source_ip(value: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address of ``IP:PORT``, ``[V6]:PORT``, a bare address or ``NET/64``."""
+    if not isinstance(value, str) or not value:
+        return None
+    text = value.split("/")[0]
+    if text.startswith("["):
+        text = text[1 : text.find("]")]
+    elif text.count(":") == 1:
+        text = text.split(":")[0]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+@dataclass
+class Filter:
+    """What ``gw audit`` selects; :meth:`needles` are what a matching line must contain."""
+
+    since: str | None = None
+    until: str | None = None
+    user: str | None = None
+    org: str | None = None
+    org_ids: frozenset[str] = frozenset()
+    vendor: str | None = None
+    vendor_ids: frozenset[str] = frozenset()
+    agent: str | None = None
+    session: str | None = None
+    event: str | None = None
+    outcome: str | None = None
+    source: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+
+    def needles(self) -> list[tuple[bytes, ...]]:
+        """Byte strings the raw line must hold (one of each tuple) to be worth parsing."""
+        out: list[tuple[bytes, ...]] = []
+        for value in (self.user, self.agent, self.session):
+            if value:
+                out.append((json.dumps(value).encode(),))
+        if self.event:
+            exact = not self.event.endswith(".")
+            out.append((b'"event":' + json.dumps(self.event).encode()[: None if exact else -1],))
+        for name, ids in ((self.org, self.org_ids), (self.vendor, self.vendor_ids)):
+            if name:
+                out.append(tuple(json.dumps(v).encode() for v in {name, *ids}))
+        if self.source is not None:
+            out.append((b'"source":',))
+        return out
+
+    def match(self, rec: dict[str, Any]) -> bool:
+        ts = rec.get("ts")
+        if self.since is not None or self.until is not None:
+            if not isinstance(ts, str):
+                return False
+            if self.since is not None and ts < self.since:
+                return False
+            if self.until is not None and ts >= self.until:
+                return False
+        if self.user and self.user not in (rec.get("user"), rec.get("by")):
+            return False
+        if self.agent and rec.get("agent") != self.agent:
+            return False
+        if self.session and rec.get("session") != self.session:
+            return False
+        if self.event:
+            ev = str(rec.get("event", ""))
+            if not (ev == self.event or (self.event.endswith(".") and ev.startswith(self.event))):
+                return False
+        if self.org and not _about(rec, self.org, self.org_ids):
+            return False
+        if self.vendor and not _about(rec, self.vendor, self.vendor_ids):
+            return False
+        if self.outcome and outcome_of(rec) != self.outcome:
+            return False
+        if self.source is not None:
+            ip = _source_ip(rec.get("source"))
+            if ip is None or ip.version != self.source.version or ip not in self.source:
+                return False
+        return True
+
+
+def _about(rec: dict[str, Any], name: str, ids: frozenset[str]) -> bool:
+    if name in (rec.get("org"), rec.get("vendor")):
+        return True
+    return any(rec.get(k) in ids for k in ("user", "agent", "agreement", "id", "by"))
+
+
+def directory_ids(db: Path, org: str | None, vendor: str | None) -> tuple[set[str], set[str]]:
+    """Ids of the org's agents, users and agreements, and of the vendor's users and
+    agreements, read from the state database (read-only)."""
+    import sqlite3
+
+    org_ids: set[str] = set()
+    vendor_ids: set[str] = set()
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"cannot read the state database {db}: {exc}") from exc
+    try:
+        if org:
+            for query in (
+                "SELECT id FROM agents WHERE org = ?",
+                "SELECT id FROM users WHERE org = ?",
+                "SELECT id FROM agreements WHERE org = ?",
+            ):
+                org_ids.update(row[0] for row in conn.execute(query, (org,)))
+        if vendor:
+            for query in (
+                "SELECT id FROM users WHERE vendor = ?",
+                "SELECT id FROM agreements WHERE vendor = ?",
+            ):
+                vendor_ids.update(row[0] for row in conn.execute(query, (vendor,)))
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"cannot read the state database {db}: {exc}") from exc
+    finally:
+        conn.close()
+    return org_ids, vendor_ids
+
+
+def scan(
+    path: Path, flt: Filter, report: Callable[[str], None] | None = None
+) -> Iterator[dict[str, Any]]:
+    """The matching records of the trail, in order.
+
+    Lines are first tested as bytes (the time, then the needles of the filter) and only
+    those that may match are parsed. A line that is not a record, an unreadable file and
+    a compressed file cut short are reported (file and line) and the rest is read.
+    """
+    from gatewayd.audit import Problem, log_files, numbered_lines, rotated_stamp
+
+    files = log_files(path)
+    if flt.since is not None:
+        # A rotated file's stamp is its rotation time, after its last record.
+        since_stamp = flt.since.replace("-", "").replace(":", "").replace(".", "")
+        files = [
+            f
+            for f in files
+            if f == path or (rotated_stamp(f, path) or "9") >= since_stamp[: len("YYYYMMDDTHHMMSS")]
+        ]
+    needles = flt.needles()
+    single = [n[0] for n in needles if len(n) == 1]
+    multi = [n for n in needles if len(n) > 1]
+    since = flt.since.encode() if flt.since is not None else None
+    until = flt.until.encode() if flt.until is not None else None
+    errors: list[Problem] = []
+    for file, number, line in numbered_lines(path, errors, files):
+        if errors and report is not None:
+            for e in errors:
+                report(str(e))
+            errors.clear()
+        if since is not None and line[7:34] < since and line.startswith(b'{"ts":"'):
+            continue
+        if until is not None and line[7:34] >= until and line.startswith(b'{"ts":"'):
+            continue
+        if single and not all(n in line for n in single):
+            continue
+        if multi and not all(any(n in line for n in group) for group in multi):
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict):
+            if report is not None:
+                report(f"{file.name} line {number}: not an audit record")
+            continue
+        if flt.match(rec):
+            yield rec
+    if report is not None:
+        for e in errors:
+            report(str(e))
+
+
+def follow(
+    path: Path,
+    *,
+    poll: float = 0.5,
+    start_at_end: bool = True,
+    after_seq: int = 0,
+    stop: Callable[[], bool] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Records as they are written, like ``tail -f``, through rotation.
+
+    A renamed file is read to its end through the descriptor still open on it before
+    the new live file is opened; records are told apart by ``seq``, so none is shown
+    twice, and a file rotated away before it was opened is read from its rotated name.
+    """
+    from gatewayd.audit import log_files, open_log_file
+
+    last = after_seq
+    fd: int | None = None
+    ino = 0
+    pending = b""
+    first_open = True
+    checked_gap = False
+
+    def parse(line: bytes) -> dict[str, Any] | None:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            return None
+        if isinstance(rec, dict) and isinstance(rec.get("seq"), int):
+            return rec
+        return None
+
+    def catch_up(below: int) -> Iterator[dict[str, Any]]:
+        nonlocal last
+        for f in log_files(path):
+            if f == path:
+                continue
+            try:
+                with open_log_file(f) as h:
+                    for raw in h:
+                        rec = parse(raw.rstrip(b"\n"))
+                        if rec is not None and last < rec["seq"] < below:
+                            last = rec["seq"]
+                            yield rec
+            except (OSError, EOFError):
+                continue
+
+    while stop is None or not stop():
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                time.sleep(poll)
+                continue
+            ino, pending = os.fstat(fd).st_ino, b""
+            if first_open and start_at_end:
+                size = os.fstat(fd).st_size
+                os.lseek(fd, size, os.SEEK_SET)
+                if last == 0:
+                    last = _last_seq(path)
+            first_open = False
+            checked_gap = False
+        chunk = os.read(fd, 1 << 20)
+        if chunk:
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            for line in complete:
+                rec = parse(line)
+                if rec is None or rec["seq"] <= last:
+                    continue
+                if rec["seq"] > last + 1 and not checked_gap and last:
+                    yield from catch_up(rec["seq"])  # a file rotated away unseen
+                checked_gap = True
+                last = rec["seq"]
+                yield rec
+            continue
+        try:
+            renamed = os.stat(path).st_ino != ino
+        except FileNotFoundError:
+            renamed = True
+        if renamed:
+            # Drain what was written before the rename, then take the new file.
+            while chunk := os.read(fd, 1 << 20):
+                pending += chunk
+            for line in pending.split(b"\n"):
+                rec = parse(line)
+                if rec is not None and rec["seq"] > last:
+                    last = rec["seq"]
+                    yield rec
+            os.close(fd)
+            fd = None
+            continue
+        time.sleep(poll)
+    if fd is not None:
+        os.close(fd)
+
+
+def _last_seq(path: Path) -> int:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return 0
+    for line in reversed(data.splitlines()):
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            return int(json.loads(line)["seq"])
+    return 0
+
+
 def _path(config_path: Path) -> Path:
     from gatewayd import config as config_mod
 
@@ -58,6 +389,8 @@ def _path(config_path: Path) -> Path:
 
 
 COLUMNS = ["ts", "event", "user", "agent", "target", "mode", "outcome", "reason", "source"]
+CSV_COLUMNS = ["ts", "seq", "node", "event", "session", "user", "agent", "target", "mode"]
+CSV_COLUMNS += ["outcome", "reason", "source", "details"]
 
 
 def _summary(rec: dict[str, Any]) -> list[str]:
@@ -94,24 +427,155 @@ def _summary(rec: dict[str, Any]) -> list[str]:
     return [printable(v) if v else "-" for v in values]
 
 
+def _csv_row(rec: dict[str, Any]) -> list[str]:
+    known = set(CSV_COLUMNS) | {"prev", "decision", "message"}
+    row = []
+    for column in CSV_COLUMNS[:-1]:
+        if column == "outcome":
+            value: Any = rec.get("outcome") or rec.get("decision") or outcome_of(rec)
+        elif column == "reason":
+            value = rec.get("reason") or rec.get("message")
+        else:
+            value = rec.get(column)
+        row.append("" if value is None else str(value))
+    rest = {k: v for k, v in rec.items() if k not in known}
+    row.append(json.dumps(rest, separators=(",", ":")) if rest else "")
+    return row
+
+
+class Output:
+    """Prints records as an aligned table (failures stand out on a terminal), JSON lines
+    or CSV. The table is printed in blocks, so ``--follow`` shows records at once."""
+
+    def __init__(self, fmt: str, color: bool) -> None:
+        self.fmt = fmt
+        self.color = color
+        self.count = 0
+        self.widths: list[int] | None = None
+        self.writer = csv.writer(sys.stdout, lineterminator="\n") if fmt == "csv" else None
+
+    def header(self) -> None:
+        if self.writer is not None:
+            self.writer.writerow(CSV_COLUMNS)
+
+    def rows(self, recs: list[dict[str, Any]]) -> None:
+        for rec in recs:
+            self.count += 1
+            if self.fmt == "json":
+                click.echo(json.dumps(rec, separators=(",", ":")))
+            elif self.writer is not None:
+                self.writer.writerow(_csv_row(rec))
+                sys.stdout.flush()
+        if self.fmt != "table" or not recs:
+            return
+        rows = [(_summary(r), outcome_of(r) == "failure") for r in recs]
+        if self.widths is None:
+            self.widths = [
+                min(max(len(c), *(len(r[i]) for r, _ in rows)), 60) for i, c in enumerate(COLUMNS)
+            ]
+            title = "  ".join(c.upper().ljust(w) for c, w in zip(COLUMNS, self.widths, strict=True))
+            click.echo(click.style(title.rstrip(), bold=True) if self.color else title.rstrip())
+        for r, failed in rows:
+            text = "  ".join(v[:w].ljust(w) for v, w in zip(r, self.widths, strict=True)).rstrip()
+            if failed:
+                text = click.style(text, fg="red", bold=True) if self.color else text
+            click.echo(text)
+
+
+def _warn(text: str) -> None:
+    click.echo(f"gw audit: {printable(text)}", err=True)
+
+
+def _make_filter(
+    config_path: Path,
+    *,
+    since: str | None,
+    until: str | None,
+    user: str | None,
+    org: str | None,
+    vendor: str | None,
+    agent: str | None,
+    session: str | None,
+    event: str | None,
+    outcome: str | None,
+    source: str | None,
+) -> Filter:
+    from gatewayd import config as config_mod
+
+    net = None
+    if source:
+        try:
+            net = ipaddress.ip_network(source.strip(), strict=False)
+        except ValueError as exc:
+            raise click.BadParameter(
+                f"{source!r}: expected an address or a network (10.0.0.0/8)", param_hint="--source"
+            ) from exc
+    org_ids: set[str] = set()
+    vendor_ids: set[str] = set()
+    if org or vendor:
+        try:
+            db = config_mod.load(config_path).store.path
+        except GatewayError as exc:
+            raise click.ClickException(f"config error: {exc}") from exc
+        if db.exists():
+            org_ids, vendor_ids = directory_ids(db, org, vendor)
+        else:
+            _warn(f"no state database at {db}: --org/--vendor match the records' own fields")
+    return Filter(
+        since=ts_text(parse_since(since)) if since else None,
+        until=ts_text(parse_until(until)) if until else None,
+        user=user,
+        org=org,
+        org_ids=frozenset(org_ids),
+        vendor=vendor,
+        vendor_ids=frozenset(vendor_ids),
+        agent=agent,
+        session=session,
+        event=event,
+        outcome=outcome,
+        source=net,
+    )
+
+
+def _filter_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--since", help="Since a duration ago (30m, 2h, 7d), a date or a time."),
+        click.option("--until", help="Before a duration ago, a date or an RFC 3339 time."),
+        click.option("--user", help="Records of this user (or admin changes by them)."),
+        click.option("--org", help="Records about this org: its agents, users, agreements."),
+        click.option("--vendor", help="Records about this vendor: its users and agreements."),
+        click.option("--agent", help="Records about this agent."),
+        click.option("--session", help="Records of this session."),
+        click.option("--event", help="This event, or a prefix ending in '.' (auth.)."),
+        click.option(
+            "--outcome", type=click.Choice(["success", "failure"]), help="Successes or failures."
+        ),
+        click.option("--source", help="Records from this address or network (IP/CIDR)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 @click.group(invoke_without_command=True)
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="gatewayd's config.")
-@click.option("--since", help="Only records since a duration ago (30m, 2h, 7d) or a time.")
-@click.option("--user", help="Only records of this user.")
-@click.option("--agent", help="Only records about this agent.")
-@click.option("--event", help="Only this event (or prefix ending in '.', e.g. 'tunnel.').")
-@click.option("--session", help="Only records of this session.")
+@_filter_options
+@click.option("--limit", type=click.IntRange(min=1), help="At most N records (the last N).")
+@click.option("--reverse", is_flag=True, help="Newest first.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new records (like tail -f).")
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON lines.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print the records as CSV.")
 @click.pass_context
 def audit(
     ctx: click.Context,
+    /,
     config_path: Path | None,
-    since: str | None,
-    user: str | None,
-    agent: str | None,
-    event: str | None,
-    session: str | None,
+    limit: int | None,
+    reverse: bool,
+    follow: bool,
     as_json: bool,
+    as_csv: bool,
+    **filters: Any,
 ) -> None:
     """Read the audit trail, filtered; `gw audit verify` checks its integrity."""
     ctx.obj = config_path
@@ -119,41 +583,184 @@ def audit(
         return
     if config_path is None:
         raise click.UsageError("give --config PATH")
+    if as_json and as_csv:
+        raise click.UsageError("give --json or --csv, not both")
+    if follow and reverse:
+        raise click.UsageError("--follow shows records as they come: not with --reverse")
     path = _path(config_path)
-    start = parse_since(since) if since else None
-    rows = []
-    for rec in records(path):
-        if start is not None:
-            try:
-                ts = dt.datetime.fromisoformat(str(rec.get("ts", "")).replace("Z", "+00:00"))
-            except ValueError:
-                continue
-            if ts < start:
-                continue
-        if user and user not in (rec.get("user"), rec.get("by")):
-            continue
-        if agent and rec.get("agent") != agent:
-            continue
-        if session and rec.get("session") != session:
-            continue
-        if event and not (
-            rec.get("event") == event
-            or (event.endswith(".") and str(rec.get("event", "")).startswith(event))
-        ):
-            continue
-        if as_json:
-            click.echo(json.dumps(rec, separators=(",", ":")))
-        else:
-            rows.append(_summary(rec))
+    flt = _make_filter(config_path, **filters)
+    fmt = "json" if as_json else "csv" if as_csv else "table"
+    out = Output(fmt, color=sys.stdout.isatty())
+    out.header()
+    if limit is not None and not reverse:
+        found: list[dict[str, Any]] = list(deque(scan(path, flt, _warn), maxlen=limit))
+    else:
+        found = list(scan(path, flt, _warn))
+        if reverse:
+            found.reverse()
+        if limit is not None:
+            found = found[:limit]
+    out.rows(found)
+    if follow:
+        last = max((r["seq"] for r in found if isinstance(r.get("seq"), int)), default=0)
+        try:
+            for rec in follow_records(path, last):
+                if flt.match(rec):
+                    out.rows([rec])
+        except KeyboardInterrupt:
+            return
+        return
+    if not out.count and fmt == "table":
+        click.echo("no matching records", err=True)
+
+
+def follow_records(path: Path, last: int) -> Iterator[dict[str, Any]]:
+    """New records after what was printed: from the end, or after seq ``last``."""
+    return follow(path, poll=0.5, start_at_end=last == 0, after_seq=last)
+
+
+@audit.command("sessions")
+@click.option("--config", "config_path", type=click.Path(path_type=Path))
+@_filter_options
+@click.option("--limit", type=click.IntRange(min=1), help="At most N sessions (the last N).")
+@click.option("--reverse", is_flag=True, help="Newest first.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a line.")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV.")
+@click.pass_obj
+def sessions_cmd(
+    parent: Path | None,
+    /,
+    config_path: Path | None,
+    limit: int | None,
+    reverse: bool,
+    as_json: bool,
+    as_csv: bool,
+    **filters: Any,
+) -> None:
+    """One row per session: who, vendor/org, agent, target, mode, reason, approved by,
+    start, duration, bytes each way, end reason: the view an organisation reviews."""
+    path_cfg = config_path or parent
+    if path_cfg is None:
+        raise click.UsageError("give --config PATH")
+    path = _path(path_cfg)
+    event = filters.pop("event")
+    if event:
+        raise click.UsageError("gw audit sessions: --event does not apply")
+    since, until = filters.pop("since"), filters.pop("until")
+    flt = _make_filter(path_cfg, since=None, until=None, event=None, **filters)
+    window = Filter(
+        since=ts_text(parse_since(since)) if since else None,
+        until=ts_text(parse_until(until)) if until else None,
+    )
+    rows = session_rows(scan(path, Filter(), _warn), flt, window, _org_of_agents(path_cfg))
+    if reverse:
+        rows.reverse()
+    if limit is not None:
+        rows = rows[-limit:] if not reverse else rows[:limit]
     if as_json:
+        for row in rows:
+            click.echo(json.dumps(row, separators=(",", ":")))
+        return
+    if as_csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(SESSION_COLUMNS)
+        for row in rows:
+            writer.writerow(["" if row[c] is None else str(row[c]) for c in SESSION_COLUMNS])
         return
     if not rows:
-        click.echo("no matching records", err=True)
+        click.echo("no matching sessions", err=True)
         return
-    widths = [min(max(len(c), *(len(r[i]) for r in rows)), 60) for i, c in enumerate(COLUMNS)]
-    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(COLUMNS, widths, strict=True)).rstrip())
-    for r in rows:
+    table = [
+        [printable(str(row[c])) if row[c] not in (None, "") else "-" for c in SESSION_COLUMNS]
+        for row in rows
+    ]
+    widths = [
+        min(max(len(c), *(len(r[i]) for r in table)), 40) for i, c in enumerate(SESSION_COLUMNS)
+    ]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(SESSION_COLUMNS, widths, strict=True)))
+    for r in table:
         click.echo("  ".join(v[:w].ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+SESSION_COLUMNS = ["session", "user", "vendor", "org", "agent", "target", "mode", "reason"]
+SESSION_COLUMNS += ["approved_by", "start", "duration", "bytes_up", "bytes_down", "end"]
+
+
+def _org_of_agents(config_path: Path) -> dict[str, dict[str, str]]:
+    """{"agent": {id: org}, "user": {id: vendor or org}} from the state database, if readable."""
+    import sqlite3
+
+    from gatewayd import config as config_mod
+
+    found: dict[str, dict[str, str]] = {"agent": {}, "vendor": {}}
+    try:
+        db = config_mod.load(config_path).store.path
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    except (GatewayError, sqlite3.Error):
+        return found
+    try:
+        found["agent"] = {a: o for a, o in conn.execute("SELECT id, org FROM agents")}
+        found["vendor"] = {
+            u: v for u, v in conn.execute("SELECT id, vendor FROM users") if v is not None
+        }
+    except sqlite3.Error:
+        pass
+    finally:
+        conn.close()
+    return found
+
+
+def session_rows(
+    recs: Iterator[dict[str, Any]],
+    flt: Filter,
+    window: Filter,
+    directory: dict[str, dict[str, str]],
+) -> list[dict[str, Any]]:
+    """Sessions that started within ``window`` and match ``flt``, oldest first."""
+    by_id: dict[str, dict[str, Any]] = {}
+    agent_org: dict[str, str] = dict(directory.get("agent", {}))
+    for rec in recs:
+        event = rec.get("event")
+        if event == "agent.connect" and isinstance(rec.get("agent"), str):
+            agent_org.setdefault(rec["agent"], str(rec.get("org") or ""))
+        sid = rec.get("session")
+        if not isinstance(sid, str):
+            continue
+        if event == "session.start":
+            if not window.match(rec):
+                continue
+            by_id[sid] = {
+                "session": sid,
+                "user": rec.get("user"),
+                "vendor": directory.get("vendor", {}).get(str(rec.get("user"))),
+                "org": None,
+                "agent": rec.get("agent"),
+                "target": rec.get("target"),
+                "mode": rec.get("mode"),
+                "reason": rec.get("reason_given"),
+                "approved_by": rec.get("approved_by"),
+                "start": rec.get("ts"),
+                "duration": None,
+                "bytes_up": None,
+                "bytes_down": None,
+                "end": None,
+                "_recs": [rec],
+            }
+        elif sid in by_id:
+            row = by_id[sid]
+            row["_recs"].append(rec)
+            if event == "session.end":
+                row["duration"] = rec.get("duration")
+                row["bytes_up"] = rec.get("bytes_up")
+                row["bytes_down"] = rec.get("bytes_down")
+                row["end"] = rec.get("reason")
+    rows = []
+    for row in by_id.values():
+        row["org"] = agent_org.get(str(row["agent"])) or None
+        recs_of = row.pop("_recs")
+        if any(flt.match(r) for r in recs_of):
+            rows.append(row)
+    return rows
 
 
 def _public_key(config_path: Path, key_file: Path | None) -> Any:
