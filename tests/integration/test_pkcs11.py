@@ -13,6 +13,7 @@ is tested through OpenSC and the virtual PIV card (test_pkcs11_opensc.py).
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,7 @@ from test_smartcard import (
     toml_table,
 )
 
-from gatewayd.demo import free_port, round_trip, wait_for
+from gatewayd.demo import BIN, free_port, round_trip, wait_for
 
 if TYPE_CHECKING:
     from world import World
@@ -69,14 +70,19 @@ class Office:
         return user
 
     def connect(
-        self, user: str, hsm: softhsm.SoftHSM | None, *extra: str, module: str | None = None
+        self,
+        user: str,
+        hsm: softhsm.SoftHSM | None,
+        *extra: str,
+        module: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> tuple[Terminal, int]:
         port = free_port()
         args = self.lab.connect_args(
             "pc1", user, "echo", "homeoffice", "-L", f"127.0.0.1:{port}", "--smartcard",
             *(["--pkcs11-module", module or softhsm.MODULE] if module != "" else []), *extra,
         )  # fmt: skip
-        env = dict(hsm.env) if hsm else {}
+        env = {**(hsm.env if hsm else {}), **(env or {})}
         if module == "":
             env["GW_PKCS11_MODULE"] = "/nonexistent/env-pkcs11.so"
         return Terminal(self.lab, args, env), port
@@ -335,3 +341,39 @@ def test_key_that_does_not_match_its_certificate(office: Office, hsm: softhsm.So
     wait_for(lambda: bool(office.attempts(user)), 10, "auth.attempt")
     (record,) = office.attempts(user)
     assert (record["reason"], record["reported_by"]) == ("card error", "client")
+
+
+def test_without_python_pkcs11(office: Office, hsm: softhsm.SoftHSM, tmp_path: Path) -> None:
+    fake = tmp_path / "site" / "pkcs11"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ImportError("python-pkcs11 is not installed")\n')
+    user = office.employee(pki.person_id(114))
+    env = {"PYTHONPATH": str(fake.parent)}
+    status, out, _ = office.attempt(user, hsm, pin=None, env=env)
+    assert status == 4
+    assert one_line(out) == (
+        "gw: smartcards through a PKCS#11 module need python-pkcs11: pip install 'gatewayd[pkcs11]'"
+    )
+
+
+def test_pin_needs_a_terminal(office: Office, hsm: softhsm.SoftHSM) -> None:
+    card = card_on_token(office, hsm, 115)
+    user = office.employee(card.person)
+    args = office.lab.connect_args(
+        "pc1", user, "echo", "homeoffice", "--stdio", "--smartcard",
+        "--pkcs11-module", softhsm.MODULE,
+    )  # fmt: skip
+    result = subprocess.run(
+        [str(BIN / args[0]), *args[1:]],
+        input="",
+        capture_output=True,
+        text=True,
+        env=office.lab.env() | hsm.env,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 4
+    assert one_line(result.stderr) == (
+        f"gw: PIN for the smartcard of Nordmann Kari115 ({TOKEN}) needed, "
+        "but there is no terminal to ask on"
+    )
