@@ -474,12 +474,13 @@ class Output:
                 min(max(len(c), *(len(r[i]) for r, _ in rows)), 60) for i, c in enumerate(COLUMNS)
             ]
             title = "  ".join(c.upper().ljust(w) for c, w in zip(COLUMNS, self.widths, strict=True))
-            click.echo(click.style(title.rstrip(), bold=True) if self.color else title.rstrip())
+            title = title.rstrip()
+            click.echo(click.style(title, bold=True) if self.color else title, color=self.color)
         for r, failed in rows:
             text = "  ".join(v[:w].ljust(w) for v, w in zip(r, self.widths, strict=True)).rstrip()
             if failed:
                 text = click.style(text, fg="red", bold=True) if self.color else text
-            click.echo(text)
+            click.echo(text, color=self.color)
 
 
 def _warn(text: str) -> None:
