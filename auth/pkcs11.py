@@ -69,6 +69,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from relay.errors import AuthError, DeviceError
+from relay.text import printable
 
 from .base import JSON, Prompt, Prover, b64d, b64e
 from .smartcard import (
@@ -170,9 +171,11 @@ class _Found:
 
 
 def _cn(name: x509.Name) -> str:
+    """The common name, made safe for a terminal (a card chose it)."""
     names = name.get_attributes_for_oid(NameOID.COMMON_NAME)
     value = names[0].value if names else name.rfc4514_string()
-    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    text = value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return printable(text, 64)
 
 
 def _holder(cert: x509.Certificate) -> str:
@@ -230,7 +233,8 @@ class Pkcs11Prover(Prover):
         try:
             self._check_validity(found.cert)
             stage = "pin"
-            text = f"PIN for the smartcard of {_holder(found.cert)} ({found.token_label})"
+            token = printable(found.token_label, 64)
+            text = f"PIN for the smartcard of {_holder(found.cert)} ({token})"
             text += await asyncio.to_thread(self._tries_text, found)
             pin = self._prompt(text + ": ", True)
             stage = "login"

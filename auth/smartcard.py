@@ -1503,9 +1503,12 @@ def _card_events(scard: ModuleType, context: int, reader_name: str) -> int | Non
 
 
 def _holder(cert: x509.Certificate) -> str:
+    """The card holder's common name, made safe for a terminal (the card chose it)."""
+    from relay.text import printable
+
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     value = names[0].value if names else _name(cert.subject)
-    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return printable(value if isinstance(value, str) else value.decode("utf-8", "replace"), 64)
 
 
 class SmartcardProver(Prover):

@@ -377,3 +377,24 @@ def test_pin_needs_a_terminal(office: Office, hsm: softhsm.SoftHSM) -> None:
         f"gw: PIN for the smartcard of Nordmann Kari115 ({TOKEN}) needed, "
         "but there is no terminal to ask on"
     )
+
+
+def test_names_from_the_token_cannot_write_to_the_terminal(
+    office: Office, hsm: softhsm.SoftHSM
+) -> None:
+    # A hostile token: its label clears the screen and reverses the text after it.
+    label = "Kari\x1b[2J\u202eevil"
+    card = office.pki.card(116)
+    hsm.token(label, PIN)
+    hsm.put(label, PIN, card.auth, label="A\x1b]0;title\x07", key_id="01")
+    hsm.put(label, PIN, office.pki.card(117).auth, label="B", key_id="02")
+    user = office.employee(card.person)
+    status, out, _ = office.attempt(user, hsm, pin=None)
+    assert status == 4 and "\x1b" not in out and "\u202e" not in out
+    assert "'A\\x1b]0;title\\x07' on 'Kari\\x1b[2J\\u202eevil'" in one_line(out)
+    term, _ = office.connect(user, hsm, "--cert-label", "A\x1b]0;title\x07")
+    try:
+        prompt = term.expect(PROMPT)
+    finally:
+        term.close()
+    assert prompt["token"] == "Kari\\x1b[2J\\u202eevil"
