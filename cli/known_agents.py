@@ -37,12 +37,12 @@ KNOWN_AGENTS_HELP = "The known-agents file (default ~/.config/gw/known_agents.js
 def fingerprint_arg(value: str, param: str) -> str:
     """A fingerprint (or a raw base64url key) typed by a person, as a fingerprint."""
     from relay import noise
-    from relay.client import noise_key
+    from relay.client import agent_key_bytes
     from relay.errors import ProtocolError
 
     try:
         if not value.strip().startswith("SHA256:"):
-            return noise.fingerprint(noise_key(value.strip()))
+            return noise.fingerprint(agent_key_bytes(value.strip()))
         return noise.parse_fingerprint(value)
     except (ValueError, ProtocolError) as exc:
         raise click.BadParameter(
@@ -82,21 +82,31 @@ def _known_option(fn: F) -> F:
 @click.command("fingerprint")
 @click.option("--state-dir", required=True, type=click.Path(path_type=Path, file_okay=False))
 def agent_fingerprint(state_dir: Path) -> None:
-    """Print this agent's end-to-end key fingerprint, to read out to whoever connects."""
+    """Print this agent's end-to-end key fingerprint, to read out to whoever connects.
+
+    It covers the X25519 key and, for an agent with the hybrid handshake, its
+    ML-KEM-768 key too: one fingerprint for both.
+    """
     from relay import noise
-    from relay.client import noise_key
+    from relay.client import noise_key, pq_key
     from relay.errors import NoiseError, ProtocolError
 
     from .main import EXIT_LOCAL, fail
 
     try:
-        # The key the agent really uses; agent.json's copy when noise.key is not readable.
-        private = (state_dir / "noise.key").read_bytes()
-        public = noise.public_key(private)
+        # The keys the agent really uses; agent.json's copy when they are not readable.
+        public = noise.public_key((state_dir / "noise.key").read_bytes())
+        try:
+            kem = noise.kem_public_key((state_dir / "pq.key").read_bytes())
+        except FileNotFoundError:
+            kem = None  # enrolled before the hybrid handshake: X25519 alone
+        public = noise.hybrid_key(public, kem)
     except PermissionError:
         try:
-            public = noise_key(str(json.loads((state_dir / "agent.json").read_text())["noise_key"]))
-        except (OSError, ValueError, KeyError, TypeError, ProtocolError) as exc:
+            info = json.loads((state_dir / "agent.json").read_text())
+            kem = pq_key(str(info["pq_key"])) if info.get("pq_key") else None
+            public = noise.hybrid_key(noise_key(str(info["noise_key"])), kem)
+        except (OSError, ValueError, KeyError, TypeError, ProtocolError, NoiseError) as exc:
             fail(f"{state_dir} holds no readable agent key: {exc}", EXIT_LOCAL)
     except (OSError, NoiseError) as exc:
         fail(f"{state_dir} is not an enrolled agent's state folder: {exc}", EXIT_LOCAL)

@@ -334,7 +334,8 @@ def connect(
         )
         if s.pinned:
             how = "checked with --agent-key" if expected else "first connection, not checked"
-            info(f"gw: pinned the key of agent {agent} ({how}): {noise.fingerprint(s.agent_key)}")
+            fp = noise.fingerprint(s.agent_identity)
+            info(f"gw: pinned the key of agent {agent} ({how}): {fp}")
         if verbose:
             info(f"gw: session {s.opened.session_id} open in {time.monotonic() - started:.2f}s")
 

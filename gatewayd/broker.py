@@ -30,6 +30,7 @@ from typing import Any
 
 import structlog
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
@@ -49,6 +50,8 @@ log = structlog.get_logger("gatewayd.broker")
 
 #: Seconds a person gets for each factor (typing a code, a PIN, touching a key).
 AUTH_STEP_TIMEOUT = 120.0
+#: Why ``[e2e] require_hybrid`` refuses an agent enrolled before the hybrid handshake.
+NO_PQ_KEY = "no post-quantum key ([e2e] require_hybrid is on; enroll the agent again)"
 
 _REPLAYED = "already used (a replay, or a concurrent login with the same proof)"
 _CHANGED = "credential changed during the login (by an administrator or another login)"
@@ -523,6 +526,10 @@ class Broker:
             self.audit.write("session.refused", **context, reason="target unknown")
             link.send_error("target_unknown", f"agent {hello.agent} has no target {hello.target}")
             return
+        if self._classic_refused(hello.agent):
+            self.audit.write("session.refused", **context, reason=NO_PQ_KEY)
+            link.send_error("denied", f"agent {hello.agent}: {NO_PQ_KEY}")
+            return
         approved_by = ""
         if decision.needs_approval:
             answer = await self._ask_approval(link, online, hello, sid, client_key, context)
@@ -565,6 +572,7 @@ class Broker:
                 agent=hello.agent,
                 target=hello.target,
                 agent_key=agent.noise_key,
+                agent_pq_key=agent.pq_key or "",
                 expires=session.expires,
                 watch_card=mode_cfg.end_on_card_removal,
                 card_heartbeat=mode_cfg.card_heartbeat if watched else 0.0,
@@ -666,7 +674,7 @@ class Broker:
                     timeout=timeout,
                 )
             )
-            link.send(m.ApprovalPending(request, sid, agent.noise_key, timeout))
+            link.send(m.ApprovalPending(request, sid, agent.noise_key, timeout, agent.pq_key or ""))
             gone: asyncio.Future[Any] = asyncio.ensure_future(link.closed)
             either: set[asyncio.Future[Any]] = {waiter, gone}
             async with asyncio.timeout(timeout + 5):  # the agent times out first
@@ -853,6 +861,10 @@ class Broker:
             self.audit.write("tunnel.refused", **fields, reason="agent offline")
             link.send_error("agent_offline", f"agent {session.agent} is not connected")
             return False
+        if self._classic_refused(session.agent):
+            self.audit.write("tunnel.refused", **fields, reason=NO_PQ_KEY)
+            link.send_error("denied", f"agent {session.agent}: {NO_PQ_KEY}")
+            return False
         token = secrets.token_urlsafe(32)
         waiter: asyncio.Future[FramedLink] = asyncio.get_running_loop().create_future()
         self.pending_dials[token] = (session.agent, waiter)
@@ -878,7 +890,9 @@ class Broker:
         finally:
             self.pending_dials.pop(token, None)
         try:
-            await self.audit.record("tunnel.start", **fields, tunnel=tunnel_id)
+            await self.audit.record(
+                "tunnel.start", **fields, tunnel=tunnel_id, e2e=self._e2e(session.agent)
+            )
         except AuditError:
             agent_link.send_error("unavailable", "audit log unavailable")
             agent_link.close()
@@ -1040,6 +1054,8 @@ class Broker:
             noise_key = b64d(hello.noise_key)
             if len(noise_key) != 32:
                 raise ValueError("noise key must be 32 bytes")
+            if hello.pq_key:  # an ML-KEM-768 encapsulation key (FIPS 203 7.2's checks)
+                MLKEM768PublicKey.from_public_bytes(b64d(hello.pq_key))
             cert = ca.sign_agent_csr(
                 self.ca_key, self.ca_cert, hello.csr, agent_id, self.config.enrollment.cert_days
             )
@@ -1050,7 +1066,9 @@ class Broker:
             link.send_error("protocol_error", str(exc))
             return
         der = cert.public_bytes(Encoding.DER)
-        taken = self.store.take_enrollment(hello.token, ca.fingerprint(der), hello.noise_key, now)
+        taken = self.store.take_enrollment(
+            hello.token, ca.fingerprint(der), hello.noise_key, now, hello.pq_key or None
+        )
         if taken != agent_id:
             link.send_error("auth_failed", "enrollment token unknown, used or expired")
             return
@@ -1062,6 +1080,18 @@ class Broker:
             fingerprint=ca.fingerprint(der),
         )
         link.send(m.Enrolled(agent=agent_id, certificate=ca.cert_pem(cert).decode()))
+
+    # -- end-to-end handshake --------------------------------------------------------
+
+    def _e2e(self, agent_id: str) -> str:
+        """The end-to-end handshake of the agent's tunnels: ``hybrid`` for an agent with
+        an ML-KEM key (it answers no other, and clients are given the key)."""
+        agent = self.store.get_agent(agent_id)
+        return "hybrid" if agent is not None and agent.pq_key else "classic"
+
+    def _classic_refused(self, agent_id: str) -> bool:
+        """``[e2e] require_hybrid`` is on and the agent can only run the classic handshake."""
+        return self.config.e2e.require_hybrid and self._e2e(agent_id) == "classic"
 
     # -- control --------------------------------------------------------------------
 

@@ -148,6 +148,13 @@ class ModeSection:
     """Seconds the person at the machine has to approve; no answer is a denial (max 600)."""
 
 
+@dataclass(frozen=True, slots=True)
+class E2ESection:
+    require_hybrid: bool = False
+    """Refuse sessions and tunnels to agents without an ML-KEM-768 key (enrolled before
+    the hybrid handshake): every tunnel then runs X25519 + ML-KEM-768."""
+
+
 DEFAULT_FACTORS = (("password",), ("totp",))
 
 
@@ -162,6 +169,7 @@ class Config:
     limits: LimitsSection = field(default_factory=LimitsSection)
     lockout: LockoutSection = field(default_factory=LockoutSection)
     enrollment: EnrollmentSection = field(default_factory=EnrollmentSection)
+    e2e: E2ESection = field(default_factory=E2ESection)
     modes: Mapping[str, ModeSection] = field(default_factory=dict)
     auth: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """Per-factor settings tables (``[auth.totp]``, ``[auth.smartcard]``...)."""
@@ -368,6 +376,10 @@ def parse(text: str, path: Path) -> Config:
     )
     en.done()
 
+    ee = root.table("e2e")
+    e2e = E2ESection(require_hybrid=ee.get("require_hybrid", bool, False))
+    ee.done()
+
     from auth import registry  # late: only validation needs it
 
     known = set(registry.names())
@@ -422,6 +434,7 @@ def parse(text: str, path: Path) -> Config:
         limits=limits,
         lockout=lockout,
         enrollment=enrollment,
+        e2e=e2e,
         modes=modes,
         auth=auth,
     )

@@ -75,7 +75,7 @@ CREATE TABLE IF NOT EXISTS agents (
     id TEXT PRIMARY KEY, org TEXT NOT NULL REFERENCES orgs(id), created REAL NOT NULL,
     disabled INTEGER NOT NULL DEFAULT 0,
     token_hash TEXT, token_expires REAL,
-    cert_fingerprint TEXT, noise_key TEXT, enrolled REAL, last_seen REAL);
+    cert_fingerprint TEXT, noise_key TEXT, enrolled REAL, last_seen REAL, pq_key TEXT);
 CREATE TABLE IF NOT EXISTS agreements (
     id TEXT PRIMARY KEY, vendor TEXT NOT NULL REFERENCES vendors(id),
     org TEXT NOT NULL REFERENCES orgs(id), modes TEXT NOT NULL,
@@ -98,6 +98,7 @@ _ADDED_COLUMNS = (
     ("users", "pending", "INTEGER NOT NULL DEFAULT 0"),
     ("users", "admin_locked", "INTEGER NOT NULL DEFAULT 0"),
     ("credentials", "version", "INTEGER NOT NULL DEFAULT 1"),
+    ("agents", "pq_key", "TEXT"),
 )
 
 
@@ -189,6 +190,8 @@ class Agent:
     noise_key: str | None
     token_expires: float | None
     last_seen: float | None
+    pq_key: str | None = None
+    """The agent's ML-KEM-768 public key (base64url); None if enrolled before it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -694,9 +697,17 @@ class Store:
         return None if row is None else str(row["id"])
 
     def take_enrollment(
-        self, token: str, fingerprint: str, noise_key: str, now: float
+        self,
+        token: str,
+        fingerprint: str,
+        noise_key: str,
+        now: float,
+        pq_key: str | None = None,
     ) -> str | None:
-        """Consume a valid enrollment token; record the agent's keys. Returns the agent id."""
+        """Consume a valid enrollment token; record the agent's keys. Returns the agent id.
+
+        ``pq_key`` is the agent's ML-KEM-768 public key; enrolling again replaces both keys.
+        """
         with self.tx() as db:
             row = db.execute(
                 "SELECT id, token_expires, disabled FROM agents WHERE token_hash = ?",
@@ -706,8 +717,8 @@ class Store:
                 return None
             db.execute(
                 "UPDATE agents SET token_hash = NULL, token_expires = NULL, "
-                "cert_fingerprint = ?, noise_key = ?, enrolled = ? WHERE id = ?",
-                (fingerprint, noise_key, now, row["id"]),
+                "cert_fingerprint = ?, noise_key = ?, pq_key = ?, enrolled = ? WHERE id = ?",
+                (fingerprint, noise_key, pq_key, now, row["id"]),
             )
             return str(row["id"])
 
@@ -724,6 +735,7 @@ class Store:
             row["noise_key"],
             row["token_expires"],
             row["last_seen"],
+            row["pq_key"],
         )
 
     def touch_agent(self, agent: str, now: float) -> None:

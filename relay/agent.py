@@ -5,7 +5,9 @@ State folder (``--state-dir``), written by :func:`enroll`:
 - ``agent.json``: agent id and gateway address;
 - ``agent.key`` / ``agent.pem``: the TLS key and the certificate the gateway CA issued;
 - ``ca.pem``: the gateway CA;
-- ``noise.key``: the agent's Noise static private key (the end-to-end identity).
+- ``noise.key``: the agent's Noise static private key (the end-to-end identity);
+- ``pq.key``: the seed of its ML-KEM-768 key (the hybrid handshake's half of that
+  identity; absent in folders enrolled before it, whose tunnels stay classic).
 
 :class:`Agent` keeps a control connection up (reconnecting with jittered
 exponential backoff), announces its target *names*, and answers each dial request
@@ -93,6 +95,7 @@ async def enroll(gateway: str, ca_file: Path, token: str, state_dir: Path) -> st
         .sign(key, hashes.SHA256())
     )
     noise_private, noise_public = noise.generate_keypair()
+    pq_seed, pq_public = noise.generate_kem_keypair()
     try:
         link = await open_link(host, port, client_context(ca_file))
     except (OSError, TimeoutError) as exc:
@@ -103,6 +106,7 @@ async def enroll(gateway: str, ca_file: Path, token: str, state_dir: Path) -> st
                 token=token,
                 csr=csr.public_bytes(serialization.Encoding.PEM).decode(),
                 noise_key=_b64(noise_public),
+                pq_key=_b64(pq_public),
             )
         )
         reply = await link.expect(m.Enrolled)
@@ -123,8 +127,16 @@ async def enroll(gateway: str, ca_file: Path, token: str, state_dir: Path) -> st
     (state_dir / "agent.pem").write_text(reply.certificate)
     (state_dir / "ca.pem").write_bytes(ca_pem)
     _write_private(state_dir / "noise.key", noise_private)
+    _write_private(state_dir / "pq.key", pq_seed)
     (state_dir / "agent.json").write_text(
-        json.dumps({"agent": reply.agent, "gateway": gateway, "noise_key": _b64(noise_public)})
+        json.dumps(
+            {
+                "agent": reply.agent,
+                "gateway": gateway,
+                "noise_key": _b64(noise_public),
+                "pq_key": _b64(pq_public),
+            }
+        )
     )
     return reply.agent
 
@@ -135,6 +147,14 @@ class AgentState:
     gateway: str
     state_dir: Path
     noise_private: bytes
+    #: The seed of the agent's ML-KEM-768 key; None for an agent enrolled before it.
+    kem_seed: bytes | None = None
+
+    @property
+    def identity(self) -> bytes:
+        """The agent's whole static public key: X25519, then ML-KEM-768 if it has one."""
+        kem = None if self.kem_seed is None else noise.kem_public_key(self.kem_seed)
+        return noise.hybrid_key(noise.public_key(self.noise_private), kem)
 
     @classmethod
     def load(cls, state_dir: Path) -> AgentState:
@@ -148,7 +168,15 @@ class AgentState:
             ) from exc
         if len(noise_private) != 32:
             raise GatewayError(f"{state_dir / 'noise.key'} is damaged")
-        return cls(str(info["agent"]), str(info["gateway"]), state_dir, noise_private)
+        try:
+            kem_seed: bytes | None = (state_dir / "pq.key").read_bytes()
+        except FileNotFoundError:
+            kem_seed = None
+        except OSError as exc:
+            raise GatewayError(f"cannot read {state_dir / 'pq.key'}: {exc}") from exc
+        if kem_seed is not None and len(kem_seed) != noise.KEM_SEED_LEN:
+            raise GatewayError(f"{state_dir / 'pq.key'} is damaged")
+        return cls(str(info["agent"]), str(info["gateway"]), state_dir, noise_private, kem_seed)
 
 
 class SessionKeys:
@@ -240,6 +268,8 @@ class Agent:
         self.session_pipes: dict[str, set[Pipe]] = {}
         #: The client key each known session's tunnels must present.
         self.session_keys = SessionKeys()
+        #: First handshake messages answered: a replayed one is refused.
+        self.replay = tunnel.ReplayGuard()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -310,9 +340,7 @@ class Agent:
             with contextlib.suppress(GatewayError):
                 control.send(m.ApprovalAnswer(req.request, False, "agent", str(exc)[:200]))
             return
-        sas = tunnel.session_sas(
-            req.session_id, client_key, noise.public_key(self.state.noise_private)
-        )
+        sas = tunnel.session_sas(req.session_id, client_key, self.state.identity)
         approved, by, reason = await self.approvals.ask(
             req.request,
             timeout=max(1.0, req.timeout),
@@ -410,6 +438,8 @@ class Agent:
                 static_private=self.state.noise_private,
                 expected_client_key=expected,
                 session_id=dial.session_id,
+                kem_seed=self.state.kem_seed,
+                replay=self.replay,
             )
         except (GatewayError, OSError, TimeoutError, NoiseError, ProtocolError) as exc:
             self.log("tunnel failed", target=dial.target, error=str(exc))
@@ -422,6 +452,7 @@ class Agent:
             mode=dial.mode,
             target=dial.target,
             sas=est.sas,
+            e2e="hybrid" if est.hybrid else "classic",
         )
         pipe = Pipe(
             local_t, remote_t, codec_a=est.sealer, codec_b=est.opener, names=("target", "tunnel")

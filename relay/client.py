@@ -50,6 +50,10 @@ class AgentKeySwapped(AgentKeyMismatch):
     """The key the gateway gives for the session is not the key the session's code came from."""
 
 
+class AgentKeyDowngrade(AgentKeyMismatch):
+    """The gateway handed a classic key for an agent trusted with its post-quantum key."""
+
+
 class UnknownAgent(AgentKeyMismatch):
     """``--strict-agent-key``: no key is known for this agent, and none was given to check."""
 
@@ -82,7 +86,10 @@ class KnownAgents:
     One JSON object per file: ``{"<gateway host:port> <agent>": "<value>"}``, where the
     value is the agent's Noise key (base64url; pinned on first use) or its fingerprint
     (``SHA256:...``; added by ``gw known-agents add`` from what the machine showed).
-    Either way the check compares fingerprints. Writes replace the file atomically.
+    Either way the check compares fingerprints. An agent with the hybrid handshake has
+    one key of X25519 then ML-KEM-768 (1216 bytes), and one fingerprint covering both:
+    a classic key offered for it is a downgrade and refused. Writes replace the file
+    atomically.
     """
 
     def __init__(self, path: Path) -> None:
@@ -150,14 +157,22 @@ class KnownAgents:
 
     def check(self, gateway: str, agent: str, key: str) -> bool:
         """True if ``key`` was pinned before, False if pinned now; raises on a change."""
-        self.verify(gateway, agent, noise_key(key))
+        self.verify(gateway, agent, agent_key_bytes(key))
         return not self.add(gateway, agent, key)
 
     def verify(self, gateway: str, agent: str, key: bytes) -> bool:
         """True if ``key`` is the trusted one, False if none is trusted; raises on a change."""
-        pinned = self.lookup(gateway, agent)
-        if pinned is None:
+        raw = self._load().get(f"{gateway} {agent}")
+        if raw is None:
             return False
+        pinned = _as_fingerprint(raw, self.path)
+        if pinned != noise.fingerprint(key) and len(key) == noise.DH_LEN and _is_hybrid(raw):
+            raise AgentKeyDowngrade(
+                f"agent {agent} at {gateway} is trusted with its post-quantum key "
+                "(X25519 + ML-KEM-768), but the gateway offers only a classic X25519 key.\n"
+                f"  trusted: {pinned}\n  now:     {noise.fingerprint(key)}\n"
+                "Someone may be trying to downgrade the end-to-end encryption; no byte was sent."
+            )
         if pinned != noise.fingerprint(key):
             raise AgentKeyMismatch(
                 f"the key of agent {agent} at {gateway} has CHANGED since it was first seen.\n"
@@ -170,11 +185,19 @@ class KnownAgents:
         return True
 
 
+def _is_hybrid(value: str) -> bool:
+    """True for a pinned key that covers an ML-KEM-768 key (not for a fingerprint)."""
+    try:
+        return len(agent_key_bytes(value)) > noise.DH_LEN
+    except ProtocolError:
+        return False
+
+
 def _as_fingerprint(value: str, path: Path) -> str:
     try:
         if value.startswith("SHA256:"):
             return noise.parse_fingerprint(value)
-        return noise.fingerprint(noise_key(value))
+        return noise.fingerprint(agent_key_bytes(value))
     except (ValueError, ProtocolError, NoiseError) as exc:
         raise GatewayError(f"known agents file {path}: bad entry {value[:60]!r}: {exc}") from exc
 
@@ -225,6 +248,11 @@ class ClientSession:
         self.opened = opened
         self.static_private = static_private
         self.agent_key = noise_key(opened.agent_key)
+        #: The agent's ML-KEM-768 key: tunnels then run the hybrid handshake.
+        self.agent_pq_key = pq_key(opened.agent_pq_key) if opened.agent_pq_key else None
+        #: The agent's whole static key (X25519, then ML-KEM-768 if any): what is
+        #: pinned, fingerprinted and covered by the session's code.
+        self.agent_identity = noise.hybrid_key(self.agent_key, self.agent_pq_key)
         #: True when this session's agent key was trusted for the first time (pinned).
         self.pinned = False
         self.on_tunnel: Callable[[tunnel.Established], None] | None = None
@@ -247,6 +275,7 @@ class ClientSession:
                 leftover,
                 static_private=self.static_private,
                 agent_key=self.agent_key,
+                agent_kem_key=self.agent_pq_key,
                 session_id=self.opened.session_id,
             )
         except NoiseError:
@@ -438,6 +467,32 @@ def noise_key(text: str) -> bytes:
     return key
 
 
+def pq_key(text: str) -> bytes:
+    """An agent's ML-KEM-768 public key from base64url; ProtocolError if it is not one."""
+    try:
+        key = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        noise.hybrid_key(bytes(noise.DH_LEN), key)  # checks it as an ML-KEM-768 key
+    except (ValueError, NoiseError) as exc:
+        raise ProtocolError(f"agent ML-KEM key: {exc}") from exc
+    return key
+
+
+def agent_key_bytes(text: str) -> bytes:
+    """An agent's whole static key from base64url: X25519 (32 bytes) or hybrid (1216)."""
+    try:
+        key = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except ValueError as exc:
+        raise ProtocolError("agent key is not base64url") from exc
+    if len(key) not in (noise.DH_LEN, noise.DH_LEN + noise.KEM_PUBLIC_LEN):
+        raise ProtocolError("agent key must be 32 (X25519) or 1216 (X25519 + ML-KEM) bytes")
+    return key
+
+
+def _agent_identity(key: str, pq: str) -> bytes:
+    """The whole key a session message names: X25519, then ML-KEM-768 if given."""
+    return noise.hybrid_key(noise_key(key), pq_key(pq) if pq else None)
+
+
 async def open_session(
     gateway: Gateway,
     *,
@@ -480,7 +535,7 @@ async def open_session(
     session = ClientSession(gateway, link, opened, static_private)
     if agent_keys is not None:
         try:
-            session.pinned = agent_keys.pin(session.agent_key)
+            session.pinned = agent_keys.pin(session.agent_identity)
         except BaseException:
             session.end("client refused the agent key")
             raise
@@ -553,7 +608,7 @@ async def _login(
                 return link, msg
             if isinstance(msg, m.ApprovalPending):
                 link.extend_handshake(msg.timeout + 10)
-                key = noise_key(msg.agent_key)
+                key = _agent_identity(msg.agent_key, msg.agent_pq_key)
                 if shown is not None and key != shown:
                     raise AgentKeySwapped("the gateway named two agent keys for one session")
                 if agent_keys is not None:
@@ -585,7 +640,7 @@ def _check_session_key(
 ) -> None:
     """Refuse the session (telling the gateway why, for its audit) unless its agent key
     is the one the code was computed from and the one this client trusts."""
-    key = noise_key(opened.agent_key)
+    key = _agent_identity(opened.agent_key, opened.agent_pq_key)
     try:
         if shown is not None and not hmac.compare_digest(key, shown):
             raise AgentKeySwapped(

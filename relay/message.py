@@ -167,6 +167,15 @@ class EnrollRequest(Message):
     """PEM certificate signing request for the agent's TLS key."""
     noise_key: str
     """The agent's Noise static public key (base64url)."""
+    pq_key: str = ""
+    """The agent's ML-KEM-768 public key (base64url, 1184 bytes) for the hybrid
+    end-to-end handshake; absent from agents that have none."""
+
+    def to_json(self) -> dict[str, Any]:
+        out = Message.to_json(self)
+        if not self.pq_key:
+            del out["pq_key"]
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +260,9 @@ class SessionOpened(Message):
     card_heartbeat: float = 0.0
     """Seconds between the client's :class:`CardPresent` messages while it watches the
     card; the gateway ends the session when they stop. 0 (absent): none expected."""
+    agent_pq_key: str = ""
+    """The agent's enrolled ML-KEM-768 public key (base64url): the tunnels then run the
+    hybrid handshake. Absent for an agent enrolled without one (classic handshake)."""
 
     def __post_init__(self) -> None:
         Message.__post_init__(self)
@@ -263,6 +275,8 @@ class SessionOpened(Message):
             del out["watch_card"]
         if not self.card_heartbeat:
             del out["card_heartbeat"]
+        if not self.agent_pq_key:
+            del out["agent_pq_key"]
         return out
 
 
@@ -335,6 +349,14 @@ class ApprovalPending(Message):
     """The agent's Noise static key, so the client can show the session's SAS now."""
     timeout: float
     """Seconds the person has to answer."""
+    agent_pq_key: str = ""
+    """The agent's ML-KEM-768 key, if it has one: the session's SAS covers it too."""
+
+    def to_json(self) -> dict[str, Any]:
+        out = Message.to_json(self)
+        if not self.agent_pq_key:
+            del out["agent_pq_key"]
+        return out
 
 
 @dataclass(frozen=True, slots=True)

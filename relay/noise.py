@@ -6,6 +6,24 @@ Only the IK pattern (7.5) with X25519 (12.1), ChaChaPoly (12.3) and BLAKE2s (12.
 is implemented, on ``cryptography`` primitives. The module is sans-I/O: it never
 touches a socket or a clock; callers move the bytes.
 
+The hybrid handshake (X25519 + ML-KEM-768, FIPS 203) is IK with the ``psk2``
+modifier (spec 9): ``Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s``, whose psk is not
+shared in advance but made inside the handshake from two ML-KEM-768 shared secrets,
+as PQNoise (Angel et al., CCS 2022) and Rosenpass do with KEM tokens:
+
+    <- s, skem-public                 (the responder's X25519 and ML-KEM keys, known)
+    ...
+    -> e, es, s, ss, skem, ekem       skem: EncryptAndHash(Encaps(rs_kem).ciphertext)
+                                      ekem: EncryptAndHash(a fresh ML-KEM public key)
+    <- e, ee, se, ekem-ct, psk        ekem-ct: EncryptAndHash(Encaps(ekem).ciphertext)
+                                      psk = HASH("gw-hybrid-psk-v1" || ss_static || ss_eph)
+
+The transport keys depend on every X25519 result and on both ML-KEM secrets: an
+attacker must break X25519 *and* ML-KEM-768. ``ss_static`` authenticates the
+responder post-quantum (only the holder of its ML-KEM key decapsulates it); ``ss_eph``
+keeps recorded tunnels secret after a later theft of the responder's static keys
+(forward secrecy against an attacker with a quantum computer).
+
 Every failure raises :class:`relay.errors.NoiseError`. A :class:`HandshakeState` or
 :class:`NoiseStream` that raised on input from the peer is dead: later calls raise too.
 """
@@ -19,12 +37,16 @@ from typing import Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, hmac
+from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey, MLKEM768PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from relay.errors import NoiseError
 
 __all__ = [
+    "HYBRID_MSG1_MIN",
+    "HYBRID_PROTOCOL_NAME",
+    "KEM_PUBLIC_LEN",
     "MAX_MESSAGE",
     "MAX_PLAINTEXT",
     "PROTOCOL_NAME",
@@ -34,13 +56,18 @@ __all__ = [
     "NoiseStream",
     "fingerprint",
     "frame",
+    "generate_kem_keypair",
     "generate_keypair",
+    "hybrid_key",
+    "kem_public_key",
     "parse_fingerprint",
     "public_key",
     "short_auth_string",
+    "split_key",
 ]
 
 PROTOCOL_NAME: Final = b"Noise_IK_25519_ChaChaPoly_BLAKE2s"
+HYBRID_PROTOCOL_NAME: Final = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
 MAX_MESSAGE: Final = 65535  # spec 3: a Noise message is at most 65535 bytes
 TAG_LEN: Final = 16  # spec 4.2: ENCRYPT appends a 16-byte authentication tag
 MAX_PLAINTEXT: Final = MAX_MESSAGE - TAG_LEN
@@ -48,10 +75,14 @@ DH_LEN: Final = 32  # spec 12.1: DHLEN for 25519
 HASH_LEN: Final = 32  # spec 12.7: HASHLEN for BLAKE2s
 KEY_LEN: Final = 32  # spec 4.2: cipher keys are 32 bytes
 MAX_NONCE: Final = 2**64 - 1  # spec 5.1: reserved; reaching it is an error
+KEM_PUBLIC_LEN: Final = 1184  # FIPS 203 table 3: ML-KEM-768 encapsulation key
+KEM_CIPHERTEXT_LEN: Final = 1088  # FIPS 203 table 3: ML-KEM-768 ciphertext
+KEM_SEED_LEN: Final = 64  # FIPS 203 6.1: the seed (d, z) a decapsulation key comes from
 
 _LENGTH_PREFIX: Final = 2  # spec 13: 2-byte big-endian length field on a stream
 _COMPACT_AT: Final = 1 << 16  # drop consumed buffer bytes once this many pile up
 _SAS_LABEL: Final = b"gw-sas-v1"
+_PSK_LABEL: Final = b"gw-hybrid-psk-v1"
 _FINGERPRINT_PREFIX: Final = "SHA256:"
 
 _Bytes = bytes | bytearray | memoryview
@@ -91,6 +122,39 @@ def _dh(private: X25519PrivateKey, public: X25519PublicKey) -> bytes:
         raise NoiseError("X25519 produced an all-zero shared secret") from exc
 
 
+def generate_kem_keypair() -> tuple[bytes, bytes]:
+    """A fresh ML-KEM-768 key pair: ``(seed, public)``, 64 and 1184 bytes (FIPS 203)."""
+    key = MLKEM768PrivateKey.generate()
+    return key.private_bytes_raw(), key.public_key().public_bytes_raw()
+
+
+def kem_public_key(seed: bytes) -> bytes:
+    """The ML-KEM-768 encapsulation key of a 64-byte seed."""
+    return _kem_private(seed).public_key().public_bytes_raw()
+
+
+def _kem_private(seed: bytes) -> MLKEM768PrivateKey:
+    if len(seed) != KEM_SEED_LEN:
+        raise NoiseError(f"ML-KEM-768 seed must be {KEM_SEED_LEN} bytes, got {len(seed)}")
+    return MLKEM768PrivateKey.from_seed_bytes(seed)
+
+
+def _kem_public(public: bytes) -> MLKEM768PublicKey:
+    if len(public) != KEM_PUBLIC_LEN:
+        raise NoiseError(f"ML-KEM-768 public key must be {KEM_PUBLIC_LEN} bytes, got {len(public)}")
+    try:  # FIPS 203 7.2: the modulus check of the encapsulation key
+        return MLKEM768PublicKey.from_public_bytes(public)
+    except ValueError as exc:
+        raise NoiseError(f"not an ML-KEM-768 public key: {exc}") from None
+
+
+def _decapsulate(key: MLKEM768PrivateKey, ciphertext: bytes) -> bytes:
+    """Decaps; a wrong ciphertext gives a wrong secret (implicit rejection, FIPS 203 6.3)."""
+    if len(ciphertext) != KEM_CIPHERTEXT_LEN:
+        raise NoiseError(f"ML-KEM-768 ciphertext must be {KEM_CIPHERTEXT_LEN} bytes")
+    return key.decapsulate(ciphertext)
+
+
 def _hash(data: bytes) -> bytes:
     """HASH() of spec 4.3: BLAKE2s with a 32-byte digest (spec 12.7)."""
     digest = hashes.Hash(hashes.BLAKE2s(HASH_LEN))
@@ -111,6 +175,15 @@ def _hkdf2(chaining_key: bytes, input_key_material: bytes) -> tuple[bytes, bytes
     output1 = _hmac_hash(temp_key, b"\x01")
     output2 = _hmac_hash(temp_key, output1 + b"\x02")
     return output1, output2
+
+
+def _hkdf3(chaining_key: bytes, input_key_material: bytes) -> tuple[bytes, bytes, bytes]:
+    """HKDF() of spec 4.3 with num_outputs = 3."""
+    temp_key = _hmac_hash(chaining_key, input_key_material)
+    output1 = _hmac_hash(temp_key, b"\x01")
+    output2 = _hmac_hash(temp_key, output1 + b"\x02")
+    output3 = _hmac_hash(temp_key, output2 + b"\x03")
+    return output1, output2, output3
 
 
 # -- spec 5.1: CipherState ----------------------------------------------------------------------
@@ -226,6 +299,12 @@ class _SymmetricState:
         """MixHash(): h = HASH(h || data)."""
         self.h = _hash(self.h + data)
 
+    def mix_key_and_hash(self, input_key_material: bytes) -> None:
+        """MixKeyAndHash(): the ``psk`` token (spec 5.2, 9.2)."""
+        self.ck, temp_h, temp_k = _hkdf3(self.ck, input_key_material)
+        self.mix_hash(temp_h)
+        self._cipher.initialize_key(temp_k[:KEY_LEN])
+
     def encrypt_and_hash(self, plaintext: bytes) -> bytes:
         """EncryptAndHash(): encrypt with ad = h, then mix the ciphertext into h."""
         ciphertext = self._cipher.encrypt_with_ad(self.h, plaintext)
@@ -251,8 +330,19 @@ class _SymmetricState:
 #   ...
 #   -> e, es, s, ss
 #   <- e, ee, se
+# IKpsk2 with ML-KEM tokens (the hybrid handshake, see the module's docstring):
+#   <- s, skem-public
+#   ...
+#   -> e, es, s, ss, skem, ekem
+#   <- e, ee, se, ekem-ct, psk
 _MSG1_OVERHEAD: Final = DH_LEN + (DH_LEN + TAG_LEN) + TAG_LEN  # e, enc(s), payload tag
 _MSG2_OVERHEAD: Final = DH_LEN + TAG_LEN  # e, payload tag
+_HYBRID_MSG1_OVERHEAD: Final = (
+    _MSG1_OVERHEAD + (KEM_CIPHERTEXT_LEN + TAG_LEN) + (KEM_PUBLIC_LEN + TAG_LEN)
+)
+_HYBRID_MSG2_OVERHEAD: Final = _MSG2_OVERHEAD + KEM_CIPHERTEXT_LEN + TAG_LEN
+#: The shortest first message of the hybrid handshake (a shorter one is classic IK).
+HYBRID_MSG1_MIN: Final = _HYBRID_MSG1_OVERHEAD
 
 
 class HandshakeState:
@@ -262,16 +352,26 @@ class HandshakeState:
     ``read_message`` then ``write_message``. After that ``complete`` is true and
     ``split()`` gives the transport CipherStates. A HandshakeState is single-use.
 
+    With the responder's ML-KEM-768 key (``remote_kem_static`` at the initiator,
+    ``kem_static_seed`` at the responder) the handshake is the hybrid one,
+    ``Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s`` with ML-KEM tokens; a classic and a
+    hybrid side never complete a handshake with each other.
+
     Payload security (spec 7.7): the message-1 payload can be replayed, and whoever
     later steals the responder's static key can read it; keep it free of secrets.
     """
 
     __slots__ = (
         "_e",
+        "_ekem",
         "_failed",
         "_initiator",
+        "_kem_s",
+        "_kem_secret",
         "_re",
+        "_rekem",
         "_rs",
+        "_rs_kem",
         "_s",
         "_split",
         "_ss",
@@ -285,6 +385,9 @@ class HandshakeState:
         remote_static: bytes | None,
         prologue: bytes,
         ephemeral_private: bytes | None,
+        *,
+        kem_static_seed: bytes | None = None,
+        remote_kem_static: bytes | None = None,
     ) -> None:
         """Initialize() of spec 5.3; use :meth:`initiator` or :meth:`responder` instead."""
         self._initiator = initiator
@@ -292,15 +395,28 @@ class HandshakeState:
         self._e = None if ephemeral_private is None else _private_key(ephemeral_private)
         self._rs = None if remote_static is None else _public_key(remote_static)
         self._re: X25519PublicKey | None = None
-        self._ss = _SymmetricState(PROTOCOL_NAME)
+        #: Hybrid only: the responder's ML-KEM key (its seed at the responder, its
+        #: public key at the initiator), the initiator's ephemeral ML-KEM key and the
+        #: one the responder received, and the static ML-KEM secret between messages.
+        self._kem_s = None if kem_static_seed is None else _kem_private(kem_static_seed)
+        self._rs_kem = None if remote_kem_static is None else _kem_public(remote_kem_static)
+        self._ekem: MLKEM768PrivateKey | None = None
+        self._rekem: MLKEM768PublicKey | None = None
+        self._kem_secret = b""
+        hybrid = self._kem_s is not None or self._rs_kem is not None
+        self._ss = _SymmetricState(HYBRID_PROTOCOL_NAME if hybrid else PROTOCOL_NAME)
         self._ss.mix_hash(prologue)
-        # Pre-message "<- s" (spec 7.1): both sides hash the responder's static key.
+        # Pre-message "<- s" (spec 7.1): both sides hash the responder's static key(s).
         if initiator:
             if self._rs is None:
                 raise NoiseError("IK initiator needs the responder's static key")
             self._ss.mix_hash(self._rs.public_bytes_raw())
+            if self._rs_kem is not None:
+                self._ss.mix_hash(self._rs_kem.public_bytes_raw())
         else:
             self._ss.mix_hash(self._s.public_key().public_bytes_raw())
+            if self._kem_s is not None:
+                self._ss.mix_hash(self._kem_s.public_key().public_bytes_raw())
         self._step = 0  # messages processed so far: 0, 1, then 2 = complete
         self._failed = False
         self._split: tuple[CipherState, CipherState] | None = None
@@ -312,13 +428,22 @@ class HandshakeState:
         remote_static: bytes,
         prologue: bytes = b"",
         *,
+        remote_kem_static: bytes | None = None,
         ephemeral_private: bytes | None = None,
     ) -> HandshakeState:
         """Start an IK handshake as initiator, knowing the responder's static public key.
 
-        ``ephemeral_private`` is for test vectors only; leave it out otherwise.
+        With ``remote_kem_static`` (the responder's ML-KEM-768 public key) it is the
+        hybrid handshake. ``ephemeral_private`` is for test vectors only; leave it out.
         """
-        return cls(True, static_private, remote_static, prologue, ephemeral_private)
+        return cls(
+            True,
+            static_private,
+            remote_static,
+            prologue,
+            ephemeral_private,
+            remote_kem_static=remote_kem_static,
+        )
 
     @classmethod
     def responder(
@@ -326,13 +451,27 @@ class HandshakeState:
         static_private: bytes,
         prologue: bytes = b"",
         *,
+        kem_static_seed: bytes | None = None,
         ephemeral_private: bytes | None = None,
     ) -> HandshakeState:
         """Start an IK handshake as responder; the initiator's key arrives in message 1.
 
-        ``ephemeral_private`` is for test vectors only; leave it out otherwise.
+        With ``kem_static_seed`` (the responder's ML-KEM-768 seed) it is the hybrid
+        handshake. ``ephemeral_private`` is for test vectors only; leave it out.
         """
-        return cls(False, static_private, None, prologue, ephemeral_private)
+        return cls(
+            False,
+            static_private,
+            None,
+            prologue,
+            ephemeral_private,
+            kem_static_seed=kem_static_seed,
+        )
+
+    @property
+    def hybrid(self) -> bool:
+        """True for the hybrid (X25519 + ML-KEM-768) handshake."""
+        return self._kem_s is not None or self._rs_kem is not None
 
     @property
     def complete(self) -> bool:
@@ -371,28 +510,54 @@ class HandshakeState:
             raise NoiseError("not this side's turn to " + ("write" if writing else "read"))
         return self._ss
 
+    def _overhead(self) -> int:
+        if self.hybrid:
+            return _HYBRID_MSG1_OVERHEAD if self._step == 0 else _HYBRID_MSG2_OVERHEAD
+        return _MSG1_OVERHEAD if self._step == 0 else _MSG2_OVERHEAD
+
+    def _mix_e(self, ss: _SymmetricState, e_pub: bytes) -> None:
+        """Token "e": MixHash, and in a psk handshake MixKey too (spec 9.2)."""
+        ss.mix_hash(e_pub)
+        if self.hybrid:
+            ss.mix_key(e_pub)
+
+    def _psk(self, ephemeral_secret: bytes) -> bytes:
+        """The psk of the hybrid handshake, from the two ML-KEM-768 shared secrets."""
+        return _hash(_PSK_LABEL + self._kem_secret + ephemeral_secret)
+
     def write_message(self, payload: bytes = b"") -> bytes:
         """WriteMessage(payload) of spec 5.3: return the next handshake message."""
         ss = self._check_turn(writing=True)
-        overhead = _MSG1_OVERHEAD if self._step == 0 else _MSG2_OVERHEAD
-        if len(payload) + overhead > MAX_MESSAGE:
+        if len(payload) + self._overhead() > MAX_MESSAGE:
             raise NoiseError(f"handshake payload of {len(payload)} bytes is too long")
         try:
             if self._e is None:
                 self._e = X25519PrivateKey.generate()
             e_pub = self._e.public_key().public_bytes_raw()
-            ss.mix_hash(e_pub)  # token "e"
-            if self._step == 0:  # -> e, es, s, ss
+            self._mix_e(ss, e_pub)  # token "e"
+            if self._step == 0:  # -> e, es, s, ss [, skem, ekem]
                 assert self._rs is not None
                 ss.mix_key(_dh(self._e, self._rs))  # "es": initiator uses DH(e, rs)
                 enc_s = ss.encrypt_and_hash(self._s.public_key().public_bytes_raw())  # "s"
                 ss.mix_key(_dh(self._s, self._rs))  # "ss"
-                message = e_pub + enc_s + ss.encrypt_and_hash(payload)
-            else:  # <- e, ee, se
+                parts = [e_pub, enc_s]
+                if self._rs_kem is not None:
+                    self._kem_secret, kem_ct = self._rs_kem.encapsulate()
+                    parts.append(ss.encrypt_and_hash(kem_ct))  # "skem"
+                    self._ekem = MLKEM768PrivateKey.generate()
+                    ekem_pub = self._ekem.public_key().public_bytes_raw()
+                    parts.append(ss.encrypt_and_hash(ekem_pub))  # "ekem"
+                message = b"".join([*parts, ss.encrypt_and_hash(payload)])
+            else:  # <- e, ee, se [, ekem-ct, psk]
                 assert self._re is not None and self._rs is not None
                 ss.mix_key(_dh(self._e, self._re))  # "ee"
                 ss.mix_key(_dh(self._e, self._rs))  # "se": responder uses DH(e, rs)
-                message = e_pub + ss.encrypt_and_hash(payload)
+                parts = [e_pub]
+                if self._rekem is not None:
+                    ephemeral_secret, kem_ct = self._rekem.encapsulate()
+                    parts.append(ss.encrypt_and_hash(kem_ct))  # "ekem-ct"
+                    ss.mix_key_and_hash(self._psk(ephemeral_secret))  # "psk"
+                message = b"".join([*parts, ss.encrypt_and_hash(payload)])
         except BaseException:
             self._failed = True
             raise
@@ -402,26 +567,38 @@ class HandshakeState:
     def read_message(self, message: bytes) -> bytes:
         """ReadMessage(message) of spec 5.3: verify a handshake message, return its payload."""
         ss = self._check_turn(writing=False)
-        overhead = _MSG1_OVERHEAD if self._step == 0 else _MSG2_OVERHEAD
+        overhead = self._overhead()
         if not overhead <= len(message) <= MAX_MESSAGE:
             self._failed = True
             raise NoiseError(f"handshake message {self._step + 1} has bad length {len(message)}")
         message = bytes(message)
         try:
             re = _public_key(message[:DH_LEN])
-            ss.mix_hash(message[:DH_LEN])  # token "e"
-            if self._step == 0:  # -> e, es, s, ss
+            self._mix_e(ss, message[:DH_LEN])  # token "e"
+            if self._step == 0:  # -> e, es, s, ss [, skem, ekem]
                 ss.mix_key(_dh(self._s, re))  # "es": responder uses DH(s, re)
-                rs_end = DH_LEN + DH_LEN + TAG_LEN
-                rs = _public_key(ss.decrypt_and_hash(message[DH_LEN:rs_end]))  # "s"
+                at = DH_LEN + DH_LEN + TAG_LEN
+                rs = _public_key(ss.decrypt_and_hash(message[DH_LEN:at]))  # "s"
                 ss.mix_key(_dh(self._s, rs))  # "ss"
-                payload = ss.decrypt_and_hash(message[rs_end:])
+                if self._kem_s is not None:
+                    end = at + KEM_CIPHERTEXT_LEN + TAG_LEN
+                    kem_ct = ss.decrypt_and_hash(message[at:end])  # "skem"
+                    self._kem_secret = _decapsulate(self._kem_s, kem_ct)
+                    at, end = end, end + KEM_PUBLIC_LEN + TAG_LEN
+                    self._rekem = _kem_public(ss.decrypt_and_hash(message[at:end]))  # "ekem"
+                    at = end
+                payload = ss.decrypt_and_hash(message[at:])
                 self._rs = rs  # only now authenticated
-            else:  # <- e, ee, se
+            else:  # <- e, ee, se [, ekem-ct, psk]
                 assert self._e is not None
                 ss.mix_key(_dh(self._e, re))  # "ee"
                 ss.mix_key(_dh(self._s, re))  # "se": initiator uses DH(s, re)
-                payload = ss.decrypt_and_hash(message[DH_LEN:])
+                at = DH_LEN
+                if self._ekem is not None:
+                    at = DH_LEN + KEM_CIPHERTEXT_LEN + TAG_LEN
+                    kem_ct = ss.decrypt_and_hash(message[DH_LEN:at])  # "ekem-ct"
+                    ss.mix_key_and_hash(self._psk(_decapsulate(self._ekem, kem_ct)))  # "psk"
+                payload = ss.decrypt_and_hash(message[at:])
         except BaseException:
             self._failed = True
             raise
@@ -434,7 +611,10 @@ class HandshakeState:
         if self._step == 2:  # last message: Split() (spec 5.3)
             c1, c2 = ss.split()
             self._split = (c1, c2) if self._initiator else (c2, c1)
-            self._e = None  # the ephemeral private key is no longer needed
+            # Ephemeral private keys and the KEM secret are no longer needed.
+            self._e = None
+            self._ekem = None
+            self._kem_secret = b""
 
 
 # -- spec 13: framing on a byte stream ----------------------------------------------------------
@@ -614,11 +794,35 @@ def fingerprint(public: bytes) -> str:
 
     The base64 (standard alphabet, no ``=`` padding) of the SHA-256 of the raw 32-byte
     key; for reading out over the phone or pasting into ``gw connect --agent-key``.
+    An agent with the hybrid handshake has one key of 1216 bytes: its X25519 key then
+    its ML-KEM-768 key, so one fingerprint covers both (see :func:`hybrid_key`).
     """
-    if len(public) != DH_LEN:
-        raise NoiseError(f"X25519 public key must be {DH_LEN} bytes, got {len(public)}")
+    if len(public) not in (DH_LEN, DH_LEN + KEM_PUBLIC_LEN):
+        raise NoiseError(
+            f"an agent key is {DH_LEN} (X25519) or {DH_LEN + KEM_PUBLIC_LEN} "
+            f"(X25519 + ML-KEM-768) bytes, got {len(public)}"
+        )
     digest = hashlib.sha256(public).digest()
     return _FINGERPRINT_PREFIX + base64.b64encode(digest).decode().rstrip("=")
+
+
+def hybrid_key(x25519: bytes, kem: bytes | None) -> bytes:
+    """An agent's whole static key: X25519 then ML-KEM-768 (just X25519 without one)."""
+    if len(x25519) != DH_LEN:
+        raise NoiseError(f"X25519 public key must be {DH_LEN} bytes, got {len(x25519)}")
+    if kem is None:
+        return x25519
+    _kem_public(kem)
+    return x25519 + kem
+
+
+def split_key(key: bytes) -> tuple[bytes, bytes | None]:
+    """The inverse of :func:`hybrid_key`: ``(x25519, ml_kem or None)``."""
+    if len(key) == DH_LEN:
+        return key, None
+    if len(key) == DH_LEN + KEM_PUBLIC_LEN:
+        return key[:DH_LEN], key[DH_LEN:]
+    raise NoiseError(f"an agent key of {len(key)} bytes is neither X25519 nor hybrid")
 
 
 def parse_fingerprint(text: str) -> str:

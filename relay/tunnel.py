@@ -1,11 +1,15 @@
 """The end-to-end layer: a Noise IK session between ``gw connect`` and the agent.
 
 Inside a spliced tunnel the client (initiator) and the agent (responder) run
-``Noise_IK_25519_ChaChaPoly_BLAKE2s``. The client knows the agent's static key in
-advance (enrolled at the gateway, pinned on first use by the client); the agent
-learns the client's static key from message 1 and checks it against the key the
-gateway announced with the dial request. The prologue binds the handshake to the
-gateway session id, so a handshake recorded in one session fails in another.
+``Noise_IK_25519_ChaChaPoly_BLAKE2s``, or, when the agent has an ML-KEM-768 key,
+the hybrid ``Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s`` with ML-KEM tokens (see
+:mod:`relay.noise`); an agent with that key answers only the hybrid handshake. The
+client knows the agent's static key(s) in advance (enrolled at the gateway, pinned
+on first use by the client); the agent learns the client's static key from message
+1 and checks it against the key the gateway announced with the dial request. The
+prologue binds the handshake to the gateway session id, so a handshake recorded in
+one session fails in another; :class:`ReplayGuard` refuses a first message seen
+before, in any session.
 
 After the handshake every Noise transport message carries one record: one type
 byte then data. ``0x00`` is data, ``0x01`` means the sender's stream ended (a TCP
@@ -53,6 +57,30 @@ def session_sas(session_id: str, client_key: bytes, agent_key: bytes) -> str:
         b"gw-session-sas-v1\x00" + session_id.encode() + client_key + agent_key
     ).digest()
     return noise.short_auth_string(digest)
+
+
+class ReplayGuard:
+    """The ephemeral keys of the first handshake messages an agent answered.
+
+    A recorded first message sent again (to learn from the agent's answer, or to
+    make it open a connection to its target once more) is refused: each genuine one
+    carries a fresh ephemeral key. The oldest are forgotten past ``limit``.
+    """
+
+    def __init__(self, limit: int = 1 << 16) -> None:
+        self.limit = limit
+        self._seen: dict[bytes, None] = {}
+
+    def check(self, message: bytes) -> None:
+        """NoiseError if this first message's ephemeral key was seen before."""
+        if bytes(message[: noise.DH_LEN]) in self._seen:
+            raise NoiseError("a replayed first handshake message (its ephemeral key was seen)")
+
+    def remember(self, message: bytes) -> None:
+        """Remember an answered first message (after it verified)."""
+        self._seen[bytes(message[: noise.DH_LEN])] = None
+        while len(self._seen) > self.limit:
+            del self._seen[next(iter(self._seen))]
 
 
 class Sealer:
@@ -164,6 +192,8 @@ class Established:
         self.handshake_hash = hs.handshake_hash
         self.sas = noise.short_auth_string(hs.handshake_hash)
         self.remote_static = hs.remote_static
+        #: True for the hybrid (X25519 + ML-KEM-768) handshake.
+        self.hybrid = hs.hybrid
 
     @property
     def leftover(self) -> bytes:
@@ -197,11 +227,15 @@ async def initiate(
     static_private: bytes,
     agent_key: bytes,
     session_id: str,
+    agent_kem_key: bytes | None = None,
     timeout: float = HANDSHAKE_TIMEOUT,
 ) -> Established:
-    """Client side: run Noise IK towards the agent whose static key is ``agent_key``."""
+    """Client side: run Noise IK towards the agent whose static key is ``agent_key``;
+    the hybrid handshake when its ML-KEM-768 key ``agent_kem_key`` is given."""
     reader = _take(transport, leftover)
-    hs = noise.HandshakeState.initiator(static_private, agent_key, prologue(session_id))
+    hs = noise.HandshakeState.initiator(
+        static_private, agent_key, prologue(session_id), remote_kem_static=agent_kem_key
+    )
     transport.write(noise.frame(hs.write_message()))
     try:
         hs.read_message(await reader.read_message(timeout))
@@ -217,17 +251,35 @@ async def respond(
     static_private: bytes,
     expected_client_key: bytes,
     session_id: str,
+    kem_seed: bytes | None = None,
+    replay: ReplayGuard | None = None,
     timeout: float = HANDSHAKE_TIMEOUT,
 ) -> Established:
-    """Agent side: accept Noise IK only from the client key the gateway announced."""
+    """Agent side: accept Noise IK only from the client key the gateway announced.
+
+    With the agent's ML-KEM-768 seed ``kem_seed`` only the hybrid handshake is
+    answered; ``replay`` refuses a first message answered before.
+    """
     reader = _take(transport, leftover)
-    hs = noise.HandshakeState.responder(static_private, prologue(session_id))
+    hs = noise.HandshakeState.responder(
+        static_private, prologue(session_id), kem_static_seed=kem_seed
+    )
     try:
-        hs.read_message(await reader.read_message(timeout))
+        first = await reader.read_message(timeout)
     except TimeoutError as exc:
         raise NoiseError("the client did not start the end-to-end handshake") from exc
+    if kem_seed is not None and len(first) < noise.HYBRID_MSG1_MIN:
+        raise NoiseError(
+            "the client ran the classic handshake; this agent answers only the hybrid "
+            "(X25519 + ML-KEM-768) one (a downgrade, or a gw too old)"
+        )
+    if replay is not None:
+        replay.check(first)
+    hs.read_message(first)
     remote = hs.remote_static or b""
     if not hmac.compare_digest(remote, expected_client_key):
         raise NoiseError("the client's key is not the one the gateway authorised")
+    if replay is not None:
+        replay.remember(first)
     transport.write(noise.frame(hs.write_message()))
     return Established(hs, reader)

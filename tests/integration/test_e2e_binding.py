@@ -209,8 +209,13 @@ def test_agent_refuses_a_client_key_swapped_by_the_gateway(site: Site, vendor: s
 
 
 def test_agent_fingerprint_is_sha256_of_the_key(site: Site) -> None:
+    # One fingerprint for both keys: the X25519 key, then the ML-KEM-768 key.
     info = json.loads((site.state_dir / "agent.json").read_text())
-    raw = base64.urlsafe_b64decode(info["noise_key"] + "=" * (-len(info["noise_key"]) % 4))
+    raw = b"".join(
+        base64.urlsafe_b64decode(info[k] + "=" * (-len(info[k]) % 4))
+        for k in ("noise_key", "pq_key")
+    )
+    assert len(raw) == 32 + 1184
     assert site.fingerprint().strip() == _fingerprint(raw)
     missing = site.lab.run(
         "gw", "agent", "fingerprint", "--state-dir", str(site.lab.root / "nope"), check=False

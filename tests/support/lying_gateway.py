@@ -22,6 +22,13 @@ it tried and what it got:
 - ``client-key``: when a session opens (honestly), the attacker dials the agent in
   that session with its own client key and tries to reach the target; then once
   more in a session the agent never heard of.
+- ``classic-key``: a downgrade. ``approval_pending`` and ``session`` name the genuine
+  agent's X25519 key but leave its ML-KEM-768 key out, as if the agent had only the
+  classic handshake; tunnels are then spliced honestly.
+
+Against an agent with the hybrid handshake the attacker's agent key is hybrid too
+(X25519 and ML-KEM-768 keys of its own), and it dials the agent with the hybrid
+handshake: the lies test the key binding, not a mismatch of handshakes.
 
 Each record has ``attack`` and ``outcome``: ``accepted`` means the attacker holds an
 end-to-end channel it should never have; ``refused: ...`` that the agent said no.
@@ -52,6 +59,7 @@ LOG = Path(os.environ.get("GW_LIE_LOG", "lies.jsonl"))
 #: The attacker's own Noise keys: one to pose as the agent, one to pose as the client.
 AGENT_PRIVATE, AGENT_PUBLIC = noise.generate_keypair()
 CLIENT_PRIVATE, CLIENT_PUBLIC = noise.generate_keypair()
+AGENT_KEM_SEED, AGENT_KEM_PUBLIC = noise.generate_kem_keypair()
 #: What the attacker sends the agent's target when it gets through, and waits for back.
 PROBE = b"attacker was here\n"
 
@@ -111,11 +119,18 @@ class LyingBroker(broker_mod.Broker):
         def lying_send(msg: m.Message) -> None:
             told = lies()
             if isinstance(msg, m.ApprovalPending) and "pending-key" in told:
-                msg = m.ApprovalPending(msg.request, msg.session_id, b64(AGENT_PUBLIC), msg.timeout)
+                pq = b64(AGENT_KEM_PUBLIC) if msg.agent_pq_key else ""
+                msg = m.ApprovalPending(
+                    msg.request, msg.session_id, b64(AGENT_PUBLIC), msg.timeout, pq
+                )
                 note(attack="pending-key", outcome="sent", session=msg.session_id)
             if isinstance(msg, m.SessionOpened) and told & {"agent-key", "pending-key"}:
                 note(attack="agent-key", outcome="sent", session=msg.session_id)
-                msg = _replace_agent_key(msg, b64(AGENT_PUBLIC))
+                pq = b64(AGENT_KEM_PUBLIC) if msg.agent_pq_key else ""
+                msg = _replace_agent_key(msg, b64(AGENT_PUBLIC), pq)
+            if isinstance(msg, m.ApprovalPending | m.SessionOpened) and "classic-key" in told:
+                note(attack="classic-key", outcome="sent", session=msg.session_id)
+                msg = _replace_agent_key(msg, None, "")
             honest_send(msg)
             if isinstance(msg, m.SessionOpened) and "client-key" in told:
                 self.spawn(self._impersonate(hello, msg.session_id))
@@ -161,6 +176,7 @@ class LyingBroker(broker_mod.Broker):
                 static_private=AGENT_PRIVATE,
                 expected_client_key=session.client_key,
                 session_id=session.id,
+                kem_seed=AGENT_KEM_SEED if self._agent_pq_key(session.agent) else None,
             )
             client_t.pause_reading()  # what the client sends next waits for the relay
             to_agent = await tunnel.initiate(
@@ -168,6 +184,7 @@ class LyingBroker(broker_mod.Broker):
                 agent_rest,
                 static_private=CLIENT_PRIVATE,
                 agent_key=self._agent_key(session.agent),
+                agent_kem_key=self._agent_pq_key(session.agent),
                 session_id=session.id,
             )
         except NoiseError as exc:
@@ -192,6 +209,13 @@ class LyingBroker(broker_mod.Broker):
         agent = self.store.get_agent(agent_id)
         assert agent is not None and agent.noise_key is not None
         return base64.urlsafe_b64decode(agent.noise_key + "=" * (-len(agent.noise_key) % 4))
+
+    def _agent_pq_key(self, agent_id: str) -> bytes | None:
+        agent = self.store.get_agent(agent_id)
+        assert agent is not None
+        if not agent.pq_key:
+            return None
+        return base64.urlsafe_b64decode(agent.pq_key + "=" * (-len(agent.pq_key) % 4))
 
     async def _dial_agent(
         self, agent: str, target: str, session_id: str, user: str, mode: str
@@ -235,6 +259,7 @@ class LyingBroker(broker_mod.Broker):
                 rest,
                 static_private=CLIENT_PRIVATE,
                 agent_key=self._agent_key(hello.agent),
+                agent_kem_key=self._agent_pq_key(hello.agent),
                 session_id=sid,
             )
         except NoiseError as exc:
@@ -267,10 +292,13 @@ class LyingBroker(broker_mod.Broker):
         return f"accepted: target answered {bytes(answer).decode('latin-1')!r}"
 
 
-def _replace_agent_key(msg: m.SessionOpened, key: str) -> m.SessionOpened:
+def _replace_agent_key(msg: Any, key: str | None, pq: str) -> Any:
+    """The same ``session`` or ``approval_pending`` naming other agent keys."""
     fields = {k: v for k, v in msg.to_json().items() if k != "t"}
-    fields["agent_key"] = key
-    return m.SessionOpened(**fields)
+    if key is not None:
+        fields["agent_key"] = key
+    fields["agent_pq_key"] = pq
+    return type(msg)(**fields)
 
 
 if __name__ == "__main__":
