@@ -228,90 +228,190 @@ def scan(
 ) -> Iterator[dict[str, Any]]:
     """The matching records of the trail, in order.
 
-    Lines are first tested as bytes (the time, then the needles of the filter) and only
-    those that may match are parsed. A line that is not a record, an unreadable file and
-    a compressed file cut short are reported (file and line) and the rest is read.
+    Lines are first tested as bytes and only those that may match are parsed: with an id
+    to look for (a user, agent, session, event), a byte search over the whole file finds
+    the candidate lines; with a time window, each line's time is compared as bytes. A
+    line that is not a record, an unreadable file and a compressed file cut short are
+    reported (file and line) and the rest is read.
     """
-    from gatewayd.audit import Problem, log_files, numbered_blocks, rotated_stamp
+    from gatewayd.audit import log_files, rotated_stamp
 
     files = log_files(path)
     if flt.since is not None:
         # A rotated file's stamp is its rotation time, after its last record.
-        since_stamp = flt.since.replace("-", "").replace(":", "").replace(".", "")
-        files = [
-            f
-            for f in files
-            if f == path or (rotated_stamp(f, path) or "9") >= since_stamp[: len("YYYYMMDDTHHMMSS")]
-        ]
-    needles = flt.needles()
-    # The rarest-looking needle finds candidate lines in a whole block at C speed; the
-    # other needles, the time and then the parsed record decide.
-    single = sorted((n[0] for n in needles if len(n) == 1), key=_rarity)
-    multi = [n for n in needles if len(n) > 1]
-    finder: re.Pattern[bytes] | None = None
-    if single:
-        finder = re.compile(re.escape(single[0]))
-        single = single[1:]
-    elif multi:
-        finder = re.compile(b"|".join(re.escape(n) for n in multi[0]))
-        multi = multi[1:]
-    since = flt.since.encode() if flt.since is not None else None
-    until = flt.until.encode() if flt.until is not None else None
-    errors: list[Problem] = []
-    for file, first, block in numbered_blocks(path, errors, files):
-        if errors and report is not None:
-            for e in errors:
-                report(str(e))
-            errors.clear()
-        for at, line in _candidates(block, finder):
+        since_stamp = flt.since.replace("-", "").replace(":", "").replace(".", "")[:15]
+        files = [f for f in files if f == path or (rotated_stamp(f, path) or "9") >= since_stamp]
+    plan = _Plan(flt)
+    for file in files:
+        try:
+            for region, first in _regions(file):
+                for at, line in plan.candidates(region):
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        rec = None
+                    if not isinstance(rec, dict):
+                        if report is not None:
+                            number = first + region.count(b"\n", 0, region.find(line, at))
+                            report(f"{file.name} line {number}: not an audit record")
+                        continue
+                    if flt.match(rec):
+                        yield rec
+        except _ReadError as exc:
+            if report is not None:
+                report(f"{file.name} line {exc.line}: cannot read: {exc.what}")
+
+
+class _ReadError(Exception):
+    def __init__(self, line: int, what: str) -> None:
+        self.line, self.what = line, what
+
+
+def _regions(file: Path) -> Iterator[tuple[Any, int]]:
+    """(bytes or mmap of whole lines, number of its first line) over one file: a plain
+    file mapped whole (its last line only if complete), a compressed one in blocks."""
+    import gzip
+    import mmap
+
+    from gatewayd.audit import open_log_file, read_blocks
+
+    base = 1
+    try:
+        with open_log_file(file) as f:
+            if isinstance(f, gzip.GzipFile):
+                for block in read_blocks(f):
+                    yield block, base
+                    base += block.count(b"\n")
+                return
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return
+            with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm:
+                end = mm.rfind(b"\n") + 1  # a line still being written is left for later
+                if end:
+                    yield _Cut(mm, end), 1
+    except (OSError, EOFError, ValueError) as exc:
+        what = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        if isinstance(exc, EOFError):
+            what = "compressed file cut short"
+        raise _ReadError(base, what) from exc
+
+
+class _Cut:
+    """The first ``end`` bytes of a mapped file, searched without copying."""
+
+    def __init__(self, mm: Any, end: int) -> None:
+        self.mm, self.end = mm, end
+
+    def __len__(self) -> int:
+        return self.end
+
+    def find(self, sub: bytes, start: int = 0, stop: int | None = None) -> int:
+        return int(self.mm.find(sub, start, self.end if stop is None else min(stop, self.end)))
+
+    def rfind(self, sub: bytes, start: int = 0, stop: int | None = None) -> int:
+        return int(self.mm.rfind(sub, start, self.end if stop is None else min(stop, self.end)))
+
+    def count(self, sub: bytes, start: int = 0, stop: int | None = None) -> int:
+        stop = self.end if stop is None else min(stop, self.end)
+        return bytes(self.mm[start:stop]).count(sub)
+
+    def __getitem__(self, key: slice) -> bytes:
+        return bytes(self.mm[key.start : min(key.stop, self.end)])
+
+
+class _Plan:
+    """How to find the lines worth parsing for a filter."""
+
+    def __init__(self, flt: Filter) -> None:
+        needles = flt.needles()
+        single = sorted((n[0] for n in needles if len(n) == 1), key=_rarity)
+        self.key = single[0] if single else None
+        self.single = single[1:]
+        self.groups = [n for n in needles if len(n) > 1]
+        self.since = flt.since.encode() if flt.since is not None else None
+        self.until = flt.until.encode() if flt.until is not None else None
+
+    def candidates(self, region: Any) -> Iterator[tuple[int, bytes]]:
+        """(offset, line) of each line of the region that may match."""
+        start = self._first_since(region) if self.since is not None else 0
+        if self.key is not None:
+            spans = self._find_lines(region, [self.key], start)
+        elif self.groups and self.since is None and self.until is None:
+            spans = self._find_lines(region, list(self.groups[0]), start)
+        else:
+            spans = self._all_lines(region, start)
+        since, until, single, groups = self.since, self.until, self.single, self.groups
+        for at, line in spans:
             if since is not None and line[7:34] < since and line.startswith(b'{"ts":"'):
                 continue
             if until is not None and line[7:34] >= until and line.startswith(b'{"ts":"'):
-                continue
+                return  # the trail is in time order: nothing later is before --until
+
             if single and not all(n in line for n in single):
                 continue
-            if multi and not all(any(n in line for n in group) for group in multi):
+            if groups and not all(any(n in line for n in g) for g in groups):
                 continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                rec = None
-            if not isinstance(rec, dict):
-                if report is not None:
-                    number = first + block.count(b"\n", 0, at)
-                    report(f"{file.name} line {number}: not an audit record")
-                continue
-            if flt.match(rec):
-                yield rec
-    if report is not None:
-        for e in errors:
-            report(str(e))
+            yield at, line
+
+    def _first_since(self, region: Any) -> int:
+        """Offset of the first line at or after ``--since``: a binary search, as gatewayd
+        writes records in time order (it never stamps one earlier than the last)."""
+        assert self.since is not None
+        lo, hi = 0, len(region)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            start = max(lo, region.rfind(b"\n", 0, mid) + 1)
+            end = region.find(b"\n", start)
+            end = len(region) if end == -1 else end
+            head = region[start : min(end, start + 34)]
+            if head.startswith(b'{"ts":"') and head[7:34] >= self.since:
+                hi = start
+            else:
+                lo = end + 1
+        return min(lo, len(region))
+
+    @staticmethod
+    def _find_lines(region: Any, needles: list[bytes], begin: int) -> Iterator[tuple[int, bytes]]:
+        """Lines holding any of the needles, found by byte search, in order."""
+        starts: set[int] = set()
+        for needle in needles:
+            pos = region.find(needle, begin)
+            while pos != -1:
+                start = region.rfind(b"\n", 0, pos) + 1
+                starts.add(start)
+                end = region.find(b"\n", pos)
+                pos = region.find(needle, end) if end != -1 else -1
+        for start in sorted(starts):
+            end = region.find(b"\n", start)
+            yield start, region[start : end if end != -1 else len(region)]
+
+    def _all_lines(self, region: Any, begin: int) -> Iterator[tuple[int, bytes]]:
+        """Every line (with a time window, those in it), a block at a time; the offset
+        given is the block's (the line is found in it only to name a bad one)."""
+        since, until = self.since, self.until
+        at, size = begin, len(region)
+        while at < size:
+            cut = region.rfind(b"\n", at, at + BLOCK) + 1 if at + BLOCK < size else size
+            if cut <= at:  # one line longer than a block
+                cut = region.find(b"\n", at + BLOCK) + 1 or size
+            lines = region[at:cut].split(b"\n")
+            if since is not None:
+                lines = [x for x in lines if x[7:34] >= since or not x.startswith(b'{"ts":"')]
+            if until is not None:
+                lines = [x for x in lines if x[7:34] < until or not x.startswith(b'{"ts":"')]
+            for line in lines:
+                if line:
+                    yield at, line
+            at = cut
+
+
+BLOCK = 8 << 20
 
 
 def _rarity(needle: bytes) -> tuple[int, int]:
     """Event names are common, ids rare: search first for an id, the longest one."""
     return (needle.startswith(b'"event":'), -len(needle))
-
-
-def _candidates(block: bytes, finder: re.Pattern[bytes] | None) -> Iterator[tuple[int, bytes]]:
-    """(offset, line) of each line of the block that holds a match of ``finder`` (every
-    line without one)."""
-    if finder is None:
-        at = 0
-        for line in block.split(b"\n"):
-            if line:
-                yield at, line
-            at += len(line) + 1
-        return
-    search = finder.search
-    m = search(block)
-    while m is not None:
-        start = block.rfind(b"\n", 0, m.start()) + 1
-        end = block.find(b"\n", m.end())
-        if end == -1:
-            end = len(block)
-        yield start, block[start:end]
-        m = search(block, end)
 
 
 def follow(
@@ -384,7 +484,7 @@ def follow(
                 rec = parse(line)
                 if rec is None or rec["seq"] <= last:
                     continue
-                if rec["seq"] > last + 1 and not checked_gap and last:
+                if rec["seq"] > last + 1 and not checked_gap:
                     yield from catch_up(rec["seq"])  # a file rotated away unseen
                 checked_gap = True
                 last = rec["seq"]
@@ -606,7 +706,13 @@ def _filter_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @_filter_options
 @click.option("--limit", type=click.IntRange(min=1), help="At most N records (the last N).")
 @click.option("--reverse", is_flag=True, help="Newest first.")
-@click.option("--follow", "-f", is_flag=True, help="Keep printing new records (like tail -f).")
+@click.option(
+    "--follow",
+    "-f",
+    "keep_following",
+    is_flag=True,
+    help="Keep printing new records (like tail -f).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON lines.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print the records as CSV.")
 @click.pass_context
@@ -616,7 +722,7 @@ def audit(
     config_path: Path | None,
     limit: int | None,
     reverse: bool,
-    follow: bool,
+    keep_following: bool,
     as_json: bool,
     as_csv: bool,
     **filters: Any,
@@ -629,13 +735,18 @@ def audit(
         raise click.UsageError("give --config PATH")
     if as_json and as_csv:
         raise click.UsageError("give --json or --csv, not both")
-    if follow and reverse:
+    if keep_following and reverse:
         raise click.UsageError("--follow shows records as they come: not with --reverse")
     path = _path(config_path)
     flt = _make_filter(config_path, **filters)
     fmt = "json" if as_json else "csv" if as_csv else "table"
     out = Output(fmt, color=sys.stdout.isatty())
     out.header()
+    end = 0
+    if keep_following:
+        from gatewayd.audit import last_seq
+
+        end = last_seq(path)  # what is written from now on is followed
     if limit is not None and not reverse:
         found: list[dict[str, Any]] = list(deque(scan(path, flt, _warn), maxlen=limit))
     else:
@@ -645,10 +756,10 @@ def audit(
         if limit is not None:
             found = found[:limit]
     out.rows(found)
-    if follow:
+    if keep_following:
         last = max((r["seq"] for r in found if isinstance(r.get("seq"), int)), default=0)
         try:
-            for rec in follow_records(path, last):
+            for rec in follow(path, poll=0.5, start_at_end=False, after_seq=max(end, last)):
                 if flt.match(rec):
                     out.rows([rec])
         except KeyboardInterrupt:
@@ -656,11 +767,6 @@ def audit(
         return
     if not out.count and fmt == "table":
         click.echo("no matching records", err=True)
-
-
-def follow_records(path: Path, last: int) -> Iterator[dict[str, Any]]:
-    """New records after what was printed: from the end, or after seq ``last``."""
-    return follow(path, poll=0.5, start_at_end=last == 0, after_seq=last)
 
 
 @audit.command("sessions")

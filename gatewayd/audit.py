@@ -334,9 +334,9 @@ def read_head(path: Path) -> Head | None:
         return None
 
 
-def _tail(path: Path) -> tuple[int, str, int]:
-    """seq and hash of the last line of the trail (0, GENESIS when empty), and how many
-    records of its last file follow its last checkpoint."""
+def _tail(path: Path) -> tuple[int, str, int, str]:
+    """seq and hash of the last line of the trail (0, GENESIS when empty), how many
+    records of its last file follow its last checkpoint, and its time."""
     lines: list[bytes] = []
     for p in reversed(log_files(path)):
         with open_log_file(p) as f:
@@ -344,10 +344,12 @@ def _tail(path: Path) -> tuple[int, str, int]:
         if lines:
             break
     if not lines:
-        return 0, GENESIS, 0
+        return 0, GENESIS, 0, ""
     last = lines[-1]
     try:
-        seq = int(json.loads(last)["seq"])
+        rec = json.loads(last)
+        seq = int(rec["seq"])
+        ts = rec.get("ts") if isinstance(rec.get("ts"), str) else ""
     except (ValueError, KeyError, TypeError) as exc:
         raise AuditError(f"last line of {path} is not an audit record") from exc
     since = 0
@@ -356,7 +358,15 @@ def _tail(path: Path) -> tuple[int, str, int]:
         if mark in line:
             break
         since += 1
-    return seq, line_hash(last), since
+    return seq, line_hash(last), since, ts
+
+
+def last_seq(path: Path) -> int:
+    """Sequence number of the last record of the trail (0 when empty or unreadable)."""
+    try:
+        return _tail(path)[0]
+    except (AuditError, OSError, EOFError):
+        return 0
 
 
 def _first_day(path: Path) -> str | None:
@@ -492,7 +502,7 @@ class AuditLog:
             ) from exc
         try:
             self.recovered = recover_torn_tail(path)
-            self.seq, self.prev, self._since_checkpoint = _tail(path)
+            self.seq, self.prev, self._since_checkpoint, self._last_ts = _tail(path)
             self._file_day = _first_day(path)
         except (AuditError, OSError) as exc:
             os.close(self._head_fd)
@@ -531,8 +541,12 @@ class AuditLog:
     def _stamp(self, _: Any, __: str, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
         event = event_dict.pop("event")
         self.seq += 1
+        # Never earlier than the record before (a clock stepped back): readers rely on
+        # the trail being in time order to find a time window without reading it all.
+        ts = max(now_rfc3339(), self._last_ts)
+        self._last_ts = ts
         return {
-            "ts": now_rfc3339(),
+            "ts": ts,
             "seq": self.seq,
             "prev": self.prev,
             "node": self.node,

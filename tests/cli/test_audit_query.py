@@ -352,3 +352,55 @@ def test_follow_with_filters_across_rotation(config: Path) -> None:
     assert all(r["user"] == "carol" for r in got)
     assert len({r["seq"] for r in got}) == len(got)
     assert len(audit_mod.log_files(path)) > 10
+
+
+def test_bad_files_are_reported_with_file_and_line_and_the_rest_read(tmp_path: Path) -> None:
+    import asyncio
+    import gzip
+
+    from cli.audit import Filter, scan
+    from gatewayd.audit import compress_file, log_files
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, node="gw1", fsync=False, rotate_bytes=600)
+    for i in range(40):
+        log.write("test.event", i=i, user="carol")
+    asyncio.run(log.close())
+    files = log_files(path)
+    for f in files[:-1]:
+        compress_file(f)
+    files = log_files(path)
+    cut = files[1].read_bytes()
+    files[1].write_bytes(cut[: len(cut) // 2])
+    files[2].unlink()
+    files[2].mkdir()
+    with gzip.open(files[3], "rb") as gz:
+        lines = gz.read().splitlines()
+    lines[1] = b"{garbage"
+    with gzip.open(files[3], "wb") as gz:
+        gz.write(b"\n".join(lines) + b"\n")
+    reports: list[str] = []
+    for flt in (Filter(), Filter(since="2000-01-01T00:00:00.000000Z")):
+        reports.clear()
+        got = [r["i"] for r in scan(path, flt, reports.append)]
+        assert got[-1] == 39 and len(got) > 20
+        assert reports[0].startswith(f"{files[1].name} line ")
+        assert reports[0].endswith("cannot read: compressed file cut short")
+        assert reports[1].startswith(f"{files[2].name} line 1: cannot read:")
+        assert reports[2] == f"{files[3].name} line 2: not an audit record"
+
+
+def test_records_never_go_back_in_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clock stepped back does not put records out of order (readers rely on it)."""
+    import asyncio
+
+    path = tmp_path / "audit.jsonl"
+    times = iter(["2026-12-01T10:00:00.000000Z", "2026-12-01T09:00:00.000000Z"])
+    monkeypatch.setattr(audit_mod, "now_rfc3339", lambda ts=None: next(times))
+    log = AuditLog(path, node="gw1", fsync=False)
+    log.write("one")
+    log.write("two")
+    monkeypatch.undo()
+    asyncio.run(log.close())
+    ts = [json.loads(x)["ts"] for x in path.read_bytes().splitlines()]
+    assert ts == ["2026-12-01T10:00:00.000000Z"] * 2
