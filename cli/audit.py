@@ -329,6 +329,9 @@ class _Plan:
         self.key = single[0] if single else None
         self.single = single[1:]
         self.groups = [n for n in needles if len(n) > 1]
+        # Without an id to search for, each line is tested against one pattern of all the
+        # values of the first group (the outcome's, or an org's ids) as it is split off.
+        self.group_re = _pattern(self.groups[0]) if self.groups else None
         self.since = flt.since.encode() if flt.since is not None else None
         self.until = flt.until.encode() if flt.until is not None else None
 
@@ -337,11 +340,11 @@ class _Plan:
         start = self._first_since(region) if self.since is not None else 0
         if self.key is not None:
             spans = self._find_lines(region, [self.key], start)
-        elif self.groups and self.since is None and self.until is None:
-            spans = self._find_lines(region, list(self.groups[0]), start)
         else:
             spans = self._all_lines(region, start)
-        since, until, single, groups = self.since, self.until, self.single, self.groups
+        since, until, single = self.since, self.until, self.single
+        # The first group was tested already when the lines were split off.
+        groups = self.groups if self.key is not None else self.groups[1:]
         for at, line in spans:
             if since is not None and line[7:34] < since and line.startswith(b'{"ts":"'):
                 continue
@@ -400,6 +403,9 @@ class _Plan:
                 lines = [x for x in lines if x[7:34] >= since or not x.startswith(b'{"ts":"')]
             if until is not None:
                 lines = [x for x in lines if x[7:34] < until or not x.startswith(b'{"ts":"')]
+            if self.group_re is not None:
+                search = self.group_re.search
+                lines = [x for x in lines if search(x)]
             for line in lines:
                 if line:
                     yield at, line
@@ -407,6 +413,23 @@ class _Plan:
 
 
 BLOCK = 8 << 20
+
+
+def _pattern(needles: tuple[bytes, ...]) -> re.Pattern[bytes]:
+    """One pattern for any of the needles, ``"key":value`` ones grouped by key (a
+    pattern that tries each key once at a quote is faster than a plain alternation)."""
+    by_key: dict[bytes, list[bytes]] = {}
+    for needle in needles:
+        key, sep, value = needle.partition(b'":')
+        if sep and key.startswith(b'"') and value:
+            by_key.setdefault(key + sep, []).append(value)
+        else:
+            by_key.setdefault(b"", []).append(needle)
+    parts = [
+        re.escape(key) + b"(?:" + b"|".join(re.escape(v) for v in values) + b")"
+        for key, values in by_key.items()
+    ]
+    return re.compile(b"|".join(parts))
 
 
 def _rarity(needle: bytes) -> tuple[int, int]:
