@@ -345,10 +345,11 @@ class _End(asyncio.Protocol):
         self.codec: Codec | None = None
         self.count = 0
         self.eof = False
+        self.input_closed = False
 
     def data_received(self, data: bytes) -> None:
-        if self.pipe.done.done():
-            return  # a transport may deliver what it had read after the pipe stopped
+        if self.pipe.done.done() or self.input_closed:
+            return  # a transport may deliver what it had read after the pipe or input stopped
         self.count += len(data)
         self.pipe.last_activity = time.monotonic()
         if self.codec is None:
@@ -361,12 +362,13 @@ class _End(asyncio.Protocol):
             return
         if out:
             self.other.transport.writelines(out)
-        if eof:
+        if eof:  # the peer's end of stream, in-band: this side's input is over
+            self.eof = True
             self.pipe.half_close(self.other)
 
     def eof_received(self) -> bool | None:
-        if self.eof:  # some transports report it twice around set_protocol()
-            return True
+        if self.eof:  # in-band already, or reported twice around set_protocol()
+            return True if self.transport.can_write_eof() else None
         self.eof = True
         if self.pipe.done.done():
             return None
@@ -477,6 +479,15 @@ class Pipe:
                 self.finish(f"{end.other.name} closed")
         else:
             self.finish(f"{end.other.name} closed")
+
+    def end_input(self, end: _End) -> None:
+        """``end``'s application is gone: end its stream in-band now and read no more of it.
+
+        The other direction goes on until the peer ends its stream too.
+        """
+        end.input_closed = True
+        if not end.eof and not self.done.done():
+            end.eof_received()
 
     def finish(self, reason: str) -> None:
         """Stop: flush and close both transports (idempotent)."""

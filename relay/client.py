@@ -16,6 +16,7 @@ import contextlib
 import hmac
 import json
 import os
+import signal
 import ssl
 import sys
 from collections.abc import Awaitable, Callable
@@ -378,10 +379,13 @@ class ClientSession:
         pipe = Pipe(
             joined, remote, codec_a=est.sealer, codec_b=est.opener, names=("local", "tunnel")
         )
+        undo = _end_input_on_hangup(asyncio.get_running_loop(), pipe)
         try:
             await self._run_pipe(pipe, bytes(reader.buffer), reader.eof, est)
         except TunnelCut as exc:
             raise TunnelCut(f"{exc}; the output is incomplete") from None
+        finally:
+            undo()
 
     async def wait_closed(self) -> str:
         """Wait for the session's control connection to end; returns the gateway's reason."""
@@ -412,6 +416,39 @@ class ClientSession:
 
     def close(self) -> None:
         self.link.close()
+
+
+#: After SIGHUP, how long ``--stdio`` waits for the agent's side to end its stream.
+HANGUP_GRACE = 5.0
+
+
+def _end_input_on_hangup(loop: asyncio.AbstractEventLoop, pipe: Pipe) -> Callable[[], None]:
+    """Make SIGHUP end standard input in-band; returns the function that undoes it.
+
+    ssh sends SIGHUP to its ProxyCommand as soon as it is done with it. Dying of it
+    would end the tunnel without its END record, and the service would see a reset.
+    Instead our stream ends in-band, the agent's side has HANGUP_GRACE seconds to end
+    its own, and only then is the tunnel cut.
+    """
+    hup = getattr(signal, "SIGHUP", None)
+    timers: list[asyncio.TimerHandle] = []
+
+    def hung_up() -> None:
+        pipe.end_input(pipe.a)
+        if not timers:
+            timers.append(loop.call_later(HANGUP_GRACE, pipe.abort, "hung up"))
+
+    try:
+        loop.add_signal_handler(hup, hung_up)  # type: ignore[arg-type]
+    except (TypeError, NotImplementedError, RuntimeError, ValueError):
+        return lambda: None  # no SIGHUP here (Windows), or not the main thread
+
+    def undo() -> None:
+        for timer in timers:
+            timer.cancel()
+        loop.remove_signal_handler(hup)  # type: ignore[arg-type]
+
+    return undo
 
 
 class _Duplex(asyncio.Transport):

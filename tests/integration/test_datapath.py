@@ -264,6 +264,7 @@ def _ssh(world: World, sshd: Sshd, proxy: str, *command: str) -> subprocess.Comp
     )
 
 
+@pytest.mark.timeout(600)  # many logins in a row
 def test_openssh_through_stdio_twenty_times(world: World, sshd: Sshd, pc3: str) -> None:
     """The ssh server speaks first: its banner must reach the client every time."""
     for run in range(20):
@@ -272,8 +273,10 @@ def test_openssh_through_stdio_twenty_times(world: World, sshd: Sshd, pc3: str) 
         assert result.returncode == 0, f"run {run}: {result.stderr}"
         assert result.stdout == f"run-{run}\n"
         assert _clean(result.stderr), result.stderr
+    assert "tunnel cut" not in _agent_log(world, pc3)
 
 
+@pytest.mark.timeout(600)  # many logins in a row
 def test_service_speaking_first_through_stdio(world: World, pc2: str) -> None:
     """The banner comes first, then the echo of what we sent, in order, every time."""
     for run in range(8):
@@ -285,6 +288,7 @@ def test_service_speaking_first_through_stdio(world: World, pc2: str) -> None:
         assert _clean(result.stderr), result.stderr
 
 
+@pytest.mark.timeout(600)  # many logins in a row
 def test_peer_end_after_local_end_leaves_stderr_clean(world: World, pc2: str) -> None:
     """Standard input ends at once; the service's banner and END come after that."""
     for run in range(5):
@@ -293,8 +297,32 @@ def test_peer_end_after_local_end_leaves_stderr_clean(world: World, pc2: str) ->
         assert result.returncode == 0, f"run {run}: {result.stderr}"
         assert result.stdout == BANNER.decode()
         assert _clean(result.stderr), result.stderr
+    # Every one of those ended whole: the agent reset nothing.
+    assert "tunnel cut" not in _agent_log(world, pc2)
 
 
+def test_hangup_ends_the_stream_in_band(world: World, pc2: str) -> None:
+    """ssh sends SIGHUP to its ProxyCommand when done: gw ends its stream with END and
+    lets the service end its own, so neither side sees a cut."""
+    proc = _stdio_proc(world, pc2, "banner")
+    assert proc.stdout is not None and proc.stderr is not None and proc.stdin is not None
+    proc.stdin.write(b"last words\n")
+    proc.stdin.flush()
+    got = b""
+    while len(got) < len(BANNER) + len(b"last words\n"):
+        chunk = proc.stdout.read1(65536)
+        assert chunk, proc.stderr.read()
+        got += chunk
+    assert got == BANNER + b"last words\n"
+    cuts = _agent_log(world, pc2).count("tunnel cut")
+    proc.send_signal(signal.SIGHUP)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert out == b"" and _clean(err.decode())
+    assert _agent_log(world, pc2).count("tunnel cut") == cuts
+
+
+@pytest.mark.timeout(600)  # many logins in a row
 def test_service_speaking_first_through_local_forward(world: World, pc2: str) -> None:
     user = world.new_user()
     proc, port = world.lab.connect_local(pc2, user, PASSWORD, "banner")

@@ -247,3 +247,23 @@ def test_reset_makes_the_peer_read_econnreset(runner: Any) -> None:
             with pytest.raises(ConnectionResetError):
                 while peer.recv(65536):
                     pass
+
+
+def test_ending_the_input_sends_end_and_drops_later_input() -> None:
+    """gw --stdio on SIGHUP: our stream ends in-band; the agent's side may still finish."""
+
+    async def main() -> None:
+        client_t, agent_t = FakeTransport(half_close=False), FakeTransport(half_close=False)
+        est, agent_est = await handshake(client_t, agent_t)
+        local = FakeTransport()
+        pipe = Pipe(local, client_t, codec_a=est.sealer, codec_b=est.opener, names=("l", "t"))
+        pipe.start()
+        pipe.end_input(pipe.a)
+        pipe.a.data_received(b"typed after the hang-up")
+        _, ended = agent_est.opener.feed(client_t.take())
+        assert ended  # END, and nothing after it
+        client_t.protocol.data_received(records(agent_est, b"bye", end=True))
+        result = pipe.done.result()
+        assert not result.cut and bytes(local.written) == b"bye"
+
+    run(main)
