@@ -237,6 +237,8 @@ class Pkcs11Prover(Prover):
             text = f"PIN for the smartcard of {_holder(found.cert)} ({token})"
             text += await asyncio.to_thread(self._tries_text, found)
             pin = self._prompt(text + ": ", True)
+            if not pin:
+                raise PinRefused("no PIN was entered")
             stage = "login"
             algorithm, signature = await asyncio.to_thread(self._sign, found, pin, message)
             del pin

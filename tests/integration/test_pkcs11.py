@@ -398,3 +398,13 @@ def test_names_from_the_token_cannot_write_to_the_terminal(
     finally:
         term.close()
     assert prompt["token"] == "Kari\\x1b[2J\\u202eevil"
+
+
+def test_empty_pin_is_not_sent_to_the_token(office: Office, hsm: softhsm.SoftHSM) -> None:
+    card = card_on_token(office, hsm, 118)
+    user = office.employee(card.person)
+    status, said, _ = office.attempt(user, hsm, pin="")
+    assert status == 1 and one_line(said) == "gw: no PIN was entered"
+    wait_for(lambda: bool(office.attempts(user)), 10, "auth.attempt")
+    (record,) = office.attempts(user)
+    assert (record["reason"], record["reported_by"]) == ("pin not verified", "client")
