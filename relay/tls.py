@@ -33,6 +33,25 @@ EXPORTER_LENGTH = 32
 _TLS1_3_VERSION = 0x0304
 
 
+#: TLS key exchange, hybrid first: X25519MLKEM768 (X25519 + ML-KEM-768, as OpenSSH's
+#: mlkem768x25519) where the linked OpenSSL has it (3.5+; it is then OpenSSL's default
+#: too), X25519 and P-256 for peers without it. OpenSSL 3.0 has no ML-KEM at all.
+TLS_GROUPS = "X25519MLKEM768:X25519:secp256r1"
+
+
+def hybrid_tls_available() -> bool:
+    """True when the OpenSSL that Python's ``ssl`` is linked to offers X25519MLKEM768."""
+    return ssl.OPENSSL_VERSION_INFO >= (3, 5)
+
+
+def _groups(ctx: ssl.SSLContext) -> None:
+    """Offer the hybrid group first where both OpenSSL and the ``ssl`` module allow it
+    (``SSLContext.set_groups`` is not in every Python; OpenSSL 3.5+ puts it first anyway)."""
+    set_groups = getattr(ctx, "set_groups", None)
+    if set_groups is not None and hybrid_tls_available():
+        set_groups(TLS_GROUPS)
+
+
 def _keylog(ctx: ssl.SSLContext) -> None:
     path = os.environ.get("SSLKEYLOGFILE")
     if path:
@@ -50,6 +69,7 @@ def server_context(
     if client_ca_file is not None:
         ctx.load_verify_locations(cafile=client_ca_file)
         ctx.verify_mode = ssl.CERT_OPTIONAL
+    _groups(ctx)
     _keylog(ctx)
     return ctx
 
@@ -64,6 +84,7 @@ def client_context(
     ctx.load_verify_locations(cafile=ca_file)
     if cert_file is not None:
         ctx.load_cert_chain(cert_file, key_file)
+    _groups(ctx)
     _keylog(ctx)
     return ctx
 
