@@ -172,6 +172,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import (
+    Criticality,
     ExtensionPolicy,
     PolicyBuilder,
     Store,
@@ -675,10 +676,14 @@ def _validate_path(
         .max_chain_depth(MAX_PATH_DEPTH)
         .extension_policies(
             # CAs get the full RFC 5280/Web PKI profile (basicConstraints, keyUsage
-            # keyCertSign, ...). The leaf's extensions are checked here instead, since
-            # the Web PKI client profile wants a subjectAltName that person
-            # certificates need not have.
-            ca_policy=ExtensionPolicy.webpki_defaults_ca(),
+            # keyCertSign, ...), except that certificatePolicies may be critical (RFC
+            # 5280 4.2.1.4 allows it, and _check_policy processes them). The leaf's
+            # extensions are checked here instead, since the Web PKI client profile
+            # wants a subjectAltName that person certificates need not have.
+            # docs/smartcard.md lists the chains this refuses that RFC 5280 accepts.
+            ca_policy=ExtensionPolicy.webpki_defaults_ca().may_be_present(
+                x509.CertificatePolicies, Criticality.AGNOSTIC, None
+            ),
             ee_policy=ExtensionPolicy.permit_all(),
         )
         .build_client_verifier()
