@@ -9,6 +9,9 @@ hands out the classic key of a hybrid agent (a downgrade) gets no tunnel.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import itertools
 import json
 import signal
 import sqlite3
@@ -21,6 +24,7 @@ from test_e2e_binding import PASSWORD, LyingLab, Site, _client_code
 from gatewayd.demo import EchoServer, Proc, wait_for
 
 pytestmark = pytest.mark.integration
+_bad = itertools.count(1)
 
 
 class PQSite(Site):
@@ -177,3 +181,56 @@ def test_an_old_agent_works_until_the_gateway_requires_hybrid(pq: PQSite) -> Non
         assert pq.tunnel_starts(user)[-1]["e2e"] == "hybrid"
     finally:
         pq.reload(require_hybrid=False)
+
+
+@pytest.mark.parametrize(
+    ("pq_key", "why"),
+    [
+        ("not base64!", "base64"),
+        (base64.urlsafe_b64encode(bytes(100)).decode(), "1184 bytes"),
+        # Every coefficient 0xfff >= q: FIPS 203's modulus check refuses it.
+        (base64.urlsafe_b64encode(b"\xff" * 1184).decode(), "ML-KEM"),
+    ],
+    ids=["garbage", "short", "not-reduced"],
+)
+def test_enrollment_with_a_bad_ml_kem_key_is_refused(pq: PQSite, pq_key: str, why: str) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from relay import message as m
+    from relay.aio import open_link
+    from relay.errors import RemoteError
+    from relay.tls import client_context
+
+    name = f"pc-bad{next(_bad)}"
+    token = pq.lab.admin("agent", "add", name, "--org", "clinic").strip()
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+        .decode()
+    )
+
+    async def enroll() -> str:
+        host, port = pq.lab.gateway.rsplit(":", 1)
+        link = await open_link(host, int(port), client_context(pq.lab.ca_file))
+        try:
+            link.send(
+                m.EnrollRequest(token, csr, base64.urlsafe_b64encode(bytes(32)).decode(), pq_key)
+            )
+            await link.expect(m.Enrolled)
+        except RemoteError as exc:
+            return f"{exc.code}: {exc.message}"
+        finally:
+            await link.aclose()
+        return "enrolled"
+
+    said = asyncio.run(enroll())
+    assert said.startswith("protocol_error") and why in said and "\n" not in said, said
+    last = [r for r in pq.lab.events("agent.enroll") if r.get("agent") == name][-1]
+    assert last["outcome"] == "failure"
+    # The daemon is still there for everyone else.
+    user = pq.user("acme")
+    assert _stdio(pq, user, "pc1", "still here\n") == "STILL HERE\n"

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import hashlib
 import socket
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey, MLKEM768PublicKey
@@ -370,3 +371,39 @@ def test_replay_guard_forgets_the_oldest_past_its_limit() -> None:
     guard.check(b"\x00" * 40)  # forgotten: no error
     with pytest.raises(NoiseError):
         guard.check(b"\x02" * 40)
+
+
+# -- the client's key checks --------------------------------------------------------------
+
+
+def test_known_agents_refuse_a_classic_key_for_a_hybrid_pin(tmp_path: Path) -> None:
+    from relay.client import AgentKeyCheck, AgentKeyDowngrade, AgentKeyMismatch, KnownAgents
+
+    agent = Agent()
+    whole = hybrid_key(agent.public, agent.kem_public)
+    check = AgentKeyCheck(KnownAgents(tmp_path / "known.json"), "gw:8443", "pc1")
+    check.check(whole)
+    assert check.pin(whole) is True
+    check.check(whole)  # the same key again: fine
+    with pytest.raises(AgentKeyDowngrade, match="downgrade"):
+        check.check(agent.public)  # the X25519 half alone
+    with pytest.raises(AgentKeyMismatch):
+        check.check(hybrid_key(agent.public, generate_kem_keypair()[1]))  # ML-KEM swapped
+    expected = AgentKeyCheck(
+        KnownAgents(tmp_path / "other.json"), "gw:8443", "pc1", expected=fingerprint(whole)
+    )
+    with pytest.raises(AgentKeyMismatch):
+        expected.check(agent.public)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["not base64!", base64.urlsafe_b64encode(bytes(100)).decode(), "_" * 1579],
+    ids=["garbage", "short", "not-reduced"],
+)
+def test_a_malformed_ml_kem_key_from_the_gateway_is_a_protocol_error(text: str) -> None:
+    from relay.client import pq_key
+    from relay.errors import ProtocolError
+
+    with pytest.raises(ProtocolError, match="ML-KEM"):
+        pq_key(text)
