@@ -341,7 +341,8 @@ def connect(
 
         def shown(est: Any) -> None:
             if verbose:
-                info(f"gw: tunnel to {agent}/{target} end-to-end encrypted; SAS {est.sas}")
+                how = "X25519 + ML-KEM-768" if est.hybrid else "X25519"
+                info(f"gw: tunnel to {agent}/{target} end-to-end encrypted ({how}); SAS {est.sas}")
 
         s.on_tunnel = shown
 

@@ -49,6 +49,8 @@ def session_sas(session_id: str, client_key: bytes, agent_key: bytes) -> str:
     Both ends derive it from the session id and the two static keys *as each of
     them was told by the gateway*: the client its own key and the agent's key from
     the session, the agent its own key and the client's from the approval request.
+    The agent's key is its whole key (X25519, then its ML-KEM-768 key if it has one),
+    so a swapped or withheld ML-KEM key changes the code too.
     A gateway that swapped a key to sit in the middle makes the two strings differ,
     which the person approving sees when the vendor reads theirs out. Every tunnel's
     Noise IK handshake then proves possession of exactly those keys.
