@@ -14,8 +14,10 @@ of the CAs it trusts, base64url). The prover reads every X.509 certificate objec
 every token the module shows (public objects, before any PIN) and keeps those that
 could pass: key usage with digitalSignature, not a CA, an extended key usage (if any)
 allowing clientAuth, the required policy, an issuer the gateway trusts. Exactly one:
-that one. None: "no suitable certificate" (with what was seen). Several: they are listed,
-and ``--cert-label`` (``values["cert_label"]``) picks one by its PKCS#11 label.
+that one. Several: those valid now, if any is (a renewed card that still holds its
+expired certificate needs no choice). None: "no suitable certificate" (with what was
+seen). Still several: they are listed, and ``--cert-label`` (``values["cert_label"]``)
+picks one by its PKCS#11 label.
 
 Then the PIN is asked (never echoed, never kept past the ``C_Login`` call), the private
 key with the certificate's ``CKA_ID`` is found in a logged-in session, and the
@@ -342,6 +344,16 @@ class Pkcs11Prover(Prover):
                     f"no suitable certificate labelled {self._label!r} (suitable: {labels})"
                 )
             raise DeviceError(f"several suitable certificates are labelled {self._label!r}")
+        if len(suitable) == 1:
+            return suitable[0]
+        # A renewed card may still hold its expired certificate: of several, only the
+        # ones valid now count (if any is).
+        now = dt.datetime.fromtimestamp(self._now(), dt.UTC)
+        valid = [
+            f for f in suitable if f.cert.not_valid_before_utc <= now <= f.cert.not_valid_after_utc
+        ]
+        if valid:
+            suitable = valid
         if len(suitable) == 1:
             return suitable[0]
         if suitable:

@@ -408,3 +408,19 @@ def test_empty_pin_is_not_sent_to_the_token(office: Office, hsm: softhsm.SoftHSM
     wait_for(lambda: bool(office.attempts(user)), 10, "auth.attempt")
     (record,) = office.attempts(user)
     assert (record["reason"], record["reported_by"]) == ("pin not verified", "client")
+
+
+def test_renewed_card_with_its_expired_certificate_needs_no_choice(
+    office: Office, hsm: softhsm.SoftHSM
+) -> None:
+    old = office.pki.card(119, expired=True)
+    new = office.pki.card(119)
+    hsm.token(TOKEN, PIN)
+    hsm.put(TOKEN, PIN, old.auth, label="Authentication 2021", key_id="01")
+    hsm.put(TOKEN, PIN, new.auth, label="Authentication 2024", key_id="02")
+    user = office.employee(new.person)
+    term, _ = office.login(user, hsm)
+    term.close()
+    (smartcard, _) = office.attempts(user)
+    assert smartcard["outcome"] == "success"
+    assert smartcard["serial"] == format(new.auth.cert.serial_number, "x")
