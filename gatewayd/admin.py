@@ -34,6 +34,7 @@ from . import audit as audit_mod
 from .audit import AuditLog
 from .broker import Broker
 from .config import Config
+from .event import AdminChanged, AdminRefused
 from .store import Store, StoreError
 
 log = structlog.get_logger("gatewayd.admin")
@@ -124,7 +125,7 @@ class AdminServer:
         uid, name = peer_user(sock)
         try:
             if not self.allowed(uid, name):
-                self.audit.write("admin.refused", by=name, uid=uid)
+                self.broker.bus.publish(AdminRefused(by=name, uid=uid))
                 await self._reply(writer, {"ok": False, "error": f"user {name} may not administer"})
                 return
             while line := await reader.readline():
@@ -161,7 +162,7 @@ class AdminServer:
         return {"ok": True, "result": result}
 
     async def changed(self, by: str, op_name: str, **fields: Any) -> None:
-        await self.audit.record("admin.change", by=by, op=op_name, **fields)
+        await self.broker.bus.record(AdminChanged(by=by, op=op_name, touched=fields))
 
     def now(self) -> float:
         return self.broker.now()

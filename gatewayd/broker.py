@@ -43,6 +43,25 @@ from relay.errors import ConfigError, GatewayError, ProtocolError, RemoteError, 
 from . import ca, policy
 from .audit import AuditError, AuditLog
 from .config import Config, ConfigHolder
+from .event import (
+    AgentConnected,
+    AgentDisconnected,
+    AgentEnrolled,
+    AgentsListed,
+    ApprovalAnswered,
+    ApprovalRequested,
+    AuthAttempt,
+    AuthLocked,
+    EventBus,
+    PolicyDecided,
+    SessionEnded,
+    SessionRefused,
+    SessionStarted,
+    TunnelEnded,
+    TunnelFailed,
+    TunnelRefused,
+    TunnelStarted,
+)
 from .rejection import RejectionLog
 from .store import Attempt, AttemptEnd, Credential, Lockout, Store, StoreError, User
 
@@ -175,6 +194,8 @@ class Broker:
         config = self.holder.current
         self.store = store
         self.audit = audit
+        #: Every audit record of the broker is an event published here (the audit writer first).
+        self.bus = EventBus(audit)
         self.now = now
         self.ca_key, self.ca_cert = ca.load_ca(config.tls.ca_file, config.tls.ca_key_file)
         self.agents: dict[str, AgentConn] = {}
@@ -314,16 +335,17 @@ class Broker:
             except (ConnectionClosed, RemoteError) as exc:
                 # The client gave up on this factor (no security key, wrong key, no touch):
                 # still an attempt on the record. Not counted towards the lockout.
-                self.audit.write(
-                    "auth.attempt",
-                    session=sid,
-                    user=hello.user,
-                    factor=method,
-                    outcome="failure",
-                    reason=f"no answer from the client ({exc.code})",
-                    source=link.peer,
-                    mode=hello.mode,
-                    agent=hello.agent,
+                self.bus.publish(
+                    AuthAttempt(
+                        session=sid,
+                        user=hello.user,
+                        factor=method,
+                        outcome="failure",
+                        reason=f"no answer from the client ({exc.code})",
+                        source=link.peer,
+                        mode=hello.mode,
+                        agent=hello.agent,
+                    )
                 )
                 raise
             assert isinstance(response, m.AuthResponse)
@@ -376,20 +398,21 @@ class Broker:
                     self._audit_locked(hello.user, end)
                 if outcome_ok and end.locked(self.now()):
                     outcome_ok, reason = False, "account locked meanwhile by other attempts"
-            self.audit.write(
-                "auth.attempt",
-                session=sid,
-                user=hello.user,
-                factor=method,
-                outcome="success" if outcome_ok else "failure",
-                reason=reason,
-                source=link.peer,
-                mode=hello.mode,
-                agent=hello.agent,
-                **{k: v for k, v in detail.items() if k not in ("event", "seq", "ts")},
+            self.bus.publish(
+                AuthAttempt(
+                    session=sid,
+                    user=hello.user,
+                    factor=method,
+                    outcome="success" if outcome_ok else "failure",
+                    reason=reason,
+                    source=link.peer,
+                    mode=hello.mode,
+                    agent=hello.agent,
+                    detail={k: v for k, v in detail.items() if k not in ("event", "seq", "ts")},
+                )
             )
             if not outcome_ok:
-                await self.audit.commit()
+                await self.bus.flush()
                 link.send_error("auth_failed", "authentication failed")
                 return False
         return True
@@ -422,17 +445,16 @@ class Broker:
 
     def _audit_locked(self, user: str, end: AttemptEnd) -> None:
         if end.admin_locked:
-            self.audit.write(
-                "auth.locked",
-                user=user,
-                failures=end.failures,
-                seconds=None,
-                until="unlocked by an administrator",
+            self.bus.publish(
+                AuthLocked(
+                    user=user,
+                    failures=end.failures,
+                    seconds=None,
+                    until="unlocked by an administrator",
+                )
             )
         else:
-            self.audit.write(
-                "auth.locked", user=user, failures=end.failures, seconds=end.newly_locked
-            )
+            self.bus.publish(AuthLocked(user=user, failures=end.failures, seconds=end.newly_locked))
 
     def _decide(self, user_id: str, agent_id: str, mode: str) -> policy.Decision:
         user = self.store.get_user(user_id)
@@ -506,28 +528,29 @@ class Broker:
         needs_reason = self.config.mode(hello.mode).require_reason
         if decision.allowed and needs_reason and not hello.reason.strip():
             decision = policy.deny("a reason is required for this mode (gw connect --reason)")
-        await self.audit.record(
-            "policy.decision",
-            **context,
-            decision="allow" if decision.allowed else "deny",
-            reason=decision.reason,
-            agreement=decision.agreement,
-            approval="required" if decision.needs_approval else "not required",
+        await self.bus.record(
+            PolicyDecided(
+                **context,
+                decision="allow" if decision.allowed else "deny",
+                reason=decision.reason,
+                agreement=decision.agreement,
+                approval="required" if decision.needs_approval else "not required",
+            )
         )
         if not decision.allowed:
             link.send_error("denied", decision.reason)
             return
         online = self.agents.get(hello.agent)
         if online is None:
-            self.audit.write("session.refused", **context, reason="agent offline")
+            self.bus.publish(SessionRefused(**context, reason="agent offline"))
             link.send_error("agent_offline", f"agent {hello.agent} is not connected")
             return
         if hello.target not in online.targets:
-            self.audit.write("session.refused", **context, reason="target unknown")
+            self.bus.publish(SessionRefused(**context, reason="target unknown"))
             link.send_error("target_unknown", f"agent {hello.agent} has no target {hello.target}")
             return
         if self._classic_refused(hello.agent):
-            self.audit.write("session.refused", **context, reason=NO_PQ_KEY)
+            self.bus.publish(SessionRefused(**context, reason=NO_PQ_KEY))
             link.send_error("denied", f"agent {hello.agent}: {NO_PQ_KEY}")
             return
         approved_by = ""
@@ -560,8 +583,8 @@ class Broker:
             unattended=not decision.needs_approval and hello.mode != "homeoffice",
             card_timeout=mode_cfg.card_heartbeat_timeout if watched else 0.0,
         )
-        await self.audit.record(
-            "session.start", **context, expires=session.expires, approved_by=approved_by or None
+        await self.bus.record(
+            SessionStarted(**context, expires=session.expires, approved_by=approved_by or None)
         )
         self.sessions[sid] = session
         self.tickets[session.ticket] = session
@@ -591,19 +614,20 @@ class Broker:
             self.tickets.pop(session.ticket, None)
             for pipe in list(session.tunnels):
                 pipe.abort(f"session ended: {session.end_reason}")
-            self.audit.write(
-                "session.end",
-                session=sid,
-                user=session.user,
-                agent=session.agent,
-                target=session.target,
-                mode=session.mode,
-                reason_given=session.reason,
-                reason=session.end_reason or "client closed",
-                duration=round(self.now() - session.started, 3),
-                tunnels=session.tunnel_count,
-                bytes_up=session.bytes_up + sum(p.a_to_b for p in session.tunnels),
-                bytes_down=session.bytes_down + sum(p.b_to_a for p in session.tunnels),
+            self.bus.publish(
+                SessionEnded(
+                    session=sid,
+                    user=session.user,
+                    agent=session.agent,
+                    target=session.target,
+                    mode=session.mode,
+                    reason_given=session.reason,
+                    reason=session.end_reason or "client closed",
+                    duration=round(self.now() - session.started, 3),
+                    tunnels=session.tunnel_count,
+                    bytes_up=session.bytes_up + sum(p.a_to_b for p in session.tunnels),
+                    bytes_down=session.bytes_down + sum(p.b_to_a for p in session.tunnels),
+                )
             )
 
     def _source_refused(self, user: User, source: str) -> str | None:
@@ -633,8 +657,8 @@ class Broker:
                     "online": online is not None,
                     "targets": sorted(online.targets) if online else [],
                 }
-        self.audit.write(
-            "agents.listed", session=sid, user=hello.user, source=link.peer, agents=sorted(found)
+        self.bus.publish(
+            AgentsListed(session=sid, user=hello.user, source=link.peer, agents=sorted(found))
         )
         link.send(m.AgentList(found))
 
@@ -658,7 +682,7 @@ class Broker:
         self.pending_approvals[request] = (hello.agent, waiter)
         asked = time.monotonic()
         link.extend_handshake(timeout + 10)
-        await self.audit.record("approval.requested", **context, request=request, timeout=timeout)
+        await self.bus.record(ApprovalRequested(**context, request=request, timeout=timeout))
         try:
             online.link.send(
                 m.Approve(
@@ -696,14 +720,15 @@ class Broker:
             outcome, by, reason = "failed", "", "the agent's connection is gone"
         finally:
             self.pending_approvals.pop(request, None)
-        await self.audit.record(
-            "approval.result",
-            **context,
-            request=request,
-            outcome=outcome,
-            by=by or None,
-            reason=reason or None,
-            seconds=round(time.monotonic() - asked, 3),
+        await self.bus.record(
+            ApprovalAnswered(
+                **context,
+                request=request,
+                outcome=outcome,
+                by=by or None,
+                reason=reason or None,
+                seconds=round(time.monotonic() - asked, 3),
+            )
         )
         if outcome == "approved":
             return by or "unknown"
@@ -837,14 +862,14 @@ class Broker:
         }
         decision = self._decide(session.user, session.agent, session.mode)
         if not decision.allowed:
-            self.audit.write("tunnel.refused", **fields, reason=decision.reason)
+            self.bus.publish(TunnelRefused(**fields, reason=decision.reason))
             session.end(f"no longer allowed: {decision.reason}")
             link.send_error("denied", decision.reason)
             return False
         # Check and take the place with no await between, so that concurrent requests
         # cannot all pass the check before any of them is counted.
         if len(session.tunnels) + session.reserved >= self.config.limits.max_tunnels_per_session:
-            self.audit.write("tunnel.refused", **fields, reason="too many tunnels")
+            self.bus.publish(TunnelRefused(**fields, reason="too many tunnels"))
             link.send_error("rate_limited", "too many tunnels in this session")
             return False
         session.reserved += 1
@@ -858,11 +883,11 @@ class Broker:
     ) -> bool:
         online = self.agents.get(session.agent)
         if online is None:
-            self.audit.write("tunnel.refused", **fields, reason="agent offline")
+            self.bus.publish(TunnelRefused(**fields, reason="agent offline"))
             link.send_error("agent_offline", f"agent {session.agent} is not connected")
             return False
         if self._classic_refused(session.agent):
-            self.audit.write("tunnel.refused", **fields, reason=NO_PQ_KEY)
+            self.bus.publish(TunnelRefused(**fields, reason=NO_PQ_KEY))
             link.send_error("denied", f"agent {session.agent}: {NO_PQ_KEY}")
             return False
         token = secrets.token_urlsafe(32)
@@ -884,14 +909,14 @@ class Broker:
                 agent_link = await asyncio.shield(waiter)
         except (TimeoutError, DialError, ProtocolError) as exc:
             reason = str(exc) or "the agent did not answer in time"
-            self.audit.write("tunnel.failed", **fields, tunnel=tunnel_id, reason=reason)
+            self.bus.publish(TunnelFailed(**fields, tunnel=tunnel_id, reason=reason))
             link.send_error("dial_failed", reason)
             return False
         finally:
             self.pending_dials.pop(token, None)
         try:
-            await self.audit.record(
-                "tunnel.start", **fields, tunnel=tunnel_id, e2e=self._e2e(session.agent)
+            await self.bus.record(
+                TunnelStarted(**fields, tunnel=tunnel_id, e2e=self._e2e(session.agent))
             )
         except AuditError:
             agent_link.send_error("unavailable", "audit log unavailable")
@@ -927,14 +952,15 @@ class Broker:
         session.bytes_up += result.bytes_a_to_b
         session.bytes_down += result.bytes_b_to_a
         session.last_activity = max(session.last_activity, pipe.last_activity)
-        self.audit.write(
-            "tunnel.end",
-            **fields,
-            tunnel=tunnel_id,
-            bytes_up=result.bytes_a_to_b,
-            bytes_down=result.bytes_b_to_a,
-            duration=round(time.monotonic() - started, 3),
-            reason=result.reason,
+        self.bus.publish(
+            TunnelEnded(
+                **fields,
+                tunnel=tunnel_id,
+                bytes_up=result.bytes_a_to_b,
+                bytes_down=result.bytes_b_to_a,
+                duration=round(time.monotonic() - started, 3),
+                reason=result.reason,
+            )
         )
 
     def _data(self, link: FramedLink, hello: m.DataHello) -> bool:
@@ -993,12 +1019,10 @@ class Broker:
         conn = AgentConn(agent_id, agent.org, link, frozenset(hello.targets), self.now(), link.peer)
         self.agents[agent_id] = conn
         self.store.touch_agent(agent_id, self.now())
-        self.audit.write(
-            "agent.connect",
-            agent=agent_id,
-            org=agent.org,
-            source=link.peer,
-            targets=sorted(hello.targets),
+        self.bus.publish(
+            AgentConnected(
+                agent=agent_id, org=agent.org, source=link.peer, targets=sorted(hello.targets)
+            )
         )
         reason = "closed"
         try:
@@ -1018,7 +1042,7 @@ class Broker:
         finally:
             if self.agents.get(agent_id) is conn:
                 del self.agents[agent_id]
-            self.audit.write("agent.disconnect", agent=agent_id, source=link.peer, reason=reason)
+            self.bus.publish(AgentDisconnected(agent=agent_id, source=link.peer, reason=reason))
 
     async def _register(self, link: FramedLink, hello: m.RegisterHello) -> None:
         """A person registers a factor credential (a security key) with a one-time code."""
@@ -1042,11 +1066,13 @@ class Broker:
         now = self.now()
         agent_id = self.store.agent_for_token(hello.token, now)
         if agent_id is None:
-            await self.audit.record(
-                "agent.enroll",
-                source=source,
-                outcome="failure",
-                reason="unknown, used or expired token",
+            await self.bus.record(
+                AgentEnrolled(
+                    agent=None,
+                    source=source,
+                    outcome="failure",
+                    reason="unknown, used or expired token",
+                )
             )
             link.send_error("auth_failed", "enrollment token unknown, used or expired")
             return
@@ -1060,8 +1086,8 @@ class Broker:
                 self.ca_key, self.ca_cert, hello.csr, agent_id, self.config.enrollment.cert_days
             )
         except (ValueError, ca.CAError) as exc:
-            await self.audit.record(
-                "agent.enroll", agent=agent_id, source=source, outcome="failure", reason=str(exc)
+            await self.bus.record(
+                AgentEnrolled(agent=agent_id, source=source, outcome="failure", reason=str(exc))
             )
             link.send_error("protocol_error", str(exc))
             return
@@ -1072,12 +1098,10 @@ class Broker:
         if taken != agent_id:
             link.send_error("auth_failed", "enrollment token unknown, used or expired")
             return
-        await self.audit.record(
-            "agent.enroll",
-            agent=agent_id,
-            source=source,
-            outcome="success",
-            fingerprint=ca.fingerprint(der),
+        await self.bus.record(
+            AgentEnrolled(
+                agent=agent_id, source=source, outcome="success", fingerprint=ca.fingerprint(der)
+            )
         )
         link.send(m.Enrolled(agent=agent_id, certificate=ca.cert_pem(cert).decode()))
 
