@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 # reference tools (OpenSSH, haproxy); SoftHSM2 and OpenSC (PKCS#11 modules for the
 # smartcard through middleware, and OpenSC's pkcs11-tool to fill the SoftHSM tokens).
 SYSTEM_PACKAGES := pcscd vsmartcard-vpcd libpcsclite-dev swig mosquitto \
-                   openssh-server openssh-client haproxy softhsm2 opensc
+                   openssh-server openssh-client haproxy softhsm2 opensc jq
 
 # make fuzz: every fuzz target (tests/fuzz) for FUZZ_SECONDS each, coverage-guided (atheris).
 FUZZ_SECONDS ?= 60
@@ -62,6 +62,10 @@ fuzz: $(VENV)/.test $(VENV)/.fuzz
 
 bench: system-deps $(VENV)/.test
 	$(BIN)/python bench/tunnel_bench.py
+
+# The audit trail: a filtered query and verify over 1,000,000 records, beside jq.
+bench-audit: system-deps $(VENV)/.test
+	$(BIN)/python bench/audit_query.py
 
 clean:
 	rm -rf $(VENV) demo-state .mypy_cache .ruff_cache .pytest_cache .coverage

@@ -373,7 +373,8 @@ async def _audit_acknowledge(s: AdminServer, args: dict[str, Any], by: str) -> A
     reason = _str(args, "reason").strip()
     if not reason or len(reason) > 1024 or not is_printable(reason):
         raise AdminError("reason: printable text on one line, at most 1024 characters")
-    result = await asyncio.to_thread(audit_mod.verify, s.audit.path)
+    key = s.audit.signer.public_key() if s.audit.signer is not None else None
+    result = await asyncio.to_thread(audit_mod.verify, s.audit.path, key)
     at_seq = [p for p in result.open if p.seq == seq]
     gaps = [p for p in at_seq if p.gap]
     if not gaps:
