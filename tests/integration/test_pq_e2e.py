@@ -234,3 +234,18 @@ def test_enrollment_with_a_bad_ml_kem_key_is_refused(pq: PQSite, pq_key: str, wh
     # The daemon is still there for everyone else.
     user = pq.user("acme")
     assert _stdio(pq, user, "pc1", "still here\n") == "STILL HERE\n"
+
+
+def test_the_agent_refuses_a_replayed_first_handshake_message(pq: PQSite) -> None:
+    # The gateway relays a genuine tunnel, records the client's first handshake
+    # message, and sends it again in a new data connection of the same session, with
+    # the genuine client key: the agent refuses to answer it a second time.
+    pq.lie("replay")
+    user = pq.user("acme")
+    assert _stdio(pq, user, "pc1", "relayed\n") == "RELAYED\n"
+    wait_for(
+        lambda: any(a["attack"] == "replay" for a in pq.attacks()), 20, "the attacker's replay"
+    )
+    (replay,) = [a for a in pq.attacks() if a["attack"] == "replay"]
+    assert replay["outcome"].startswith("refused"), replay
+    assert "replayed first handshake message" in pq.agent.output()

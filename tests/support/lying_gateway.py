@@ -22,6 +22,10 @@ it tried and what it got:
 - ``client-key``: when a session opens (honestly), the attacker dials the agent in
   that session with its own client key and tries to reach the target; then once
   more in a session the agent never heard of.
+- ``replay``: each tunnel is relayed byte for byte (honestly), and the client's first
+  handshake message is recorded; then the attacker dials the agent once more in the
+  same session, with the genuine client key, and sends that message again. Outcome
+  ``answered`` if the agent answered it, ``refused: ...`` if it closed unanswered.
 - ``classic-key``: a downgrade. ``approval_pending`` and ``session`` name the genuine
   agent's X25519 key but leave its ML-KEM-768 key out, as if the agent had only the
   classic handshake; tunnels are then spliced honestly.
@@ -112,7 +116,27 @@ class _Tap(asyncio.Protocol):
             self.other.close()
 
 
+class _Raw(asyncio.Protocol):
+    """Relays bytes to ``other`` as they are (``seen`` is told of each chunk first)."""
+
+    def __init__(self, other: asyncio.Transport, seen: Any) -> None:
+        self.other, self.seen = other, seen
+
+    def data_received(self, data: bytes) -> None:
+        if self.seen is not None:
+            self.seen(data)
+        self.other.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.other.close()
+
+
 class LyingBroker(broker_mod.Broker):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._honest_ask_approval = self.clients.ask_approval
+        self.clients.ask_approval = self._ask_approval  # type: ignore[method-assign]
+
     async def _client(self, link: FramedLink, hello: m.ClientHello) -> None:
         honest_send = link.send
 
@@ -150,10 +174,12 @@ class LyingBroker(broker_mod.Broker):
         if "approve-key" in lies():
             note(attack="approve-key", outcome="sent", session=sid)
             client_key = CLIENT_PUBLIC
-        return await super()._ask_approval(link, online, hello, sid, client_key, context)
+        return await self._honest_ask_approval(link, online, hello, sid, client_key, context)
 
     async def _tunnel(self, link: FramedLink, hello: m.TunnelHello) -> bool:
-        session = self.tickets.get(hello.ticket)
+        session = self.sessions.by_ticket(hello.ticket)
+        if session is not None and "replay" in lies():
+            return await self._relay_and_replay(link, session)
         if session is None or not lies() & {"agent-key", "pending-key"}:
             return await super()._tunnel(link, hello)
         note(attack="agent-key", outcome="tunnel requested", session=session.id)
@@ -217,18 +243,93 @@ class LyingBroker(broker_mod.Broker):
             return None
         return base64.urlsafe_b64decode(agent.pq_key + "=" * (-len(agent.pq_key) % 4))
 
+    async def _relay_and_replay(self, link: FramedLink, session: Any) -> bool:
+        got = await self._dial_agent(
+            session.agent,
+            session.target,
+            session.id,
+            session.user,
+            session.mode,
+            client_key=session.client_key,
+        )
+        if isinstance(got, str):
+            link.send_error("dial_failed", got)
+            return False
+        link.send(m.Spliced())
+        got.send(m.Spliced())
+        client_t, client_rest = link.detach()
+        agent_t, agent_rest = got.detach()
+        first = bytearray()
+
+        def recorded(data: bytes) -> None:
+            if len(first) >= 2 and len(first) >= 2 + int.from_bytes(first[:2], "big"):
+                return
+            first.extend(data)
+            if len(first) >= 2 and len(first) >= 2 + int.from_bytes(first[:2], "big"):
+                frame = bytes(first[: 2 + int.from_bytes(first[:2], "big")])
+                self.spawn(self._replay(session, frame))
+
+        up, down = _Raw(agent_t, recorded), _Raw(client_t, None)
+        client_t.set_protocol(up)
+        agent_t.set_protocol(down)
+        if client_rest:
+            up.data_received(client_rest)
+        if agent_rest:
+            down.data_received(agent_rest)
+        return True
+
+    async def _replay(self, session: Any, frame: bytes) -> None:
+        got = await self._dial_agent(
+            session.agent,
+            session.target,
+            session.id,
+            session.user,
+            session.mode,
+            client_key=session.client_key,
+        )
+        if isinstance(got, str):
+            note(attack="replay", outcome=got, session=session.id)
+            return
+        got.send(m.Spliced())
+        transport, _ = got.detach()
+        answer = bytearray()
+        done = asyncio.get_running_loop().create_future()
+
+        class Reader(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                answer.extend(data)
+                if not done.done():
+                    done.set_result(None)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                if not done.done():
+                    done.set_result(None)
+
+        transport.set_protocol(Reader())
+        transport.write(frame)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                await done
+        transport.abort()
+        outcome = f"answered ({len(answer)} bytes)" if answer else "refused: closed unanswered"
+        note(attack="replay", outcome=outcome, session=session.id)
+
     async def _dial_agent(
-        self, agent: str, target: str, session_id: str, user: str, mode: str
+        self,
+        agent: str,
+        target: str,
+        session_id: str,
+        user: str,
+        mode: str,
+        client_key: bytes = CLIENT_PUBLIC,
     ) -> FramedLink | str:
-        """Ask the agent for a data connection presenting the attacker's client key."""
+        """Ask the agent for a data connection presenting ``client_key`` (the attacker's)."""
         online = self.agents.get(agent)
         if online is None:
             return "agent offline"
-        token = secrets.token_urlsafe(32)
-        waiter: asyncio.Future[FramedLink] = asyncio.get_running_loop().create_future()
-        self.pending_dials[token] = (agent, waiter)
+        token, waiter = self.dials.expect(agent)
         try:
-            online.link.send(m.Dial(token, target, session_id, b64(CLIENT_PUBLIC), user, mode))
+            online.link.send(m.Dial(token, target, session_id, b64(client_key), user, mode))
             async with asyncio.timeout(10):
                 return await waiter
         except broker_mod.DialError as exc:
@@ -236,7 +337,7 @@ class LyingBroker(broker_mod.Broker):
         except TimeoutError:
             return "refused: no answer"
         finally:
-            self.pending_dials.pop(token, None)
+            self.dials.forget(token)
 
     async def _impersonate(self, hello: m.ClientHello, session_id: str) -> None:
         """Pose as the client to the agent: in the real session, then in an invented one."""
