@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import ssl
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from .errors import (
     RemoteError,
     TunnelCut,
 )
+from .stdio import open_stdio  # pipes on POSIX, threads on Windows
 from .text import printable
 
 #: Most characters of a gateway's error message shown to the person.
@@ -366,10 +366,8 @@ class ClientSession:
         without the agent's end of stream: what was written to standard output is
         then incomplete.
         """
-        loop = asyncio.get_running_loop()
         reader = PausedProtocol()
-        stdin_t, _ = await loop.connect_read_pipe(lambda: reader, sys.stdin)
-        stdout_t, _ = await loop.connect_write_pipe(asyncio.Protocol, sys.stdout)
+        stdin_t, stdout_t = await open_stdio(reader)
         joined = _Duplex(stdin_t, stdout_t)
         try:
             remote, est = await self.open_tunnel()
