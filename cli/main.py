@@ -902,7 +902,8 @@ def agent_add(socket: Path, agent: str, org: str, ttl: float | None, as_json: bo
 @click.pass_obj
 def agent_list(socket: Path, as_json: bool) -> None:
     rows = _admin(socket, "list", what="agents")
-    _print_rows(rows, as_json, ["id", "org", "online", "enrolled", "last_seen", "disabled"])
+    cols = ["id", "org", "online", "enrolled", "last_seen", "disabled", "e2e"]
+    _print_rows(rows, as_json, cols)
 
 
 @admin.group("sessions")

@@ -299,7 +299,8 @@ class Store:
         assert table in ("orgs", "vendors", "users", "agents", "agreements", "grants")
         cols = {
             "agents": "id, org, created, disabled, cert_fingerprint, noise_key, enrolled, "
-            "last_seen, token_expires",
+            "last_seen, token_expires, CASE WHEN noise_key IS NULL THEN NULL "
+            "WHEN pq_key IS NULL THEN 'classic' ELSE 'hybrid' END AS e2e",
         }.get(table, "*")
         where, args = ("WHERE id = ?", (ident,)) if ident is not None else ("", ())
         sql = f"SELECT {cols} FROM {table} {where} ORDER BY 1"  # noqa: S608 - fixed names

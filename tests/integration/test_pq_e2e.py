@@ -249,3 +249,11 @@ def test_the_agent_refuses_a_replayed_first_handshake_message(pq: PQSite) -> Non
     (replay,) = [a for a in pq.attacks() if a["attack"] == "replay"]
     assert replay["outcome"].startswith("refused"), replay
     assert "replayed first handshake message" in pq.agent.output()
+
+
+def test_the_agent_list_says_which_agents_are_hybrid(pq: PQSite) -> None:
+    # Before turning require_hybrid on, an operator finds the agents to enroll again.
+    rows = json.loads(pq.lab.admin("agent", "list", "--json"))
+    e2e = {r["id"]: r["e2e"] for r in rows}
+    assert e2e["pc1"] == "hybrid" and e2e["pc-old"] == "classic"
+    assert "E2E" in pq.lab.admin("agent", "list")
