@@ -35,7 +35,7 @@ import binascii
 import hashlib
 from typing import Final
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey, MLKEM768PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -122,9 +122,18 @@ def _dh(private: X25519PrivateKey, public: X25519PublicKey) -> bytes:
         raise NoiseError("X25519 produced an all-zero shared secret") from exc
 
 
+_NO_KEM = (
+    "this build of the cryptography package has no ML-KEM-768 (it needs cryptography 47 "
+    "or later on a backend with ML-KEM, such as OpenSSL 3.5+)"
+)
+
+
 def generate_kem_keypair() -> tuple[bytes, bytes]:
     """A fresh ML-KEM-768 key pair: ``(seed, public)``, 64 and 1184 bytes (FIPS 203)."""
-    key = MLKEM768PrivateKey.generate()
+    try:
+        key = MLKEM768PrivateKey.generate()
+    except UnsupportedAlgorithm:
+        raise NoiseError(_NO_KEM) from None
     return key.private_bytes_raw(), key.public_key().public_bytes_raw()
 
 
@@ -136,7 +145,10 @@ def kem_public_key(seed: bytes) -> bytes:
 def _kem_private(seed: bytes) -> MLKEM768PrivateKey:
     if len(seed) != KEM_SEED_LEN:
         raise NoiseError(f"ML-KEM-768 seed must be {KEM_SEED_LEN} bytes, got {len(seed)}")
-    return MLKEM768PrivateKey.from_seed_bytes(seed)
+    try:
+        return MLKEM768PrivateKey.from_seed_bytes(seed)
+    except UnsupportedAlgorithm:
+        raise NoiseError(_NO_KEM) from None
 
 
 def _kem_public(public: bytes) -> MLKEM768PublicKey:
@@ -144,6 +156,8 @@ def _kem_public(public: bytes) -> MLKEM768PublicKey:
         raise NoiseError(f"ML-KEM-768 public key must be {KEM_PUBLIC_LEN} bytes, got {len(public)}")
     try:  # FIPS 203 7.2: the modulus check of the encapsulation key
         return MLKEM768PublicKey.from_public_bytes(public)
+    except UnsupportedAlgorithm:
+        raise NoiseError(_NO_KEM) from None
     except ValueError as exc:
         raise NoiseError(f"not an ML-KEM-768 public key: {exc}") from None
 

@@ -407,3 +407,17 @@ def test_a_malformed_ml_kem_key_from_the_gateway_is_a_protocol_error(text: str) 
 
     with pytest.raises(ProtocolError, match="ML-KEM"):
         pq_key(text)
+
+
+def test_a_cryptography_without_ml_kem_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    def unsupported(*_: object) -> None:
+        raise UnsupportedAlgorithm("ML-KEM-768 is not supported by this backend")
+
+    monkeypatch.setattr(noise.MLKEM768PrivateKey, "generate", unsupported)
+    monkeypatch.setattr(noise.MLKEM768PublicKey, "from_public_bytes", unsupported)
+    with pytest.raises(NoiseError, match="no ML-KEM-768"):
+        generate_kem_keypair()
+    with pytest.raises(NoiseError, match="no ML-KEM-768"):
+        hybrid_key(bytes(32), bytes(KEM_PUBLIC_LEN))
