@@ -26,6 +26,9 @@ Found on Debian 12's Wine 8.0:
   (argon2-cffi asks ``platform.machine()`` on import). The harness leaves
   ``_wmi.pyd`` out; ``platform`` then falls back to the version API, as it does on
   Windows without WMI;
+- Wine does not keep a file's DACL (it reports ``D:(A;;FA;;;SY)`` for every file on
+  these drives), so the owner-only ACL that the agent sets on its approvals token
+  file is not checked here: only that setting it succeeds;
 - python.exe cannot start with a regular file as a standard stream
   (``init_sys_streams: Invalid handle``), so every process here gets pipes for all
   three.
@@ -292,8 +295,11 @@ class WindowsGw:
 
     def run_bytes(self, *args: str, stdin: bytes, timeout: float = 120) -> tuple[int, bytes, str]:
         """``gw ARGS`` with binary standard input and output; its input then ends."""
+        return self._run(self.python(str(self.tree / "gw.py"), *args), stdin, timeout)
+
+    def _run(self, cmd: list[str], stdin: bytes, timeout: float) -> tuple[int, bytes, str]:
         popen = subprocess.Popen(
-            self.python(str(self.tree / "gw.py"), *args),
+            cmd,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
