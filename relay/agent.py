@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import message as m
 from . import noise, tunnel
-from .aio import ConnectionClosed, PausedProtocol, Pipe, open_link
+from .aio import ConnectionClosed, PausedProtocol, Pipe, open_link, reset
 from .approval import Approvals
 from .errors import GatewayError, NoiseError, ProtocolError, RemoteError
 from .tls import client_context
@@ -443,7 +443,7 @@ class Agent:
             )
         except (GatewayError, OSError, TimeoutError, NoiseError, ProtocolError) as exc:
             self.log("tunnel failed", target=dial.target, error=str(exc))
-            local_t.close()
+            reset(local_t)  # the target must not take a failed tunnel for an empty stream
             return
         self.log(
             "tunnel open",

@@ -445,6 +445,7 @@ def test_gateway_killed_mid_transfer_is_not_a_clean_end(
 ) -> None:
     """The gateway process dies: no END record; gw --stdio exits non-zero and says so."""
     w = build_world(tmp_path / "lab")
+    procs: list[subprocess.Popen[bytes]] = []
     try:
         w.lab.enroll_agent("pcx", "clinic")
         w.lab.start_agent("pcx", {name: s.port for name, s in streams.items()})
@@ -452,15 +453,22 @@ def test_gateway_killed_mid_transfer_is_not_a_clean_end(
         sink_ends = len(sink.ends)
         down = _stdio_proc(w, "pcx", "source")
         up = _stdio_proc(w, "pcx", "sink")
-        assert down.stdout is not None and up.stdin is not None
+        procs += [down, up]
+        assert down.stdout is not None and down.stderr is not None
+        assert up.stdin is not None and up.stderr is not None
         writer = threading.Thread(target=_feed_until_error, args=(up.stdin,), daemon=True)
         writer.start()
         got = 0
         while got < 1 << 20:
             chunk = down.stdout.read1(65536)
-            assert chunk, down.stderr.read() if down.stderr else ""
+            assert chunk, down.stderr.read()
             got += len(chunk)
-        wait_for(lambda: len(w.lab.events("tunnel.start")) >= 2, 10, "both tunnels")
+
+        def upload_open() -> bool:
+            lines = _agent_log(w, "pcx").splitlines()
+            return any("tunnel open" in line and "target=sink" in line for line in lines)
+
+        wait_for(upload_open, 30, "the upload tunnel")
         (gateway,) = [p for p in w.lab.procs if p.name == "gatewayd"]
         gateway.stop(signal.SIGKILL)
         _, down_err = down.communicate(timeout=30)
@@ -468,18 +476,21 @@ def test_gateway_killed_mid_transfer_is_not_a_clean_end(
         assert "tunnel cut" in down_err.decode(), down_err
         assert "Traceback" not in down_err.decode()
         wait_for(lambda: len(sink.ends) > sink_ends, 30, "the sink to see the end")
-        assert sink.ends[sink_ends:] == ["reset"]
+        assert sink.ends[sink_ends:] == ["reset"], _agent_log(w, "pcx")
         # The uploading gw saw its tunnel cut too; its writer then meets a closed pipe.
         assert up.wait(30) != 0
         writer.join(30)
-        with contextlib.suppress(OSError):
-            up.stdin.close()
-        assert up.stdout is not None and up.stderr is not None
-        up.stdout.close()
-        with up.stderr:
-            assert "tunnel cut" in up.stderr.read().decode()
+        assert "tunnel cut" in up.stderr.read().decode()
         wait_for(lambda: "tunnel cut" in _agent_log(w, "pcx"), 10, "the agent to log the cut")
     finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
         w.lab.close()
         w.echo.close()
 
