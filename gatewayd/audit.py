@@ -1184,10 +1184,15 @@ def _verify_block(v: _Verifier, name: str, first: int, lines: list[bytes], block
             run = lines[start:stop]
             n = stop - start
             prevs = [line[(j := line.find(b',"prev":"', 34, 80)) + 9 : j + 73] for line in run]
-            digests = [sha256(line).hexdigest().encode() for line in run]
+            digests = [sha256(line).digest() for line in run]
+            try:
+                linked = bytes.fromhex(b"".join(prevs).decode("ascii")) == (
+                    bytes.fromhex(v.prev_hash) + b"".join(digests[:-1])
+                )
+            except ValueError:  # not hex where prev should be: line by line
+                linked = False
             if (
-                prevs[0] == v.prev_hash.encode()
-                and prevs[1:] == digests[:-1]
+                linked
                 and _seq_of(run[0]) == v.last_seq + 1
                 and _seq_of(run[-1]) == v.last_seq + n
                 and (v.cp_every is None or v.since_cp + n <= v.cp_every + CHECKPOINT_SLACK)
@@ -1195,7 +1200,7 @@ def _verify_block(v: _Verifier, name: str, first: int, lines: list[bytes], block
                 v.count += n
                 if v.cp_every is not None:
                     v.since_cp += n
-                v.prev_hash = digests[-1].decode()
+                v.prev_hash = digests[-1].hex()
                 v.last_seq += n
                 start = stop
         for i in range(start, stop):
