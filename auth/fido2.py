@@ -139,6 +139,7 @@ import math
 import os
 import re
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -1277,6 +1278,11 @@ class Fido2Prover(Prover):
                 "no security key is registered for your account; ask your administrator"
             )
         webauthn_challenge = login_challenge(request.nonce, channel_binding)
+        if self._device is None and self._device_name is None and _windows_webauthn():
+            windows: AuthenticationResponse = await _in_thread(
+                lambda cancel: _windows_assertion(request, webauthn_challenge, cancel)
+            )
+            return _assertion_json(windows)
         device = await self._get_device()
         interaction = _make_interaction(self._prompt, self._notify, self._pin)
 
@@ -1299,16 +1305,7 @@ class Fido2Prover(Prover):
 
             return _guarded(device, ask)
 
-        result = await _in_thread(work)
-        out: JSON = {
-            "credential_id": b64e(result.raw_id),
-            "client_data_json": b64e(bytes(result.response.client_data)),
-            "authenticator_data": b64e(bytes(result.response.authenticator_data)),
-            "signature": b64e(result.response.signature),
-        }
-        if result.response.user_handle:
-            out["user_handle"] = b64e(result.response.user_handle)
-        return out
+        return _assertion_json(await _in_thread(work))
 
     async def _get_device(self) -> CtapDevice:
         if self._device is None:
@@ -1354,18 +1351,29 @@ async def register(
     except (KeyError, ValueError) as exc:
         raise AuthError(f"the gateway sent a malformed FIDO2 registration request: {exc}") from None
     webauthn_challenge = registration_challenge(request.nonce, channel_binding)
+    windows = device is None and device_name is None and _windows_webauthn()
     owned = None
-    if device is None:
-        owned = device = await asyncio.to_thread(_open_device, device_name)
+    if windows:
+        key: CtapDevice | None = None
+    elif device is None:
+        owned = key = await asyncio.to_thread(_open_device, device_name)
     else:
-        device = _check_device(device)
+        key = _check_device(device)
     interaction = _make_interaction(prompt, notify, pin)
-    key = device
 
     def work(cancel: threading.Event) -> RegistrationResponse:
         def make() -> RegistrationResponse:
-            client = Fido2Client(
-                key, DefaultClientDataCollector(origin or request.origin), interaction
+            client: Any = (
+                _windows_client(origin or request.origin)
+                if key is None
+                else Fido2Client(
+                    key, DefaultClientDataCollector(origin or request.origin), interaction
+                )
+            )
+            uv = (
+                UserVerificationRequirement(request.user_verification)
+                if key is None
+                else _effective_uv(client, request.user_verification)
             )
             options = PublicKeyCredentialCreationOptions(
                 rp=PublicKeyCredentialRpEntity(id=request.rp_id, name=rp_name),
@@ -1383,13 +1391,18 @@ async def register(
                     for i in request.credential_ids
                 ],
                 authenticator_selection=AuthenticatorSelectionCriteria(
-                    resident_key=ResidentKeyRequirement.DISCOURAGED,
-                    user_verification=_effective_uv(client, request.user_verification),
+                    resident_key=ResidentKeyRequirement.DISCOURAGED, user_verification=uv
                 ),
                 attestation=AttestationConveyancePreference.DIRECT,
             )
-            return client.make_credential(options, cancel)
+            made: RegistrationResponse = client.make_credential(options, cancel)
+            return made
 
+        if key is None:  # pragma: no cover - Windows' WebAuthn API
+            try:
+                return make()
+            except ClientError as exc:
+                raise _windows_error(exc) from None
         return _guarded(key, make)
 
     try:
@@ -1406,6 +1419,74 @@ async def register(
     if label:
         out["name"] = label
     return out
+
+
+def _assertion_json(result: AuthenticationResponse) -> JSON:
+    out: JSON = {
+        "credential_id": b64e(result.raw_id),
+        "client_data_json": b64e(bytes(result.response.client_data)),
+        "authenticator_data": b64e(bytes(result.response.authenticator_data)),
+        "signature": b64e(result.response.signature),
+    }
+    if result.response.user_handle:
+        out["user_handle"] = b64e(result.response.user_handle)
+    return out
+
+
+# -- Windows: the platform's WebAuthn API ------------------------------------------------
+# Windows 10 (1903) and later let only administrators talk to a security key over USB
+# HID; everyone else goes through the WebAuthn API (webauthn.dll), which shows its own
+# dialog for the PIN and the touch. python-fido2's WindowsClient speaks to it; the client
+# data (with the challenge bound to this TLS channel) is made here as on any platform.
+# Untested under Wine (which has no webauthn.dll): only on real Windows.
+
+
+def _windows_webauthn() -> bool:
+    """True when logins must go through Windows' WebAuthn API: on Windows, where the
+    API is there and gw does not run as administrator, and no --fido2-device was named."""
+    if sys.platform != "win32":
+        return False
+    try:
+        import ctypes
+
+        from fido2.client.windows import WindowsClient
+    except ImportError:  # pragma: no cover - python-fido2 ships it for Windows
+        return False
+    windll: Any = getattr(ctypes, "windll")  # noqa: B009 - absent from POSIX stubs
+    return bool(WindowsClient.is_available()) and not windll.shell32.IsUserAnAdmin()
+
+
+def _windows_client(origin: str) -> Any:  # pragma: no cover - Windows only
+    from fido2.client.windows import WindowsClient
+
+    return WindowsClient(DefaultClientDataCollector(origin))
+
+
+def _windows_error(exc: ClientError) -> AuthError:  # pragma: no cover - Windows only
+    if exc.code == ClientError.ERR.TIMEOUT:
+        return AuthError("timed out waiting for you to touch the security key")
+    return AuthError(f"Windows' security key dialog failed: {exc.cause or exc.code.name}")
+
+
+def _windows_assertion(
+    request: _Request, challenge: bytes, cancel: threading.Event
+) -> AuthenticationResponse:  # pragma: no cover - Windows only
+    client = _windows_client(request.origin)
+    options = PublicKeyCredentialRequestOptions(
+        challenge=challenge,
+        timeout=int(request.timeout * 1000),
+        rp_id=request.rp_id,
+        allow_credentials=[
+            PublicKeyCredentialDescriptor(type=PublicKeyCredentialType.PUBLIC_KEY, id=i)
+            for i in request.credential_ids
+        ],
+        user_verification=UserVerificationRequirement(request.user_verification),
+    )
+    try:
+        response: AuthenticationResponse = client.get_assertion(options, cancel).get_response(0)
+    except ClientError as exc:
+        raise _windows_error(exc) from None
+    return response
 
 
 def _make_prover(options: ProverOptions) -> Prover:
