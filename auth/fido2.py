@@ -1278,7 +1278,7 @@ class Fido2Prover(Prover):
                 "no security key is registered for your account; ask your administrator"
             )
         webauthn_challenge = login_challenge(request.nonce, channel_binding)
-        if self._device is None and self._device_name is None and _windows_webauthn():
+        if self._device is None and self._device_name is None and windows_webauthn():
             windows: AuthenticationResponse = await _in_thread(
                 lambda cancel: _windows_assertion(request, webauthn_challenge, cancel)
             )
@@ -1351,7 +1351,7 @@ async def register(
     except (KeyError, ValueError) as exc:
         raise AuthError(f"the gateway sent a malformed FIDO2 registration request: {exc}") from None
     webauthn_challenge = registration_challenge(request.nonce, channel_binding)
-    windows = device is None and device_name is None and _windows_webauthn()
+    windows = device is None and device_name is None and windows_webauthn()
     owned = None
     if windows:
         key: CtapDevice | None = None
@@ -1441,7 +1441,7 @@ def _assertion_json(result: AuthenticationResponse) -> JSON:
 # Untested under Wine (which has no webauthn.dll): only on real Windows.
 
 
-def _windows_webauthn() -> bool:
+def windows_webauthn() -> bool:
     """True when logins must go through Windows' WebAuthn API: on Windows, where the
     API is there and gw does not run as administrator, and no --fido2-device was named."""
     if sys.platform != "win32":

@@ -60,7 +60,9 @@ async def register_key(
     from relay.registration import register_credential
 
     owned = None
-    if device is None:
+    if device is None and device_name is None and f2.windows_webauthn():
+        pass  # Windows' WebAuthn API finds the key itself (and shows its own dialog)
+    elif device is None:
         owned = device = await asyncio.to_thread(f2.open_device, device_name, choose)
     key = device
 

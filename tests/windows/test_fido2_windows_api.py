@@ -55,7 +55,7 @@ class StandInWindowsClient:
 def windows(monkeypatch: pytest.MonkeyPatch) -> SoftAuthenticator:
     device = SoftAuthenticator(pin=PIN)
     StandInWindowsClient.origins = []
-    monkeypatch.setattr(f2, "_windows_webauthn", lambda: True)
+    monkeypatch.setattr(f2, "windows_webauthn", lambda: True)
     monkeypatch.setattr(f2, "_windows_client", lambda o: StandInWindowsClient(device, o))
     return device
 
