@@ -973,25 +973,39 @@ def _public_key(config_path: Path, key_file: Path | None) -> Any:
 @click.option("--config", "config_path", type=click.Path(path_type=Path))
 @click.option(
     "--key",
-    "key_file",
+    "key_files",
     type=click.Path(path_type=Path),
-    help="The gateway's public key (as `gw audit key` prints it, or PEM): verify elsewhere.",
+    multiple=True,
+    help="The gateway's public key (as `gw audit key` prints it, or PEM): verify elsewhere. "
+    "Repeat for a trail signed by an older key too.",
 )
 @click.option("--path", "log_path", type=click.Path(path_type=Path), help="The trail's live file.")
 @click.pass_obj
 def verify_cmd(
-    parent: Path | None, config_path: Path | None, key_file: Path | None, log_path: Path | None
+    parent: Path | None,
+    /,
+    config_path: Path | None,
+    key_files: tuple[Path, ...],
+    log_path: Path | None,
 ) -> None:
     """Check the hash chain and every signed checkpoint: finds edits, deletions,
     insertions, reordering, truncation and a whole trail rewritten without the key."""
     from gatewayd.audit import verify
 
     path_cfg = config_path or parent
-    if path_cfg is None and (log_path is None or key_file is None):
+    if path_cfg is None and (log_path is None or not key_files):
         raise click.UsageError("give --config PATH (or --path LOG --key FILE on another host)")
-    path = log_path if log_path is not None else _path(path_cfg)  # type: ignore[arg-type]
-    key = _public_key(path_cfg, key_file) if path_cfg is not None else _public_key_only(key_file)
-    result = verify(path, key)
+    if log_path is not None:
+        path = log_path
+    else:
+        assert path_cfg is not None
+        path = _path(path_cfg)
+    if key_files:
+        keys = [_public_key_only(f) for f in key_files]
+    else:
+        assert path_cfg is not None
+        keys = [_public_key(path_cfg, None)]
+    result = verify(path, keys)
     for done in result.acknowledged:
         click.echo(f"acknowledged: {printable(str(done))}")
     cp = result.last_checkpoint
@@ -1015,10 +1029,9 @@ def verify_cmd(
     sys.exit(1)
 
 
-def _public_key_only(key_file: Path | None) -> Any:
+def _public_key_only(key_file: Path) -> Any:
     from gatewayd.audit import load_public_key
 
-    assert key_file is not None
     try:
         return load_public_key(key_file)
     except GatewayError as exc:

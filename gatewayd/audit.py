@@ -624,7 +624,7 @@ class AuditLog:
 
     # -- checkpoints ----------------------------------------------------------------------
 
-    def checkpoint(self, reason: str) -> int | None:
+    def checkpoint(self, reason: str, **extra: Any) -> int | None:
         """Sign the chain head now (``audit.checkpoint``); its seq, or None without a key."""
         if self.signer is None:
             return None
@@ -640,6 +640,7 @@ class AuditLog:
             key_id=self.key_id,
             reason=reason,
             sig=base64.b64encode(self.signer.sign(message)).decode(),
+            **extra,
         )
         self._since_checkpoint = 0
         self._checkpoint_at = time.monotonic()
@@ -682,7 +683,9 @@ class AuditLog:
         if self.compress:
             self._housekeeper.submit(compress_file, rotated)
         if self.signer is not None:
-            self.checkpoint("rotation")  # the new file starts from a signed point
+            # The new file starts from a signed point, and names the file before it, so
+            # that verify can tell retention from files removed by hand.
+            self.checkpoint("rotation", previous=rotated.name)
         self._write_retention()
 
     def _rotate(self) -> Path:
@@ -838,7 +841,9 @@ class AuditLog:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except TimeoutError:
-                # Quiet for checkpoint_seconds after a record: sign the head now.
+                # Quiet for checkpoint_seconds after a record: sign the head now (and if
+                # the log cannot be written, try again an interval later, not at once).
+                self._checkpoint_at = time.monotonic()
                 with contextlib.suppress(AuditError):
                     self._resume()
                     if self._since_checkpoint:
@@ -1002,9 +1007,13 @@ _SPECIAL = b'"event":"audit.'
 
 
 class _Verifier:
-    def __init__(self, key: Ed25519PublicKey | None) -> None:
-        self.key = key
-        self.kid = key_id(key) if key is not None else None
+    def __init__(self, keys: list[Ed25519PublicKey] | None) -> None:
+        self.keys = {key_id(k): k for k in keys} if keys else None
+        self.key = bool(self.keys)
+        self.retained: set[str] = set()
+        """Names of the files ``audit.retention`` records say were deleted."""
+        self.start_previous: str | None = None
+        self.start_where = self.start_digest = ""
         self.found: list[Problem] = []
         self.acks: set[tuple[int, str]] = set()
         self.prev_hash: str | None = None
@@ -1019,7 +1028,7 @@ class _Verifier:
 
     def checkpoint(self, rec: dict[str, Any], where: str, seq: int, digest: str) -> bool:
         """Check one checkpoint; True if its signature holds (or there is no key)."""
-        if self.key is None:
+        if self.keys is None:
             return True
         try:
             signed_seq, signed_hash = int(rec["signed_seq"]), str(rec["signed_hash"])
@@ -1042,18 +1051,20 @@ class _Verifier:
                 )
             )
             return False
-        if rec.get("key_id") != self.kid:
+        key = self.keys.get(str(rec.get("key_id")))
+        if key is None:
             self.found.append(
                 Problem(
                     where,
                     seq,
-                    f"checkpoint signed by key {rec.get('key_id')}, not by {self.kid}",
+                    f"checkpoint signed by key {rec.get('key_id')}, not by "
+                    + ", ".join(sorted(self.keys)),
                     digest,
                 )
             )
             return False
         try:
-            self.key.verify(sig, checkpoint_message(node, signed_seq, signed_hash, ts, every))
+            key.verify(sig, checkpoint_message(node, signed_seq, signed_hash, ts, every))
         except InvalidSignature:
             self.found.append(
                 Problem(where, seq, "checkpoint signature does not verify (forged)", digest)
@@ -1083,6 +1094,8 @@ class _Verifier:
         else:
             seq, prev = int(fast[1]), fast[2].decode()
         event = rec.get("event") if rec is not None else None
+        if event == RETENTION and rec is not None and isinstance(rec.get("files"), list):
+            self.retained.update(str(f).removesuffix(".gz") for f in rec["files"])
         if event == ACKNOWLEDGED and rec is not None:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 self.acks.add((int(rec["acknowledged_seq"]), str(rec["acknowledged_hash"])))
@@ -1119,7 +1132,10 @@ class _Verifier:
             # The trail starts at seq 1, or (after retention) at a checkpoint whose
             # signature holds.
             starts_well = (seq == 1 and prev == GENESIS) or (reanchor and prev == GENESIS)
-            if not starts_well and not (signed_start and self.key is not None):
+            if signed_start and self.key and rec is not None and not starts_well:
+                self.start_previous = str(rec.get("previous") or "")
+                self.start_where, self.start_digest = where, digest
+            if not starts_well and not (signed_start and self.key):
                 self.found.append(
                     Problem(
                         where,
@@ -1210,7 +1226,9 @@ def _verify_block(v: _Verifier, name: str, first: int, lines: list[bytes], block
         start = stop + 1
 
 
-def verify(path: Path, key: Ed25519PublicKey | None = None) -> VerifyResult:
+def verify(
+    path: Path, key: Ed25519PublicKey | list[Ed25519PublicKey] | None = None
+) -> VerifyResult:
     """Check the chain over the whole trail, the head file and (with ``key``) every checkpoint.
 
     A gap in the sequence numbers and a re-anchor (``audit.discontinuity``) are
@@ -1220,7 +1238,7 @@ def verify(path: Path, key: Ed25519PublicKey | None = None) -> VerifyResult:
     least one, and no stretch after one may be longer than the ``every`` it states;
     a trail that begins after rotated files were deleted must begin with one.
     """
-    v = _Verifier(key)
+    v = _Verifier([key] if isinstance(key, Ed25519PublicKey) else key)
     read_errors: list[Problem] = []
     where = f"{path.name} (empty)"
     for file, first, block in numbered_blocks(path, read_errors):
@@ -1248,7 +1266,19 @@ def verify(path: Path, key: Ed25519PublicKey | None = None) -> VerifyResult:
         )
     elif head.seq == v.last_seq and head.hash != (v.prev_hash or GENESIS):
         found.append(Problem(where, v.last_seq, "the last record was changed"))
-    if key is not None and v.count and v.last_cp is None:
+    if v.start_previous is not None and v.start_previous.removesuffix(".gz") not in v.retained:
+        before = f"after {v.start_previous}" if v.start_previous else f"at seq {v.first_seq}"
+        found.append(
+            Problem(
+                v.start_where,
+                v.first_seq,
+                f"the trail begins {before}, which no audit.retention record deleted "
+                "(files removed by hand?)",
+                v.start_digest,
+                gap=True,
+            )
+        )
+    if v.key and v.count and v.last_cp is None:
         found.append(
             Problem(where, None, "no checkpoint signed by this key: the trail cannot be trusted")
         )

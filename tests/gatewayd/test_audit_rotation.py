@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import gzip
 import json
 import threading
@@ -99,13 +100,10 @@ async def test_rotated_files_are_gzipped_and_verify_across_restarts(log_path: Pa
     assert result.ok, result.problems
 
 
-def age(path: Path, files: list[Path], years_ago: int) -> None:
-    """Give rotated files old stamps (kept in order), as time would."""
-    for n, f in enumerate(files):
-        stamp = rotated_stamp(f, path)
-        assert stamp is not None
-        old = f"{2026 - years_ago}0101T0000{n:02d}000000Z"
-        f.rename(f.with_name(f.name.replace(stamp, old)))
+def rotated_at(path: Path, f: Path) -> float:
+    stamp = rotated_stamp(f, path)
+    assert stamp is not None
+    return dt.datetime.strptime(stamp, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=dt.UTC).timestamp()
 
 
 @pytest.mark.asyncio
@@ -113,14 +111,19 @@ async def test_retention_deletes_old_files_and_what_remains_verifies(log_path: P
     await fill(log_path, 60, rotate_bytes=1500, compress=True)
     files = log_files(log_path)[:-1]
     assert len(files) >= 4
-    age(log_path, files[:3], 3)  # three files from three years ago
-    aged = log_files(log_path)[:3]
-    await fill(log_path, 5, first=60, rotate_bytes=1500, compress=True, retention_days=730)
-    remaining = log_files(log_path)
-    assert not any(f.exists() for f in aged)
-    assert set(files[3:]) <= set(remaining)
+    # Two years after the third file was rotated, and before the fourth was.
+    then = (rotated_at(log_path, files[2]) + rotated_at(log_path, files[3])) / 2 + 730 * 86400
+    log = open_log(log_path, rotate_bytes=1500, compress=True, retention_days=730)
+    try:
+        log._write_retention(then)
+        for i in range(60, 65):
+            await log.record("test.event", i=i, text="x" * 100)
+    finally:
+        await log.close()
+    assert not any(f.exists() for f in files[:3])
+    assert set(files[3:]) <= set(log_files(log_path))
     deleted = [r for r in recs(log_path) if r["event"] == RETENTION]
-    assert len(deleted) == 1 and len(deleted[0]["files"]) == 3
+    assert len(deleted) == 1 and deleted[0]["files"] == [f.name for f in files[:3]]
     assert deleted[0]["retention_days"] == 730
     assert numbers(log_path)[-5:] == list(range(60, 65))
     result = verify(log_path, PUB)
@@ -128,6 +131,14 @@ async def test_retention_deletes_old_files_and_what_remains_verifies(log_path: P
     assert result.first_seq > 1
     # Without the key, a trail that does not begin at seq 1 cannot be told from a cut one.
     assert not verify(log_path).ok
+    # The oldest file left, deleted by hand: the next one also starts at a checkpoint,
+    # but no retention record deleted the file before it.
+    oldest = log_files(log_path)[0]
+    oldest.unlink()
+    problems = verify(log_path, PUB).problems
+    assert len(problems) == 1
+    assert "which no audit.retention record deleted" in problems[0]
+    assert f"begins after {oldest.name.removesuffix('.gz')}" in problems[0]
     # Deleting a file in the middle instead is found.
     log_files(log_path)[1].unlink()
     assert not verify(log_path, PUB).ok

@@ -296,3 +296,19 @@ async def test_gw_audit_verify_with_the_public_key_only_elsewhere(
     bad = subprocess.run([*gw, "--key", str(pub)], capture_output=True, text=True, check=False)
     assert bad.returncode == 1
     assert "FAIL: audit.jsonl line 12: no checkpoint signed by this key" in bad.stderr
+
+
+@pytest.mark.asyncio
+async def test_a_new_key_verifies_with_both_keys(log_path: Path) -> None:
+    """A lost key replaced: the older part verifies with the older key, given as well."""
+    await signed_log(log_path, 7)
+    newer = Ed25519PrivateKey.generate()
+    log = AuditLog(log_path, node="gw1", fsync=False, signer=newer, checkpoint_every=5)
+    log.write_startup_records()
+    for i in range(7):
+        await log.record("test.event", i=i)
+    await log.close()
+    assert verify(log_path, [PUB, newer.public_key()]).ok
+    only_old = verify(log_path, PUB)
+    assert not only_old.ok and "signed by key" in only_old.problems[0]
+    assert not verify(log_path, newer.public_key()).ok
