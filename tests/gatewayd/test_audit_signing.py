@@ -312,3 +312,29 @@ async def test_a_new_key_verifies_with_both_keys(log_path: Path) -> None:
     only_old = verify(log_path, PUB)
     assert not only_old.ok and "signed by key" in only_old.problems[0]
     assert not verify(log_path, newer.public_key()).ok
+
+
+@pytest.mark.asyncio
+async def test_the_key_is_made_at_the_first_start_if_missing(tmp_path: Path) -> None:
+    from gatewayd import config as config_mod
+    from gatewayd.audit import audit_key_path, open_audit_log, public_key_file
+
+    path = tmp_path / "gatewayd.toml"
+    path.write_text(
+        '[gateway]\nlisten = "127.0.0.1:1"\n[tls]\ncert_file = "c"\nkey_file = "k"\n'
+        'ca_file = "a"\nca_key_file = "b"\n[store]\npath = "state/d.db"\n'
+        'secrets_key_file = "state/s.key"\n[audit]\npath = "log/audit.jsonl"\n'
+        'checkpoint_every = 3\n[admin]\nsocket = "s.sock"\n'
+    )
+    cfg = config_mod.load(path)
+    assert audit_key_path(cfg) == tmp_path / "state" / "audit.key"
+    assert not audit_key_path(cfg).exists()
+    log = open_audit_log(cfg)
+    log.write_startup_records()
+    for i in range(4):
+        await log.record("test.event", i=i)
+    await log.close()
+    key = load_public_key(public_key_file(audit_key_path(cfg)))
+    assert key_id(key) == key_id(load_or_create_key(audit_key_path(cfg)).public_key())
+    result = verify(cfg.audit.path, key)
+    assert result.ok and result.checkpoints == 3  # start, after 3 records, stop
