@@ -958,9 +958,12 @@ def _public_key(config_path: Path, key_file: Path | None) -> Any:
     try:
         if key_file is not None:
             return load_public_key(key_file)
-        key_path = audit_key_path(config_mod.load(config_path))
-        pub = public_key_file(key_path)
-        return load_public_key(pub if pub.exists() else key_path)
+        cfg = config_mod.load(config_path)
+        key_path = audit_key_path(cfg)
+        for pub in (public_key_file(key_path), public_key_file(cfg.audit.path)):
+            if os.access(pub, os.R_OK):
+                return load_public_key(pub)
+        return load_public_key(key_path)
     except GatewayError as exc:
         if isinstance(exc, AuditError) and key_file is None:
             raise click.ClickException(

@@ -904,6 +904,8 @@ def open_audit_log(cfg: Config) -> AuditLog:
     a = cfg.audit
     signer = load_or_create_key(audit_key_path(cfg))
     write_public_key(audit_key_path(cfg), signer)
+    # Beside the trail too: whoever may read the trail may check it, without the state.
+    write_public_key(a.path, signer)
     return AuditLog(
         a.path,
         node=cfg.gateway.node_id,
