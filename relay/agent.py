@@ -29,7 +29,6 @@ import base64
 import contextlib
 import hmac
 import json
-import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import message as m
-from . import noise, tunnel
+from . import noise, platform, tunnel
 from .aio import ConnectionClosed, PausedProtocol, Pipe, open_link, reset
 from .approval import Approvals
 from .errors import GatewayError, NoiseError, ProtocolError, RemoteError
@@ -65,9 +64,8 @@ def _unb64(text: str) -> bytes:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    """A key file only this user can read (0600; an owner-only ACL on Windows)."""
+    platform.write_private(path, data)
 
 
 def parse_hostport(value: str) -> tuple[str, int]:

@@ -12,7 +12,7 @@ and the agent's modules; what needs one of them asks here, when it runs:
   (Windows, and macOS for now) the agent listens on loopback TCP and a token file
   only the user can read guards it (:mod:`relay.approval`);
 - :func:`write_private`: a file only this user can read (mode 0600; on Windows a
-  protected DACL that grants the file's owner alone).
+  protected DACL that grants this user alone).
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ import contextlib
 import getpass
 import os
 import socket
+import stat
 import sys
 from pathlib import Path
+from typing import Any
 
 WINDOWS = sys.platform == "win32"
 
@@ -77,10 +79,18 @@ def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to a new file at ``path`` that only this user can read.
 
     An existing file is replaced (removed first, so its permissions are not
-    inherited). On Windows the file gets a protected DACL granting its owner alone;
-    when that cannot be set the file is removed and :class:`PrivateFileError` raised.
+    inherited, and a link planted there is not followed). On Windows the file gets a
+    protected DACL granting this user alone; when that cannot be set the file is
+    removed and :class:`PrivateFileError` raised.
     """
-    with contextlib.suppress(FileNotFoundError):
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        if not WINDOWS:
+            raise
+        os.chmod(path, stat.S_IWRITE)  # Windows: a read-only file cannot be removed
         path.unlink()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -95,14 +105,15 @@ def write_private(path: Path, data: bytes) -> None:
 
 
 def _owner_only_dacl(path: Path) -> None:  # pragma: no cover - Windows only
-    """Replace the file's DACL by one that grants its owner (OWNER RIGHTS) full access
-    and inherits nothing: other users, even in the same groups, cannot open it."""
+    """Replace the file's DACL by one that grants this process's user full access and
+    inherits nothing: other users, even in the same groups, cannot open it."""
     import ctypes
     from ctypes import wintypes
 
     windll = getattr(ctypes, "WinDLL")  # noqa: B009 - absent from ctypes' POSIX stubs
     advapi32 = windll("advapi32", use_last_error=True)
     kernel32 = windll("kernel32", use_last_error=True)
+    sid = _user_sid(advapi32, kernel32)
     descriptor = ctypes.c_void_p()
     convert = advapi32.ConvertStringSecurityDescriptorToSecurityDescriptorW
     convert.argtypes = [
@@ -112,8 +123,8 @@ def _owner_only_dacl(path: Path) -> None:  # pragma: no cover - Windows only
         ctypes.c_void_p,
     ]
     convert.restype = wintypes.BOOL
-    # D:P = a protected DACL (nothing inherited); OW = the owner's rights; FA = all.
-    if not convert("D:P(A;;FA;;;OW)", 1, ctypes.byref(descriptor), None):
+    # D:P = a protected DACL (nothing inherited); one entry: this user, all access.
+    if not convert(f"D:P(A;;FA;;;{sid})", 1, ctypes.byref(descriptor), None):
         raise PrivateFileError(f"cannot build a private ACL for {path}")
     try:
         set_security = advapi32.SetFileSecurityW
@@ -121,6 +132,46 @@ def _owner_only_dacl(path: Path) -> None:  # pragma: no cover - Windows only
         set_security.restype = wintypes.BOOL
         dacl_security_information = 0x4
         if not set_security(str(path), dacl_security_information, descriptor):
-            raise PrivateFileError(f"cannot make {path} readable by its owner alone")
+            raise PrivateFileError(f"cannot make {path} readable by this user alone")
     finally:
         kernel32.LocalFree(descriptor)
+
+
+def _user_sid(advapi32: Any, kernel32: Any) -> str:  # pragma: no cover - Windows only
+    """This process's user as an SDDL SID string (``S-1-5-21-...``)."""
+    import ctypes
+    from ctypes import wintypes
+
+    token = wintypes.HANDLE()
+    kernel32.GetCurrentProcess.restype = wintypes.HANDLE
+    open_token = advapi32.OpenProcessToken
+    open_token.argtypes = [wintypes.HANDLE, wintypes.DWORD, ctypes.POINTER(wintypes.HANDLE)]
+    token_query, token_user = 0x8, 1
+    if not open_token(kernel32.GetCurrentProcess(), token_query, ctypes.byref(token)):
+        raise PrivateFileError("cannot read this process's user")
+    try:
+        size = wintypes.DWORD()
+        info = advapi32.GetTokenInformation
+        info.argtypes = [
+            wintypes.HANDLE,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            wintypes.DWORD,
+            ctypes.POINTER(wintypes.DWORD),
+        ]
+        info(token, token_user, None, 0, ctypes.byref(size))
+        buffer = ctypes.create_string_buffer(size.value)
+        if not size.value or not info(token, token_user, buffer, size, ctypes.byref(size)):
+            raise PrivateFileError("cannot read this process's user")
+        sid = ctypes.c_void_p.from_buffer(buffer).value  # TOKEN_USER.User.Sid
+        text = wintypes.LPWSTR()
+        to_string = advapi32.ConvertSidToStringSidW
+        to_string.argtypes = [ctypes.c_void_p, ctypes.POINTER(wintypes.LPWSTR)]
+        if not to_string(sid, ctypes.byref(text)):
+            raise PrivateFileError("cannot read this process's user")
+        try:
+            return str(text.value)
+        finally:
+            kernel32.LocalFree(text)
+    finally:
+        kernel32.CloseHandle(token)

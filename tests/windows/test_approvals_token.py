@@ -116,3 +116,21 @@ def test_gw_keeps_its_files_under_appdata_on_windows(
     monkeypatch.setattr(platform, "WINDOWS", False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     assert _config_home() == tmp_path / "xdg" / "gw"
+
+
+def test_private_files_are_new_owner_only_files_never_followed_links(tmp_path: Path) -> None:
+    """Key and token files: mode 0600 whatever was there; a link planted at the path
+    (to make the agent write its key where others read) is replaced, not followed."""
+    victim = tmp_path / "elsewhere"
+    victim.write_bytes(b"untouched")
+    planted = tmp_path / "noise.key"
+    planted.symlink_to(victim)
+    platform.write_private(planted, b"secret")
+    assert victim.read_bytes() == b"untouched"
+    assert not planted.is_symlink() and planted.read_bytes() == b"secret"
+    assert stat.S_IMODE(planted.stat().st_mode) == 0o600
+    loose = tmp_path / "agent.key"
+    loose.write_bytes(b"old")
+    loose.chmod(0o644)
+    platform.write_private(loose, b"new")
+    assert stat.S_IMODE(loose.stat().st_mode) == 0o600 and loose.read_bytes() == b"new"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -138,6 +139,25 @@ def test_windows_connect_refuses_an_agent_whose_key_changed(world: World, win: W
     assert not [r for r in world.lab.events("tunnel.start") if r.get("user") == user]
 
 
+def test_windows_gw_agents_lists_what_the_user_may_reach(world: World, win: WindowsGw) -> None:
+    lab = world.lab
+    user = world.new_user()
+    args = ["agents", "--gateway", lab.gateway, "--ca-file", winpath(lab.ca_file)]
+    status, out, err = win.run(
+        *args,
+        "--user",
+        user,
+        "--password-stdin",
+        "--totp",
+        lab.totp(user),
+        "--json",
+        stdin=PASSWORD + "\n",
+    )
+    assert status == 0, err
+    rows = {row["agent"]: row for row in json.loads(out)}
+    assert "access" in rows["pc1"]["modes"] and rows["pc1"]["online"]
+
+
 def _linux_connect(world: World, user: str) -> subprocess.Popen[str]:
     lab = world.lab
     args = [
@@ -181,8 +201,11 @@ def test_windows_agent_serves_a_linux_client_after_approval(world: World, win: W
     )
     agent.wait_for("connected", 120, "the Windows agent to connect")
     # The Windows agent's approvals endpoint: loopback TCP and a token file, no socket file.
-    assert (lab.root / "agent-winpc" / "approval.token").is_file()
+    token_file = lab.root / "agent-winpc" / "approval.token"
+    assert token_file.is_file()
     assert not (lab.root / "agent-winpc" / "approval.sock").exists()
+    # Its ACL grants the agent's user alone; Wine shows that as no access for others.
+    assert stat.S_IMODE(token_file.stat().st_mode) & 0o007 == 0
 
     user = world.new_user("attended")  # access without approval is not agreed
     client = _linux_connect(world, user)
@@ -209,4 +232,28 @@ def test_windows_agent_serves_a_linux_client_after_approval(world: World, win: W
     (result,) = [r for r in lab.events("approval.result") if r.get("user") == user]
     assert result["outcome"] == "approved" and result["by"].endswith("(token)")
     assert [r for r in lab.events("tunnel.start") if r.get("user") == user]
+    agent.stop()
+
+    # The same agent with --approval-command: cmd.exe runs it; exit status 0 approves.
+    agent = win.start(
+        "agent-winpc-command",
+        "agent",
+        "run",
+        "--state-dir",
+        state,
+        f"--target=echo=127.0.0.1:{world.echo.port}",
+        "--no-prompt",
+        "--approval-command",
+        'if "%GW_USER%"=="' + (second := world.new_user("attended")) + '" (exit 0) else (exit 3)',
+    )
+    agent.wait_for("connected", 120, "the Windows agent to connect again")
+    client = _linux_connect(world, second)
+    client.wait(120)
+    assert client.stdout is not None and client.stderr is not None
+    with client.stdout, client.stderr:
+        stdout, stderr = client.stdout.read(), client.stderr.read()
+    assert client.returncode == 0, stderr + agent.output()
+    assert stdout == "FROM LINUX TO WINDOWS"
+    (result,) = [r for r in lab.events("approval.result") if r.get("user") == second]
+    assert result["outcome"] == "approved" and result["by"] == "approval_command"
     agent.stop()
