@@ -26,9 +26,9 @@ Found on Debian 12's Wine 8.0:
   (argon2-cffi asks ``platform.machine()`` on import). The harness leaves
   ``_wmi.pyd`` out; ``platform`` then falls back to the version API, as it does on
   Windows without WMI;
-- Wine does not keep a file's DACL (it reports ``D:(A;;FA;;;SY)`` for every file on
-  these drives), so the owner-only ACL that the agent sets on its approvals token
-  file is not checked here: only that setting it succeeds;
+- Wine keeps no file DACL: it maps the one set to the file's Unix permissions (an
+  entry for this user alone leaves other users none, which the journeys check) and
+  reads back ``D:(A;;FA;;;SY)`` for every file;
 - python.exe cannot start with a regular file as a standard stream
   (``init_sys_streams: Invalid handle``), so every process here gets pipes for all
   three.
