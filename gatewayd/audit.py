@@ -279,16 +279,19 @@ def read_blocks(f: Any, size: int = BLOCK) -> Iterator[bytes]:
 
 def numbered_blocks(
     path: Path, errors: list[Problem], files: list[Path] | None = None
-) -> Iterator[tuple[Path, int, bytes]]:
-    """(file, number of the block's first line, block) over the trail, like
+) -> Iterator[tuple[Path, int, list[bytes], bytes]]:
+    """(file, number of the block's first line, its lines, block) over the trail, like
     :func:`numbered_lines` but a block of lines at a time, for speed."""
     for p in log_files(path) if files is None else files:
         base = 0
         try:
             with open_log_file(p) as f:
                 for block in read_blocks(f):
-                    yield p, base + 1, block
-                    base += block.count(b"\n")
+                    lines = block.split(b"\n")
+                    if lines[-1] == b"":
+                        lines.pop()
+                    yield p, base + 1, lines, block
+                    base += len(lines)
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
             what = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             if isinstance(exc, EOFError):
@@ -1201,7 +1204,7 @@ def _verify_block(v: _Verifier, name: str, first: int, lines: list[bytes], block
         if stop > start and v.prev_hash is not None:
             run = lines[start:stop]
             n = stop - start
-            prevs = [line[(j := line.find(b',"prev":"', 34, 80)) + 9 : j + 73] for line in run]
+            prevs = [x[(j := x.find(b',"prev":"', 34, 80)) + 9 : j + 73] for x in run]
             digests = [sha256(line).digest() for line in run]
             try:
                 linked = bytes.fromhex(b"".join(prevs).decode("ascii")) == (
@@ -1243,13 +1246,10 @@ def verify(
     v = _Verifier([key] if isinstance(key, Ed25519PublicKey) else key)
     read_errors: list[Problem] = []
     where = f"{path.name} (empty)"
-    for file, first, block in numbered_blocks(path, read_errors):
+    for file, first, lines, block in numbered_blocks(path, read_errors):
         if read_errors:
             v.found.extend(read_errors)
             read_errors.clear()
-        lines = block.split(b"\n")
-        if lines[-1] == b"":
-            lines.pop()
         _verify_block(v, file.name, first, lines, block)
         where = f"{file.name} line {first + len(lines) - 1}"
     v.found.extend(read_errors)
