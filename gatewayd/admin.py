@@ -332,8 +332,9 @@ async def _list(s: AdminServer, args: dict[str, Any], by: str) -> Any:
         raise AdminError("what: one of orgs, vendors, users, agents, agreements")
     rows = s.store.list_rows(table)
     if table == "agents":
+        online = s.broker.online_agents()
         for row in rows:
-            row["online"] = row["id"] in s.broker.agents
+            row["online"] = row["id"] in online
     return rows
 
 
@@ -355,7 +356,7 @@ async def _sessions_kill(s: AdminServer, args: dict[str, Any], by: str) -> Any:
 async def _status(s: AdminServer, args: dict[str, Any], by: str) -> Any:
     return {
         "node": s.config.gateway.node_id,
-        "agents_online": sorted(s.broker.agents),
+        "agents_online": sorted(s.broker.online_agents()),
         "sessions": len(s.broker.sessions),
         "audit": s.audit.failure or "ok",
         # Rejected connections counted towards a summary record not written yet.

@@ -75,9 +75,9 @@ async def _show(s: AdminServer, args: dict[str, Any], by: str) -> Any:
         row["factors"] = sorted(s.store.credential_methods(ident))
         row["grants"] = sorted(s.store.grants_of(ident))
     if noun == "agent":
-        row["online"] = ident in s.broker.agents
-        online = s.broker.agents.get(ident)
-        row["targets"] = sorted(online.targets) if online else []
+        targets = s.broker.online_agents().get(ident)
+        row["online"] = targets is not None
+        row["targets"] = sorted(targets or ())
     if noun == "vendor":
         row["source_networks"] = json.loads(row.get("source_networks") or "[]")
     row["sessions"] = [
