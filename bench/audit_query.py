@@ -56,13 +56,16 @@ path = "state/directory.db"
 secrets_key_file = "state/secrets.key"
 [audit]
 path = "audit/audit.jsonl"
+compress = false
 [admin]
 socket = "admin.sock"
 """
 
 
-def generate(path: Path, n: int, key: Ed25519PrivateKey) -> None:
-    """n records (checkpoints included), one second apart, ending now."""
+def generate(path: Path, live: Path, n: int, key: Ed25519PrivateKey) -> None:
+    """n records (checkpoints included), one second apart, ending now, in ``path`` (a
+    rotated file, as gatewayd leaves it with ``compress = false``), and the head of
+    ``live`` (empty, as just after a rotation)."""
     kid = key_id(key.public_key())
     start = time.time() - n
     prev, seq = GENESIS, 0
@@ -143,7 +146,8 @@ def generate(path: Path, n: int, key: Ed25519PrivateKey) -> None:
         if buf:
             out.write(b"\n".join(buf) + b"\n")
     record = json.dumps({"seq": seq, "hash": prev}).encode().ljust(HEAD_SIZE - 1)
-    head_path(path).write_bytes(record + b"\n")
+    head_path(live).write_bytes(record + b"\n")
+    live.touch()
 
 
 def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, bytes]:
@@ -162,10 +166,11 @@ def main() -> None:
     root = args.dir or Path(tempfile.mkdtemp(prefix="audit-bench-"))
     (root / "audit").mkdir(parents=True, exist_ok=True)
     (root / "gatewayd.toml").write_text(CONFIG)
-    path = root / "audit" / "audit.jsonl"
+    live = root / "audit" / "audit.jsonl"
+    path = live.with_name(live.name + "." + time.strftime("%Y%m%dT%H%M%S000000Z", time.gmtime()))
     key = Ed25519PrivateKey.generate()
     t0 = time.perf_counter()
-    generate(path, args.records, key)
+    generate(path, live, args.records, key)
     size = path.stat().st_size
     print(
         f"trail: {args.records:,} records, {size / 1e6:.0f} MB, "
@@ -203,7 +208,7 @@ def main() -> None:
             line += "" if same else " (RESULTS DIFFER)"
         print(line)
     t0 = time.perf_counter()
-    result = verify(path, key.public_key())
+    result = verify(live, key.public_key())
     took = time.perf_counter() - t0
     print(
         f"verify: {result.records:,} records in {took:.2f} s = {result.records / took:,.0f} "

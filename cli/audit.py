@@ -244,7 +244,7 @@ def scan(
     plan = _Plan(flt)
     for file in files:
         try:
-            for region, first in _regions(file):
+            for region, first in _regions(file, live=file == path):
                 for at, line in plan.candidates(region):
                     try:
                         rec = json.loads(line)
@@ -267,9 +267,11 @@ class _ReadError(Exception):
         self.line, self.what = line, what
 
 
-def _regions(file: Path) -> Iterator[tuple[Any, int]]:
-    """(bytes or mmap of whole lines, number of its first line) over one file: a plain
-    file mapped whole (its last line only if complete), a compressed one in blocks."""
+def _regions(file: Path, live: bool) -> Iterator[tuple[Any, int]]:
+    """(bytes or mmap of whole lines, number of its first line) over one file: a rotated
+    plain file mapped whole, the live one read whole (a file cut shorter while mapped
+    would kill the reader), a compressed one in blocks; a last line still being written
+    is left for later."""
     import gzip
     import mmap
 
@@ -284,6 +286,12 @@ def _regions(file: Path) -> Iterator[tuple[Any, int]]:
                     base += block.count(b"\n")
                 return
             size = os.fstat(f.fileno()).st_size
+            if live:
+                data = f.read()
+                end = data.rfind(b"\n") + 1
+                if end:
+                    yield (data if end == len(data) else data[:end]), 1
+                return
             if size == 0:
                 return
             with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm:
