@@ -181,6 +181,8 @@ from cryptography.x509.verification import (
 
 from relay.errors import AuthError, ConfigError, DeviceError
 
+from . import ocsp as ocsp_mod
+from . import pathvalidation
 from .base import (
     JSON,
     AuthContext,
@@ -237,6 +239,14 @@ _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
 DEFAULT_REQUIRED_POLICY = "2.16.578.1.26.1.3.1"
 DEFAULT_SUBJECT_FIELD = "serialNumber"
 SETTINGS_KEY = "auth.smartcard"
+
+REVOCATION_CRL = "crl"
+REVOCATION_OCSP = "ocsp"
+REVOCATION_OCSP_THEN_CRL = "ocsp-then-crl"
+REVOCATIONS = (REVOCATION_CRL, REVOCATION_OCSP, REVOCATION_OCSP_THEN_CRL)
+PATH_WEBPKI = "webpki"
+PATH_RFC5280 = "rfc5280"
+PATH_VALIDATIONS = (PATH_WEBPKI, PATH_RFC5280)
 
 #: Why a prover stopped after reading the card's certificate (``declined`` in its last
 #: ``auth_response``); see "Giving up" in the module docstring.
@@ -317,6 +327,12 @@ class SmartcardSettings:
     """Subject attribute that identifies the person."""
     store: Store
     """Trust store built from :attr:`trust_anchors`."""
+    revocation: str
+    """``crl``, ``ocsp`` or ``ocsp-then-crl``."""
+    ocsp: ocsp_mod.OcspSettings
+    """The ``ocsp_*`` settings."""
+    path_validation: str
+    """``webpki`` (cryptography's verifier) or ``rfc5280`` (:mod:`auth.pathvalidation`)."""
 
 
 _cache: dict[tuple[Any, ...], SmartcardSettings] = {}
@@ -327,6 +343,7 @@ def reload() -> None:
     """Forget cached settings so that the next login re-reads every file (SIGHUP)."""
     with _cache_lock:
         _cache.clear()
+    ocsp_mod.clear_cache()
 
 
 def _paths(settings: Mapping[str, Any], key: str, *, required: bool) -> tuple[str, ...]:
@@ -347,6 +364,42 @@ def _oid(text: object, key: str) -> x509.ObjectIdentifier:
         return x509.ObjectIdentifier(text)
     except ValueError as exc:
         raise ConfigError(f"{SETTINGS_KEY}.{key}", f"not an OID: {text!r}") from exc
+
+
+def _choice(settings: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
+    value = settings.get(key, choices[0])
+    if value not in choices:
+        raise ConfigError(f"{SETTINGS_KEY}.{key}", f"must be one of {', '.join(choices)}")
+    return str(value)
+
+
+def _seconds(
+    settings: Mapping[str, Any], key: str, default: float, low: float, high: float
+) -> float:
+    value = settings.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ConfigError(
+            f"{SETTINGS_KEY}.{key}", f"must be a number of seconds from {low} to {high}"
+        )
+    return float(value)
+
+
+def _ocsp_settings(settings: Mapping[str, Any]) -> ocsp_mod.OcspSettings:
+    url = settings.get("ocsp_url")
+    if url is not None and (
+        not isinstance(url, str) or not url.lower().startswith("http://") or len(url) > 2000
+    ):
+        raise ConfigError(f"{SETTINGS_KEY}.ocsp_url", "must be an http:// URL")
+    nonce = settings.get("ocsp_nonce", False)
+    if not isinstance(nonce, bool):
+        raise ConfigError(f"{SETTINGS_KEY}.ocsp_nonce", "must be true or false")
+    return ocsp_mod.OcspSettings(
+        url=url,
+        timeout=_seconds(settings, "ocsp_timeout", 5.0, 0.1, 60),
+        cache_seconds=_seconds(settings, "ocsp_cache_seconds", 300.0, 0, 86400),
+        max_age=_seconds(settings, "ocsp_max_age", 3600.0, 60, 7 * 86400),
+        nonce=nonce,
+    )
 
 
 def _subject_field(text: object) -> x509.ObjectIdentifier:
@@ -426,7 +479,12 @@ def load_settings(settings: Mapping[str, Any]) -> SmartcardSettings:
     """
     anchors = _paths(settings, "trust_anchors", required=True)
     inters = _paths(settings, "intermediates", required=False)
-    crls = _paths(settings, "crl_files", required=True)
+    revocation = _choice(settings, "revocation", REVOCATIONS)
+    crls = _paths(settings, "crl_files", required=revocation != REVOCATION_OCSP)
+    ocsp_settings = _ocsp_settings(settings)
+    path_validation = _choice(settings, "path_validation", PATH_VALIDATIONS)
+    if path_validation == PATH_RFC5280 and (missing := pathvalidation.available()):
+        raise ConfigError(f"{SETTINGS_KEY}.path_validation", missing)
     policy_text = settings.get("required_policy", DEFAULT_REQUIRED_POLICY)
     field_text = settings.get("subject_field", DEFAULT_SUBJECT_FIELD)
     cache_key = (
@@ -435,6 +493,9 @@ def load_settings(settings: Mapping[str, Any]) -> SmartcardSettings:
         tuple(_stamp(p, "crl_files") for p in crls),
         str(policy_text),
         str(field_text),
+        revocation,
+        ocsp_settings,
+        path_validation,
     )
     with _cache_lock:
         cached = _cache.get(cache_key)
@@ -448,6 +509,9 @@ def load_settings(settings: Mapping[str, Any]) -> SmartcardSettings:
         required_policy=_oid(policy_text, "required_policy"),
         subject_field=_subject_field(field_text),
         store=Store(list(anchor_certs)),
+        revocation=revocation,
+        ocsp=ocsp_settings,
+        path_validation=path_validation,
     )
     with _cache_lock:
         if len(_cache) >= MAX_CACHED_SETTINGS:
@@ -473,7 +537,7 @@ def check_settings(settings: Mapping[str, Any]) -> str | None:
     load_settings(settings)
     unused = [
         f"{path} ({why})"
-        for path in _paths(settings, "crl_files", required=True)
+        for path in _paths(settings, "crl_files", required=False)
         for crl in _load_crls(path)
         if (why := _crl_refusal(crl)) is not None
     ]
@@ -669,6 +733,19 @@ def _validate_path(
     now: dt.datetime,
 ) -> list[x509.Certificate]:
     """Build and check the path to a trust anchor; return it, leaf first, anchor last."""
+    if cfg.path_validation == PATH_RFC5280:
+        try:
+            return pathvalidation.validate(
+                leaf, [*sent, *cfg.intermediates], cfg.trust_anchors,
+                cfg.required_policy, now, MAX_PATH_DEPTH,
+            )  # fmt: skip
+        except pathvalidation.PathError as exc:
+            if exc.policy:
+                raise _Reject(
+                    "policy oid missing", required_policy=cfg.required_policy.dotted_string,
+                    error=exc.error,
+                ) from None  # fmt: skip
+            raise _Reject("untrusted issuer", error=exc.error) from None
     verifier = (
         PolicyBuilder()
         .store(cfg.store)
@@ -762,9 +839,57 @@ def _crl_scope_miss(
 
 
 def _check_revocation(
-    cfg: SmartcardSettings, path: list[x509.Certificate], now: dt.datetime
+    cfg: SmartcardSettings, path: list[x509.Certificate], now: dt.datetime, detail: dict[str, Any]
 ) -> None:
-    """Every certificate below the anchor needs a fresh CRL from its issuer (fail closed).
+    """Every certificate below the anchor must be proven not revoked (fail closed).
+
+    By its issuer's CRLs (:func:`_check_crls`), by OCSP (:mod:`auth.ocsp`), or by OCSP
+    where the responder gives a proven answer and by CRLs where it does not
+    (``ocsp-then-crl``; why OCSP was not used goes to the ``ocsp_not_used`` detail). A
+    proven ``revoked`` is final. On success ``revocation`` lists what decided, leaf first.
+    """
+    used: list[str] = []
+    for depth, cert in enumerate(path[:-1]):
+        issuer = path[depth + 1]
+        if cfg.revocation == REVOCATION_CRL:
+            _check_crls(cfg, cert, issuer, depth > 0, now)
+            used.append("crl")
+            continue
+        try:
+            status = ocsp_mod.check(cert, issuer, cfg.ocsp, now)
+        except ocsp_mod.OcspError as exc:
+            if cfg.revocation == REVOCATION_OCSP:
+                raise _Reject(
+                    exc.reason, ocsp_error=exc.error, ocsp_url=exc.url, checked=_name(cert.subject)
+                ) from None
+            detail.setdefault("ocsp_not_used", []).append(
+                f"{_name(cert.subject)}: {exc.reason}: {exc.error}"[:300]
+            )
+            _check_crls(cfg, cert, issuer, depth > 0, now)
+            used.append("crl")
+            continue
+        if status.revoked:
+            when = status.revocation_time
+            raise _Reject(
+                "certificate revoked",
+                revoked=_name(cert.subject),
+                revoked_serial=format(cert.serial_number, "x"),
+                revocation_date=when.isoformat() if when else None,
+                revoked_by="ocsp",
+                ocsp_url=status.url,
+            )
+        used.append("ocsp (cached)" if status.cached else "ocsp")
+    detail["revocation"] = used
+
+
+def _check_crls(
+    cfg: SmartcardSettings,
+    cert: x509.Certificate,
+    issuer: x509.Certificate,
+    is_ca: bool,
+    now: dt.datetime,
+) -> None:
+    """``cert`` needs a fresh CRL from its issuer (fail closed).
 
     Only CRLs whose scope covers the certificate count (:func:`_crl_scope_miss`), and
     every scope counts on its own: of each scope (full, or one partition) the newest
@@ -772,56 +897,51 @@ def _check_revocation(
     them must be fresh. A newer CRL of another partition, or a delta CRL, can therefore
     never clear a certificate that a full CRL lists.
     """
-    for depth, cert in enumerate(path[:-1]):
-        issuer = path[depth + 1]
-        is_ca = depth > 0
-        newest: dict[Any, x509.CertificateRevocationList] = {}
-        not_used: list[str] = []
-        for crl in cfg.crls:
-            if crl.issuer != issuer.subject:
-                continue
-            why = _crl_refusal(crl) or _crl_scope_miss(crl, cert, is_ca)
-            if why is None:
-                try:
-                    valid = crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
-                except (ValueError, TypeError):
-                    valid = False
-                if not valid:
-                    why = "signature does not verify with the issuer's key"
-            if why is not None:
-                not_used.append(f"CRL of {crl.last_update_utc.isoformat()}: {why}")
-                continue
+    newest: dict[Any, x509.CertificateRevocationList] = {}
+    not_used: list[str] = []
+    for crl in cfg.crls:
+        if crl.issuer != issuer.subject:
+            continue
+        why = _crl_refusal(crl) or _crl_scope_miss(crl, cert, is_ca)
+        if why is None:
             try:
-                scope: Any = crl.extensions.get_extension_for_class(
-                    x509.IssuingDistributionPoint
-                ).value
-            except x509.ExtensionNotFound:
-                scope = None
-            best = newest.get(scope)
-            if best is None or crl.last_update_utc > best.last_update_utc:
-                newest[scope] = crl
-        if not newest:
-            detail: dict[str, Any] = {"crl_issuer": _name(issuer.subject)}
-            if not_used:
-                detail["crls_not_used"] = not_used[:10]
-            raise _Reject("crl missing", **detail)
-        for crl in newest.values():
-            next_update = crl.next_update_utc
-            if next_update is None or now > next_update:
-                raise _Reject(
-                    "crl stale",
-                    crl_issuer=_name(issuer.subject),
-                    next_update=next_update.isoformat() if next_update else None,
-                )
-        for crl in newest.values():
-            entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
-            if entry is not None:
-                raise _Reject(
-                    "certificate revoked",
-                    revoked=_name(cert.subject),
-                    revoked_serial=format(cert.serial_number, "x"),
-                    revocation_date=entry.revocation_date_utc.isoformat(),
-                )
+                valid = crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+            except (ValueError, TypeError):
+                valid = False
+            if not valid:
+                why = "signature does not verify with the issuer's key"
+        if why is not None:
+            not_used.append(f"CRL of {crl.last_update_utc.isoformat()}: {why}")
+            continue
+        try:
+            scope: Any = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
+        except x509.ExtensionNotFound:
+            scope = None
+        best = newest.get(scope)
+        if best is None or crl.last_update_utc > best.last_update_utc:
+            newest[scope] = crl
+    if not newest:
+        detail: dict[str, Any] = {"crl_issuer": _name(issuer.subject)}
+        if not_used:
+            detail["crls_not_used"] = not_used[:10]
+        raise _Reject("crl missing", **detail)
+    for crl in newest.values():
+        next_update = crl.next_update_utc
+        if next_update is None or now > next_update:
+            raise _Reject(
+                "crl stale",
+                crl_issuer=_name(issuer.subject),
+                next_update=next_update.isoformat() if next_update else None,
+            )
+    for crl in newest.values():
+        entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+        if entry is not None:
+            raise _Reject(
+                "certificate revoked",
+                revoked=_name(cert.subject),
+                revoked_serial=format(cert.serial_number, "x"),
+                revocation_date=entry.revocation_date_utc.isoformat(),
+            )
 
 
 def _policies(cert: x509.Certificate) -> list[x509.ObjectIdentifier] | None:
@@ -840,6 +960,8 @@ def _check_policy(cfg: SmartcardSettings, path: list[x509.Certificate]) -> None:
             required_policy=required.dotted_string,
             policies=[oid.dotted_string for oid in leaf_policies],
         )
+    if cfg.path_validation == PATH_RFC5280:
+        return  # the RFC 5280 policy tree of the path allowed it (auth/pathvalidation.py)
     for ca in path[1:-1]:  # intermediates must allow the policy; the anchor need not
         ca_policies = _policies(ca) or []
         if required not in ca_policies and ANY_POLICY not in ca_policies:
@@ -902,12 +1024,13 @@ def _check_certificate(
     chain: list[x509.Certificate],
     now: dt.datetime,
     credential: Mapping[str, Any],
+    detail: dict[str, Any],
 ) -> str:
     """Every check but the signature, in the documented order; returns the person."""
     _check_dates(leaf, now)
     _check_usage(leaf)
     path = _validate_path(cfg, leaf, chain, now)
-    _check_revocation(cfg, path, now)
+    _check_revocation(cfg, path, now, detail)
     _check_policy(cfg, path)
     return _check_identity(cfg, leaf, credential)
 
@@ -939,7 +1062,7 @@ def _check_declined(
         except MALFORMED_X509:
             raise _Reject("malformed response", error="certificate is not DER X.509") from None
         detail.update(_describe(leaf))
-        _check_certificate(cfg, leaf, [], now, credential)
+        _check_certificate(cfg, leaf, [], now, credential, detail)
     raise _Reject(str(reason))
 
 
@@ -1002,7 +1125,7 @@ class SmartcardVerifier(Verifier):
         parsed = _parse_response(response)
         leaf = parsed.leaf
         detail.update(_describe(leaf))
-        person = _check_certificate(cfg, leaf, parsed.chain, now, credential)
+        person = _check_certificate(cfg, leaf, parsed.chain, now, credential, detail)
         _check_signature(
             leaf, parsed.algorithm, parsed.signature, to_be_signed(nonce, ctx.channel_binding)
         )

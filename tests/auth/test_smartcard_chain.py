@@ -53,6 +53,10 @@ def login(
     root_bits: int = 2048,
     lax_root: bool = False,
     rsa_padding: padding.AsymmetricPadding | None = None,
+    path_validation: str = "webpki",
+    inter_not_after: dt.datetime | None = None,
+    tamper: bool = False,
+    leaf_policy: str = pki.POLICY_PERSON_CARD,
 ) -> tuple[bool, str, dict[str, Any]]:
     """A person's login through a root and an intermediate built with ``change``."""
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
@@ -81,14 +85,18 @@ def login(
         .public_key(ikey.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(long_ago)
-        .not_valid_after(far_ahead)
+        .not_valid_after(inter_not_after or far_ahead)
     )
     for ext, critical in change(_intermediate_extensions(root, ikey)):
         builder = builder.add_extension(ext, critical=critical)
     inter = pki.CA(ikey, builder.sign(root.key, hashes.SHA256(), rsa_padding=rsa_padding))
+    if tamper:  # the last byte of the intermediate's signature flipped
+        der = bytearray(inter.cert.public_bytes(serialization.Encoding.DER))
+        der[-1] ^= 1
+        inter = pki.CA(ikey, x509.load_der_x509_certificate(bytes(der)))
     person_key = ec.generate_private_key(ec.SECP256R1())
     leaf = inter.issue_person(
-        1, person_key, usage="auth", policy=pki.POLICY_PERSON_CARD,
+        1, person_key, usage="auth", policy=leaf_policy,
         not_before=now - DAY, not_after=now + 365 * DAY,
     )  # fmt: skip
 
@@ -105,6 +113,7 @@ def login(
             write("root.crl", root.crl(now - DAY, now + DAY).public_bytes(der)),
             write("inter.crl", inter.crl(now - DAY, now + DAY).public_bytes(der)),
         ],
+        "path_validation": path_validation,
     }
     ctx = AuthContext("kari", CHANNEL, now.timestamp(), "192.0.2.7",
                       {"cert_serial": pki.person_id(1)}, table)  # fmt: skip
@@ -209,3 +218,132 @@ def test_trust_anchor_is_held_to_the_ca_profile_too(tmp_path: Path) -> None:
     # checks the anchor certificate's extensions (here: basicConstraints not critical,
     # no keyUsage).
     refused(login(tmp_path, lax_root=True), "incorrect criticality")
+
+
+# -- path_validation = "rfc5280": the same chains under RFC 5280 section 6.1 -------------
+
+RFC5280 = {"path_validation": "rfc5280"}
+MAPPING_OID = ObjectIdentifier("2.5.29.33")
+
+
+def policy_mappings(issuer_domain: str, subject_domain: str) -> x509.UnrecognizedExtension:
+    """policyMappings with one pair (cryptography has no class for it)."""
+
+    def oid_der(dotted: str) -> bytes:
+        parts = [int(p) for p in dotted.split(".")]
+        body = bytearray([40 * parts[0] + parts[1]])
+        for part in parts[2:]:
+            chunk = [part & 0x7F]
+            while part > 0x7F:
+                part >>= 7
+                chunk.append(0x80 | (part & 0x7F))
+            body += bytes(reversed(chunk))
+        return bytes([6, len(body)]) + body
+
+    pair = oid_der(issuer_domain) + oid_der(subject_domain)
+    inner = bytes([0x30, len(pair)]) + pair
+    return x509.UnrecognizedExtension(MAPPING_OID, bytes([0x30, len(inner)]) + inner)
+
+
+def test_rfc5280_mode_accepts_the_baseline_chain(tmp_path: Path) -> None:
+    ok, reason, detail = login(tmp_path, **RFC5280)
+    assert (ok, reason) == (True, "ok"), detail
+
+
+@pytest.mark.parametrize(
+    ("change", "kw"),
+    [
+        (lambda exts: exts, {"root_bits": 1024}),
+        (
+            lambda exts: [
+                (e, False if isinstance(e, x509.BasicConstraints) else c) for e, c in exts
+            ],
+            {},
+        ),
+        (adding(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), False), {}),
+        (
+            adding(
+                x509.PolicyConstraints(require_explicit_policy=0, inhibit_policy_mapping=None),
+                True,
+            ),
+            {},
+        ),
+        (adding(x509.InhibitAnyPolicy(0), True), {}),
+        (adding(policy_mappings("1.2.3.4", "1.2.3.6"), True), {}),
+        (
+            lambda exts: exts,
+            {"rsa_padding": padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=20)},
+        ),
+        (lambda exts: exts, {"lax_root": True}),
+    ],
+    ids=[
+        "rsa-1024-root",
+        "basicConstraints-not-critical",
+        "eku-without-clientAuth",
+        "policyConstraints-critical",
+        "inhibitAnyPolicy-critical",
+        "policyMappings-critical",
+        "rsa-pss-salt-20",
+        "lax-trust-anchor",
+    ],
+)
+def test_rfc5280_mode_accepts_what_webpki_refuses(
+    tmp_path: Path, change: Callable[[list[Ext]], list[Ext]], kw: dict[str, Any]
+) -> None:
+    webpki = login(tmp_path, change, **kw)
+    assert webpki[:2] == (False, "untrusted issuer"), webpki
+    ok, reason, detail = login(tmp_path, change, **kw, **RFC5280)
+    assert (ok, reason) == (True, "ok"), detail
+
+
+@pytest.mark.parametrize("mode", ["webpki", "rfc5280"])
+def test_broken_ca_signature_is_refused_in_both_modes(tmp_path: Path, mode: str) -> None:
+    ok, reason, _ = login(tmp_path, tamper=True, path_validation=mode)
+    assert (ok, reason) == (False, "untrusted issuer")
+
+
+@pytest.mark.parametrize("mode", ["webpki", "rfc5280"])
+def test_expired_ca_is_refused_in_both_modes(tmp_path: Path, mode: str) -> None:
+    expired = dt.datetime.now(dt.UTC) - DAY
+    ok, reason, _ = login(tmp_path, inter_not_after=expired, path_validation=mode)
+    assert (ok, reason) == (False, "untrusted issuer")
+
+
+@pytest.mark.parametrize("mode", ["webpki", "rfc5280"])
+def test_wrong_leaf_policy_is_refused_in_both_modes(tmp_path: Path, mode: str) -> None:
+    ok, reason, _ = login(tmp_path, leaf_policy=pki.POLICY_PERSON_HSM, path_validation=mode)
+    assert (ok, reason) == (False, "policy oid missing")
+
+
+def test_rfc5280_mode_refuses_a_ca_that_does_not_allow_the_policy(tmp_path: Path) -> None:
+    def other_policy(exts: list[Ext]) -> list[Ext]:
+        return [
+            (pki._policies(["1.2.3.4"]), c) if isinstance(e, x509.CertificatePolicies) else (e, c)
+            for e, c in exts
+        ]
+
+    for mode in ("webpki", "rfc5280"):
+        ok, reason, _ = login(tmp_path, other_policy, path_validation=mode)
+        assert (ok, reason) == (False, "policy oid missing"), mode
+
+
+def test_rfc5280_mode_refuses_a_mapping_away_from_the_required_policy(tmp_path: Path) -> None:
+    # The intermediate maps the required policy to another one, and the person's
+    # certificate carries the required policy itself: in the mapped domain it means
+    # something else, so the path is not valid for the required policy.
+    mapping = policy_mappings(pki.POLICY_PERSON_CARD, "1.2.3.6")
+    ok, reason, detail = login(tmp_path, adding(mapping, False), **RFC5280)
+    assert (ok, reason) == (False, "policy oid missing"), detail
+
+
+def test_rfc5280_mode_still_refuses_a_ca_without_ca_flag(tmp_path: Path) -> None:
+    def not_a_ca(exts: list[Ext]) -> list[Ext]:
+        return [
+            (x509.BasicConstraints(ca=False, path_length=None), c)
+            if isinstance(e, x509.BasicConstraints)
+            else (e, c)
+            for e, c in exts
+        ]
+
+    ok, reason, _ = login(tmp_path, not_a_ca, **RFC5280)
+    assert (ok, reason) == (False, "untrusted issuer")
