@@ -28,7 +28,7 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test,smartcard,pkcs11,fido2,cluster]'
+	$(BIN)/pip install --quiet -e '.[test,smartcard,pkcs11,rfc5280,fido2,cluster]'
 	touch $@
 
 demo: $(VENV)/.runtime
