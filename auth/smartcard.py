@@ -61,7 +61,17 @@ carries its ``subject``, ``issuer``, ``serial`` and ``sha256`` fingerprint:
 ``crl missing``                        no usable CRL covering a certificate in the path
                                        from its issuer (detail ``crls_not_used``)
 ``crl stale``                          a newest covering CRL is past its nextUpdate
+``ocsp unavailable``                   (``revocation = "ocsp"``) no responder named, not
+                                       reachable, an HTTP error, not OCSP, or an
+                                       unsuccessful status (detail ``ocsp_error``,
+                                       ``ocsp_url``, ``checked``)
+``ocsp invalid``                       the answer is not signed by the issuer or a
+                                       responder it authorized, is for another
+                                       certificate, or lacks the nonce
+``ocsp stale``                         past its nextUpdate, or thisUpdate in the future
+``ocsp unknown``                       the responder does not know the certificate
 ``certificate revoked``                the certificate or an intermediate is listed
+                                       (by OCSP: ``revoked_by: ocsp``)
 ``policy oid missing``                 the required policy is not in the certificate, or
                                        an intermediate allows neither it nor anyPolicy
 ``subject field missing``              the subject lacks the configured field
@@ -106,6 +116,11 @@ narrow it. Of each scope the newest CRL counts; a certificate listed by any of t
 revoked, and every one must be fresh, so a newer CRL of another partition never clears
 a certificate the full CRL lists. Delta CRLs, indirect CRLs and CRLs of some reasons
 only are never used (the ``crl missing`` record names each CRL not used and why).
+With ``revocation = "ocsp"`` each certificate is checked by OCSP instead
+(:mod:`auth.ocsp`), with ``"ocsp-then-crl"`` by OCSP where the responder gives a
+proven answer and by the CRLs otherwise (``ocsp_not_used`` says why); a successful
+login's ``revocation`` detail lists what decided, leaf first (``ocsp``, ``ocsp
+(cached)``, ``crl``).
 
 Settings (``[auth.smartcard]``, paths absolute)
 -----------------------------------------------
@@ -121,6 +136,15 @@ Settings (``[auth.smartcard]``, paths absolute)
 ``subject_field``    subject attribute that identifies the person, by name
                      (``serialNumber``, ``commonName``, ``emailAddress``, ...) or dotted
                      OID; default ``serialNumber`` (2.5.4.5).
+``revocation``       ``crl`` (default), ``ocsp`` or ``ocsp-then-crl``; ``crl_files`` is
+                     optional with ``ocsp``.
+``ocsp_url``         http:// responder asked instead of the certificate's AIA one.
+``ocsp_timeout``     seconds (0.1-60, default 5); ``ocsp_cache_seconds`` (0-86400,
+                     default 300); ``ocsp_max_age`` (thisUpdate age allowed without
+                     nextUpdate, default 3600); ``ocsp_nonce`` (default false).
+``path_validation``  ``webpki`` (default: cryptography's verifier, Web PKI profile for
+                     CAs) or ``rfc5280`` (:mod:`auth.pathvalidation`, RFC 5280 section
+                     6.1 with the policy tree; needs pyhanko-certvalidator).
 
 The files are parsed once and cached under their paths and modification times, so a
 replaced CRL file is picked up at the next login; :func:`reload` (called by the gateway

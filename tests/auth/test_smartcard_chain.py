@@ -336,7 +336,8 @@ def test_rfc5280_mode_refuses_a_mapping_away_from_the_required_policy(tmp_path: 
     assert (ok, reason) == (False, "policy oid missing"), detail
 
 
-def test_rfc5280_mode_still_refuses_a_ca_without_ca_flag(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["webpki", "rfc5280"])
+def test_a_ca_without_ca_flag_is_refused_in_both_modes(tmp_path: Path, mode: str) -> None:
     def not_a_ca(exts: list[Ext]) -> list[Ext]:
         return [
             (x509.BasicConstraints(ca=False, path_length=None), c)
@@ -345,5 +346,5 @@ def test_rfc5280_mode_still_refuses_a_ca_without_ca_flag(tmp_path: Path) -> None
             for e, c in exts
         ]
 
-    ok, reason, _ = login(tmp_path, not_a_ca, **RFC5280)
+    ok, reason, _ = login(tmp_path, not_a_ca, path_validation=mode)
     assert (ok, reason) == (False, "untrusted issuer")
