@@ -25,9 +25,11 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -121,6 +123,16 @@ def responder_url(cert: x509.Certificate) -> str | None:
     return None
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A responder's redirect is not followed: the URL is the CA's, or the operator's."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 def _fetch(url: str, body: bytes, timeout: float) -> bytes:
     request = urllib.request.Request(  # noqa: S310 - only http:// URLs reach here
         url,
@@ -128,17 +140,24 @@ def _fetch(url: str, body: bytes, timeout: float) -> bytes:
         method="POST",
         headers={"Content-Type": "application/ocsp-request", "Accept": "application/ocsp-response"},
     )
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    size = 0
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:  # noqa: S310
-            data: bytes = reply.read(MAX_RESPONSE_BYTES + 1)
+        with _OPENER.open(request, timeout=timeout) as reply:
+            while chunk := reply.read(4096):  # each read waits at most ``timeout``
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_RESPONSE_BYTES:
+                    raise OcspError(UNAVAILABLE, "response too large", url)
+                if time.monotonic() > deadline:
+                    raise OcspError(UNAVAILABLE, f"no full answer within {timeout:g} s", url)
     except urllib.error.HTTPError as exc:
         raise OcspError(UNAVAILABLE, f"HTTP {exc.code} from the responder", url) from None
     except (OSError, ValueError) as exc:  # URLError, timeouts, refused, bad URL
         why = getattr(exc, "reason", None) or exc
         raise OcspError(UNAVAILABLE, f"responder unreachable: {why}"[:200], url) from None
-    if len(data) > MAX_RESPONSE_BYTES:
-        raise OcspError(UNAVAILABLE, "response too large", url)
-    return data
+    return b"".join(chunks)
 
 
 def _verify_signature(

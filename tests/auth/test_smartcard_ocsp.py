@@ -156,6 +156,7 @@ def test_delegate_of_another_ca(
         ("try later", "ocsp unavailable", "TRY_LATER"),
         ("garbage", "ocsp unavailable", "not DER OCSP"),
         ("http 500", "ocsp unavailable", "HTTP 500"),
+        ("redirect", "ocsp unavailable", "HTTP 302"),
     ],
 )
 def test_bad_answers_are_refused(
@@ -179,6 +180,20 @@ def test_responder_down(card_pki: pki.CardPKI) -> None:
         outcome = login(card_pki, card_pki.person(311), table, 311)
     assert (outcome.ok, outcome.reason) == (False, "ocsp unavailable")
     assert "unreachable" in outcome.detail["ocsp_error"]
+
+
+def test_responder_that_does_not_answer(
+    card_pki: pki.CardPKI, responder: ocsp_responder.OcspResponder
+) -> None:
+    responder.behaviour = "silent"
+    responder.release.clear()
+    try:
+        table = ocsp_table(card_pki, responder, ocsp_timeout=0.2)
+        outcome = login(card_pki, card_pki.person(314), table, 314)
+    finally:
+        responder.release.set()
+    assert (outcome.ok, outcome.reason) == (False, "ocsp unavailable")
+    assert "timed out" in outcome.detail["ocsp_error"]
 
 
 def test_no_responder_named(card_pki: pki.CardPKI) -> None:

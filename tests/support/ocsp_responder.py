@@ -6,7 +6,8 @@ OCSPResponseBuilder, signed by the CA itself or by a delegated responder certifi
 (signed by an unrelated key), ``stale`` (nextUpdate passed), ``other certificate`` (a
 response for another serial), ``future`` (thisUpdate a day ahead), ``no echo`` (drops
 the request's nonce), ``try later`` (an unsuccessful status), ``garbage`` (not DER),
-``http 500``. Every request is counted in :attr:`OcspResponder.requests`.
+``http 500``, ``redirect``, ``silent`` (no answer until :attr:`release` is
+set). Every request is counted in :attr:`OcspResponder.requests`.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class OcspResponder:
         self.signer: pki.CA | None = None  # a delegated responder, else the CA signs
         self.unknown: set[int] = set()
         self.requests = 0
+        self.release = threading.Event()
         self._lock = threading.Lock()
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -72,6 +74,7 @@ class OcspResponder:
         self._thread.start()
 
     def stop(self) -> None:
+        self.release.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
@@ -88,6 +91,11 @@ class OcspResponder:
             behaviour = self.behaviour
         if behaviour == "http 500":
             return 500, b"down"
+        if behaviour == "redirect":
+            return 302, b""
+        if behaviour == "silent":  # answers only once released (or after a minute)
+            self.release.wait(60)
+            return 500, b"late"
         if behaviour == "garbage":
             return 200, b"\x30\x03\x0a\x01"
         if behaviour == "try later":
@@ -154,6 +162,8 @@ class OcspResponder:
                 length = int(self.headers.get("Content-Length", "0"))
                 code, data = responder.answer(self.rfile.read(length))
                 self.send_response(code)
+                if code == 302:  # to where the answer would be good, were it followed
+                    self.send_header("Location", responder.url)
                 self.send_header("Content-Type", "application/ocsp-response")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
