@@ -271,6 +271,22 @@ REVOCATIONS = (REVOCATION_CRL, REVOCATION_OCSP, REVOCATION_OCSP_THEN_CRL)
 PATH_WEBPKI = "webpki"
 PATH_RFC5280 = "rfc5280"
 PATH_VALIDATIONS = (PATH_WEBPKI, PATH_RFC5280)
+_SETTINGS_KEYS = frozenset(
+    {
+        "trust_anchors",
+        "intermediates",
+        "crl_files",
+        "required_policy",
+        "subject_field",
+        "revocation",
+        "ocsp_url",
+        "ocsp_timeout",
+        "ocsp_cache_seconds",
+        "ocsp_max_age",
+        "ocsp_nonce",
+        "path_validation",
+    }
+)
 
 #: Why a prover stopped after reading the card's certificate (``declined`` in its last
 #: ``auth_response``); see "Giving up" in the module docstring.
@@ -495,12 +511,22 @@ def _load_crls(path: str) -> list[x509.CertificateRevocationList]:
         raise ConfigError(f"{SETTINGS_KEY}.crl_files", f"{path}: not a CRL file") from exc
 
 
+def _check_keys(settings: Mapping[str, Any]) -> None:
+    unknown = sorted(set(settings) - _SETTINGS_KEYS)
+    if unknown:  # a mistyped revocation or path_validation must not pass unnoticed
+        raise ConfigError(
+            f"{SETTINGS_KEY}.{unknown[0]}",
+            f"unknown key (known: {', '.join(sorted(_SETTINGS_KEYS))})",
+        )
+
+
 def load_settings(settings: Mapping[str, Any]) -> SmartcardSettings:
     """Parse (or fetch from the cache) the ``[auth.smartcard]`` table.
 
     Raises :class:`relay.errors.ConfigError` naming the key at fault; use it from
     ``gatewayd check-config`` too.
     """
+    _check_keys(settings)
     anchors = _paths(settings, "trust_anchors", required=True)
     inters = _paths(settings, "intermediates", required=False)
     revocation = _choice(settings, "revocation", REVOCATIONS)
@@ -553,6 +579,7 @@ def check_settings(settings: Mapping[str, Any]) -> str | None:
     is never used (a delta or indirect CRL, one of some reasons only): the warning
     names each file and why.
     """
+    _check_keys(settings)
     if not settings.get("trust_anchors") and not settings.get("crl_files"):
         return (
             f"{SETTINGS_KEY} names no trust_anchors or crl_files yet: "

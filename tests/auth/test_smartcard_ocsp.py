@@ -299,6 +299,7 @@ def test_cache(card_pki: pki.CardPKI, responder: ocsp_responder.OcspResponder) -
         ("ocsp_cache_seconds", -1),
         ("ocsp_nonce", "yes"),
         ("path_validation", "strict"),
+        ("revocaton", "ocsp"),
     ],
 )
 def test_bad_settings(card_pki: pki.CardPKI, key: str, value: object) -> None:
