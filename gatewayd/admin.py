@@ -17,8 +17,9 @@ import contextlib
 import json
 import os
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import structlog
@@ -26,51 +27,23 @@ import structlog
 from auth import password as password_factor
 from auth import totp
 from relay.approval import peer_user
-from relay.errors import GatewayError
 from relay.message import MODES, valid_id
 from relay.text import is_printable
 
 from . import audit as audit_mod
+from . import card, directory, fido2_registration, grant
 from .audit import AuditLog
 from .broker import Broker
 from .config import Config
 from .event import AdminChanged, AdminRefused
+from .operation import Admin, Operation, arg_id, arg_text
+from .operation import AdminError as AdminError  # gw admin's client side catches it
 from .store import Store, StoreError
 
 log = structlog.get_logger("gatewayd.admin")
 
 #: Longest request line: a request names a few ids and maybe a password.
 MAX_REQUEST = 64 * 1024
-
-
-class AdminError(GatewayError):
-    """A request was refused; the message goes back to ``gw admin``."""
-
-
-Handler = Callable[["AdminServer", dict[str, Any], str], Awaitable[Any]]
-_OPS: dict[str, Handler] = {}
-
-
-def op(name: str) -> Callable[[Handler], Handler]:
-    def register(fn: Handler) -> Handler:
-        _OPS[name] = fn
-        return fn
-
-    return register
-
-
-def _id(args: dict[str, Any], key: str) -> str:
-    value = args.get(key)
-    if not isinstance(value, str) or not valid_id(value):
-        raise AdminError(f"{key}: expected an identifier (letters, digits, . _ - @), got {value!r}")
-    return value
-
-
-def _str(args: dict[str, Any], key: str, default: str | None = None) -> str:
-    value = args.get(key, default)
-    if not isinstance(value, str):
-        raise AdminError(f"{key}: expected text")
-    return value
 
 
 class AdminServer:
@@ -148,7 +121,7 @@ class AdminServer:
             if not isinstance(req, dict) or not isinstance(req.get("args", {}), dict):
                 raise ValueError
             name = req.get("op")
-            handler = _OPS.get(name) if isinstance(name, str) else None
+            handler = OPERATIONS.get(name) if isinstance(name, str) else None
             if handler is None:
                 return {"ok": False, "error": f"unknown operation {str(name)[:40]!r}"}
             result = await handler(self, req.get("args", {}), by)
@@ -168,25 +141,22 @@ class AdminServer:
         return self.broker.now()
 
 
-@op("org.add")
-async def _org_add(s: AdminServer, args: dict[str, Any], by: str) -> Any:
-    org = _id(args, "org")
-    s.store.add_org(org, _str(args, "name", org), s.now())
+async def _org_add(s: Admin, args: dict[str, Any], by: str) -> Any:
+    org = arg_id(args, "org")
+    s.store.add_org(org, arg_text(args, "name", org), s.now())
     await s.changed(by, "org.add", org=org)
     return {"org": org}
 
 
-@op("vendor.add")
-async def _vendor_add(s: AdminServer, args: dict[str, Any], by: str) -> Any:
-    vendor = _id(args, "vendor")
-    s.store.add_vendor(vendor, _str(args, "name", vendor), s.now())
+async def _vendor_add(s: Admin, args: dict[str, Any], by: str) -> Any:
+    vendor = arg_id(args, "vendor")
+    s.store.add_vendor(vendor, arg_text(args, "name", vendor), s.now())
     await s.changed(by, "vendor.add", vendor=vendor)
     return {"vendor": vendor}
 
 
-@op("user.add")
-async def _user_add(s: AdminServer, args: dict[str, Any], by: str) -> Any:
-    user = _id(args, "user")
+async def _user_add(s: Admin, args: dict[str, Any], by: str) -> Any:
+    user = arg_id(args, "user")
     vendor = args.get("vendor")
     org = args.get("org")
     if (vendor is None) == (org is None):
@@ -194,15 +164,13 @@ async def _user_add(s: AdminServer, args: dict[str, Any], by: str) -> Any:
             "a user belongs to exactly one of --vendor (vendor user) or --org (employee)"
         )
     if vendor is not None:
-        vendor = _id(args, "vendor")
+        vendor = arg_id(args, "vendor")
     if org is not None:
-        org = _id(args, "org")
+        org = arg_id(args, "org")
     secret = args.get("password")
     if secret is not None and (not isinstance(secret, str) or not 8 <= len(secret) <= 1024):
         raise AdminError("password: must be 8 to 1024 characters")
-    from .card import audit_fields, credential_from_args
-
-    smartcard = credential_from_args(s, args)  # --cert-serial / --cert-file
+    smartcard = card.credential_from_args(s, args)  # --cert-serial / --cert-file
     s.store.add_user(
         user, kind="vendor" if vendor else "employee", vendor=vendor, org=org, now=s.now()
     )
@@ -218,15 +186,14 @@ async def _user_add(s: AdminServer, args: dict[str, Any], by: str) -> Any:
         vendor=vendor,
         org=org,
         password=bool(secret),
-        **audit_fields(smartcard),
+        **card.audit_fields(smartcard),
     )
     return {"user": user, **(smartcard or {})}
 
 
-@op("user.password")
-async def _user_password(s: AdminServer, args: dict[str, Any], by: str) -> Any:
-    user = _id(args, "user")
-    secret = _str(args, "password")
+async def _user_password(s: Admin, args: dict[str, Any], by: str) -> Any:
+    user = arg_id(args, "user")
+    secret = arg_text(args, "password")
     if not 8 <= len(secret) <= 1024:
         raise AdminError("password: must be 8 to 1024 characters")
     hashed = await asyncio.to_thread(password_factor.hash_password, secret)
@@ -235,9 +202,8 @@ async def _user_password(s: AdminServer, args: dict[str, Any], by: str) -> Any:
     return {"user": user}
 
 
-@op("totp.enroll")
-async def _totp_enroll(s: AdminServer, args: dict[str, Any], by: str) -> Any:
-    user = _id(args, "user")
+async def _totp_enroll(s: Admin, args: dict[str, Any], by: str) -> Any:
+    user = arg_id(args, "user")
     if s.store.get_user(user) is None:
         raise AdminError(f"no user {user!r}")
     secret = totp.new_secret()
@@ -249,11 +215,10 @@ async def _totp_enroll(s: AdminServer, args: dict[str, Any], by: str) -> Any:
     return {"uri": totp.provisioning_uri(secret, user, issuer), "secret": secret}
 
 
-@op("user.unlock")
-async def _user_unlock(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+async def _user_unlock(s: Admin, args: dict[str, Any], by: str) -> Any:
     """Clear a user's failed-login count and lock, including the lock that only an
     administrator can lift (after ``[lockout] hard_limit`` consecutive failures)."""
-    user = _id(args, "user")
+    user = arg_id(args, "user")
     before = s.store.unlock(user)
     await s.changed(
         by,
@@ -270,10 +235,9 @@ async def _user_unlock(s: AdminServer, args: dict[str, Any], by: str) -> Any:
     }
 
 
-@op("agreement.add")
-async def _agreement_add(s: AdminServer, args: dict[str, Any], by: str) -> Any:
-    vendor = _id(args, "vendor")
-    org = _id(args, "org")
+async def _agreement_add(s: Admin, args: dict[str, Any], by: str) -> Any:
+    vendor = arg_id(args, "vendor")
+    org = arg_id(args, "org")
     modes = args.get("modes")
     if (
         not isinstance(modes, list)
@@ -311,10 +275,9 @@ async def _agreement_add(s: AdminServer, args: dict[str, Any], by: str) -> Any:
     return {"agreement": agreement}
 
 
-@op("agent.add")
-async def _agent_add(s: AdminServer, args: dict[str, Any], by: str) -> Any:
-    agent = _id(args, "agent")
-    org = _id(args, "org")
+async def _agent_add(s: Admin, args: dict[str, Any], by: str) -> Any:
+    agent = arg_id(args, "agent")
+    org = arg_id(args, "org")
     ttl = args.get("ttl", s.config.enrollment.token_ttl)
     if not isinstance(ttl, int | float) or not 60 <= ttl <= 30 * 86400:
         raise AdminError("ttl: between 60 seconds and 30 days")
@@ -325,9 +288,8 @@ async def _agent_add(s: AdminServer, args: dict[str, Any], by: str) -> Any:
     return {"agent": agent, "token": token, "expires": expires}
 
 
-@op("list")
-async def _list(s: AdminServer, args: dict[str, Any], by: str) -> Any:
-    table = _str(args, "what")
+async def _list(s: Admin, args: dict[str, Any], by: str) -> Any:
+    table = arg_text(args, "what")
     if table not in ("orgs", "vendors", "users", "agents", "agreements"):
         raise AdminError("what: one of orgs, vendors, users, agents, agreements")
     rows = s.store.list_rows(table)
@@ -338,40 +300,36 @@ async def _list(s: AdminServer, args: dict[str, Any], by: str) -> Any:
     return rows
 
 
-@op("sessions.list")
-async def _sessions_list(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+async def _sessions_list(s: Admin, args: dict[str, Any], by: str) -> Any:
     return s.broker.session_rows()
 
 
-@op("sessions.kill")
-async def _sessions_kill(s: AdminServer, args: dict[str, Any], by: str) -> Any:
-    sid = _str(args, "session")
+async def _sessions_kill(s: Admin, args: dict[str, Any], by: str) -> Any:
+    sid = arg_text(args, "session")
     if not s.broker.kill_session(sid, f"killed by {by}"):
         raise AdminError(f"no live session {sid!r}")
     await s.changed(by, "sessions.kill", session=sid)
     return {"session": sid}
 
 
-@op("status")
-async def _status(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+async def _status(s: Admin, args: dict[str, Any], by: str) -> Any:
     return {
         "node": s.config.gateway.node_id,
         "agents_online": sorted(s.broker.online_agents()),
-        "sessions": len(s.broker.sessions),
+        "sessions": s.broker.session_count(),
         "audit": s.audit.failure or "ok",
         # Rejected connections counted towards a summary record not written yet.
-        "rejections_pending": s.broker.rejections.pending,
+        "rejections_pending": s.broker.rejections_pending(),
         "modes": {m: [list(step) for step in s.config.mode(m).factors] for m in MODES},
     }
 
 
-@op("audit.acknowledge")
-async def _audit_acknowledge(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+async def _audit_acknowledge(s: Admin, args: dict[str, Any], by: str) -> Any:
     """An operator has looked into a gap or re-anchor that verify reports: say so in the chain."""
     seq = args.get("seq")
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
         raise AdminError("seq: expected a sequence number")
-    reason = _str(args, "reason").strip()
+    reason = arg_text(args, "reason").strip()
     if not reason or len(reason) > 1024 or not is_printable(reason):
         raise AdminError("reason: printable text on one line, at most 1024 characters")
     key = s.audit.signer.public_key() if s.audit.signer is not None else None
@@ -421,10 +379,35 @@ async def request(path: Path, op_name: str, args: dict[str, Any], timeout: float
     return reply.get("result")
 
 
-# Operations defined beside their feature register themselves with @op on import.
-from . import (  # noqa: E402
-    card,  # noqa: F401 - user.set_cert
-    directory,  # noqa: F401 - show, disable, enable, remove, agreement.accept/state
-    fido2_registration,  # noqa: F401 - fido2.invite, fido2.list, fido2.remove
-    grant,  # noqa: F401 - grant.add, grant.remove
+#: Every operation of the admin socket, by the name a request gives (``op``). The
+#: modules that define some beside their feature import only :mod:`gatewayd.operation`.
+OPERATIONS: Mapping[str, Operation] = MappingProxyType(
+    {
+        "org.add": _org_add,
+        "vendor.add": _vendor_add,
+        "user.add": _user_add,
+        "user.password": _user_password,
+        "totp.enroll": _totp_enroll,
+        "user.unlock": _user_unlock,
+        "agreement.add": _agreement_add,
+        "agent.add": _agent_add,
+        "list": _list,
+        "sessions.list": _sessions_list,
+        "sessions.kill": _sessions_kill,
+        "status": _status,
+        "audit.acknowledge": _audit_acknowledge,
+        "user.set_cert": card.user_set_cert,
+        "disable": directory.disable,
+        "enable": directory.enable,
+        "remove": directory.remove,
+        "show": directory.show,
+        "agreement.accept": directory.accept_agreement,
+        "agreement.state": directory.agreement_state,
+        "vendor.networks": directory.vendor_networks,
+        "grant.add": grant.grant_add,
+        "grant.remove": grant.grant_remove,
+        "fido2.invite": fido2_registration.invite,
+        "fido2.list": fido2_registration.list_keys,
+        "fido2.remove": fido2_registration.remove_key,
+    }
 )

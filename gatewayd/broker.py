@@ -42,6 +42,7 @@ from .clock import Clock
 from .config import Config, ConfigHolder
 from .enrollment import Enrollment
 from .event import EventBus
+from .fido2_registration import serve_registration
 from .login import AUTH_STEP_TIMEOUT, Login, RateLimiter, source_key
 from .rejection import RejectionLog
 from .session import Approvals, Session, SessionDirectory, Sessions
@@ -214,8 +215,6 @@ class Broker:
 
     async def _register(self, link: FramedLink, hello: m.RegisterHello) -> None:
         """A person registers a factor credential (a security key) with a one-time code."""
-        from .fido2_registration import serve_registration  # late: it imports the admin ops
-
         await serve_registration(self, link, hello)
 
     async def _enroll(self, link: FramedLink, hello: m.EnrollRequest) -> None:
@@ -228,6 +227,13 @@ class Broker:
 
     def session_rows(self) -> list[dict[str, Any]]:
         return self.sessions.rows()
+
+    def session_count(self) -> int:
+        return len(self.sessions)
+
+    def rejections_pending(self) -> int:
+        """Rejected connections counted towards a summary record not written yet."""
+        return self.rejections.pending
 
     def online_agents(self) -> dict[str, frozenset[str]]:
         """The agents online here, each with the targets it offers."""

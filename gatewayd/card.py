@@ -22,7 +22,7 @@ from typing import Any, Final
 from auth import smartcard
 from relay.errors import ConfigError
 
-from .admin import AdminError, AdminServer, _id, op
+from .operation import Admin, AdminError, arg_id
 
 METHOD: Final = "smartcard"
 
@@ -33,7 +33,7 @@ MAX_VALUE: Final = 256
 MAX_PEM: Final = 32 * 1024
 
 
-def credential_from_args(s: AdminServer, args: dict[str, Any]) -> dict[str, str] | None:
+def credential_from_args(s: Admin, args: dict[str, Any]) -> dict[str, str] | None:
     """The ``smartcard`` credential an admin request asks for, or None if it names none."""
     serial = args.get("cert_serial")
     pem = args.get("certificate")
@@ -69,9 +69,8 @@ def audit_fields(credential: dict[str, str] | None) -> dict[str, Any]:
     return {"cert_serial": credential["cert_serial"], "issuer": credential.get("issuer")}
 
 
-@op("user.set_cert")
-async def _user_set_cert(s: AdminServer, args: dict[str, Any], by: str) -> Any:
-    user = _id(args, "user")
+async def user_set_cert(s: Admin, args: dict[str, Any], by: str) -> Any:
+    user = arg_id(args, "user")
     credential = credential_from_args(s, args)
     if credential is None:
         raise AdminError("give --cert-serial VALUE or --cert-file PEM")

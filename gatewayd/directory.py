@@ -12,7 +12,7 @@ import ipaddress
 import json
 from typing import Any
 
-from .admin import AdminError, AdminServer, _id, op
+from .operation import Admin, AdminError, arg_id
 
 #: Tables an admin can disable, by the noun ``gw admin`` uses.
 _TABLES = {"user": "users", "vendor": "vendors", "agent": "agents", "org": "orgs"}
@@ -25,48 +25,44 @@ def _noun(args: dict[str, Any]) -> tuple[str, str]:
     return str(noun), _TABLES[str(noun)]
 
 
-async def _after_change(s: AdminServer, by: str, op_name: str, **fields: Any) -> int:
+async def _after_change(s: Admin, by: str, op_name: str, **fields: Any) -> int:
     await s.changed(by, op_name, **fields)
     return await s.broker.revalidate(f"{op_name} by {by}")
 
 
-@op("disable")
-async def _disable(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+async def disable(s: Admin, args: dict[str, Any], by: str) -> Any:
     noun, table = _noun(args)
-    ident = _id(args, "id")
+    ident = arg_id(args, "id")
     s.store.set_disabled(table, ident, True)
     ended = await _after_change(s, by, f"{noun}.disable", **{noun: ident})
     return {noun: ident, "sessions_ended": ended}
 
 
-@op("enable")
-async def _enable(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+async def enable(s: Admin, args: dict[str, Any], by: str) -> Any:
     noun, table = _noun(args)
-    ident = _id(args, "id")
+    ident = arg_id(args, "id")
     s.store.set_disabled(table, ident, False)
     await s.changed(by, f"{noun}.enable", **{noun: ident})
     return {noun: ident}
 
 
-@op("remove")
-async def _remove(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+async def remove(s: Admin, args: dict[str, Any], by: str) -> Any:
     noun = args.get("kind")
     table = {**_TABLES, "agreement": "agreements"}.get(str(noun))
     if table is None:
         raise AdminError("kind: one of user, vendor, agent, org, agreement")
-    ident = _id(args, "id")
+    ident = arg_id(args, "id")
     s.store.remove(table, ident)
     ended = await _after_change(s, by, f"{noun}.remove", **{str(noun): ident})
     return {str(noun): ident, "sessions_ended": ended}
 
 
-@op("show")
-async def _show(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+async def show(s: Admin, args: dict[str, Any], by: str) -> Any:
     noun = str(args.get("kind"))
     table = {**_TABLES, "agreement": "agreements"}.get(noun)
     if table is None:
         raise AdminError("kind: one of user, vendor, agent, org, agreement")
-    ident = _id(args, "id")
+    ident = arg_id(args, "id")
     rows = s.store.list_rows(table, ident)
     if not rows:
         raise AdminError(f"no {noun} {ident!r}")
@@ -86,9 +82,8 @@ async def _show(s: AdminServer, args: dict[str, Any], by: str) -> Any:
     return row
 
 
-@op("agreement.accept")
-async def _accept(s: AdminServer, args: dict[str, Any], by: str) -> Any:
-    agreement = _id(args, "agreement")
+async def accept_agreement(s: Admin, args: dict[str, Any], by: str) -> Any:
+    agreement = arg_id(args, "agreement")
     side = args.get("side")
     if side not in ("vendor", "org"):
         raise AdminError("side: vendor or org")
@@ -97,9 +92,8 @@ async def _accept(s: AdminServer, args: dict[str, Any], by: str) -> Any:
     return {"agreement": agreement, "side": side}
 
 
-@op("agreement.state")
-async def _agreement_state(s: AdminServer, args: dict[str, Any], by: str) -> Any:
-    agreement = _id(args, "agreement")
+async def agreement_state(s: Admin, args: dict[str, Any], by: str) -> Any:
+    agreement = arg_id(args, "agreement")
     state = args.get("state")
     if state not in ("active", "suspended"):
         raise AdminError("state: active or suspended")
@@ -109,9 +103,8 @@ async def _agreement_state(s: AdminServer, args: dict[str, Any], by: str) -> Any
     return {"agreement": agreement, "state": state, "sessions_ended": ended}
 
 
-@op("vendor.networks")
-async def _vendor_networks(s: AdminServer, args: dict[str, Any], by: str) -> Any:
-    vendor = _id(args, "vendor")
+async def vendor_networks(s: Admin, args: dict[str, Any], by: str) -> Any:
+    vendor = arg_id(args, "vendor")
     networks = args.get("networks")
     if not isinstance(networks, list) or not all(isinstance(n, str) for n in networks):
         raise AdminError("networks: a list of CIDRs (an empty list allows any source)")

@@ -42,9 +42,9 @@ from relay import message as m
 from relay.aio import ConnectionClosed, FramedLink
 from relay.errors import AuthError, ConfigError, RemoteError
 
-from .admin import AdminError, AdminServer, _id, _str, op
-from .broker import source_key
 from .config import Config
+from .login import source_key
+from .operation import Admin, AdminError, arg_id, arg_text
 
 if TYPE_CHECKING:
     from .broker import Broker
@@ -232,15 +232,14 @@ async def serve_registration(broker: Broker, link: FramedLink, hello: m.Register
 # -- gw admin fido2 ------------------------------------------------------------------
 
 
-def _existing_user(s: AdminServer, args: dict[str, Any]) -> str:
-    user = _id(args, "user")
+def _existing_user(s: Admin, args: dict[str, Any]) -> str:
+    user = arg_id(args, "user")
     if s.store.get_user(user) is None:
         raise AdminError(f"no user {user!r}")
     return user
 
 
-@op("fido2.invite")
-async def _invite(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+async def invite(s: Admin, args: dict[str, Any], by: str) -> Any:
     user = _existing_user(s, args)
     try:
         settings = settings_of(s.config)
@@ -265,8 +264,7 @@ async def _invite(s: AdminServer, args: dict[str, Any], by: str) -> Any:
     }
 
 
-@op("fido2.list")
-async def _list(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+async def list_keys(s: Admin, args: dict[str, Any], by: str) -> Any:
     user = _existing_user(s, args)
     loaded = s.store.load_credential(user, METHOD)
     if loaded is None:
@@ -279,10 +277,9 @@ async def _list(s: AdminServer, args: dict[str, Any], by: str) -> Any:
     return keys
 
 
-@op("fido2.remove")
-async def _remove(s: AdminServer, args: dict[str, Any], by: str) -> Any:
+async def remove_key(s: Admin, args: dict[str, Any], by: str) -> Any:
     user = _existing_user(s, args)
-    key_id = _str(args, "key")
+    key_id = arg_text(args, "key")
     loaded = s.store.load_credential(user, METHOD)
     record = loaded.data if loaded is not None else None
     try:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .admin import AdminError, AdminServer, _id, op
+from .operation import Admin, AdminError, arg_id
 
 
-@op("grant.add")
-async def _grant_add(s: AdminServer, args: dict[str, Any], by: str) -> Any:
-    user_id = _id(args, "user")
-    agent_id = _id(args, "agent")
+async def grant_add(s: Admin, args: dict[str, Any], by: str) -> Any:
+    user_id = arg_id(args, "user")
+    agent_id = arg_id(args, "agent")
     user = s.store.get_user(user_id)
     agent = s.store.get_agent(agent_id)
     if user is None:
@@ -35,10 +34,9 @@ async def _grant_add(s: AdminServer, args: dict[str, Any], by: str) -> Any:
     return {"user": user_id, "agent": agent_id}
 
 
-@op("grant.remove")
-async def _grant_remove(s: AdminServer, args: dict[str, Any], by: str) -> Any:
-    user_id = _id(args, "user")
-    agent_id = _id(args, "agent")
+async def grant_remove(s: Admin, args: dict[str, Any], by: str) -> Any:
+    user_id = arg_id(args, "user")
+    agent_id = arg_id(args, "agent")
     if not s.store.remove_grant(user_id, agent_id):
         raise AdminError(f"{agent_id} is not granted to {user_id}")
     await s.changed(by, "grant.remove", user=user_id, agent=agent_id)

@@ -1,0 +1,166 @@
+"""No import circles among the daemon's modules, and each module imports on its own.
+
+The graph is read from the source (the AST): every import of a ``gatewayd`` module,
+at the top or inside a function, counts; imports under ``if TYPE_CHECKING:`` do not
+(they never run). A circle, even one a late import inside a function hides, means
+two parts that cannot be understood or tested apart.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "gatewayd"
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """The gatewayd modules ``path`` imports (outside ``if TYPE_CHECKING:``)."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module:
+                found.add(node.module.split(".")[0])
+            elif node.level == 1:
+                found.update(a.name for a in node.names)
+            elif node.level == 0 and node.module and node.module.startswith("gatewayd."):
+                found.add(node.module.split(".")[1])
+            elif node.level == 0 and node.module == "gatewayd":
+                found.update(a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("gatewayd."):
+                    found.add(alias.name.split(".")[1])
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(), str(path)))
+    return found & modules - {path.stem}
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = sorted(PACKAGE.glob("*.py"))
+    modules = {f.stem for f in files}
+    return {f.stem: _imports(f, modules) for f in files}
+
+
+def find_circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One circle of the graph (``[a, b, ..., a]``), or None."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def walk(node: str) -> list[str] | None:
+        if node in path:
+            return [*path[path.index(node) :], node]
+        if node in done:
+            return None
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            circle = walk(nxt)
+            if circle:
+                return circle
+        path.pop()
+        done.add(node)
+        return None
+
+    for start in sorted(graph):
+        circle = walk(start)
+        if circle:
+            return circle
+    return None
+
+
+def test_the_finder_finds_a_circle() -> None:
+    assert find_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_circle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_import_circles_in_gatewayd() -> None:
+    circle = find_circle(import_graph())
+    assert circle is None, "import circle: " + " -> ".join(circle or [])
+
+
+def test_the_split_parts_do_not_import_the_broker() -> None:
+    """The parts are wired by the broker; none reaches back into it or the admin server."""
+    graph = import_graph()
+    parts = ("login", "session", "tunnel", "agent", "enrollment", "access", "event", "clock")
+    for part in parts:
+        assert not graph[part] & {"broker", "admin", "server"}, part
+
+
+@pytest.mark.parametrize(
+    "module", sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__main__")
+)
+def test_each_module_imports_alone(module: str) -> None:
+    """Imported first, in a fresh interpreter: no module relies on another being loaded."""
+    done = subprocess.run(
+        [sys.executable, "-c", f"import gatewayd.{module}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_no_private_names_are_imported_across_modules() -> None:
+    for path in sorted(PACKAGE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (
+                node.level == 1 or (node.module or "").startswith("gatewayd")
+            ):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.name} imports {private} from {node.module}"
+
+
+def test_the_admin_operations_are_one_explicit_table() -> None:
+    """Every operation is in the table; none registers itself by being imported."""
+    from gatewayd.admin import OPERATIONS
+
+    assert sorted(OPERATIONS) == sorted(
+        [
+            "org.add",
+            "vendor.add",
+            "user.add",
+            "user.password",
+            "user.set_cert",
+            "user.unlock",
+            "totp.enroll",
+            "fido2.invite",
+            "fido2.list",
+            "fido2.remove",
+            "agreement.add",
+            "agreement.accept",
+            "agreement.state",
+            "agent.add",
+            "grant.add",
+            "grant.remove",
+            "vendor.networks",
+            "list",
+            "show",
+            "disable",
+            "enable",
+            "remove",
+            "sessions.list",
+            "sessions.kill",
+            "status",
+            "audit.acknowledge",
+        ]
+    )
+    with pytest.raises(TypeError):
+        OPERATIONS["evil"] = OPERATIONS["status"]  # type: ignore[index]
