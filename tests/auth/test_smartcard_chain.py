@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
-from auth import smartcard
+from auth import pathvalidation, smartcard
 from auth.base import AuthContext, b64e
 from auth.smartcard import SmartcardVerifier, to_be_signed
 
@@ -348,3 +348,13 @@ def test_a_ca_without_ca_flag_is_refused_in_both_modes(tmp_path: Path, mode: str
 
     ok, reason, _ = login(tmp_path, not_a_ca, path_validation=mode)
     assert (ok, reason) == (False, "untrusted issuer")
+
+
+def test_rfc5280_mode_without_pyhanko_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pathvalidation, "available", lambda: "needs pyhanko-certvalidator")
+    ok, reason, detail = login(tmp_path, **RFC5280)
+    assert (ok, reason) == (False, "settings invalid")
+    assert "auth.smartcard.path_validation" in detail["error"]
+    assert "pyhanko-certvalidator" in detail["error"]
