@@ -47,6 +47,8 @@ from .store import Store, StoreError
 
 @dataclass(eq=False)
 class Session:
+    """One live session: whom it is for, its limits, its tunnels, and why it ended."""
+
     id: str
     user: str
     agent: str
