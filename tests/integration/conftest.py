@@ -2,10 +2,40 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from world import PASSWORD, World, build_world  # noqa: F401 - re-exported
+
+from gatewayd.audit import numbered_lines
+
+SCHEMA = Path(__file__).resolve().parents[2] / "docs" / "audit.schema.json"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def every_trail_matches_the_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the integration tests: every record each real gatewayd wrote (rotated and
+    compressed files included) validates against docs/audit.schema.json."""
+    yield
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
+    bad: list[str] = []
+    for live in sorted(tmp_path_factory.getbasetemp().glob("**/gw/audit/audit.jsonl")):
+        for path, number, line in numbered_lines(live):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                bad.append(f"{path}:{number}: not JSON")
+                continue
+            if str(record.get("event", "")).startswith("test."):
+                continue  # filler a test wrote itself (the full-disk test)
+            bad.extend(
+                f"{path}:{number} ({record.get('event')}): {e.message}"
+                for e in validator.iter_errors(record)
+            )
+    assert not bad, "\n".join(bad[:30])
 
 
 @pytest.fixture(scope="module")
