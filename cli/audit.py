@@ -1079,7 +1079,7 @@ def acknowledge_cmd(parent: Path | None, config_path: Path | None, seq: int, rea
     from gatewayd import config as config_mod
     from gatewayd.admin import AdminError, request
 
-    from .main import EXIT_FAILED, EXIT_LOCAL, EXIT_UNREACHABLE, fail
+    from .common import EXIT_FAILED, EXIT_LOCAL, EXIT_UNREACHABLE, fail
 
     path_cfg = config_path or parent
     if path_cfg is None:

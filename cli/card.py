@@ -33,6 +33,8 @@ import click
 
 from relay.errors import GatewayError
 
+from .common import EXIT_LOCAL, admin_request, fail
+
 if TYPE_CHECKING:
     from relay.client import ClientSession
 
@@ -100,8 +102,6 @@ def cert_args(cert_serial: str | None, cert_file: Path | None) -> dict[str, str]
 
     A DER file is sent as PEM; the gateway reads the subject field its config names.
     """
-    from .main import EXIT_LOCAL, fail
-
     if cert_serial is not None and cert_file is not None:
         raise click.UsageError("give either --cert-serial or --cert-file, not both")
     if cert_file is None:
@@ -129,7 +129,7 @@ def describe_card(result: dict[str, Any]) -> str:
 
 
 # -- gw admin grant ----------------------------------------------------------------------
-# cli.main adds this group at its end, so its helpers are imported inside the commands.
+# cli.admin adds this group.
 
 
 @click.group("grant")
@@ -143,9 +143,7 @@ def admin_grant() -> None:
 @click.pass_obj
 def grant_add(socket: Path, user: str, agent: str) -> None:
     """Let employee USER reach AGENT in homeoffice mode."""
-    from .main import _admin
-
-    _admin(socket, "grant.add", user=user, agent=agent)
+    admin_request(socket, "grant.add", user=user, agent=agent)
     click.echo(f"{agent} granted to {user}")
 
 
@@ -155,7 +153,5 @@ def grant_add(socket: Path, user: str, agent: str) -> None:
 @click.pass_obj
 def grant_remove(socket: Path, user: str, agent: str) -> None:
     """Take AGENT away from employee USER."""
-    from .main import _admin
-
-    _admin(socket, "grant.remove", user=user, agent=agent)
+    admin_request(socket, "grant.remove", user=user, agent=agent)
     click.echo(f"{agent} no longer granted to {user}")

@@ -1,6 +1,6 @@
 """``gw admin`` life-cycle commands: show, disable, enable, remove; agreements; networks.
 
-Added to the noun groups defined in :mod:`cli.main`. Disabling anything a live
+Added to the noun groups by :mod:`cli.admin`. Disabling anything a live
 session depends on ends that session within a second (the gateway re-checks every
 live session after each change).
 """
@@ -13,17 +13,17 @@ from typing import Any
 
 import click
 
-from . import main as gw
+from .common import admin_request, cell
 
 
 def _show(socket: Path, kind: str, ident: str, as_json: bool) -> None:
-    row: dict[str, Any] = gw._admin(socket, "show", kind=kind, id=ident)
+    row: dict[str, Any] = admin_request(socket, "show", kind=kind, id=ident)
     if as_json:
         click.echo(json.dumps(row, indent=1))
         return
     width = max(len(k) for k in row)
     for key, value in row.items():
-        click.echo(f"{key.ljust(width)}  {gw._cell(value)}")
+        click.echo(f"{key.ljust(width)}  {cell(value)}")
 
 
 def _ended(result: dict[str, Any]) -> str:
@@ -31,7 +31,7 @@ def _ended(result: dict[str, Any]) -> str:
     return f"; {n} live session{'s' if n != 1 else ''} ended" if n else ""
 
 
-def _add_lifecycle(group: click.Group, kind: str, *, removable: bool = True) -> None:
+def add_lifecycle(group: click.Group, kind: str, *, removable: bool = True) -> None:
     """show / disable / enable (/ remove) for one noun."""
 
     @group.command("show", help=f"Show one {kind}.")
@@ -45,14 +45,14 @@ def _add_lifecycle(group: click.Group, kind: str, *, removable: bool = True) -> 
     @click.argument("ident", metavar=kind.upper())
     @click.pass_obj
     def disable(socket: Path, ident: str) -> None:
-        result = gw._admin(socket, "disable", kind=kind, id=ident)
+        result = admin_request(socket, "disable", kind=kind, id=ident)
         click.echo(f"{kind} {ident} disabled{_ended(result)}")
 
     @group.command("enable", help=f"Enable a disabled {kind}.")
     @click.argument("ident", metavar=kind.upper())
     @click.pass_obj
     def enable(socket: Path, ident: str) -> None:
-        gw._admin(socket, "enable", kind=kind, id=ident)
+        admin_request(socket, "enable", kind=kind, id=ident)
         click.echo(f"{kind} {ident} enabled")
 
     if removable:
@@ -61,28 +61,22 @@ def _add_lifecycle(group: click.Group, kind: str, *, removable: bool = True) -> 
         @click.argument("ident", metavar=kind.upper())
         @click.pass_obj
         def remove(socket: Path, ident: str) -> None:
-            result = gw._admin(socket, "remove", kind=kind, id=ident)
+            result = admin_request(socket, "remove", kind=kind, id=ident)
             click.echo(f"{kind} {ident} removed{_ended(result)}")
 
 
-_add_lifecycle(gw.admin_user, "user")
-_add_lifecycle(gw.admin_vendor, "vendor")
-_add_lifecycle(gw.admin_agent, "agent")
-_add_lifecycle(gw.admin_org, "org", removable=False)
-
-
-@gw.admin_vendor.command("networks")
+@click.command("networks")
 @click.argument("vendor")
 @click.argument("cidrs", nargs=-1)
 @click.pass_obj
 def vendor_networks(socket: Path, vendor: str, cidrs: tuple[str, ...]) -> None:
     """Allow VENDOR's users to log in only from CIDRS (none: from anywhere)."""
-    result = gw._admin(socket, "vendor.networks", vendor=vendor, networks=list(cidrs))
+    result = admin_request(socket, "vendor.networks", vendor=vendor, networks=list(cidrs))
     shown = ", ".join(result["networks"]) or "anywhere"
     click.echo(f"vendor {vendor} may log in from {shown}{_ended(result)}")
 
 
-@gw.admin_agreement.command("accept")
+@click.command("accept")
 @click.argument("agreement")
 @click.option(
     "--side",
@@ -93,29 +87,29 @@ def vendor_networks(socket: Path, vendor: str, cidrs: tuple[str, ...]) -> None:
 @click.pass_obj
 def agreement_accept(socket: Path, agreement: str, side: str) -> None:
     """Record that one side accepted the terms of use (both must, before any use)."""
-    gw._admin(socket, "agreement.accept", agreement=agreement, side=side)
+    admin_request(socket, "agreement.accept", agreement=agreement, side=side)
     click.echo(f"agreement {agreement}: accepted by the {side}")
 
 
-@gw.admin_agreement.command("suspend")
+@click.command("suspend")
 @click.argument("agreement")
 @click.pass_obj
 def agreement_suspend(socket: Path, agreement: str) -> None:
     """Suspend an agreement; sessions under it end."""
-    result = gw._admin(socket, "agreement.state", agreement=agreement, state="suspended")
+    result = admin_request(socket, "agreement.state", agreement=agreement, state="suspended")
     click.echo(f"agreement {agreement} suspended{_ended(result)}")
 
 
-@gw.admin_agreement.command("resume")
+@click.command("resume")
 @click.argument("agreement")
 @click.pass_obj
 def agreement_resume(socket: Path, agreement: str) -> None:
     """Make a suspended agreement active again."""
-    gw._admin(socket, "agreement.state", agreement=agreement, state="active")
+    admin_request(socket, "agreement.state", agreement=agreement, state="active")
     click.echo(f"agreement {agreement} active")
 
 
-@gw.admin_agreement.command("show")
+@click.command("show")
 @click.argument("agreement")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
@@ -124,10 +118,10 @@ def agreement_show(socket: Path, agreement: str, as_json: bool) -> None:
     _show(socket, "agreement", agreement, as_json)
 
 
-@gw.admin_agreement.command("remove")
+@click.command("remove")
 @click.argument("agreement")
 @click.pass_obj
 def agreement_remove(socket: Path, agreement: str) -> None:
     """Remove an agreement; sessions under it end."""
-    result = gw._admin(socket, "remove", kind="agreement", id=agreement)
+    result = admin_request(socket, "remove", kind="agreement", id=agreement)
     click.echo(f"agreement {agreement} removed{_ended(result)}")

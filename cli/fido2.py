@@ -7,9 +7,7 @@ The person registers their key with the one-time code an administrator made::
 
 and from then on logs in with ``gw connect ... --fido2``. :func:`register_key` is what
 the command runs; tests call it with a software authenticator as ``device``.
-
-The helpers of ``cli.main`` are imported inside the commands: ``cli.main`` adds these
-groups at its end, so importing them at the top would be circular.
+``cli.main`` adds ``fido2`` and ``cli.admin`` adds ``admin_fido2``.
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ import click
 from auth.base import Prompt
 from relay.errors import RemoteError
 
+from . import common as cli
 from .options import login_options
 
 if TYPE_CHECKING:
@@ -80,8 +79,6 @@ async def register_key(
 
 def choose_key(names: list[str]) -> int:
     """Ask the person at the terminal which security key to use; -1 without a terminal."""
-    from . import main as cli
-
     if not sys.stdin.isatty() and not os.environ.get("GW_FORCE_PROMPT"):
         return -1
     cli.info("gw: several security keys are there:")
@@ -119,9 +116,7 @@ def register(
     device_name: str | None,
 ) -> None:
     """Register the security key plugged in, with the code your administrator gave you."""
-    from . import main as cli
-
-    gw = cli._gateway(gateway, ca_file)
+    gw = cli.gateway_client(gateway, ca_file)
     code = code or os.environ.get("GW_FIDO2_CODE") or cli.prompt("Registration code: ", False)
 
     async def run() -> dict[str, Any]:
@@ -160,9 +155,7 @@ def admin_fido2() -> None:
 @click.pass_obj
 def invite(socket: Path, user: str, ttl: float | None, as_json: bool) -> None:
     """Print a one-time code with which USER registers a security key."""
-    from . import main as cli
-
-    result = cli._admin(socket, "fido2.invite", user=user, ttl=ttl)
+    result = cli.admin_request(socket, "fido2.invite", user=user, ttl=ttl)
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -183,10 +176,8 @@ def invite(socket: Path, user: str, ttl: float | None, as_json: bool) -> None:
 @click.pass_obj
 def list_keys(socket: Path, user: str, as_json: bool) -> None:
     """USER's registered security keys."""
-    from . import main as cli
-
-    rows = cli._admin(socket, "fido2.list", user=user)
-    cli._print_rows(rows, as_json, ["id", "name", "added", "last_used", "sign_count", "aaguid"])
+    rows = cli.admin_request(socket, "fido2.list", user=user)
+    cli.print_rows(rows, as_json, ["id", "name", "added", "last_used", "sign_count", "aaguid"])
 
 
 # Key ids are base64url, so one in 64 starts with "-": not an option here.
@@ -196,9 +187,7 @@ def list_keys(socket: Path, user: str, as_json: bool) -> None:
 @click.pass_obj
 def remove(socket: Path, user: str, key_id: str) -> None:
     """Remove USER's key KEY_ID (its id from `list`, or 8 or more leading characters)."""
-    from . import main as cli
-
-    result = cli._admin(socket, "fido2.remove", user=user, key=key_id)
+    result = cli.admin_request(socket, "fido2.remove", user=user, key=key_id)
     click.echo(
         f"security key {result['name']!r} ({result['id']}) removed from {user}; "
         f"{result['left']} left"

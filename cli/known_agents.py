@@ -11,8 +11,7 @@ and the client checks it once (``gw connect --agent-key SHA256:...``) or keeps i
     gw known-agents list [--gateway HOST:PORT] [--json]
     gw known-agents forget reception-pc --gateway gw.example.org:8443
 
-The helpers of ``cli.main`` are imported inside the commands: ``cli.main`` adds these
-commands at its end, so importing them at the top would be circular.
+``cli.main`` adds ``known-agents`` and ``cli.agent`` adds ``agent fingerprint``.
 """
 
 from __future__ import annotations
@@ -25,6 +24,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from relay.errors import GatewayError
+
+from .common import EXIT_LOCAL, config_home, fail
 
 if TYPE_CHECKING:
     from relay.client import KnownAgents
@@ -54,9 +55,7 @@ def fingerprint_arg(value: str, param: str) -> str:
 def _known(path: Path | None) -> KnownAgents:
     from relay.client import KnownAgents
 
-    from .main import _config_home
-
-    return KnownAgents(path or _config_home() / "known_agents.json")
+    return KnownAgents(path or config_home() / "known_agents.json")
 
 
 def _gateway_name(value: str) -> str:
@@ -90,8 +89,6 @@ def agent_fingerprint(state_dir: Path) -> None:
     from relay import noise
     from relay.client import noise_key, pq_key
     from relay.errors import NoiseError, ProtocolError
-
-    from .main import EXIT_LOCAL, fail
 
     try:
         # The keys the agent really uses; agent.json's copy when they are not readable.
@@ -127,8 +124,6 @@ def known_add(agent: str, fingerprint: str, gateway: str, path: Path | None) -> 
     """Trust FINGERPRINT (from `gw agent fingerprint` at the machine) for AGENT."""
     from relay.client import AgentKeyMismatch
 
-    from .main import EXIT_LOCAL, fail
-
     fp = fingerprint_arg(fingerprint, "FINGERPRINT")
     name = _gateway_name(gateway)
     known = _known(path)
@@ -149,8 +144,6 @@ def known_add(agent: str, fingerprint: str, gateway: str, path: Path | None) -> 
 @_known_option
 def known_list(gateway: str | None, as_json: bool, path: Path | None) -> None:
     """The trusted agent keys, one per line: gateway, agent, fingerprint."""
-    from .main import EXIT_LOCAL, fail
-
     known = _known(path)
     only = _gateway_name(gateway) if gateway else None
     try:
@@ -171,8 +164,6 @@ def known_list(gateway: str | None, as_json: bool, path: Path | None) -> None:
 @_known_option
 def known_forget(agent: str, gateway: str, path: Path | None) -> None:
     """Stop trusting AGENT's key (after a re-enrollment): the next connection asks again."""
-    from .main import EXIT_LOCAL, fail
-
     name = _gateway_name(gateway)
     known = _known(path)
     try:

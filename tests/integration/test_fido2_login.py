@@ -766,7 +766,7 @@ def test_gw_without_python_fido2_exits_4(world: World, user: str, tmp_path: Path
 
 
 def test_device_errors_exit_4_and_refusals_exit_1() -> None:
-    from cli.main import Failure, execute
+    from cli.common import Failure, execute
 
     async def raises(exc: Exception) -> None:
         raise exc

@@ -43,7 +43,8 @@ from relay import message as m
 m.ClientHello.__post_init__ = lambda self: None  # this client checks nothing it sends
 
 from auth.base import ProverOptions
-from cli.main import _gateway, _prove_with
+from cli.common import gateway_client as _gateway
+from cli.connect import _prove_with
 from relay import noise
 from relay.client import open_session
 from relay.errors import GatewayError

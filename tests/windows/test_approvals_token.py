@@ -108,7 +108,7 @@ def test_the_unix_socket_stays_where_the_kernel_names_the_peer(
 def test_gw_keeps_its_files_under_appdata_on_windows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cli.main import _config_home
+    from cli.common import config_home as _config_home
 
     monkeypatch.setattr(platform, "WINDOWS", True)
     monkeypatch.setenv("APPDATA", str(tmp_path / "Roaming"))

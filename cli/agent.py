@@ -1,0 +1,147 @@
+"""``gw agent``: enroll and run the agent on a reachable machine; answer its approvals."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from relay.errors import GatewayError
+from relay.text import printable
+
+from .common import (
+    execute,
+    print_rows,
+)
+from .known_agents import agent_fingerprint
+from .options import gateway_options
+
+
+@click.group()
+def agent() -> None:
+    """Run the agent on a reachable machine."""
+
+
+@agent.command("enroll")
+@gateway_options
+@click.option("--token", required=True, help="One-time token from `gw admin agent add`.")
+@click.option("--state-dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+def agent_enroll(gateway: str, ca_file: Path, token: str, state_dir: Path) -> None:
+    """Enroll this machine's agent with its one-time token."""
+    from relay.agent import enroll
+
+    agent_id = execute(enroll(gateway, ca_file, token, state_dir))
+    click.echo(f"enrolled as agent {agent_id}; state in {state_dir}")
+
+
+@agent.command("run")
+@click.option("--state-dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    required=True,
+    metavar="NAME=HOST:PORT",
+    help="A local service to expose under NAME (repeatable).",
+)
+@click.option("--gateway", default=None, help="Override the gateway HOST:PORT from enrollment.")
+@click.option(
+    "--approval-command",
+    default=None,
+    metavar="CMD",
+    help="Run CMD (a desktop prompt) for each approval; exit 0 approves. "
+    "Also run for unattended sessions' start and end (GW_EVENT).",
+)
+@click.option(
+    "--no-prompt", is_flag=True, help="Never ask on this terminal (answer with `gw agent approve`)."
+)
+def agent_run(
+    state_dir: Path,
+    targets: tuple[str, ...],
+    gateway: str | None,
+    approval_command: str | None,
+    no_prompt: bool,
+) -> None:
+    """Connect to the gateway and serve dial requests for the named targets.
+
+    Approval requests are asked on this terminal (when there is one), through
+    `gw agent approve/deny`, and through --approval-command; the first answer counts.
+    """
+    from relay.agent import Agent, AgentState, parse_hostport
+    from relay.approval import Approvals
+
+    parsed: dict[str, tuple[str, int]] = {}
+    for spec in targets:
+        name, sep, address = spec.partition("=")
+        try:
+            if not sep or not name:
+                raise GatewayError("expected NAME=HOST:PORT")
+            parsed[name] = parse_hostport(address)
+        except GatewayError as exc:
+            raise click.BadParameter(f"{spec!r}: {exc}", param_hint="--target") from exc
+
+    def log(event: str, **fields: Any) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        # Values come from the gateway and the vendor: no escape sequences on this terminal.
+        extra = " ".join(f"{k}={printable(str(v))}" for k, v in fields.items())
+        click.echo(f"{stamp} gw-agent: {printable(event)} {extra}".rstrip(), err=True)
+
+    async def main_() -> None:
+        state = AgentState.load(state_dir)
+        approvals = Approvals(
+            state_dir / "approval.sock",
+            command=approval_command,
+            terminal=None if not no_prompt else False,
+            log=log,
+        )
+        a = Agent(state, parsed, gateway=gateway, log=log, approvals=approvals)
+        log("starting", agent=state.agent)
+        await a.run()
+
+    execute(main_())
+
+
+@agent.command("approvals")
+@click.option("--state-dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def agent_approvals(state_dir: Path, as_json: bool) -> None:
+    """Pending approval requests at this machine."""
+    from relay.approval import request
+
+    rows = execute(request(state_dir / "approval.sock", "list"))
+    if not rows and not as_json:
+        click.echo("no pending requests")
+        return
+    cols = ["id", "user", "vendor_name", "mode", "target", "reason", "sas", "seconds_left"]
+    print_rows(rows, as_json, cols)
+
+
+@agent.command("approve")
+@click.argument("request_id")
+@click.option("--state-dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+def agent_approve(request_id: str, state_dir: Path) -> None:
+    """Approve a pending request (recorded with your user name)."""
+    from relay.approval import request
+
+    result = execute(request(state_dir / "approval.sock", "approve", id=request_id))
+    click.echo(f"approved {request_id} as {result['by']}")
+
+
+@agent.command("deny")
+@click.argument("request_id")
+@click.option("--state-dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--reason", default="", help="Told to the requester and kept in the audit trail.")
+def agent_deny(request_id: str, state_dir: Path, reason: str) -> None:
+    """Deny a pending request."""
+    from relay.approval import request
+
+    result = execute(request(state_dir / "approval.sock", "deny", id=request_id, reason=reason))
+    click.echo(f"denied {request_id} as {result['by']}")
+
+
+# -- admin ----------------------------------------------------------------------------
+
+
+agent.add_command(agent_fingerprint)

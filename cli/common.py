@@ -1,0 +1,143 @@
+"""What every ``gw`` command shares: exit codes, one-line failures, prompts, tables.
+
+Exit codes (fixed, for scripts):
+
+== ========================================================================
+0  success
+1  the request failed: authentication, policy, agent offline, tunnel failed
+2  usage error (click's own)
+3  the gateway or the daemon cannot be reached, or TLS/keys do not verify
+4  local problem: a file, a device, a missing optional dependency
+== ========================================================================
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import sys
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from relay.aio import run
+from relay.errors import DeviceError, GatewayError, RemoteError
+from relay.text import printable
+
+T = TypeVar("T")
+
+EXIT_FAILED, EXIT_UNREACHABLE, EXIT_LOCAL = 1, 3, 4
+
+
+class Failure(click.ClickException):
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = code  # type: ignore[misc]  # click reads it per instance
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"gw: {self.message}", err=True)
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    raise Failure(message, code)
+
+
+def execute(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine; every known error becomes one line and an exit code."""
+    from relay.client import AgentKeyMismatch, describe
+
+    try:
+        return run(coro)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except AgentKeyMismatch as exc:
+        fail(str(exc), EXIT_UNREACHABLE)
+    except DeviceError as exc:  # no security key, a blocked PIN, a missing library
+        fail(str(exc), EXIT_LOCAL)
+    except RemoteError as exc:
+        fail(describe(exc))
+    except GatewayError as exc:
+        text = str(exc)
+        unreachable = text.startswith(("cannot reach", "the gateway's certificate"))
+        fail(describe(exc), EXIT_UNREACHABLE if unreachable else EXIT_FAILED)
+    except OSError as exc:
+        fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", EXIT_LOCAL)
+
+
+def prompt(text: str, secret: bool) -> str:
+    """Ask the person at the terminal (on stderr, so stdout stays data)."""
+    if not sys.stdin.isatty() and not os.environ.get("GW_FORCE_PROMPT"):
+        fail(f"{text.strip().rstrip(':')} needed, but there is no terminal to ask on", EXIT_LOCAL)
+    if secret:
+        return getpass.getpass(text, stream=sys.stderr)
+    click.echo(text, nl=False, err=True)
+    return sys.stdin.readline().strip()
+
+
+def read_stdin_line() -> str:
+    """One line from standard input, read unbuffered so that what follows stays for the tunnel."""
+    data = bytearray()
+    while len(data) < 4096 and (byte := os.read(0, 1)) not in (b"", b"\n"):
+        data += byte
+    return data.decode("utf-8", "replace").rstrip("\r")
+
+
+def info(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def gateway_client(gateway: str, ca_file: Path) -> Any:
+    from relay.agent import parse_hostport
+    from relay.client import Gateway
+    from relay.tls import client_context
+
+    try:
+        host, port = parse_hostport(gateway)
+        ctx = client_context(ca_file)
+    except GatewayError as exc:
+        raise click.BadParameter(str(exc), param_hint="--gateway") from exc
+    except (OSError, ValueError) as exc:
+        fail(f"cannot read the CA file {ca_file}: {exc}", EXIT_LOCAL)
+    return Gateway(host, port, ctx)
+
+
+def config_home() -> Path:
+    from relay.platform import config_home  # %APPDATA%\gw on Windows
+
+    return config_home()
+
+
+def admin_request(socket: Path, op: str, **args: Any) -> Any:
+    from gatewayd.admin import AdminError, request
+
+    try:
+        return run(request(socket, op, {k: v for k, v in args.items() if v is not None}))
+    except AdminError as exc:
+        code = EXIT_UNREACHABLE if str(exc).startswith("cannot reach") else EXIT_FAILED
+        fail(str(exc), code)
+
+
+def print_rows(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -> None:
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    table = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c), *(len(row[i]) for row in table)]) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in table:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def cell(value: Any) -> str:
+    """One table cell; text from the wire (names, reasons) is escaped for the terminal."""
+    if value is None:
+        return "-"
+    if isinstance(value, float) and value > 1e9:
+        return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(value))
+    if isinstance(value, list):
+        return ",".join(printable(str(v)) for v in value)
+    return printable(str(value))
