@@ -168,3 +168,24 @@ class Factor:
     not filled in yet (logins with the factor fail until it is). ``gatewayd check-config``
     and the daemon's start and reload call it for every factor a mode uses. None:
     nothing to check."""
+    enroll: Callable[[str, Mapping[str, str], Mapping[str, Any]], Enrollment] | None = None
+    """``enroll(user, params, settings)`` for ``gw admin factor enroll USER FACTOR
+    [--param k=v ...]``: makes the user's credential from the administrator's
+    parameters and the factor's settings. The gateway stores :attr:`Enrollment.credential`
+    sealed, replacing any earlier one (its counters start afresh), and audits the change.
+    Raises ``ValueError`` with a one-line message for bad parameters. None: the factor
+    is enrolled some other way (or not at all)."""
+    reload: Callable[[Mapping[str, Any]], None] | None = None
+    """Called on SIGHUP with the factor's new settings (``[auth.<name>]``), for every
+    factor loaded in the daemon: forget caches, re-read files. None: nothing to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Enrollment:
+    """What a factor's enrollment hook returns."""
+
+    credential: Mapping[str, Any]
+    """The user's record for this factor: stored sealed, handed back as
+    :attr:`AuthContext.credential`."""
+    shown: Mapping[str, Any] = field(default_factory=dict)
+    """Shown to the administrator once (a provisioning URI); never stored or audited."""

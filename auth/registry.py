@@ -1,18 +1,24 @@
-"""Find factors by name: the built-in ones and the ``gatewayd.auth_factors`` entry points.
+"""Find factors by name: every factor, built-in or not, is a ``gatewayd.auth_factors`` entry point.
 
-A site adds a factor without forking by publishing a package with::
+gatewayd's own factors are registered in its pyproject.toml like any other; a site
+adds a factor without forking by publishing a package with::
 
     [project.entry-points."gatewayd.auth_factors"]
     myfactor = "mypackage.factor:FACTOR"
 
-where ``FACTOR`` is an :class:`auth.base.Factor`.
+where ``FACTOR`` is an :class:`auth.base.Factor`. Entry points are imported when a
+factor is first used, so that one whose dependency is missing (pyscard, fido2), or a
+broken plug-in, only fails where it is needed, with its name and what failed: the
+daemon logs it and keeps serving the modes that do not need it, and ``gatewayd
+check-config`` fails on it.
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
-from importlib.metadata import entry_points
+import threading
+from collections.abc import Mapping
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
 
 from relay.errors import ConfigError
 
@@ -20,51 +26,87 @@ from .base import Factor
 
 ENTRY_POINT_GROUP = "gatewayd.auth_factors"
 
-#: Built-in factors: name -> "module:attribute". Imported lazily so that a factor whose
-#: optional dependency is missing (pyscard, fido2) only fails when it is used.
-BUILTIN = {
-    "password": "auth.password:FACTOR",
-    "totp": "auth.totp:FACTOR",
-    "smartcard": "auth.smartcard:FACTOR",
-    "fido2": "auth.fido2:FACTOR",
-}
+#: gatewayd's own factors (registered in its pyproject.toml), listed first.
+BUILTIN = ("password", "totp", "smartcard", "fido2")
+
+_loaded: dict[str, Factor] = {}
+_lock = threading.Lock()
 
 
-def _load(ref: str) -> Factor:
-    module, _, attr = ref.partition(":")
-    factor = getattr(importlib.import_module(module), attr)
-    if not isinstance(factor, Factor):
-        raise TypeError(f"{ref} is not an auth.base.Factor")
-    return factor
+def _entry_points() -> dict[str, list[EntryPoint]]:
+    found: dict[str, list[EntryPoint]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, []).append(ep)
+    return found
 
 
 def names() -> list[str]:
-    """Every factor name known here, built-in first."""
-    extra = [ep.name for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in BUILTIN]
-    return [*BUILTIN, *sorted(extra)]
+    """Every registered factor name, gatewayd's own first."""
+    found = _entry_points()
+    return [*(n for n in BUILTIN if n in found), *sorted(n for n in found if n not in BUILTIN)]
+
+
+def _where(ep: EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    name = getattr(dist, "name", None) if dist is not None else None
+    return f"{ep.value} from {name}" if name else ep.value
 
 
 def get(name: str) -> Factor:
-    """The factor called ``name``; ConfigError if there is none or it cannot load."""
-    ref = BUILTIN.get(name)
+    """The factor called ``name``; ConfigError, naming it and what failed, if it cannot load."""
+    with _lock:
+        factor = _loaded.get(name)
+    if factor is not None:
+        return factor
+    candidates = _entry_points().get(name, [])
+    if not candidates:
+        known = names()
+        hint = ""
+        if not set(BUILTIN) <= set(known):
+            hint = (
+                "; gatewayd's own entry points are missing: install it "
+                "(pip install -e . in the source tree)"
+            )
+        raise ConfigError(
+            "", f"unknown auth factor {name!r} (known: {', '.join(known) or 'none'}){hint}"
+        )
+    if len({ep.value for ep in candidates}) > 1:
+        # A second package claiming a name (say "password") must not silently take it over.
+        where = " and ".join(_where(ep) for ep in candidates)
+        raise ConfigError("", f"auth factor {name!r} is registered twice: {where}")
+    ep = candidates[0]
     try:
-        if ref is not None:
-            return _load(ref)
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            if ep.name == name:
-                factor = ep.load()
-                if not isinstance(factor, Factor):
-                    raise TypeError(f"entry point {ep.value} is not an auth.base.Factor")
-                return factor
-    except (ImportError, AttributeError, TypeError) as exc:
-        raise ConfigError("", f"auth factor {name!r} cannot be loaded: {exc}") from exc
-    raise ConfigError("", f"unknown auth factor {name!r} (known: {', '.join(names())})")
+        loaded = ep.load()
+    except Exception as exc:  # a plug-in's import may fail any way; the daemon stays up
+        raise ConfigError(
+            "", f"auth factor {name!r} ({_where(ep)}) cannot be loaded: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(loaded, Factor):
+        raise ConfigError(
+            "",
+            f"auth factor {name!r} ({_where(ep)}) is a {type(loaded).__name__}, "
+            "not an auth.base.Factor",
+        )
+    if loaded.name != name:
+        raise ConfigError("", f"auth factor {name!r} ({_where(ep)}) calls itself {loaded.name!r}")
+    with _lock:
+        return _loaded.setdefault(name, loaded)
 
 
-def reload() -> None:
-    """Tell every loaded built-in factor to re-read its files (CRLs, anchors) on SIGHUP."""
-    for ref in BUILTIN.values():
-        module = sys.modules.get(ref.partition(":")[0])
-        hook = getattr(module, "reload", None)
-        if callable(hook):
-            hook()
+def reload(settings: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """SIGHUP: call the reload hook of every loaded factor with its new ``[auth.<name>]``.
+
+    Returns one line per hook that failed (the factor's name and the error); the others
+    still ran.
+    """
+    with _lock:
+        loaded = dict(_loaded)
+    failed = []
+    for name, factor in loaded.items():
+        if factor.reload is None:
+            continue
+        try:
+            factor.reload(settings.get(name, {}))
+        except Exception as exc:  # a plug-in's bug must not stop the reload
+            failed.append(f"auth factor {name!r}: reload failed: {type(exc).__name__}: {exc}")
+    return failed

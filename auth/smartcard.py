@@ -1822,4 +1822,5 @@ FACTOR = Factor(
     description="PKI smartcard (PIV): the card signs a TLS-channel-bound challenge; the "
     "gateway checks path, CRL, policy OID and the person's subject serialNumber",
     check_settings=check_settings,
+    reload=lambda _settings: reload(),
 )

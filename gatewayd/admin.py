@@ -25,8 +25,9 @@ from typing import Any
 import structlog
 
 from auth import password as password_factor
-from auth import totp
+from auth import registry, totp
 from relay.approval import peer_user
+from relay.errors import ConfigError
 from relay.message import MODES, valid_id
 from relay.text import is_printable
 
@@ -215,6 +216,37 @@ async def _totp_enroll(s: Admin, args: dict[str, Any], by: str) -> Any:
     return {"uri": totp.provisioning_uri(secret, user, issuer), "secret": secret}
 
 
+async def _factor_enroll(s: Admin, args: dict[str, Any], by: str) -> Any:
+    """Enroll a user in any factor that has an enrollment hook (a plug-in's too): the
+    hook makes the credential from ``params`` and the factor's settings; it is stored
+    sealed, replacing any earlier one, with its counters started afresh."""
+    user = arg_id(args, "user")
+    name = arg_id(args, "factor")
+    params = args.get("params", {})
+    if not isinstance(params, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in params.items()
+    ):
+        raise AdminError("params: expected KEY=VALUE texts")
+    if s.store.get_user(user) is None:
+        raise AdminError(f"no user {user!r}")
+    try:
+        factor = registry.get(name)
+    except ConfigError as exc:
+        raise AdminError(str(exc)) from exc
+    if factor.enroll is None:
+        raise AdminError(f"factor {name!r} has no enrollment through gw admin factor enroll")
+    try:
+        enrolled = await asyncio.to_thread(
+            factor.enroll, user, MappingProxyType(dict(params)), s.config.auth.get(name, {})
+        )
+    except ValueError as exc:
+        raise AdminError(f"{name}: {exc}") from exc
+    s.store.set_credential(user, name, dict(enrolled.credential), s.now(), reset_counters=True)
+    # The parameters' names only: their values may be secrets.
+    await s.changed(by, "factor.enroll", user=user, factor=name, params=sorted(params))
+    return {"user": user, "factor": name, **dict(enrolled.shown)}
+
+
 async def _user_unlock(s: Admin, args: dict[str, Any], by: str) -> Any:
     """Clear a user's failed-login count and lock, including the lock that only an
     administrator can lift (after ``[lockout] hard_limit`` consecutive failures)."""
@@ -388,6 +420,7 @@ OPERATIONS: Mapping[str, Operation] = MappingProxyType(
         "user.add": _user_add,
         "user.password": _user_password,
         "totp.enroll": _totp_enroll,
+        "factor.enroll": _factor_enroll,
         "user.unlock": _user_unlock,
         "agreement.add": _agreement_add,
         "agent.add": _agent_add,

@@ -19,7 +19,7 @@ from auth import registry
 from auth.base import AuthContext, Outcome
 from relay import message as m
 from relay.aio import ConnectionClosed, FramedLink
-from relay.errors import RemoteError
+from relay.errors import ConfigError, RemoteError
 
 from . import policy
 from .clock import Clock
@@ -152,7 +152,26 @@ class Login:
         steps = cfg.mode(hello.mode).factors
         for index, step in enumerate(steps):
             method = self.choose(step, hello.factors, enrolled)
-            verifier = registry.get(method).verifier()
+            try:
+                verifier = registry.get(method).verifier()
+            except ConfigError as exc:
+                # A plug-in that does not load (or a missing optional dependency): this
+                # login fails with the reason on the record; the daemon serves on.
+                self.bus.publish(
+                    AuthAttempt(
+                        session=sid,
+                        user=hello.user,
+                        factor=method,
+                        outcome="failure",
+                        reason=f"factor unavailable: {exc}",
+                        source=link.peer,
+                        mode=hello.mode,
+                        agent=hello.agent,
+                    )
+                )
+                await self.bus.flush()
+                link.send_error("auth_failed", "authentication failed")
+                return False
             credential = self.store.load_credential(hello.user, method) if user else None
             ctx = AuthContext(
                 user=hello.user,

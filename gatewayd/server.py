@@ -185,7 +185,8 @@ class Gateway:
         self.holder.current = new  # the broker, admin server and registration read it here
         self.ssl_context = ctx
         broker.auth_limiter.limit = new.limits.auth_per_minute
-        registry.reload()
+        for failure in registry.reload(new.auth):  # each factor's hook, plug-ins' too
+            log.error("factor reload failed", error=failure)
         _warn_factor_files(new)
         fixed = [
             name

@@ -138,6 +138,7 @@ def test_the_admin_operations_are_one_explicit_table() -> None:
             "vendor.add",
             "user.add",
             "user.password",
+            "factor.enroll",
             "user.set_cert",
             "user.unlock",
             "totp.enroll",

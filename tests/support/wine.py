@@ -115,6 +115,7 @@ def build_python(cache: Path = CACHE, *, shim: bool = True) -> Path:
     tree = cache / "python"
     stamp = _stamp() + f"stand-in built: {shim}\n"
     if (tree / ".complete").is_file() and (tree / ".complete").read_text() == stamp:
+        _write_entry_points(tree)
         return tree
     shutil.rmtree(tree, ignore_errors=True)
     download = cache / "download"
@@ -168,8 +169,24 @@ def build_python(cache: Path = CACHE, *, shim: bool = True) -> Path:
             timeout=120,
         )
     shutil.rmtree(download, ignore_errors=True)
+    _write_entry_points(tree)
     (tree / ".complete").write_text(stamp)
     return tree
+
+
+def _write_entry_points(tree: Path) -> None:
+    """The project's entry points (its auth factors among them) where an installed
+    distribution keeps them: the working tree is on the path as source, which pip never
+    installed, so without this ``auth.registry`` would find no factor."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    info = tree / "site" / "gatewayd_source-0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gatewayd-source\nVersion: 0\n")
+    lines = []
+    for group, entries in project.get("entry-points", {}).items():
+        lines.append(f"[{group}]")
+        lines += [f"{name} = {ref}" for name, ref in entries.items()]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
 
 
 @dataclass
