@@ -220,6 +220,50 @@ def totp_enroll(socket: Path, user: str, as_json: bool) -> None:
         _print_qr(result["uri"])
 
 
+@admin.group("factor")
+def admin_factor() -> None:
+    """Any auth factor with an enrollment hook (a plug-in's too)."""
+
+
+def _params(_ctx: click.Context, _param: click.Parameter, pairs: tuple[str, ...]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}")
+        if key in params:
+            raise click.BadParameter(f"{key} given twice")
+        params[key] = value
+    return params
+
+
+@admin_factor.command("enroll")
+@click.argument("user")
+@click.argument("factor")
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=_params,
+    help="A parameter for the factor's enrollment (repeatable).",
+)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def factor_enroll(
+    socket: Path, user: str, factor: str, params: dict[str, str], as_json: bool
+) -> None:
+    """Enroll USER in FACTOR through the factor's own enrollment; print what it shows once."""
+    result = admin_request(socket, "factor.enroll", user=user, factor=factor, params=params)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"user {result['user']} enrolled in {result['factor']}")
+    for key, value in result.items():
+        if key not in ("user", "factor"):
+            click.echo(f"{key}: {value}")
+
+
 def _print_qr(uri: str) -> None:
     try:
         import qrcode

@@ -67,6 +67,27 @@ def _client_key(path: Path | None) -> bytes:
         return key
 
 
+def _add_factor_values(values: dict[str, Any], pairs: tuple[str, ...]) -> None:
+    """``--factor-value FACTOR=VALUE``: the value a factor's prover finds under its name."""
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(
+                f"expected FACTOR=VALUE, got {pair!r}", param_hint="--factor-value"
+            )
+        if name == "password":
+            raise click.BadParameter(
+                "the password is not taken here (it would show in the process list): "
+                "use --password-stdin or GW_PASSWORD",
+                param_hint="--factor-value",
+            )
+        if name in values:
+            raise click.BadParameter(
+                f"{name} is set by its own option or given twice", param_hint="--factor-value"
+            )
+        values[name] = value
+
+
 @click.command()
 @click.argument("agent")
 @login_options
@@ -151,6 +172,14 @@ def _client_key(path: Path | None) -> bytes:
     default=None,
     help="Your Noise key file (default ~/.config/gw/identity.key).",
 )
+@click.option(
+    "--factor-value",
+    "factor_values",
+    multiple=True,
+    metavar="FACTOR=VALUE",
+    help="A value for that factor's prover, e.g. a plug-in factor's code (repeatable; "
+    "else the factor asks).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Say what happens, with each tunnel's SAS.")
 def connect(
     agent: str,
@@ -174,6 +203,7 @@ def connect(
     agent_key: str | None,
     strict_agent_key: bool,
     identity: Path | None,
+    factor_values: tuple[str, ...],
     verbose: bool,
 ) -> None:
     """Open an end-to-end encrypted tunnel to TARGET on AGENT through the gateway."""
@@ -205,6 +235,7 @@ def connect(
     values["cert_label"] = cert_label
     if cert_label is not None and not pkcs11_module:
         raise click.UsageError("--cert-label needs --pkcs11-module")
+    _add_factor_values(values, factor_values)
     by_card = use_smartcard or reader is not None or cert_label is not None
     smartcard_first = ("smartcard",) if by_card else ()
     options = ProverOptions(user=user, prompt=prompt, values=values)

@@ -159,6 +159,7 @@ def test_each_group_is_whole_when_imported_alone() -> None:
             [
                 "agent",
                 "agreement",
+                "factor",
                 "fido2",
                 "grant",
                 "org",
