@@ -53,7 +53,7 @@ unit: $(VENV)/.test
 
 test: system-deps $(VENV)/.test
 	$(MAKE) --no-print-directory lint typecheck
-	$(BIN)/pytest --cov=relay --cov=auth --cov=gatewayd --cov=cli --cov-branch --cov-report=term:skip-covered --cov-fail-under=65
+	$(BIN)/pytest --cov=relay --cov=auth --cov=gatewayd --cov=cli --cov-branch --cov-report=term:skip-covered --cov-fail-under=85
 
 # gw connect and gw agent as the Windows build of CPython runs them (under Wine), against a
 # real gatewayd on loopback; the Windows Python tree is built once under .cache/win/.
