@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from import_graph import find_circle
 
 PACKAGE = Path(__file__).resolve().parents[2] / "cli"
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
@@ -57,37 +58,6 @@ def _imports(path: Path) -> set[str]:
 
 def import_graph() -> dict[str, set[str]]:
     return {m: _imports(PACKAGE / f"{m}.py") for m in MODULES}
-
-
-def find_circle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One circle of the graph (``[a, b, ..., a]``), or None."""
-    done: set[str] = set()
-    path: list[str] = []
-
-    def walk(node: str) -> list[str] | None:
-        if node in path:
-            return [*path[path.index(node) :], node]
-        if node in done:
-            return None
-        path.append(node)
-        for nxt in sorted(graph[node]):
-            circle = walk(nxt)
-            if circle:
-                return circle
-        path.pop()
-        done.add(node)
-        return None
-
-    for start in sorted(graph):
-        circle = walk(start)
-        if circle:
-            return circle
-    return None
-
-
-def test_the_finder_finds_a_circle() -> None:
-    assert find_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
-    assert find_circle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
 
 def test_no_import_circles_in_cli() -> None:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from import_graph import find_circle
 
 PACKAGE = Path(__file__).resolve().parents[2] / "gatewayd"
 
@@ -58,32 +59,6 @@ def import_graph() -> dict[str, set[str]]:
     files = sorted(PACKAGE.glob("*.py"))
     modules = {f.stem for f in files}
     return {f.stem: _imports(f, modules) for f in files}
-
-
-def find_circle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One circle of the graph (``[a, b, ..., a]``), or None."""
-    done: set[str] = set()
-    path: list[str] = []
-
-    def walk(node: str) -> list[str] | None:
-        if node in path:
-            return [*path[path.index(node) :], node]
-        if node in done:
-            return None
-        path.append(node)
-        for nxt in sorted(graph[node]):
-            circle = walk(nxt)
-            if circle:
-                return circle
-        path.pop()
-        done.add(node)
-        return None
-
-    for start in sorted(graph):
-        circle = walk(start)
-        if circle:
-            return circle
-    return None
 
 
 def test_the_finder_finds_a_circle() -> None:
