@@ -14,45 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from import_graph import find_circle
+from import_graph import find_circle, package_imports
 
 PACKAGE = Path(__file__).resolve().parents[2] / "gatewayd"
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
 def _imports(path: Path, modules: set[str]) -> set[str]:
-    """The gatewayd modules ``path`` imports (outside ``if TYPE_CHECKING:``)."""
-    found: set[str] = set()
-
-    def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:
-                found.add(node.module.split(".")[0])
-            elif node.level == 1:
-                found.update(a.name for a in node.names)
-            elif node.level == 0 and node.module and node.module.startswith("gatewayd."):
-                found.add(node.module.split(".")[1])
-            elif node.level == 0 and node.module == "gatewayd":
-                found.update(a.name for a in node.names)
-        elif isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name.startswith("gatewayd."):
-                    found.add(alias.name.split(".")[1])
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(ast.parse(path.read_text(), str(path)))
-    return found & modules - {path.stem}
+    return package_imports(path, "gatewayd", modules)
 
 
 def import_graph() -> dict[str, set[str]]:
