@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from relay.errors import ConfigError
-from relay.message import MODES
+from relay.message import MODES, valid_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +155,42 @@ class E2ESection:
     the hybrid handshake): every tunnel then runs X25519 + ML-KEM-768."""
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterSection:
+    """``[cluster]``: this gatewayd is one of several equal nodes joined by an MQTT broker
+    (``docs/cluster.md``). Without the table the daemon is alone: SQLite, no bus."""
+
+    node_id: str
+    """This node's name on the bus and in its audit records (``[gateway] node_id`` is
+    taken from here; with ``--workers N`` each worker is ``NODE_ID-1`` ... ``NODE_ID-N``)."""
+    mqtt: tuple[str, int]
+    """The MQTT broker, ``HOST:PORT`` (MQTT 3.1.1 or 5: Mosquitto, EMQX...)."""
+    data_address: tuple[str, int]
+    """Where agents held by other nodes dial their data connections for this node's
+    clients (``HOST:PORT`` of this node's TLS port as agents reach it); default the
+    ``data_listen`` or ``[gateway] listen`` address when that is not a wildcard."""
+    data_listen: tuple[str, int] | None = None
+    """A second TLS listener of this node alone, for data connections (needed with
+    ``--workers``: the shared port could hand an agent's data connection to another
+    worker). With ``--workers N`` worker ``i`` adds ``i - 1`` to this port and to
+    ``data_address``'s."""
+    mqtt_version: str = "5"
+    """``"5"`` or ``"3.1.1"``."""
+    mqtt_ca_file: Path | None = None
+    """CA certificates (PEM) of the MQTT broker's server certificate: TLS when set."""
+    mqtt_cert_file: Path | None = None
+    """This node's client certificate for the broker (PEM, with ``mqtt_key_file``)."""
+    mqtt_key_file: Path | None = None
+    """Its private key (PEM)."""
+    mqtt_username: str | None = None
+    """User name on the broker."""
+    mqtt_password_file: Path | None = None
+    """A file whose first line is the broker password (needs ``mqtt_username``)."""
+    reply_timeout: float = 2.0
+    """Seconds a node waits for another node to answer over the bus (a dial request,
+    a kill) before telling the client or admin that node did not answer."""
+
+
 DEFAULT_FACTORS = (("password",), ("totp",))
 
 
@@ -170,6 +206,8 @@ class Config:
     lockout: LockoutSection = field(default_factory=LockoutSection)
     enrollment: EnrollmentSection = field(default_factory=EnrollmentSection)
     e2e: E2ESection = field(default_factory=E2ESection)
+    cluster: ClusterSection | None = None
+    """``[cluster]``; None: a node alone."""
     modes: Mapping[str, ModeSection] = field(default_factory=dict)
     auth: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """Per-factor settings tables (``[auth.totp]``, ``[auth.smartcard]``...)."""
@@ -380,6 +418,15 @@ def parse(text: str, path: Path) -> Config:
     e2e = E2ESection(require_hybrid=ee.get("require_hybrid", bool, False))
     ee.done()
 
+    cluster = _parse_cluster(root, gateway) if "cluster" in root.data else None
+    if cluster is not None:
+        if "node_id" in g.data and gateway.node_id != cluster.node_id:
+            raise ConfigError(
+                "cluster.node_id",
+                f"differs from gateway.node_id {gateway.node_id!r} (one name per node: set one)",
+            )
+        gateway = replace(gateway, node_id=cluster.node_id)
+
     from auth import registry  # late: only validation needs it
 
     known = set(registry.names())
@@ -435,9 +482,70 @@ def parse(text: str, path: Path) -> Config:
         lockout=lockout,
         enrollment=enrollment,
         e2e=e2e,
+        cluster=cluster,
         modes=modes,
         auth=auth,
     )
+
+
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def _parse_cluster(root: _Table, gateway: GatewaySection) -> ClusterSection:
+    """``[cluster]``: every key checked, each error naming its key."""
+    c = root.table("cluster")
+    node_id = c.get("node_id", str, gateway.node_id)
+    if not valid_id(node_id):
+        raise ConfigError(c.key("node_id"), "letters, digits and . _ - @ only (at most 128)")
+    mqtt = parse_listen(c.get("mqtt", str), c.key("mqtt"))
+    data_listen = (
+        parse_listen(c.get("data_listen", str), c.key("data_listen"))
+        if "data_listen" in c.data
+        else None
+    )
+    if "data_address" in c.data:
+        data_address = parse_listen(c.get("data_address", str), c.key("data_address"))
+        if data_address[0] in _WILDCARDS or data_address[1] == 0:
+            raise ConfigError(c.key("data_address"), "must be an address agents can dial")
+    else:
+        own = data_listen or gateway.listen
+        if own[0] in _WILDCARDS or own[1] == 0:
+            raise ConfigError(
+                c.key("data_address"),
+                f"missing: this node listens on {own[0]}:{own[1]}; say where agents reach it",
+            )
+        data_address = own
+    version = c.get("mqtt_version", str, "5")
+    if version not in ("5", "3.1.1"):
+        raise ConfigError(c.key("mqtt_version"), f'"5" or "3.1.1", not {version!r}')
+    files = {
+        name: c.path_(name) if name in c.data else None
+        for name in ("mqtt_ca_file", "mqtt_cert_file", "mqtt_key_file", "mqtt_password_file")
+    }
+    if (files["mqtt_cert_file"] is None) != (files["mqtt_key_file"] is None):
+        raise ConfigError(c.key("mqtt_key_file"), "mqtt_cert_file and mqtt_key_file go together")
+    if files["mqtt_cert_file"] is not None and files["mqtt_ca_file"] is None:
+        raise ConfigError(c.key("mqtt_ca_file"), "missing: a client certificate needs TLS")
+    username = c.get("mqtt_username", str, None)
+    if username == "":
+        raise ConfigError(c.key("mqtt_username"), "must not be empty")
+    if files["mqtt_password_file"] is not None and username is None:
+        raise ConfigError(c.key("mqtt_username"), "missing: mqtt_password_file needs a user")
+    section = ClusterSection(
+        node_id=node_id,
+        mqtt=mqtt,
+        data_address=data_address,
+        data_listen=data_listen,
+        mqtt_version=version,
+        mqtt_ca_file=files["mqtt_ca_file"],
+        mqtt_cert_file=files["mqtt_cert_file"],
+        mqtt_key_file=files["mqtt_key_file"],
+        mqtt_username=username,
+        mqtt_password_file=files["mqtt_password_file"],
+        reply_timeout=c.number("reply_timeout", 2.0, low=0.1, high=60),
+    )
+    c.done()
+    return section
 
 
 _PATH_KEYS = ("_file", "_files", "trust_anchors", "intermediates")
