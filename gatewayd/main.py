@@ -55,8 +55,10 @@ def main(ctx: click.Context, config_path: Path | None, log_level: str) -> None:
         cfg = config_mod.load(config_path)
     except ConfigError as exc:
         raise click.ClickException(f"config error: {exc}") from exc
+    from .malloc import return_big_blocks
     from .server import serve
 
+    return_big_blocks()  # password hashes' memory goes back to the system after each
     try:
         run(serve(cfg))
     except GatewayError as exc:
