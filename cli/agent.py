@@ -37,16 +37,30 @@ def agent_enroll(gateway: str, ca_file: Path, token: str, state_dir: Path) -> No
 
 
 @agent.command("run")
-@click.option("--state-dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="The agent's config file (TOML). Default: $GW_AGENT_CONFIG, else "
+    "/etc/gw-agent/agent.toml if it exists. Flags win over the file.",
+)
+@click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False), default=None)
 @click.option(
     "--target",
     "targets",
     multiple=True,
-    required=True,
     metavar="NAME=HOST:PORT",
-    help="A local service to expose under NAME (repeatable).",
+    help="A local service to expose under NAME (repeatable; replaces the file's targets).",
 )
-@click.option("--gateway", default=None, help="Override the gateway HOST:PORT from enrollment.")
+@click.option(
+    "--gateway",
+    "gateways",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="A gateway node to connect to (repeatable; replaces the file's gateways). "
+    "Default: the address the agent enrolled with.",
+)
 @click.option(
     "--approval-command",
     default=None,
@@ -58,9 +72,10 @@ def agent_enroll(gateway: str, ca_file: Path, token: str, state_dir: Path) -> No
     "--no-prompt", is_flag=True, help="Never ask on this terminal (answer with `gw agent approve`)."
 )
 def agent_run(
-    state_dir: Path,
+    config_path: Path | None,
+    state_dir: Path | None,
     targets: tuple[str, ...],
-    gateway: str | None,
+    gateways: tuple[str, ...],
     approval_command: str | None,
     no_prompt: bool,
 ) -> None:
@@ -68,10 +83,25 @@ def agent_run(
 
     Approval requests are asked on this terminal (when there is one), through
     `gw agent approve/deny`, and through --approval-command; the first answer counts.
+    With several gateway nodes the agent moves to another one when its node fails.
     """
-    from relay.agent import Agent, AgentState, parse_hostport
+    from relay.agent import Agent, AgentState, Backoff, parse_hostport
+    from relay.agent_config import AgentConfig, AgentConfigError, default_path, load
     from relay.approval import Approvals
 
+    from .common import EXIT_LOCAL, fail
+
+    path = config_path or default_path()
+    if config_path is not None or path.exists():
+        try:
+            cfg = load(path)
+        except AgentConfigError as exc:
+            fail(str(exc), EXIT_LOCAL)
+    else:
+        cfg = AgentConfig(path)
+    state_dir = state_dir or cfg.state_dir
+    if state_dir is None:
+        raise click.UsageError(f"give --state-dir, or state_dir in {path}")
     parsed: dict[str, tuple[str, int]] = {}
     for spec in targets:
         name, sep, address = spec.partition("=")
@@ -81,6 +111,17 @@ def agent_run(
             parsed[name] = parse_hostport(address)
         except GatewayError as exc:
             raise click.BadParameter(f"{spec!r}: {exc}", param_hint="--target") from exc
+    if not targets:
+        parsed = {name: (host, port) for name, host, port in cfg.targets}
+    if not parsed:
+        raise click.UsageError(f"give --target NAME=HOST:PORT, or a [targets] table in {path}")
+    for entry in gateways:
+        try:
+            parse_hostport(entry)
+        except GatewayError as exc:
+            raise click.BadParameter(str(exc), param_hint="--gateway") from exc
+    command = approval_command or cfg.approval_command
+    prompt = cfg.prompt and not no_prompt
 
     def log(event: str, **fields: Any) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -89,15 +130,23 @@ def agent_run(
         click.echo(f"{stamp} gw-agent: {printable(event)} {extra}".rstrip(), err=True)
 
     async def main_() -> None:
+        assert state_dir is not None
         state = AgentState.load(state_dir)
         approvals = Approvals(
             state_dir / "approval.sock",
-            command=approval_command,
-            terminal=None if not no_prompt else False,
+            command=command,
+            terminal=None if prompt else False,
             log=log,
         )
-        a = Agent(state, parsed, gateway=gateway, log=log, approvals=approvals)
-        log("starting", agent=state.agent)
+        a = Agent(
+            state,
+            parsed,
+            gateways=gateways or cfg.gateways,
+            log=log,
+            approvals=approvals,
+            backoff=Backoff(cfg.backoff_first, cfg.backoff_max),
+        )
+        log("starting", agent=state.agent, gateways=",".join(a.gateways))
         await a.run()
 
     execute(main_())

@@ -9,10 +9,16 @@ State folder (``--state-dir``), written by :func:`enroll`:
 - ``pq.key``: the seed of its ML-KEM-768 key (the hybrid handshake's half of that
   identity; absent in folders enrolled before it, whose tunnels stay classic).
 
-:class:`Agent` keeps a control connection up (reconnecting with jittered
-exponential backoff), announces its target *names*, and answers each dial request
-by connecting to the named local service and dialling a fresh data connection,
-inside which it runs the Noise responder.
+:class:`Agent` keeps a control connection up to one of the gateway's nodes,
+announces its target *names*, and answers each dial request by connecting to the
+named local service and dialling a fresh data connection, inside which it runs the
+Noise responder.
+
+Several gateway addresses (``HOST:PORT`` each; a name may resolve to several
+addresses, each a node): the agent starts on a random one and, when its connection
+fails or ends, moves to a random *other* one after a wait drawn by :class:`Backoff`
+(full jitter, capped), so the agents of a node that died spread over the survivors
+and over time instead of arriving together (:class:`Reconnect`).
 
 The agent answers a dial only for a session it knows, and runs the handshake only
 with that session's client key: the key of the approval request the person here
@@ -28,9 +34,11 @@ import asyncio
 import base64
 import contextlib
 import hmac
+import ipaddress
 import json
 import random
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,8 +54,13 @@ from .approval import Approvals
 from .errors import GatewayError, NoiseError, ProtocolError, RemoteError
 from .tls import client_context
 
-#: Reconnect backoff: first wait, cap, and the random share added (jitter).
-BACKOFF_FIRST, BACKOFF_MAX, JITTER = 1.0, 60.0, 0.5
+#: Reconnect backoff: the ceiling of the first wait and the cap, in seconds. A minute at
+#: most: an agent is back within a minute of its gateway, and thousands of agents
+#: retrying at most once a minute each are no load for a gateway.
+BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
+#: A control connection that stayed up this long (seconds), or carried a request, was a
+#: success: the backoff starts again from its first wait. One refused at once was not.
+STABLE_AFTER = 10.0
 #: Sessions whose client key the agent remembers; the oldest is forgotten beyond this
 #: (an ``end`` notice lost with a dropped connection must not grow memory for ever).
 MAX_KNOWN_SESSIONS = 4096
@@ -70,9 +83,115 @@ def _write_private(path: Path, data: bytes) -> None:
 
 def parse_hostport(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    # isdigit() alone takes "²" and any number of digits, which int() then refuses.
+    digits = port.isascii() and port.isdigit() and len(port) <= 5
+    if not sep or not host or not digits or not 0 < int(port) < 65536:
         raise GatewayError(f"expected HOST:PORT, got {value!r}")
     return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with full jitter, capped.
+
+    The wait before attempt ``n + 1`` after ``n`` failures in a row is drawn uniformly
+    from ``[0, min(cap, first * 2**n))`` ("Exponential Backoff And Jitter", AWS
+    Architecture Blog, 2015: full jitter spreads a crowd of clients that failed at the
+    same moment best, at the fewest attempts). ``rand`` is a source of floats in
+    ``[0, 1)``, passed in so the schedule can be tested.
+    """
+
+    first: float = BACKOFF_FIRST
+    cap: float = BACKOFF_MAX
+
+    def ceiling(self, failures: int) -> float:
+        """The longest wait after ``failures`` failures in a row."""
+        # 2**64 seconds is past any cap: no need to grow the float further.
+        return min(self.cap, self.first * 2.0 ** min(max(failures, 0), 64))
+
+    def wait(self, failures: int, rand: Callable[[], float]) -> float:
+        return self.ceiling(failures) * rand()
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One gateway node: the address dialled, and the name its certificate must carry."""
+
+    host: str
+    port: int
+    name: str
+
+    def __str__(self) -> str:
+        if self.host == self.name:
+            return f"{self.name}:{self.port}"
+        return f"{self.name}:{self.port} ({self.host})"
+
+
+async def resolve(gateways: Sequence[str]) -> tuple[list[Endpoint], list[str]]:
+    """Every node the ``HOST:PORT`` entries name, in order, and what could not be resolved.
+
+    An address literal is one node; a name is as many nodes as it has addresses (each
+    dialled by address, its certificate checked against the name). Resolved again at
+    each attempt, so a name's addresses may change while the agent runs.
+    """
+    loop = asyncio.get_running_loop()
+    found: list[Endpoint] = []
+    problems: list[str] = []
+    for entry in gateways:
+        host, port = parse_hostport(entry)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            if Endpoint(host, port, host) not in found:
+                found.append(Endpoint(host, port, host))
+            continue
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            problems.append(f"{entry}: {exc}")
+            continue
+        for info in infos:
+            endpoint = Endpoint(str(info[4][0]), port, host)
+            if endpoint not in found:
+                found.append(endpoint)
+    return found, problems
+
+
+class Reconnect:
+    """Which gateway node to try next, and how long to wait before it.
+
+    The first attempt goes to a random node; after a failure or a lost connection,
+    to a random node other than the one just tried (the same one when it is the only
+    one). The wait comes from ``backoff`` with ``failures`` counting the attempts in
+    a row that did not give a stable connection.
+    """
+
+    def __init__(self, backoff: Backoff, rand: Callable[[], float]) -> None:
+        self.backoff = backoff
+        self.rand = rand
+        self.failures = 0
+        self.last: Endpoint | None = None
+
+    def choose(self, endpoints: Sequence[Endpoint]) -> Endpoint:
+        others = [e for e in endpoints if e != self.last] or list(endpoints)
+        self.last = others[min(int(self.rand() * len(others)), len(others) - 1)]
+        return self.last
+
+    def succeeded(self) -> None:
+        """The connection was stable: the next wait starts from the first again."""
+        self.failures = 0
+
+    def refused(self) -> None:
+        """The gateway refused this agent's identity: wait the longest from now on."""
+        self.failures = max(self.failures, 64)
+
+    def next_wait(self) -> float:
+        """The wait before the next attempt; counts one more failure."""
+        wait = self.backoff.wait(self.failures, self.rand)
+        self.failures += 1
+        return wait
 
 
 async def enroll(gateway: str, ca_file: Path, token: str, state_dir: Path) -> str:
@@ -247,20 +366,35 @@ class Agent:
         targets: dict[str, tuple[str, int]],
         *,
         gateway: str | None = None,
+        gateways: Sequence[str] = (),
         log: Log,
         approvals: Approvals | None = None,
+        backoff: Backoff | None = None,
+        rand: Callable[[], float] | None = None,
     ) -> None:
         for name in targets:
             if not m.valid_id(name):
                 raise GatewayError(f"target name {name!r}: letters, digits, . _ - only")
         self.state = state
         self.targets = targets
-        self.host, self.port = parse_hostport(gateway or state.gateway)
+        #: The gateway's nodes as given (``HOST:PORT`` each), the enrollment's by default.
+        self.gateways = tuple(gateways) or (gateway or state.gateway,)
+        for entry in self.gateways:
+            parse_hostport(entry)
+        host, port = parse_hostport(self.gateways[0])
+        #: The node the control connection is on (or was last tried).
+        self.endpoint = Endpoint(host, port, host)
+        self.reconnect = Reconnect(
+            backoff or Backoff(),
+            rand or random.SystemRandom().random,
+        )
         d = state.state_dir
         self.ssl_context = client_context(d / "ca.pem", d / "agent.pem", d / "agent.key")
         self.log = log
         self.approvals = approvals or Approvals(d / "approval.sock", terminal=False, log=log)
         self.connected = asyncio.Event()
+        #: The current control connection proved good (stayed up, or carried a request).
+        self.stable = False
         self.tasks: set[asyncio.Task[Any]] = set()
         #: session id -> open tunnels, so an ended session's tunnels close here too.
         self.session_pipes: dict[str, set[Pipe]] = {}
@@ -283,33 +417,57 @@ class Agent:
             await self.approvals.close()
 
     async def _run(self) -> None:
-        delay = BACKOFF_FIRST
+        loop = asyncio.get_running_loop()
         while True:
+            self.stable = False
             try:
-                await self._control()
-                delay = BACKOFF_FIRST
+                endpoints, problems = await resolve(self.gateways)
+                for problem in problems:
+                    self.log("cannot resolve a gateway address", error=problem)
+                if not endpoints:
+                    raise GatewayError("no gateway address could be resolved")
+                self.endpoint = self.reconnect.choose(endpoints)
+                started = loop.time()
+                try:
+                    await self._control(self.endpoint)
+                finally:
+                    if loop.time() - started >= STABLE_AFTER:
+                        self.stable = True
             except RemoteError as exc:
-                self.log("gateway refused the agent", code=exc.code, message=exc.message)
+                self.log(
+                    "gateway refused the agent",
+                    gateway=str(self.endpoint),
+                    code=exc.code,
+                    message=exc.message,
+                )
                 if exc.code == "auth_failed":
-                    delay = BACKOFF_MAX
+                    self.reconnect.refused()
             except (GatewayError, OSError, TimeoutError) as exc:
-                self.log("connection to the gateway failed", error=str(exc) or type(exc).__name__)
+                self.log(
+                    "connection to the gateway failed",
+                    gateway=str(self.endpoint),
+                    error=str(exc) or type(exc).__name__,
+                )
             self.connected.clear()
-            wait = delay * (1 + JITTER * random.random())  # noqa: S311 - jitter, not crypto
+            if self.stable:
+                self.reconnect.succeeded()
+            wait = self.reconnect.next_wait()
             self.log("reconnecting", seconds=round(wait, 2))
             await asyncio.sleep(wait)
-            delay = min(delay * 2, BACKOFF_MAX)
 
-    async def _control(self) -> None:
-        link = await open_link(self.host, self.port, self.ssl_context)
+    async def _control(self, endpoint: Endpoint) -> None:
+        link = await open_link(
+            endpoint.host, endpoint.port, self.ssl_context, server_hostname=endpoint.name
+        )
         try:
             link.send(m.AgentHello(targets=tuple(self.targets)))
-            self.log("connected", gateway=f"{self.host}:{self.port}", targets=sorted(self.targets))
+            self.log("connected", gateway=str(endpoint), targets=sorted(self.targets))
             self.connected.set()
             while True:
                 msg = await link.expect(m.Dial, m.Approve, m.Notice)
+                self.stable = True  # the gateway took this agent: a request came
                 if isinstance(msg, m.Dial):
-                    self._spawn(self._dial(link, msg))
+                    self._spawn(self._dial(link, msg, endpoint))
                 elif isinstance(msg, m.Approve):
                     self._spawn(self._approve(link, msg))
                 elif isinstance(msg, m.Notice):
@@ -399,7 +557,9 @@ class Agent:
             reason=notice.reason,
         )
 
-    async def _dial(self, control: Any, dial: m.Dial) -> None:
+    async def _dial(self, control: Any, dial: m.Dial, node: Endpoint) -> None:
+        """Serve one dial: the data connection goes to ``node``, whose control
+        connection carried the request."""
         address = self.targets.get(dial.target)
         if address is None:
             control.send(m.DialFailed(dial.token, f"no target {dial.target}"))
@@ -426,7 +586,13 @@ class Agent:
             control.send(m.DialFailed(dial.token, f"target {dial.target} unreachable"))
             return
         try:
-            link = await open_link(self.host, self.port, self.ssl_context)
+            # A cluster names the node that holds the client: the data connection goes
+            # straight there (its certificate is checked against the gateway CA as ever).
+            host, port, name = node.host, node.port, node.name
+            if dial.address:
+                host, port = parse_hostport(dial.address)
+                name = host
+            link = await open_link(host, port, self.ssl_context, server_hostname=name)
             link.send(m.DataHello(dial.token))
             await link.expect(m.Spliced)
             remote_t, leftover = link.detach()
