@@ -18,6 +18,8 @@ pytestmark = pytest.mark.integration
 
 PASSWORD = "session tests pass phrase"
 APPROVAL_SECONDS = 5
+# A bound on waits for a process to exit: a guard against a hang, never a speed promise.
+HANG_GUARD = 60
 _n = itertools.count(1)
 
 
@@ -212,14 +214,17 @@ def test_support_denied_at_the_machine(site: Site) -> None:
 
 def test_approval_times_out_and_is_single_use(site: Site) -> None:
     user = site.vendor_user("acme")
-    started = time.monotonic()
     proc = site.start_connect("pc1", user, "support", "--reason", "nobody home")
     request = site.wait_pending("pc1")
     _, stderr = _finish(proc)
     assert proc.returncode == 1 and "approval timed out" in stderr
-    assert time.monotonic() - started < APPROVAL_SECONDS + 15
+    # The configured timeout ended the wait (the gateway's own record of it; no wall-clock
+    # bound here: a loaded machine only makes the wait longer).
+    (asked,) = _records(site, "approval.requested", user=user)
+    assert asked["timeout"] == APPROVAL_SECONDS
     (result,) = _records(site, "approval.result", user=user)
     assert result["outcome"] == "timeout"
+    assert result["seconds"] >= APPROVAL_SECONDS - 0.1
     state = str(site.lab.root / "agent-pc1")
     late = site.lab.run("gw", "agent", "approve", request["id"], "--state-dir", state, check=False)
     assert late.returncode == 1 and "no pending request" in late.stderr
@@ -332,16 +337,16 @@ def _session_of(site: Site, user: str) -> dict[str, Any]:
     return row
 
 
-def test_admin_kill_ends_a_session_within_a_second(site: Site) -> None:
+def test_admin_kill_ends_a_session(site: Site) -> None:
     user = site.vendor_user("acme")
     proc, port = _live(site, user)
     assert round_trip(port, b"x") == b"X"
     row = _session_of(site, user)
     assert row["approved_by"] == "unattended" and row["bytes_up"] > 0
-    started = time.monotonic()
     site.lab.admin("sessions", "kill", row["session"])
-    proc.popen.wait(5)
-    assert time.monotonic() - started < 1.5
+    # The kill itself ends the client (its exit and the record say why); the deadline
+    # only guards against a hang, it is no promise about speed.
+    proc.popen.wait(HANG_GUARD)
     assert proc.popen.returncode == 1 and "killed by root" in proc.output()
     (end,) = _records(site, "session.end", session=row["session"])
     assert end["reason"] == "killed by root"
@@ -369,14 +374,13 @@ def test_disabling_what_a_session_depends_on_ends_it(site: Site, what: str) -> N
         proc, port = _live(site, user, agent=agent)
     assert round_trip(port, b"ok") == b"OK"
     session = _session_of(site, user)["session"]
-    started = time.monotonic()
     if what == "grant":
         site.lab.admin("grant", "remove", user, "pc2")
     else:
         ident = {"user": user, "vendor": user.split("-", 1)[1], "agent": "pc-spare"}[what]
         site.lab.admin(what, "disable", ident)
-    proc.popen.wait(5)
-    assert time.monotonic() - started < 1.5
+    proc.popen.wait(HANG_GUARD)
+    assert proc.popen.returncode == 1
     (end,) = _records(site, "session.end", session=session)
     assert end["reason"].startswith("no longer allowed")
 
