@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as dt
+import heapq
 import ipaddress
 import json
 import os
@@ -576,6 +577,108 @@ def _path(config_path: Path) -> Path:
         raise click.ClickException(f"config error: {exc}") from exc
 
 
+# -- several nodes' trails ----------------------------------------------------------------
+
+
+def trail_files(given: Path) -> list[Path]:
+    """The live files of the trails ``--trail`` names: a trail's live file itself, or a
+    folder, which holds one trail per head file (``<live>.head``) in it."""
+    if not given.is_dir():
+        if given.exists() or given.with_name(given.name + ".head").exists():
+            return [given]
+        raise click.BadParameter(f"{given}: no such trail or folder", param_hint="--trail")
+    found = sorted(h.with_name(h.name.removesuffix(".head")) for h in given.glob("*.head"))
+    if not found:
+        raise click.BadParameter(
+            f"{given}: no audit trail in this folder (no <trail>.head file)", param_hint="--trail"
+        )
+    return found
+
+
+def trails_of(config_path: Path | None, given: tuple[Path, ...]) -> list[Path]:
+    """Every trail to read: the config's, then each ``--trail`` (each once)."""
+    if config_path is None and not given:
+        raise click.UsageError("give --config PATH, or --trail DIR (repeatable) for each node")
+    paths = [_path(config_path)] if config_path is not None else []
+    for entry in given:
+        for path in trail_files(entry):
+            if all(not _same_file(path, p) for p in paths):
+                paths.append(path)
+    return paths
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return a == b
+
+
+def _time_order(rec: dict[str, Any]) -> tuple[str, str, int]:
+    seq = rec.get("seq")
+    return (str(rec.get("ts", "")), str(rec.get("node", "")), seq if isinstance(seq, int) else 0)
+
+
+def scan_trails(
+    paths: list[Path],
+    flt: Filter,
+    report: Callable[[str], None] | None = None,
+    seen: dict[Path, int] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The matching records of every trail, merged by time (each trail is in time order:
+    its node never stamps a record earlier than the one before). ``seen`` gets each
+    trail's highest sequence number among the records given."""
+
+    def tracked(path: Path) -> Iterator[dict[str, Any]]:
+        for rec in scan(path, flt, report):
+            if seen is not None and isinstance(rec.get("seq"), int):
+                seen[path] = max(seen.get(path, 0), rec["seq"])
+            yield rec
+
+    if len(paths) == 1:
+        return tracked(paths[0])
+    return heapq.merge(*(tracked(p) for p in paths), key=_time_order)
+
+
+def node_of(path: Path) -> str:
+    """The node id the trail's records carry (its first readable record's), or ``?``."""
+    for rec in records(path):
+        if isinstance(rec.get("node"), str):
+            return str(rec["node"])
+    return "?"
+
+
+def follow_trails(
+    paths: list[Path], after: dict[Path, int], stop: Callable[[], bool]
+) -> Iterator[dict[str, Any]]:
+    """New records of every trail as they are written, in the order they are seen: one
+    reader thread per trail (each like ``tail -f`` through rotation)."""
+    import queue
+    import threading
+
+    if len(paths) == 1:
+        yield from follow(
+            paths[0], poll=0.5, start_at_end=False, after_seq=after[paths[0]], stop=stop
+        )
+        return
+    found: queue.Queue[dict[str, Any]] = queue.Queue()
+
+    def read(path: Path) -> None:
+        for rec in follow(path, poll=0.5, start_at_end=False, after_seq=after[path], stop=stop):
+            found.put(rec)
+
+    for path in paths:
+        threading.Thread(target=read, args=(path,), daemon=True).start()
+    while not stop():
+        try:
+            yield found.get(timeout=0.5)
+        except queue.Empty:
+            continue
+
+
+#: ``ctx.meta`` key of the group's --trail values, for its subcommands.
+_TRAILS = "gw_audit_trails"
+
 COLUMNS = ["ts", "event", "user", "agent", "target", "mode", "outcome", "reason", "source"]
 CSV_COLUMNS = ["ts", "seq", "node", "event", "session", "user", "agent", "target", "mode"]
 CSV_COLUMNS += ["outcome", "reason", "source", "details"]
@@ -635,9 +738,12 @@ class Output:
     """Prints records as an aligned table (failures stand out on a terminal), JSON lines
     or CSV. The table is printed in blocks, so ``--follow`` shows records at once."""
 
-    def __init__(self, fmt: str, color: bool) -> None:
+    def __init__(self, fmt: str, color: bool, nodes: bool = False) -> None:
         self.fmt = fmt
         self.color = color
+        #: Records of several nodes: the table shows each one's node after its time.
+        self.nodes = nodes
+        self.columns = [COLUMNS[0], "node", *COLUMNS[1:]] if nodes else COLUMNS
         self.count = 0
         self.widths: list[int] | None = None
         self.writer = csv.writer(sys.stdout, lineterminator="\n") if fmt == "csv" else None
@@ -656,12 +762,13 @@ class Output:
                 sys.stdout.flush()
         if self.fmt != "table" or not recs:
             return
-        rows = [(_summary(r), outcome_of(r) == "failure") for r in recs]
+        rows = [(self._summary(r), outcome_of(r) == "failure") for r in recs]
+        columns = self.columns
         if self.widths is None:
             self.widths = [
-                min(max(len(c), *(len(r[i]) for r, _ in rows)), 60) for i, c in enumerate(COLUMNS)
+                min(max(len(c), *(len(r[i]) for r, _ in rows)), 60) for i, c in enumerate(columns)
             ]
-            title = "  ".join(c.upper().ljust(w) for c, w in zip(COLUMNS, self.widths, strict=True))
+            title = "  ".join(c.upper().ljust(w) for c, w in zip(columns, self.widths, strict=True))
             title = title.rstrip()
             click.echo(click.style(title, bold=True) if self.color else title, color=self.color)
         for r, failed in rows:
@@ -670,13 +777,19 @@ class Output:
                 text = click.style(text, fg="red", bold=True) if self.color else text
             click.echo(text, color=self.color)
 
+    def _summary(self, rec: dict[str, Any]) -> list[str]:
+        values = _summary(rec)
+        if self.nodes:
+            values.insert(1, printable(str(rec.get("node") or "")) or "-")
+        return values
+
 
 def _warn(text: str) -> None:
     click.echo(f"gw audit: {printable(text)}", err=True)
 
 
 def _make_filter(
-    config_path: Path,
+    config_path: Path | None,
     *,
     since: str | None,
     until: str | None,
@@ -701,7 +814,10 @@ def _make_filter(
             ) from exc
     org_ids: set[str] = set()
     vendor_ids: set[str] = set()
-    if org or vendor:
+    if (org or vendor) and config_path is None:
+        _warn("without --config, --org/--vendor match the records' own fields")
+    elif org or vendor:
+        assert config_path is not None
         try:
             db = config_mod.load(config_path).store.path
         except GatewayError as exc:
@@ -746,8 +862,20 @@ def _filter_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _trail_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--trail",
+        "trails",
+        multiple=True,
+        type=click.Path(path_type=Path),
+        help="Another node's trail: its live file, or a folder of trails (repeatable). "
+        "Records are merged by time, the node shown.",
+    )(f)
+
+
 @click.group(invoke_without_command=True)
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="gatewayd's config.")
+@_trail_option
 @_filter_options
 @click.option("--limit", type=click.IntRange(min=1), help="At most N records (the last N).")
 @click.option("--reverse", is_flag=True, help="Newest first.")
@@ -765,6 +893,7 @@ def audit(
     ctx: click.Context,
     /,
     config_path: Path | None,
+    trails: tuple[Path, ...],
     limit: int | None,
     reverse: bool,
     keep_following: bool,
@@ -772,39 +901,41 @@ def audit(
     as_csv: bool,
     **filters: Any,
 ) -> None:
-    """Read the audit trail, filtered; `gw audit verify` checks its integrity."""
+    """Read the audit trail, filtered; `gw audit verify` checks its integrity.
+
+    With several nodes' trails (--trail), records are merged by time and the table
+    shows each one's node."""
     ctx.obj = config_path
+    ctx.meta[_TRAILS] = trails
     if ctx.invoked_subcommand is not None:
         return
-    if config_path is None:
-        raise click.UsageError("give --config PATH")
     if as_json and as_csv:
         raise click.UsageError("give --json or --csv, not both")
     if keep_following and reverse:
         raise click.UsageError("--follow shows records as they come: not with --reverse")
-    path = _path(config_path)
+    paths = trails_of(config_path, trails)
     flt = _make_filter(config_path, **filters)
     fmt = "json" if as_json else "csv" if as_csv else "table"
-    out = Output(fmt, color=sys.stdout.isatty())
+    out = Output(fmt, color=sys.stdout.isatty(), nodes=len(paths) > 1)
     out.header()
-    end = 0
+    seen: dict[Path, int] = {}
     if keep_following:
         from gatewayd.audit import last_seq
 
-        end = last_seq(path)  # what is written from now on is followed
+        seen = {p: last_seq(p) for p in paths}  # what is written from now on is followed
+    found_all = scan_trails(paths, flt, _warn, seen)
     if limit is not None and not reverse:
-        found: list[dict[str, Any]] = list(deque(scan(path, flt, _warn), maxlen=limit))
+        found: list[dict[str, Any]] = list(deque(found_all, maxlen=limit))
     else:
-        found = list(scan(path, flt, _warn))
+        found = list(found_all)
         if reverse:
             found.reverse()
         if limit is not None:
             found = found[:limit]
     out.rows(found)
     if keep_following:
-        last = max((r["seq"] for r in found if isinstance(r.get("seq"), int)), default=0)
         try:
-            for rec in follow(path, poll=0.5, start_at_end=False, after_seq=max(end, last)):
+            for rec in follow_trails(paths, {p: seen.get(p, 0) for p in paths}, lambda: False):
                 if flt.match(rec):
                     out.rows([rec])
         except KeyboardInterrupt:
@@ -816,6 +947,7 @@ def audit(
 
 @audit.command("sessions")
 @click.option("--config", "config_path", type=click.Path(path_type=Path))
+@_trail_option
 @_filter_options
 @click.option("--limit", type=click.IntRange(min=1), help="At most N sessions (the last N).")
 @click.option("--reverse", is_flag=True, help="Newest first.")
@@ -826,6 +958,7 @@ def sessions_cmd(
     parent: Path | None,
     /,
     config_path: Path | None,
+    trails: tuple[Path, ...],
     limit: int | None,
     reverse: bool,
     as_json: bool,
@@ -833,11 +966,10 @@ def sessions_cmd(
     **filters: Any,
 ) -> None:
     """One row per session: who, vendor/org, agent, target, mode, reason, approved by,
-    start, duration, bytes each way, end reason: the view an organisation reviews."""
+    start, duration, bytes each way, end reason: the view an organisation reviews.
+    A session's records may be on several nodes' trails (--trail): they are merged."""
     path_cfg = config_path or parent
-    if path_cfg is None:
-        raise click.UsageError("give --config PATH")
-    path = _path(path_cfg)
+    paths = trails_of(path_cfg, (*click.get_current_context().meta.get(_TRAILS, ()), *trails))
     event = filters.pop("event")
     if event:
         raise click.UsageError("gw audit sessions: --event does not apply")
@@ -847,7 +979,8 @@ def sessions_cmd(
         since=ts_text(parse_since(since)) if since else None,
         until=ts_text(parse_until(until)) if until else None,
     )
-    rows = session_rows(scan(path, Filter(), _warn), flt, window, _org_of_agents(path_cfg))
+    directory = _org_of_agents(path_cfg) if path_cfg is not None else {}
+    rows = session_rows(scan_trails(paths, Filter(), _warn), flt, window, directory)
     if reverse:
         rows.reverse()
     if limit is not None:
@@ -991,6 +1124,7 @@ def _public_key(config_path: Path, key_file: Path | None) -> Any:
     "Repeat for a trail signed by an older key too.",
 )
 @click.option("--path", "log_path", type=click.Path(path_type=Path), help="The trail's live file.")
+@_trail_option
 @click.pass_obj
 def verify_cmd(
     parent: Path | None,
@@ -998,12 +1132,21 @@ def verify_cmd(
     config_path: Path | None,
     key_files: tuple[Path, ...],
     log_path: Path | None,
+    trails: tuple[Path, ...],
 ) -> None:
     """Check the hash chain and every signed checkpoint: finds edits, deletions,
-    insertions, reordering, truncation and a whole trail rewritten without the key."""
+    insertions, reordering, truncation and a whole trail rewritten without the key.
+
+    With several nodes' trails (--trail), each node's chain is checked on its own and
+    reported on its own; --key NODE=FILE gives the key of one node."""
     from gatewayd.audit import verify
 
     path_cfg = config_path or parent
+    trails = (*click.get_current_context().meta.get(_TRAILS, ()), *trails)
+    if trails:
+        if log_path is not None:
+            trails = (log_path, *trails)
+        sys.exit(_verify_trails(path_cfg, trails, key_files))
     if path_cfg is None and (log_path is None or not key_files):
         raise click.UsageError("give --config PATH (or --path LOG --key FILE on another host)")
     if log_path is not None:
@@ -1038,6 +1181,80 @@ def verify_cmd(
             err=True,
         )
     sys.exit(1)
+
+
+def _verify_trails(
+    config_path: Path | None, given: tuple[Path, ...], key_files: tuple[Path, ...]
+) -> int:
+    """Verify each trail on its own; print one block per node; 0 if every one is intact.
+
+    Keys: ``--key NODE=FILE`` for that node's trail only; a plain ``--key FILE`` for any
+    trail; otherwise the key the config names for its own trail and the public key
+    gatewayd keeps beside each trail (``<trail>.pub``)."""
+    from gatewayd.audit import public_key_file, verify
+
+    for_node: dict[str, list[Any]] = {}
+    for_any: list[Any] = []
+    for entry in key_files:
+        node, sep, file = str(entry).partition("=")
+        if sep and node and "/" not in node and _valid_node(node):
+            for_node.setdefault(node, []).append(_public_key_only(Path(file)))
+        else:
+            for_any.append(_public_key_only(entry))
+    paths = trails_of(config_path, given)
+    config_trail = _path(config_path) if config_path is not None else None
+    failed = 0
+    for path in paths:
+        node = node_of(path)
+        label = f"node {printable(node)} ({path})"
+        keys = for_node.get(node, []) + for_any
+        if not keys:
+            if config_trail is not None and path == config_trail:
+                assert config_path is not None
+                keys = [_public_key(config_path, None)]
+            elif public_key_file(path).exists():
+                keys = [_public_key_only(public_key_file(path))]
+            else:
+                click.echo(
+                    f"{label}: FAIL: no key to check its checkpoints with (no "
+                    f"{public_key_file(path).name} beside it): give --key {node}=FILE",
+                    err=True,
+                )
+                failed += 1
+                continue
+        result = verify(path, keys)
+        for done in result.acknowledged:
+            click.echo(f"{label}: acknowledged: {printable(str(done))}")
+        cp = result.last_checkpoint
+        if cp is not None:
+            click.echo(
+                f"{label}: last verified checkpoint: seq {cp.seq} at {cp.ts}; "
+                f"{result.checkpoints} checkpoints verified, {result.unsigned} records after it"
+            )
+        if result.ok:
+            start = f" from seq {result.first_seq}" if result.first_seq > 1 else ""
+            click.echo(f"{label}: ok: {result.records} records{start}, chain intact")
+            continue
+        failed += 1
+        for problem in result.problems:
+            click.echo(f"{label}: FAIL: {printable(problem)}", err=True)
+        if any(p.gap for p in result.open):
+            click.echo(
+                f"{label}: a gap or re-anchor may be acknowledged, once looked into, with "
+                "`gw audit acknowledge --seq N --reason TEXT` against that node's config",
+                err=True,
+            )
+    if failed:
+        click.echo(f"{failed} of {len(paths)} trails failed verification", err=True)
+        return 1
+    click.echo(f"all {len(paths)} trails intact")
+    return 0
+
+
+def _valid_node(text: str) -> bool:
+    from relay.message import valid_id
+
+    return valid_id(text)
 
 
 def _public_key_only(key_file: Path) -> Any:
