@@ -11,6 +11,9 @@ See ``config.example.toml`` for every key with its default.
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -19,6 +22,20 @@ from typing import Any
 
 from relay.errors import ConfigError
 from relay.message import MODES, valid_id
+
+#: Where ``gatewayd``, ``gw admin`` and ``gw audit`` look when no ``--config`` is given
+#: (the systemd unit's place), unless ``GATEWAYD_CONFIG`` names another file.
+DEFAULT_PATH = Path("/etc/gatewayd/gatewayd.toml")
+ENV_VAR = "GATEWAYD_CONFIG"
+
+
+def default_path(given: Path | None = None) -> Path:
+    """The config file to read: ``given`` (``--config``), else ``$GATEWAYD_CONFIG``, else
+    :data:`DEFAULT_PATH`."""
+    if given is not None:
+        return given
+    env = os.environ.get(ENV_VAR)
+    return Path(env) if env else DEFAULT_PATH
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +208,17 @@ class ClusterSection:
     a kill) before telling the client or admin that node did not answer."""
 
 
+@dataclass(frozen=True, slots=True)
+class MetricsSection:
+    enabled: bool = False
+    """Serve Prometheus metrics, ``/healthz`` and ``/readyz`` on ``listen`` (plain HTTP:
+    keep it on loopback or a management network)."""
+    listen: tuple[str, int] = ("127.0.0.1", 9464)
+    """Address and port of the metrics listener (Prometheus' registered port for it)."""
+    cert_days: float = 14.0
+    """``/readyz`` fails when the server certificate expires within this many days."""
+
+
 DEFAULT_FACTORS = (("password",), ("totp",))
 
 
@@ -206,6 +234,7 @@ class Config:
     lockout: LockoutSection = field(default_factory=LockoutSection)
     enrollment: EnrollmentSection = field(default_factory=EnrollmentSection)
     e2e: E2ESection = field(default_factory=E2ESection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     cluster: ClusterSection | None = None
     """``[cluster]``; None: a node alone."""
     modes: Mapping[str, ModeSection] = field(default_factory=dict)
@@ -235,32 +264,99 @@ class ConfigHolder:
 # -- parsing ------------------------------------------------------------------------
 
 
-class _Table:
-    """Typed access to one TOML table that remembers its key path for errors."""
+class ConfigProblems(ConfigError):
+    """Every problem :func:`parse` found in one document, in the document's order of
+    tables; ``key`` is the first problem's, the message lists them all, one a line."""
 
-    def __init__(self, data: Mapping[str, Any], path: str, base: Path) -> None:
+    def __init__(self, problems: list[ConfigError], text: str) -> None:
+        first = problems[0]
+        super().__init__(first.key, str(first).removeprefix(f"{first.key}: "))
+        self.problems = problems
+        #: The line of the document that each problem's key is on (None: not there).
+        self.lines = [key_line(text, p.key) for p in problems]
+        self.args = ("\n".join(str(p) for p in problems),)
+
+
+_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
+_ASSIGN = re.compile(r"^\s*([A-Za-z0-9_\-\"'.]+?)\s*=")
+
+
+def key_line(text: str, key: str) -> int | None:
+    """The 1-based line that sets ``key`` (``table.sub.name``), else its table's header."""
+    if not key:
+        return None
+    wanted = key.split("[")[0]
+    table, header_line = "", None
+    for number, line in enumerate(text.splitlines(), 1):
+        header = _HEADER.match(line)
+        if header:
+            table = header.group(1).replace('"', "").replace(" ", "")
+            if header_line is None and wanted.startswith(table):
+                header_line = number if wanted == table or wanted.startswith(f"{table}.") else None
+            continue
+        assign = _ASSIGN.match(line)
+        if assign:
+            name = assign.group(1).replace('"', "").replace("'", "")
+            if (f"{table}.{name}" if table else name) == wanted:
+                return number
+    return header_line
+
+
+def _placeholder(kind: type | tuple[type, ...]) -> Any:
+    """A value of ``kind`` that stands in for a missing or wrong one while parsing goes on
+    to find the other problems (the document is refused in the end)."""
+    first = kind if isinstance(kind, type) else kind[0]
+    return first()
+
+
+class _Table:
+    """Typed access to one TOML table that remembers its key path for errors.
+
+    A problem is recorded (:meth:`problem`) and parsing goes on with the default or a
+    stand-in value, so that one run reports every problem of the document.
+    """
+
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        path: str,
+        base: Path,
+        problems: list[ConfigError] | None = None,
+    ) -> None:
         self.data = data
         self.path = path
         self.base = base
         self.used: set[str] = set()
+        self.problems: list[ConfigError] = [] if problems is None else problems
 
     def key(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
 
+    def problem(self, key: str, message: str) -> None:
+        self.add(ConfigError(key, message))
+
+    def add(self, exc: ConfigError) -> None:
+        """Record a problem raised elsewhere; one per key (the first says enough)."""
+        if not any(p.key == exc.key for p in self.problems):
+            self.problems.append(exc)
+
     def get(self, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
         self.used.add(name)
+        fallback = _placeholder(kind) if default is ... else default
         if name not in self.data:
             if default is ...:
-                raise ConfigError(self.key(name), "missing")
-            return default
+                self.problem(self.key(name), "missing")
+            return fallback
         value = self.data[name]
         if isinstance(value, bool) and kind in (int, float, (int, float)):
-            raise ConfigError(self.key(name), "expected a number")
+            self.problem(self.key(name), "expected a number")
+            return fallback
         if not isinstance(value, kind):
             names = (
                 kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             )
-            raise ConfigError(self.key(name), f"expected {names}, got {type(value).__name__}")
+            self.problem(self.key(name), f"expected {names}, got {type(value).__name__}")
+            return fallback
         return value
 
     def number(self, name: str, default: float, *, low: float, high: float) -> float:
@@ -268,30 +364,55 @@ class _Table:
         # TOML integers have no bound; one past float's range is out of range here too.
         value = float(number) if abs(number) < 2**63 else float("inf")
         if not low <= value <= high:
-            raise ConfigError(self.key(name), f"must be between {low:g} and {high:g}")
+            self.problem(self.key(name), f"must be between {low:g} and {high:g}")
+            return float(default)
         return value
 
     def integer(self, name: str, default: int, *, low: int, high: int) -> int:
         value: int = self.get(name, int, default)
         if not low <= value <= high:
-            raise ConfigError(self.key(name), f"must be between {low} and {high}")
+            self.problem(self.key(name), f"must be between {low} and {high}")
+            return default
         return value
 
     def path_(self, name: str, default: str | None = None) -> Path:
+        before = len(self.problems)
         value = self.get(name, str, ... if default is None else default)
+        if len(self.problems) > before:
+            return Path()
         if not value:
-            raise ConfigError(self.key(name), "must not be empty")
-        p = _expand(value, self.key(name))
+            self.problem(self.key(name), "must not be empty")
+            return Path()
+        try:
+            p = _expand(value, self.key(name))
+        except ConfigError as exc:
+            self.problems.append(exc)
+            return Path()
         return p if p.is_absolute() else (self.base / p)
+
+    def listen(self, name: str, default: str | None = None) -> tuple[str, int]:
+        """``HOST:PORT`` (:func:`parse_listen`)."""
+        before = len(self.problems)
+        value = self.get(name, str, ... if default is None else default)
+        if len(self.problems) > before:
+            return ("", 0)
+        try:
+            return parse_listen(value, self.key(name))
+        except ConfigError as exc:
+            self.problems.append(exc)
+            return ("", 0)
 
     def table(self, name: str) -> _Table:
         sub = self.get(name, dict, {})
-        return _Table(sub, self.key(name), self.base)
+        return _Table(sub, self.key(name), self.base, self.problems)
 
     def done(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise ConfigError(self.key(unknown[0]), "unknown key")
+        """Every key nobody asked for is a problem, with the nearest valid key for a typo."""
+        valid = sorted(self.used)
+        for name in sorted(set(self.data) - self.used):
+            near = difflib.get_close_matches(name, valid, n=1)
+            hint = f" (did you mean {self.key(near[0])!r}?)" if near else ""
+            self.problem(self.key(name), f"unknown key{hint}")
 
 
 def parse_listen(value: str, key: str = "gateway.listen") -> tuple[str, int]:
@@ -340,10 +461,22 @@ def parse(text: str, path: Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{path}: not valid TOML: {exc}") from exc
     root = _Table(data, "", path.parent.resolve())
+    try:
+        config: Config | None = _parse(root, path)
+    except ConfigError as exc:  # a check that stops at its first problem
+        root.add(exc)
+        config = None
+    if root.problems:
+        raise ConfigProblems(root.problems, text)
+    assert config is not None
+    return config
 
+
+def _parse(root: _Table, path: Path) -> Config:
+    """The sections of the document; each problem is recorded in ``root.problems``."""
     g = root.table("gateway")
     gateway = GatewaySection(
-        listen=parse_listen(g.get("listen", str)),
+        listen=g.listen("listen"),
         node_id=g.get("node_id", str, "gw1"),
         handshake_timeout=g.number("handshake_timeout", 10.0, low=1, high=300),
         reuse_port=g.get("reuse_port", bool, False),
@@ -378,9 +511,11 @@ def parse(text: str, path: Path) -> Config:
     uids = ad.get("allowed_uids", list, [])
     groups = ad.get("allowed_groups", list, [])
     if not all(isinstance(u, int) and not isinstance(u, bool) for u in uids):
-        raise ConfigError("admin.allowed_uids", "expected a list of numeric uids")
+        root.problem("admin.allowed_uids", "expected a list of numeric uids")
+        uids = []
     if not all(isinstance(gr, str) for gr in groups):
-        raise ConfigError("admin.allowed_groups", "expected a list of group names")
+        root.problem("admin.allowed_groups", "expected a list of group names")
+        groups = []
     admin = AdminSection(ad.path_("socket"), tuple(uids), tuple(groups))
     ad.done()
 
@@ -404,7 +539,7 @@ def parse(text: str, path: Path) -> Config:
     if lockout.decay_seconds <= lockout.max_seconds:
         # Else one guess per lock period is forgiven as fast as it is counted and an
         # attacker could go on guessing for ever without reaching hard_limit.
-        raise ConfigError("lockout.decay_seconds", "must be longer than lockout.max_seconds")
+        root.problem("lockout.decay_seconds", "must be longer than lockout.max_seconds")
     lo.done()
 
     en = root.table("enrollment")
@@ -417,6 +552,14 @@ def parse(text: str, path: Path) -> Config:
     ee = root.table("e2e")
     e2e = E2ESection(require_hybrid=ee.get("require_hybrid", bool, False))
     ee.done()
+
+    me = root.table("metrics")
+    metrics = MetricsSection(
+        enabled=me.get("enabled", bool, False),
+        listen=me.listen("listen", "127.0.0.1:9464"),
+        cert_days=me.number("cert_days", 14.0, low=0, high=3650),
+    )
+    me.done()
 
     cluster = _parse_cluster(root, gateway) if "cluster" in root.data else None
     if cluster is not None:
@@ -434,13 +577,23 @@ def parse(text: str, path: Path) -> Config:
     mt = root.table("modes")
     for name in list(mt.data):
         if name not in MODES:
-            raise ConfigError(f"modes.{name}", f"unknown mode (known: {', '.join(MODES)})")
+            mt.used.add(name)
+            near = difflib.get_close_matches(name, MODES, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            root.problem(f"modes.{name}", f"unknown mode (known: {', '.join(MODES)}{hint})")
+            continue
         m = mt.table(name)
-        steps = _factor_steps(m.get("factors", list), m.key("factors"))
+        try:
+            steps = _factor_steps(m.get("factors", list), m.key("factors"))
+        except ConfigError as exc:
+            root.add(exc)
+            steps = DEFAULT_FACTORS
         for step in steps:
             for factor in step:
                 if factor not in known:
-                    raise ConfigError(m.key("factors"), f"unknown factor {factor!r}")
+                    near = difflib.get_close_matches(factor, sorted(known), n=1)
+                    hint = f" (did you mean {near[0]!r}?)" if near else ""
+                    root.problem(m.key("factors"), f"unknown factor {factor!r}{hint}")
         modes[name] = ModeSection(
             factors=steps,
             max_session=m.number("max_session", 12 * 3600.0, low=60, high=7 * 86400),
@@ -462,13 +615,23 @@ def parse(text: str, path: Path) -> Config:
     auth: dict[str, dict[str, Any]] = {}
     for name, table in au.data.items():
         if name not in known:
-            raise ConfigError(f"auth.{name}", "unknown factor")
+            near = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean 'auth.{near[0]}'?)" if near else ""
+            root.problem(f"auth.{name}", f"unknown factor{hint}")
+            continue
         if not isinstance(table, dict):
-            raise ConfigError(f"auth.{name}", "expected a table")
-        auth[name] = _resolve_paths(table, root.base, f"auth.{name}")
+            root.problem(f"auth.{name}", "expected a table")
+            continue
+        try:
+            auth[name] = _resolve_paths(table, root.base, f"auth.{name}")
+        except ConfigError as exc:
+            root.add(exc)
     au.used.update(au.data)
     au.done()
-    _check_fido2(modes, auth)
+    try:
+        _check_fido2(modes, auth)
+    except ConfigError as exc:
+        root.add(exc)
 
     root.done()
     return Config(
@@ -483,6 +646,7 @@ def parse(text: str, path: Path) -> Config:
         enrollment=enrollment,
         e2e=e2e,
         cluster=cluster,
+        metrics=metrics,
         modes=modes,
         auth=auth,
     )

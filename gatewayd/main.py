@@ -1,40 +1,62 @@
-"""``gatewayd``: run the daemon, make a new one, check a config."""
+"""``gatewayd``: run the daemon, make a new one, check a config.
+
+Exit codes (docs/exit-codes.md, the same table as ``gw``'s):
+
+== ========================================================================
+0  success (the daemon stopped on SIGTERM; the config is valid)
+1  the daemon could not start or failed: the port is taken, another gatewayd
+   holds the state, TLS files do not load
+2  usage error (click's own)
+4  the config: missing, unreadable or invalid (every problem is listed)
+== ========================================================================
+"""
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
-import structlog
 
 from relay.aio import run
 from relay.errors import ConfigError, GatewayError
 
 from . import config as config_mod
 
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(format="%(message)s", stream=sys.stderr, level=level.upper())
-    structlog.configure(
-        processors=[
-            structlog.stdlib.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-    )
+EXIT_FAILED, EXIT_CONFIG = 1, 4
 
 
-@click.group(invoke_without_command=True)
+class ConfigFailure(click.ClickException):
+    """A config that cannot be used: exit 4, after its problems one a line."""
+
+    exit_code = EXIT_CONFIG
+
+
+def config_failure(path: Path, exc: ConfigError) -> NoReturn:
+    """Say every problem of the config at ``path`` (``file:line: key: what``) and exit 4."""
+    if not isinstance(exc, config_mod.ConfigProblems):
+        hint = ""
+        if not path.exists() and path == config_mod.DEFAULT_PATH:
+            hint = (
+                f" (give --config PATH, set {config_mod.ENV_VAR}, "
+                "or run `gatewayd init --dir DIR` first)"
+            )
+        raise ConfigFailure(f"config error: {exc}{hint}") from exc
+    for problem, line in zip(exc.problems, exc.lines, strict=True):
+        click.echo(f"{path}:{line}: {problem}" if line else f"{path}: {problem}", err=True)
+    count = len(exc.problems)
+    plural = "s" if count != 1 else ""
+    raise ConfigFailure(f"config error: {count} problem{plural} in {path}") from exc
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="gatewayd", prog_name="gatewayd", message="%(prog)s %(version)s")
 @click.option(
     "--config",
     "config_path",
     type=click.Path(path_type=Path),
-    help="Config file (TOML). Runs the daemon when no command is given.",
+    help=f"Config file (TOML); default ${config_mod.ENV_VAR} or {config_mod.DEFAULT_PATH}. "
+    "Runs the daemon when no command is given.",
 )
 @click.option(
     "--log-level",
@@ -42,19 +64,28 @@ def _setup_logging(level: str) -> None:
     type=click.Choice(["debug", "info", "warning", "error"]),
     show_default=True,
 )
+@click.option(
+    "--log-format",
+    default="auto",
+    type=click.Choice(["auto", "journal", "json"]),
+    show_default=True,
+    help="journal: syslog priority prefixes for the systemd journal; json: one object a "
+    "line; auto: journal when standard error is the journal (JOURNAL_STREAM).",
+)
 @click.pass_context
-def main(ctx: click.Context, config_path: Path | None, log_level: str) -> None:
-    """The gateway daemon: `gatewayd --config PATH` runs it."""
+def main(ctx: click.Context, config_path: Path | None, log_level: str, log_format: str) -> None:
+    """The gateway daemon: `gatewayd [--config PATH]` runs it."""
     ctx.obj = config_path
     if ctx.invoked_subcommand is not None:
         return
-    if config_path is None:
-        raise click.UsageError("give --config PATH (or run `gatewayd init --dir DIR` first)")
-    _setup_logging(log_level)
+    from .logs import setup
+
+    setup(log_level, fmt=log_format)
+    path = config_mod.default_path(config_path)
     try:
-        cfg = config_mod.load(config_path)
+        cfg = config_mod.load(path)
     except ConfigError as exc:
-        raise click.ClickException(f"config error: {exc}") from exc
+        config_failure(path, exc)
     from .malloc import return_big_blocks
     from .server import serve
 
@@ -66,17 +97,21 @@ def main(ctx: click.Context, config_path: Path | None, log_level: str) -> None:
 
 
 @main.command("check-config")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help=f"Default ${config_mod.ENV_VAR} or {config_mod.DEFAULT_PATH}.",
+)
 @click.pass_obj
 def check_config(parent: Path | None, config_path: Path | None) -> None:
-    """Validate a config file: exit 0, or print the key at fault and exit 1."""
-    path = config_path or parent
-    if path is None:
-        raise click.UsageError("give --config PATH")
+    """Validate a config file: exit 0, or list every problem (file:line: key: what), exit 4."""
+    path = config_mod.default_path(config_path or parent)
     try:
         cfg = config_mod.load(path)
     except ConfigError as exc:
-        raise click.ClickException(f"config error: {exc}") from exc
+        config_failure(path, exc)
     missing = [
         str(p)
         for p in (
@@ -89,11 +124,11 @@ def check_config(parent: Path | None, config_path: Path | None) -> None:
         if not p.exists()
     ]
     if missing:
-        raise click.ClickException(f"config error: files not found: {', '.join(missing)}")
+        raise ConfigFailure(f"config error: files not found: {', '.join(missing)}")
     try:
         unfilled = config_mod.check_factor_files(cfg)  # [auth.smartcard] anchors, CRLs
     except ConfigError as exc:
-        raise click.ClickException(f"config error: {exc}") from exc
+        raise ConfigFailure(f"config error: {exc}") from exc
     for warning in unfilled:
         click.echo(f"warning: {warning}", err=True)
     _warn_unusable_fido2(cfg)

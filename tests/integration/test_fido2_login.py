@@ -296,10 +296,10 @@ def test_init_writes_fido2_policy_and_check_config_validates_it(world: World) ->
     bad = lab.config.with_name("no-rp-id.toml")
     bad.write_text(text.replace('rp_id = "localhost"', ""))
     result = lab.run("gatewayd", "check-config", "--config", str(bad), check=False)
-    assert result.returncode == 1 and "auth.fido2.rp_id: required" in result.stderr
+    assert result.returncode == 4 and "auth.fido2.rp_id: required" in result.stderr
     bad.write_text(text.replace('rp_id = "localhost"', 'rp_id = "localhost"\nuser_verify = "x"'))
     result = lab.run("gatewayd", "check-config", "--config", str(bad), check=False)
-    assert result.returncode == 1 and "auth.fido2.user_verify: unknown key" in result.stderr
+    assert result.returncode == 4 and "auth.fido2.user_verify: unknown key" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -169,7 +169,7 @@ def test_sighup_reaches_the_plugin_and_a_broken_plugin_leaves_the_daemon_up(
     assert "AFTER THE RELOAD" in stdout
 
     check = lab.run("gatewayd", "check-config", "--config", str(lab.config), check=False)
-    assert check.returncode == 1
+    assert check.returncode == 4  # a config problem (docs/exit-codes.md)
     assert "auth factor 'brokenpin' (gw_broken_factor:FACTOR from gw-broken-factor)" in (
         check.stderr
     )

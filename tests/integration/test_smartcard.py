@@ -298,7 +298,7 @@ def test_init_and_check_config(office: HomeOffice, tmp_path: Path) -> None:
         )
     )
     result = check()
-    assert result.returncode == 1
+    assert result.returncode == 4  # a config problem (docs/exit-codes.md)
     assert result.stderr.strip() == (
         "Error: config error: auth.smartcard.trust_anchors: cannot read "
         f"{fresh}/pki/root-ca.pem: No such file or directory (needed by modes.homeoffice)"
@@ -307,7 +307,7 @@ def test_init_and_check_config(office: HomeOffice, tmp_path: Path) -> None:
     (fresh / "pki" / "root-ca.pem").write_bytes(office.pki.root.pem)
     (fresh / "pki" / "root.crl").write_text("not a CRL\n")
     result = check()
-    assert result.returncode == 1
+    assert result.returncode == 4
     assert result.stderr.strip() == (
         f"Error: config error: auth.smartcard.crl_files: {fresh}/pki/root.crl: not a CRL file "
         "(needed by modes.homeoffice)"

@@ -245,7 +245,7 @@ def test_check_config_names_the_key(world: World) -> None:
     text = world.lab.config.read_text()
     bad.write_text(text.replace(f'listen = "{world.lab.gateway}"', 'listen = "127.0.0.1:99999"'))
     result = world.lab.run("gatewayd", "check-config", "--config", str(bad), check=False)
-    assert result.returncode == 1 and "gateway.listen" in result.stderr
+    assert result.returncode == 4 and "gateway.listen" in result.stderr
     good = world.lab.run("gatewayd", "check-config", "--config", str(world.lab.config))
     assert good.stdout.strip().endswith(": ok")
 
