@@ -36,7 +36,7 @@ from . import card, directory, fido2_registration, grant
 from .audit import AuditLog
 from .broker import Broker
 from .config import Config
-from .event import AdminChanged, AdminRefused
+from .event import AdminChanged, AdminRefused, AuditAcknowledged, Event
 from .operation import Admin, Operation, arg_id, arg_text
 from .operation import AdminError as AdminError  # gw admin's client side catches it
 from .store import Store, StoreError
@@ -59,6 +59,10 @@ class AdminServer:
     def config(self) -> Config:
         """The config in force: the broker's holder, which SIGHUP updates for every part."""
         return self.broker.holder.current
+
+    async def record(self, event: Event) -> int:
+        """Publish a durable event on the bus every part shares (audit first, then metrics)."""
+        return await self.broker.bus.record(event)
 
     def allowed(self, uid: int, name: str) -> bool:
         import grp  # POSIX only: gw imports this module on every platform
@@ -375,13 +379,14 @@ async def _audit_acknowledge(s: Admin, args: dict[str, Any], by: str) -> Any:
             )
         raise AdminError(f"seq {seq}: verify reports no unacknowledged gap or re-anchor there")
     problem = gaps[0]
-    record = await s.audit.record(
-        audit_mod.ACKNOWLEDGED,
-        by=by,
-        acknowledged_seq=seq,
-        acknowledged_hash=problem.hash,
-        problem=str(problem),
-        reason=reason,
+    record = await s.record(
+        AuditAcknowledged(
+            by=by,
+            acknowledged_seq=seq,
+            acknowledged_hash=problem.hash,
+            problem=str(problem),
+            reason=reason,
+        )
     )
     return {"seq": seq, "problem": str(problem), "record": record}
 

@@ -84,7 +84,7 @@ class Broker:
         self.accepting = True
         self.tasks: set[asyncio.Task[Any]] = set()
         #: connection.rejected records, bounded per source (a flood cannot fill the disk).
-        self.rejections = RejectionLog(audit)
+        self.rejections = RejectionLog(self.bus)
         holder, bus, clock_ = self.holder, self.bus, self.clock
         self.login = Login(holder, store, bus, clock_)
         self.access = Access(holder, store, clock_)

@@ -28,6 +28,7 @@ skipped: metrics must not end a session.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -276,7 +277,144 @@ class AdminRefused(Event):
     uid: int
 
 
+@dataclass(frozen=True, slots=True)
+class AuditAcknowledged(Event):
+    """An operator looked into a gap or re-anchor that verify reports (``gw audit acknowledge``)."""
+
+    NAME = "audit.acknowledged"
+    DURABLE = True
+    by: str
+    acknowledged_seq: int
+    acknowledged_hash: str | None
+    problem: str
+    reason: str
+
+
+# -- security keys ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Fido2Registered(Event):
+    """A registration code was presented to add a security key (``outcome`` says how it went)."""
+
+    NAME = "fido2.register"
+    DURABLE = True
+    user: str
+    method: str
+    source: str
+    outcome: str
+    reason: str
+    detail: Mapping[str, Any] = field(default_factory=dict, metadata=SPREAD)
+    """On success the key's fields (``key_id``, ``key_name``, ``aaguid``...)."""
+
+
+# -- refusals before a role (bounded by gatewayd.rejection.RejectionLog) ----------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRejected(Event):
+    """A connection turned away before it had a role (TLS, junk, an oversized frame...)."""
+
+    NAME = "connection.rejected"
+    source: str
+    code: str
+    message: str
+    detail: Mapping[str, Any] = field(default_factory=dict, metadata=SPREAD)
+
+
+@dataclass(frozen=True, slots=True)
+class RejectionsSummarised(Event):
+    """The rejections of one source and interval that had no record of their own."""
+
+    NAME = "connection.rejected.summary"
+    source: str
+    count: int
+    codes: Mapping[str, int]
+    first: str
+    last: str
+    interval: float
+    recorded: int
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRejected(Event):
+    NAME = "agent.rejected"
+    source: str
+    reason: str
+    detail: Mapping[str, Any] = field(default_factory=dict, metadata=SPREAD)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRateLimited(Event):
+    NAME = "auth.rate_limited"
+    OMIT_IF_NONE = frozenset({"session", "limit"})
+    source: str
+    user: str
+    session: str | None = None
+    limit: str | None = None
+    """Which limit: ``source`` or ``user``."""
+    detail: Mapping[str, Any] = field(default_factory=dict, metadata=SPREAD)
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelWithoutSession(Event):
+    """A tunnel asked for under a session this node does not know (or that ended)."""
+
+    NAME = "tunnel.refused"
+    source: str
+    reason: str
+    detail: Mapping[str, Any] = field(default_factory=dict, metadata=SPREAD)
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollRateLimited(Event):
+    """An enrollment refused before its token was looked at (too many failures)."""
+
+    NAME = "agent.enroll"
+    source: str
+    outcome: str
+    reason: str
+    detail: Mapping[str, Any] = field(default_factory=dict, metadata=SPREAD)
+
+
+# -- the daemon -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayStarted(Event):
+    NAME = "gateway.start"
+    DURABLE = True
+    listen: str
+    config: str
+    version: int
+    tls_keylog: bool
+    reuse_port: bool
+    pid: int
+    detail: Mapping[str, Any] = field(default_factory=dict, metadata=SPREAD)
+    """What else start-up says (a cluster node's fields)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayStopped(Event):
+    NAME = "gateway.stop"
+    DURABLE = True
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayReloaded(Event):
+    """SIGHUP: ``needs_restart`` on success, ``reason`` on failure."""
+
+    NAME = "gateway.reload"
+    OMIT_IF_NONE = frozenset({"reason", "needs_restart"})
+    outcome: str
+    reason: str | None = None
+    needs_restart: list[str] | None = None
+
+
 Subscriber = Callable[[Event], None]
+#: Told how long each audit write took and, for a durable event, the wait for the disk.
+AuditTiming = Callable[[float, "float | None"], None]
 
 
 class EventBus:
@@ -285,24 +423,41 @@ class EventBus:
     def __init__(self, audit: AuditLog) -> None:
         self.audit = audit
         self._subscribers: list[Subscriber] = []
+        self._timings: list[AuditTiming] = []
 
     def subscribe(self, subscriber: Subscriber) -> None:
         self._subscribers.append(subscriber)
+
+    def time_audit(self, observer: AuditTiming) -> None:
+        """Tell ``observer`` the audit write (and commit) time of every event (metrics)."""
+        self._timings.append(observer)
 
     def publish(self, event: Event) -> int:
         """Publish a non-durable event now; its audit record's sequence number."""
         if event.DURABLE:
             raise TypeError(f"{event.NAME} is durable: publish it with `await bus.record()`")
+        start = time.perf_counter()
         seq = self.audit.write(event.NAME, **event.record())
+        self._timed(time.perf_counter() - start, None)
         self._deliver(event)
         return seq
 
     async def record(self, event: Event) -> int:
         """Publish an event and return once its audit record is on disk."""
+        start = time.perf_counter()
         seq = self.audit.write(event.NAME, **event.record())
+        written = time.perf_counter()
         await self.audit.commit(seq)
+        self._timed(written - start, time.perf_counter() - written)
         self._deliver(event)
         return seq
+
+    def _timed(self, write: float, commit: float | None) -> None:
+        for observer in self._timings:
+            try:
+                observer(write, commit)
+            except Exception:
+                log.exception("audit timing observer failed")
 
     async def flush(self) -> None:
         """Wait until every event published so far is on disk."""

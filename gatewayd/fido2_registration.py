@@ -43,6 +43,7 @@ from relay.aio import ConnectionClosed, FramedLink
 from relay.errors import AuthError, ConfigError, RemoteError
 
 from .config import Config
+from .event import Fido2Registered
 from .login import source_key
 from .operation import Admin, AdminError, arg_id, arg_text
 
@@ -117,7 +118,9 @@ async def serve_registration(broker: Broker, link: FramedLink, hello: m.Register
     fields: dict[str, Any] = {"user": hello.user, "method": hello.method, "source": link.peer}
 
     async def refuse(reason: str, code: str, message: str, **detail: Any) -> None:
-        await audit.record(EVENT, **fields, outcome="failure", reason=reason, **detail)
+        await broker.bus.record(
+            Fido2Registered(**fields, outcome="failure", reason=reason, detail=detail)
+        )
         link.send_error(code, message)
 
     if audit.failure is not None:
@@ -174,8 +177,10 @@ async def serve_registration(broker: Broker, link: FramedLink, hello: m.Register
         response = await link.expect(m.AuthResponse)
     except (ConnectionClosed, RemoteError) as exc:
         # The person gave up, the key timed out, gw could not find the key: on the record.
-        await audit.record(
-            EVENT, **fields, outcome="failure", reason=f"no answer from the client ({exc.code})"
+        await broker.bus.record(
+            Fido2Registered(
+                **fields, outcome="failure", reason=f"no answer from the client ({exc.code})"
+            )
         )
         return
     assert isinstance(response, m.AuthResponse)
@@ -212,18 +217,21 @@ async def serve_registration(broker: Broker, link: FramedLink, hello: m.Register
     if not stored:  # nothing awaits since the read: only another process could get here
         await refuse("credential changed meanwhile; try again", "auth_failed", _GENERIC)
         return
-    await audit.record(
-        EVENT,
-        **fields,
-        outcome="success",
-        reason="ok",
-        key_id=key["id"],
-        key_name=key["name"],
-        aaguid=key["aaguid"],
-        attestation=key["attestation"],
-        attestation_verified=key["attestation_verified"],
-        user_verified=key["user_verified"],
-        keys=len(new_record["credentials"]),
+    await broker.bus.record(
+        Fido2Registered(
+            **fields,
+            outcome="success",
+            reason="ok",
+            detail={
+                "key_id": key["id"],
+                "key_name": key["name"],
+                "aaguid": key["aaguid"],
+                "attestation": key["attestation"],
+                "attestation_verified": key["attestation_verified"],
+                "user_verified": key["user_verified"],
+                "keys": len(new_record["credentials"]),
+            },
+        )
     )
     shown = ("id", "name", "aaguid", "attestation", "user_verified", "added")
     link.send(m.Registered(METHOD, {k: key[k] for k in shown}))

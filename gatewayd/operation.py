@@ -20,6 +20,7 @@ from relay.message import valid_id
 
 from .audit import AuditLog
 from .config import Config
+from .event import Event
 from .store import Store
 
 
@@ -61,6 +62,10 @@ class Admin(Protocol):
     def now(self) -> float: ...
 
     async def changed(self, by: str, op_name: str, **fields: Any) -> None: ...
+
+    async def record(self, event: Event) -> int:
+        """Publish a durable event on the daemon's bus; its audit record's sequence number."""
+        ...
 
 
 Operation = Callable[[Admin, dict[str, Any], str], Awaitable[Any]]

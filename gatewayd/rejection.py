@@ -14,11 +14,17 @@ dropped: a summary is written when its interval is over (at the next rejection
 or the next :meth:`RejectionLog.flush_due`), when the table of sources is full
 (the oldest goes first), and at shutdown (:meth:`RejectionLog.flush_all`).
 
+Each record is a typed event (:mod:`gatewayd.event`) published on the daemon's
+:class:`~gatewayd.event.EventBus`: ``refuse`` names the refusal (``agent.rejected``,
+``auth.rate_limited``...) and :data:`REFUSALS` gives its event class, so the audit
+writer and the metrics see the same thing.
+
 Time is a parameter (``now``), so the tests need no clock.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,6 +33,16 @@ from typing import Any
 import structlog
 
 from .audit import AuditError, AuditLog, now_rfc3339
+from .event import (
+    AgentRejected,
+    AuthRateLimited,
+    ConnectionRejected,
+    EnrollRateLimited,
+    Event,
+    EventBus,
+    RejectionsSummarised,
+    TunnelWithoutSession,
+)
 
 log = structlog.get_logger("gatewayd.rejection")
 
@@ -40,6 +56,14 @@ TOTAL_PER_INTERVAL = 600
 #: Sources tracked at once; past this the oldest interval is summarised early. Bounds
 #: memory under a spread-out flood (about 200 bytes each).
 MAX_SOURCES = 10_000
+
+#: The refusals before a role, by record name: the event each one is.
+REFUSALS: dict[str, type[Event]] = {
+    "agent.rejected": AgentRejected,
+    "auth.rate_limited": AuthRateLimited,
+    "tunnel.refused": TunnelWithoutSession,
+    "agent.enroll": EnrollRateLimited,
+}
 
 
 def source_host(source: str) -> str:
@@ -78,14 +102,14 @@ class RejectionLog:
 
     def __init__(
         self,
-        audit: AuditLog,
+        bus: EventBus | AuditLog,
         *,
         per_interval: int = PER_INTERVAL,
         interval: float = INTERVAL,
         max_sources: int = MAX_SOURCES,
         total_per_interval: int = TOTAL_PER_INTERVAL,
     ) -> None:
-        self.audit = audit
+        self.bus = bus if isinstance(bus, EventBus) else EventBus(bus)
         self.per_interval = per_interval
         self.interval = interval
         self.max_sources = max_sources
@@ -97,12 +121,24 @@ class RejectionLog:
 
     def reject(self, source: str, code: str, message: str, now: float, **fields: Any) -> None:
         """One connection from ``source`` was turned away with ``code``."""
-        self.refuse("connection.rejected", source, code, now, code=code, message=message, **fields)
+        self._admit(
+            ConnectionRejected(source=source, code=code, message=message, detail=fields), code, now
+        )
 
     def refuse(self, event: str, source: str, kind: str, now: float, **fields: Any) -> None:
         """Record ``event`` for an unauthenticated peer, within the bounds; ``kind`` is what
         a summary counts it as (``tls``, ``rate_limited``...)."""
+        cls = REFUSALS[event]
+        named = {f.name for f in dataclasses.fields(cls)} - {"detail"}
+        given = {k: v for k, v in fields.items() if k in named}
+        detail = {k: v for k, v in fields.items() if k not in named}
+        build: Any = cls  # each refusal class takes source, its own fields and detail
+        self._admit(build(source=source, detail=detail, **given), kind, now)
+
+    def _admit(self, event: Event, kind: str, now: float) -> None:
+        """Publish ``event`` within the bounds, or count it for the summary."""
         self.flush_due(now)
+        source: str = getattr(event, "source")  # noqa: B009 - every refusal has one
         host = source_key(source)
         if now >= self._total_start + self.interval:
             self._total_start, self._total = now, 0
@@ -116,7 +152,7 @@ class RejectionLog:
         if window.seen <= self.per_interval and self._total < self.total_per_interval:
             self._total += 1
             window.recorded += 1
-            self._write(event, source=source, **fields)
+            self._write(event)
             return
         if not window.suppressed:
             window.first = now
@@ -148,19 +184,25 @@ class RejectionLog:
         if not window.suppressed:
             return
         self._write(
-            "connection.rejected.summary",
-            source=host,
-            count=window.suppressed,
-            codes=dict(sorted(window.codes.items())),
-            first=now_rfc3339(window.first),
-            last=now_rfc3339(window.last),
-            interval=self.interval,
-            recorded=window.recorded,
+            RejectionsSummarised(
+                source=host,
+                count=window.suppressed,
+                codes=dict(sorted(window.codes.items())),
+                first=now_rfc3339(window.first),
+                last=now_rfc3339(window.last),
+                interval=self.interval,
+                recorded=window.recorded,
+            )
         )
 
-    def _write(self, event: str, **fields: Any) -> None:
+    def _write(self, event: Event) -> None:
         try:
-            self.audit.write(event, **fields)
+            self.bus.publish(event)
         except AuditError as exc:
             # The audit log's failure refuses new sessions; say here what was not recorded.
-            log.error("cannot record a rejected connection", error=str(exc), record=event, **fields)
+            log.error(
+                "cannot record a rejected connection",
+                error=str(exc),
+                record=event.NAME,
+                **event.record(),
+            )

@@ -29,11 +29,14 @@ from relay.protocol import Side
 from relay.tls import server_context
 
 from . import config as config_mod
+from . import metrics as metrics_mod
 from . import systemd
 from .admin import AdminServer
 from .audit import AuditLog, open_audit_log
 from .broker import Broker
 from .config import Config, ConfigHolder
+from .event import GatewayReloaded, GatewayStarted, GatewayStopped
+from .logs import log_failed_logins
 from .store import Store, load_secrets_key
 
 log = structlog.get_logger("gatewayd")
@@ -131,15 +134,24 @@ class Gateway:
         acceptor = loop.create_task(accept_loop(self, sock, broker, audit))
         summaries = loop.create_task(_summaries(broker))
         await admin.start()
+        broker.bus.subscribe(log_failed_logins)  # one warning line per failed login
+        metrics = await metrics_mod.start(
+            self.holder,
+            broker.bus,
+            accepting=lambda: broker.accepting and not self.stopping.is_set(),
+            audit=audit,
+            store_ping=lambda: store.org_exists(""),
+        )
         bound = sock.getsockname()
-        await audit.record(
-            "gateway.start",
-            listen=f"{bound[0]}:{bound[1]}",
-            config=str(cfg.path),
-            version=1,
-            tls_keylog=bool(keylog),
-            reuse_port=cfg.gateway.reuse_port,
-            pid=os.getpid(),
+        await broker.bus.record(
+            GatewayStarted(
+                listen=f"{bound[0]}:{bound[1]}",
+                config=str(cfg.path),
+                version=1,
+                tls_keylog=bool(keylog),
+                reuse_port=cfg.gateway.reuse_port,
+                pid=os.getpid(),
+            )
         )
         for sig, handler in (
             (signal.SIGTERM, self.stopping.set),
@@ -159,13 +171,15 @@ class Gateway:
             acceptor.cancel()
             sock.close()
             await admin.close()
+            if metrics is not None:
+                await metrics.close()
             await broker.drain(DRAIN_TIMEOUT)
             if dog is not None:
                 dog.cancel()
             summaries.cancel()
             broker.rejections.flush_all()  # nothing counted is left off the record
             with contextlib.suppress(GatewayError):
-                await audit.record("gateway.stop", reason="signal")
+                await broker.bus.record(GatewayStopped(reason="signal"))
             await audit.close()
             store.close()
             os.close(state_lock)
@@ -178,7 +192,7 @@ class Gateway:
             ctx = self.load_tls(new)
         except GatewayError as exc:
             log.error("reload failed; keeping the running config", error=str(exc))
-            audit.write("gateway.reload", outcome="failure", reason=str(exc))
+            broker.bus.publish(GatewayReloaded(outcome="failure", reason=str(exc)))
             systemd.notify("READY=1")
             return
         old = self.config
@@ -195,10 +209,12 @@ class Gateway:
                 ("store", old.store, new.store),
                 ("audit", old.audit, new.audit),
                 ("admin", old.admin, new.admin),
+                ("metrics.listen", old.metrics.listen, new.metrics.listen),
+                ("metrics.enabled", old.metrics.enabled, new.metrics.enabled),
             )
             if a != b
         ]
-        audit.write("gateway.reload", outcome="success", needs_restart=fixed)
+        broker.bus.publish(GatewayReloaded(outcome="success", needs_restart=fixed))
         self.reloads += 1
         systemd.notify("READY=1")
 
