@@ -27,7 +27,7 @@ import structlog
 from auth import password as password_factor
 from auth import registry, totp
 from relay.approval import peer_user
-from relay.errors import ConfigError
+from relay.errors import ConfigError, GatewayError
 from relay.message import MODES, valid_id
 from relay.text import is_printable
 
@@ -342,7 +342,11 @@ async def _sessions_list(s: Admin, args: dict[str, Any], by: str) -> Any:
 
 async def _sessions_kill(s: Admin, args: dict[str, Any], by: str) -> Any:
     sid = arg_text(args, "session")
-    if not s.broker.kill_session(sid, f"killed by {by}"):
+    try:  # the session may be held by another node of a cluster
+        killed = await s.broker.end_session(sid, f"killed by {by}")
+    except GatewayError as exc:
+        raise AdminError(str(exc)) from exc
+    if not killed:
         raise AdminError(f"no live session {sid!r}")
     await s.changed(by, "sessions.kill", session=sid)
     return {"session": sid}
@@ -357,6 +361,7 @@ async def _status(s: Admin, args: dict[str, Any], by: str) -> Any:
         # Rejected connections counted towards a summary record not written yet.
         "rejections_pending": s.broker.rejections_pending(),
         "modes": {m: [list(step) for step in s.config.mode(m).factors] for m in MODES},
+        **({"cluster": cluster} if (cluster := s.broker.cluster_status()) is not None else {}),
     }
 
 

@@ -40,6 +40,8 @@ class AgentConn:
     targets: frozenset[str]
     since: float
     source: str
+    unreachable: str = ""
+    """Always reachable: this node holds the connection (see ``SessionDirectory.locate``)."""
 
 
 def _cn(cert: x509.Certificate) -> str:

@@ -98,7 +98,7 @@ class Broker:
             on_dial_failed=self.dials.fail,
             on_approval=self.approvals.answer,
         )
-        self.sessions = SessionDirectory(self.agents)
+        self.sessions = self._directory(config)
         self.clients = Sessions(
             holder,
             store,
@@ -131,6 +131,25 @@ class Broker:
             ca_key=self.ca_key,
             ca_cert=self.ca_cert,
         )
+
+    def _directory(self, config: Config) -> SessionDirectory:
+        """Alone: this node's agents and sessions; with ``[cluster]``: every node's."""
+        if config.cluster is None:
+            return SessionDirectory(self.agents)
+        from .cluster import ClusterDirectory  # aiomqtt only where there is a cluster
+
+        return ClusterDirectory(
+            self.agents,
+            config.cluster,
+            events=self.bus,
+            dials=self.dials,
+            approvals=self.approvals,
+            revalidate=self.revalidate,
+        )
+
+    async def start(self) -> None:
+        """Join the cluster, if there is one."""
+        await self.sessions.start()
 
     @property
     def config(self) -> Config:
@@ -228,6 +247,14 @@ class Broker:
     def session_rows(self) -> list[dict[str, Any]]:
         return self.sessions.rows()
 
+    async def end_session(self, sid: str, reason: str) -> bool:
+        """End a live session on whichever node holds it; False when none does."""
+        return await self.sessions.end_anywhere(sid, reason)
+
+    def cluster_status(self) -> dict[str, Any] | None:
+        """The cluster as this node sees it (None for a node alone)."""
+        return self.sessions.status()
+
     def session_count(self) -> int:
         return len(self.sessions)
 
@@ -256,3 +283,4 @@ class Broker:
         deadline = time.monotonic() + 2.0
         while (self.sessions or self.tasks) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+        await self.sessions.close()

@@ -115,13 +115,15 @@ class Gateway:
                 "you are debugging on purpose.",
                 sslkeylogfile=keylog,
             )
-        # One process per state database and audit log, before either is touched.
+        # One process per state database and audit log, before either is touched (the
+        # nodes of a cluster share the database; each keeps an audit log of its own).
         cfg.store.path.parent.mkdir(parents=True, exist_ok=True)
-        state_lock = lock_file(cfg.store.path, "the state database")
+        state_lock = lock_file(cfg.store.path, "the state database") if cfg.cluster is None else -1
         try:
             audit = open_audit_log(cfg)
         except GatewayError:
-            os.close(state_lock)
+            if state_lock >= 0:
+                os.close(state_lock)
             raise
         store = Store(cfg.store.path, load_secrets_key(cfg.store.secrets_key_file))
         audit.start()
@@ -132,6 +134,12 @@ class Gateway:
         host, port = cfg.gateway.listen
         sock = bind(host, port, cfg.gateway.reuse_port)
         acceptor = loop.create_task(accept_loop(self, sock, broker, audit))
+        # A node's own port for the data connections agents dial for its clients.
+        data_listen = cfg.cluster.data_listen if cfg.cluster is not None else None
+        data_sock = bind(*data_listen, reuse_port=False) if data_listen is not None else None
+        data_acceptor = (
+            loop.create_task(accept_loop(self, data_sock, broker, audit)) if data_sock else None
+        )
         summaries = loop.create_task(_summaries(broker))
         await admin.start()
         broker.bus.subscribe(log_failed_logins)  # one warning line per failed login
@@ -142,6 +150,7 @@ class Gateway:
             audit=audit,
             store_ping=lambda: store.org_exists(""),
         )
+        await broker.start()  # the cluster bus, with [cluster]
         bound = sock.getsockname()
         await broker.bus.record(
             GatewayStarted(
@@ -170,6 +179,9 @@ class Gateway:
             log.info("gatewayd stopping")
             acceptor.cancel()
             sock.close()
+            if data_acceptor is not None and data_sock is not None:
+                data_acceptor.cancel()
+                data_sock.close()
             await admin.close()
             if metrics is not None:
                 await metrics.close()
@@ -182,7 +194,8 @@ class Gateway:
                 await broker.bus.record(GatewayStopped(reason="signal"))
             await audit.close()
             store.close()
-            os.close(state_lock)
+            if state_lock >= 0:
+                os.close(state_lock)
 
     async def reload(self, broker: Broker, audit: AuditLog) -> None:
         """SIGHUP: re-read config and certificates; live tunnels are untouched."""

@@ -18,7 +18,7 @@ import contextlib
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from auth.base import b64d, b64e
 from relay import message as m
@@ -27,7 +27,7 @@ from relay.errors import ProtocolError, RemoteError
 
 from . import policy
 from .access import NO_PQ_KEY, Access
-from .agent import AgentConn, Agents
+from .agent import Agents
 from .clock import Clock
 from .config import Config, ConfigHolder
 from .event import (
@@ -84,8 +84,24 @@ class Session:
             self.ended.set()
 
 
+class AgentPlace(Protocol):
+    """Where an agent is, as the session directory answers: its targets, and why it
+    cannot be reached now though it is online ("" when it can)."""
+
+    @property
+    def targets(self) -> frozenset[str]: ...
+
+    @property
+    def unreachable(self) -> str: ...
+
+
 class SessionDirectory:
-    """Live sessions (by id and by tunnel ticket) and where their agents are."""
+    """Live sessions (by id and by tunnel ticket) and where their agents are.
+
+    Alone, a node's agents are its own (:class:`gatewayd.agent.Agents`); in a cluster
+    :class:`gatewayd.cluster.ClusterDirectory` answers the same questions for the
+    agents and sessions of every node.
+    """
 
     def __init__(self, agents: Agents) -> None:
         self.agents = agents
@@ -120,13 +136,35 @@ class SessionDirectory:
     def __len__(self) -> int:
         return len(self.by_id)
 
-    def locate(self, agent_id: str) -> AgentConn | None:
+    def locate(self, agent_id: str) -> AgentPlace | None:
         """Where this agent is: its control connection, or None when it is offline."""
         return self.agents.get(agent_id)
 
     def ask_to_dial(self, agent_id: str, dial: m.Dial) -> bool:
-        """Ask the node that holds the agent to have it dial; False when it is offline."""
+        """Ask the node that holds the agent to have it dial; False when it is offline.
+
+        Raises ProtocolError if the agent's connection is going away, and
+        :class:`relay.errors.GatewayError` (with what failed) when its node cannot be asked."""
         return self.agents.send(agent_id, dial)
+
+    def send_to_agent(self, agent_id: str, msg: m.Approve | m.Notice) -> bool:
+        """Send an approval request or a session notice to the agent, wherever it is held;
+        False when it is offline. Raises ProtocolError if its connection is going away."""
+        return self.agents.send(agent_id, msg)
+
+    async def end_anywhere(self, sid: str, reason: str) -> bool:
+        """End a live session held by any node; False when no node holds it."""
+        return self.end(sid, reason)
+
+    async def start(self) -> None:
+        """Join the cluster (nothing to do for a node alone)."""
+
+    async def close(self) -> None:
+        """Leave the cluster (nothing to do for a node alone)."""
+
+    def status(self) -> dict[str, Any] | None:
+        """The cluster as this node sees it; None for a node alone."""
+        return None
 
     def rows(self) -> list[dict[str, Any]]:
         """What ``gw admin sessions list`` shows of each live session."""
@@ -263,6 +301,10 @@ class Sessions:
             self.bus.publish(SessionRefused(**context, reason="agent offline"))
             link.send_error("agent_offline", f"agent {hello.agent} is not connected")
             return
+        if online.unreachable:
+            self.bus.publish(SessionRefused(**context, reason=online.unreachable))
+            link.send_error("unavailable", online.unreachable)
+            return
         if hello.target not in online.targets:
             self.bus.publish(SessionRefused(**context, reason="target unknown"))
             link.send_error("target_unknown", f"agent {hello.agent} has no target {hello.target}")
@@ -273,7 +315,7 @@ class Sessions:
             return
         approved_by = ""
         if decision.needs_approval:
-            answer = await self.ask_approval(link, online, hello, sid, client_key, context)
+            answer = await self.ask_approval(link, hello, sid, client_key, context)
             if answer is None:
                 return
             approved_by = answer
@@ -371,7 +413,6 @@ class Sessions:
     async def ask_approval(
         self,
         link: FramedLink,
-        online: AgentConn,
         hello: m.ClientHello,
         sid: str,
         client_key: bytes,
@@ -388,20 +429,20 @@ class Sessions:
         link.extend_handshake(timeout + 10)
         await self.bus.record(ApprovalRequested(**context, request=request, timeout=timeout))
         try:
-            online.link.send(
-                m.Approve(
-                    request=request,
-                    session_id=sid,
-                    user=hello.user,
-                    vendor=vendor,
-                    vendor_name=self.store.vendor_name(vendor) if vendor else "",
-                    mode=hello.mode,
-                    target=hello.target,
-                    reason=hello.reason,
-                    client_key=b64e(client_key),
-                    timeout=timeout,
-                )
+            approve = m.Approve(
+                request=request,
+                session_id=sid,
+                user=hello.user,
+                vendor=vendor,
+                vendor_name=self.store.vendor_name(vendor) if vendor else "",
+                mode=hello.mode,
+                target=hello.target,
+                reason=hello.reason,
+                client_key=b64e(client_key),
+                timeout=timeout,
             )
+            if not self.directory.send_to_agent(hello.agent, approve):
+                raise ProtocolError("the agent is not connected")
             link.send(m.ApprovalPending(request, sid, agent.noise_key, timeout, agent.pq_key or ""))
             gone: asyncio.Future[Any] = asyncio.ensure_future(link.closed)
             either: set[asyncio.Future[Any]] = {waiter, gone}
@@ -446,8 +487,7 @@ class Sessions:
     def notify_agent(self, session: Session, event: str) -> None:
         """Sessions not approved at the machine are announced there when they start;
         every session's end is told, so that the agent forgets its client key."""
-        online = self.directory.locate(session.agent)
-        if online is None:
+        if self.directory.locate(session.agent) is None:
             return
         try:
             user = self.store.get_user(session.user)
@@ -456,7 +496,8 @@ class Sessions:
         except StoreError:  # called as a session ends: the notice matters, not the name
             vendor_name = ""
         with contextlib.suppress(ProtocolError):
-            online.link.send(
+            self.directory.send_to_agent(
+                session.agent,
                 m.Notice(
                     event=event,
                     session_id=session.id,
@@ -466,7 +507,7 @@ class Sessions:
                     target=session.target,
                     reason=session.reason,
                     client_key=b64e(session.client_key) if event == "start" else "",
-                )
+                ),
             )
 
     async def revalidate(self, why: str) -> int:

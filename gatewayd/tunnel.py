@@ -143,9 +143,14 @@ class Tunnels:
             session.reserved -= 1
 
     async def _open(self, link: FramedLink, session: Session, fields: dict[str, Any]) -> bool:
-        if self.directory.locate(session.agent) is None:
+        place = self.directory.locate(session.agent)
+        if place is None:
             self.bus.publish(TunnelRefused(**fields, reason="agent offline"))
             link.send_error("agent_offline", f"agent {session.agent} is not connected")
+            return False
+        if place.unreachable:  # a cluster whose bus is down: the agent's node cannot be asked
+            self.bus.publish(TunnelRefused(**fields, reason=place.unreachable))
+            link.send_error("unavailable", place.unreachable)
             return False
         if self.access.classic_refused(session.agent):
             self.bus.publish(TunnelRefused(**fields, reason=NO_PQ_KEY))

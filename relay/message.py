@@ -317,6 +317,20 @@ class Dial(Message):
     """The Noise static key the agent must see in the tunnel's handshake."""
     user: str
     mode: str
+    address: str = ""
+    """``HOST:PORT`` of the gateway node to dial the data connection to (a cluster: the
+    node that holds the client); empty: the node of the control connection."""
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        if len(self.address) > 300:
+            raise ProtocolError("dial.address: longer than 300 characters")
+
+    def to_json(self) -> dict[str, Any]:
+        out = Message.to_json(self)
+        if not out["address"]:  # unsaid unless used: older agents refuse unknown members
+            del out["address"]
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,329 @@
+"""Three gatewayd nodes over a real Mosquitto, sharing one directory (issue 12, step 2).
+
+One cluster for the module: node 1 holds the agent, clients log in to node 3 (or 2),
+the admin acts on node 2. The tests attack what the cluster promises: a tunnel
+across nodes goes straight from the agent to the client's node; a revocation or a
+kill on one node ends the session on another within a second; a TOTP code used on
+one node is refused on another; a broker outage leaves live tunnels flowing and
+refuses new cross-node ones clearly, until the broker is back; a node killed outright
+has its agents' presence cleared by its last will. The last test kills node 1.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mosquitto import Mosquitto, mosquitto  # noqa: F401 - the module's broker fixture
+from world import PASSWORD
+
+from gatewayd.demo import EchoServer, Lab, Proc, free_port, round_trip, wait_for
+
+pytestmark = pytest.mark.skipif(
+    pytest.importorskip("aiomqtt") is None, reason="aiomqtt (the cluster extra) is missing"
+)
+
+NODES = ("n1", "n2", "n3")
+
+
+@dataclass
+class Node:
+    name: str
+    port: int
+    config: Path
+    audit: Path
+    admin_sock: Path
+    proc: Proc | None = None
+
+    @property
+    def gateway(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def records(self, event: str | None = None) -> list[dict[str, Any]]:
+        if not self.audit.exists():
+            return []
+        rows = [json.loads(line) for line in self.audit.read_text().splitlines() if line]
+        return [r for r in rows if event is None or r["event"] == event]
+
+
+@dataclass
+class Cluster:
+    lab: Lab
+    broker: Mosquitto
+    echo: EchoServer
+    nodes: dict[str, Node] = field(default_factory=dict)
+    agent: Proc | None = None
+
+    def admin(self, node: str, *args: str, input: str | None = None) -> str:
+        cfg = str(self.nodes[node].config)
+        return self.lab.run("gw", "admin", "--config", cfg, *args, input=input).stdout
+
+    def status(self, node: str) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(self.admin(node, "status"))
+        return out
+
+    def start_node(self, name: str) -> None:
+        node = self.nodes[name]
+        node.proc = self.lab.start(f"gatewayd-{name}", "gatewayd", "--config", str(node.config))
+
+        def ready() -> bool:
+            assert node.proc is not None
+            if node.proc.popen.poll() is not None:
+                raise RuntimeError(f"gatewayd {name} exited: {node.proc.output()[-2000:]}")
+            return node.admin_sock.exists() and node.audit.exists()
+
+        wait_for(ready, 20, f"gatewayd {name} to start")
+
+    def knows_agent(self, name: str, agent: str, holder: str) -> bool:
+        cluster = self.status(name).get("cluster", {})
+        return bool(cluster.get("bus") == "up" and cluster.get("agents", {}).get(agent) == holder)
+
+    def connect_args(self, node: str, user: str, code: str, *extra: str) -> list[str]:
+        args = self.lab.connect_args("pc1", user, "echo", "access", "--totp", code, *extra)
+        args[args.index("--gateway") + 1] = self.nodes[node].gateway
+        return args
+
+    def open_local(self, node: str, user: str) -> tuple[Proc, int]:
+        """``gw connect -L`` through ``node``: the process and its local port."""
+        port = free_port()
+        args = self.connect_args(
+            node, user, self.lab.totp(user), "-L", f"127.0.0.1:{port}", "--password-stdin"
+        )
+        pw = self.lab.root / f"pw-{user}-{port}"
+        pw.write_text(PASSWORD + "\n")
+        with pw.open("rb") as stdin:
+            proc = self.lab.start(f"connect-{user}-{port}", *args, stdin=stdin)
+
+        def ready() -> bool:
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"gw connect exited: {proc.output()[-2000:]}")
+            return "listening on" in proc.output()
+
+        wait_for(ready, 30, "gw connect -L to listen")
+        return proc, port
+
+    def session_of(self, node: str, user: str) -> str:
+        starts = [r for r in self.nodes[node].records("session.start") if r["user"] == user]
+        assert starts, f"no session.start for {user} on {node}"
+        return str(starts[-1]["session"])
+
+    def stdio(self, node: str, user: str, code: str, data: str) -> subprocess.CompletedProcess[str]:
+        args = self.connect_args(node, user, code, "--stdio", "--password-stdin")
+        return self.lab.run(*args, input=f"{PASSWORD}\n{data}", check=False)
+
+
+def _cluster_table(broker: Mosquitto) -> str:
+    return f'[cluster]\nmqtt = "{broker.address}"\nreply_timeout = 2\n'
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, mosquitto: Mosquitto) -> Iterator[Cluster]:  # noqa: F811
+    root = tmp_path_factory.mktemp("cluster")
+    lab = Lab(root)
+    lab.init(extra_config=_cluster_table(mosquitto) + "[lockout]\nthreshold = 100\n")
+    base = lab.config.read_text()
+    echo = EchoServer()
+    c = Cluster(lab, mosquitto, echo)
+    for i, name in enumerate(NODES):
+        port = lab.port if i == 0 else free_port()
+        text = re.sub(r'node_id = "[^"]*"', f'node_id = "{name}"', base, count=1)
+        text = text.replace(f'listen = "{lab.gateway}"', f'listen = "127.0.0.1:{port}"', 1)
+        if i:  # its own audit trail and admin socket; the directory is shared
+            text = text.replace('path = "audit/audit.jsonl"', f'path = "audit-{name}/audit.jsonl"')
+            text = text.replace('socket = "admin.sock"', f'socket = "admin-{name}.sock"')
+        config = lab.config if i == 0 else lab.config.with_name(f"gatewayd-{name}.toml")
+        config.write_text(text)
+        gw = config.parent
+        audit = gw / ("audit/audit.jsonl" if i == 0 else f"audit-{name}/audit.jsonl")
+        sock = gw / ("admin.sock" if i == 0 else f"admin-{name}.sock")
+        c.nodes[name] = Node(name, port, config, audit, sock)
+    try:
+        for name in NODES:
+            c.start_node(name)
+        c.admin("n2", "org", "add", "clinic", "--name", "Clinic")
+        c.admin("n2", "vendor", "add", "acme", "--name", "Acme")
+        agreement = c.admin(
+            "n2", "agreement", "add", "--vendor", "acme", "--org", "clinic", "--modes", "access",
+            "--unattended",
+        ).strip()  # fmt: skip
+        for side in ("vendor", "org"):
+            c.admin("n2", "agreement", "accept", agreement, "--side", side)
+        lab.enroll_agent("pc1", "clinic")  # through node 1: the agent's gateway
+        c.agent = lab.start_agent("pc1", {"echo": echo.port})
+        wait_for(lambda: c.knows_agent("n3", "pc1", "n1"), 10, "node 3 to see pc1 on node 1")
+        yield c
+    finally:
+        lab.close()
+        echo.close()
+
+
+def _user(c: Cluster, name: str) -> str:
+    """A vendor user with a password and TOTP, made through node 2."""
+    c.admin("n2", "user", "add", name, "--vendor", "acme", "--password-stdin", input=PASSWORD)
+    c.lab.totp_secrets[name] = json.loads(c.admin("n2", "totp", "enroll", name, "--json"))["secret"]
+    return name
+
+
+def _wait_ended(node: Node, sid: str, timeout: float) -> dict[str, Any] | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for r in node.records("session.end"):
+            if r["session"] == sid:
+                return r
+        time.sleep(0.02)
+    return None
+
+
+def test_a_tunnel_across_nodes_goes_straight_to_the_clients_node(cluster: Cluster) -> None:
+    user = _user(cluster, "cross1")
+    proc, port = cluster.open_local("n3", user)
+    assert round_trip(port, b"hello across the cluster\n") == b"HELLO ACROSS THE CLUSTER\n"
+    sid = cluster.session_of("n3", user)
+    proc.stop()
+    # The tunnel was spliced on node 3 (the agent dialled it), never on node 1.
+    assert [r for r in cluster.nodes["n3"].records("tunnel.start") if r["session"] == sid]
+    assert not [r for r in cluster.nodes["n1"].records("tunnel.start") if r["session"] == sid]
+    assert all(r["node"] == "n3" for r in cluster.nodes["n3"].records())
+
+
+def test_a_node_asked_for_an_agent_it_does_not_hold_answers_offline(cluster: Cluster) -> None:
+    user = _user(cluster, "offline1")
+    result = cluster.lab.run(
+        *cluster.connect_args("n2", user, cluster.lab.totp(user), "--stdio", "--password-stdin"),
+        input=f"{PASSWORD}\n",
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr  # pc1 is on n1 and reachable from n2
+    args = cluster.connect_args("n2", user, cluster.lab.totp(user), "--stdio", "--password-stdin")
+    args[args.index("pc1")] = "ghost"
+    result = cluster.lab.run(*args, input=f"{PASSWORD}\n", check=False)
+    assert result.returncode != 0
+    assert "ghost" in result.stderr
+
+
+def test_a_revocation_on_node_2_ends_the_session_on_node_3_within_a_second(
+    cluster: Cluster,
+) -> None:
+    user = _user(cluster, "revoked1")
+    proc, port = cluster.open_local("n3", user)
+    assert round_trip(port, b"before\n") == b"BEFORE\n"
+    sid = cluster.session_of("n3", user)
+    cluster.admin("n2", "user", "disable", user)
+    ended = _wait_ended(cluster.nodes["n3"], sid, 1.0)
+    assert ended is not None, "node 3 did not end the session within a second"
+    assert "no longer allowed" in ended["reason"]
+    proc.stop()
+
+
+def test_a_kill_on_node_2_ends_the_session_on_node_3_within_a_second(cluster: Cluster) -> None:
+    user = _user(cluster, "killed1")
+    proc, port = cluster.open_local("n3", user)
+    assert round_trip(port, b"before\n") == b"BEFORE\n"
+    sid = cluster.session_of("n3", user)
+    out = cluster.admin("n2", "sessions", "kill", sid)
+    assert sid in out
+    ended = _wait_ended(cluster.nodes["n3"], sid, 1.0)
+    assert ended is not None and ended["reason"].startswith("killed by"), ended
+    proc.stop()
+    # A session no node holds: a clear refusal, not a hang.
+    result = cluster.lab.run(
+        "gw", "admin", "--config", str(cluster.nodes["n2"].config), "sessions", "kill",
+        "0123456789abcdef", check=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and "no live session" in result.stderr
+
+
+def test_a_totp_code_used_on_one_node_is_refused_on_another(cluster: Cluster) -> None:
+    user = _user(cluster, "replay1")
+    code = cluster.lab.totp(user)
+    first = cluster.stdio("n1", user, code, "first\n")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == "FIRST\n"
+    again = cluster.stdio("n2", user, code, "again\n")
+    assert again.returncode != 0
+    assert again.stdout == ""
+    failures = [
+        r
+        for r in cluster.nodes["n2"].records("auth.attempt")
+        if r["user"] == user and r["factor"] == "totp"
+    ]
+    assert failures and failures[-1]["outcome"] == "failure", failures
+
+
+def test_a_broker_outage_keeps_live_tunnels_and_refuses_new_cross_node_ones(
+    cluster: Cluster,
+) -> None:
+    user = _user(cluster, "outage1")
+    proc, port = cluster.open_local("n3", user)
+    live = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        live.sendall(b"one\n")
+        assert live.recv(100) == b"ONE\n"
+        cluster.broker.stop()
+        wait_for(
+            lambda: cluster.status("n3")["cluster"]["bus"] == "down", 10, "node 3 to see the outage"
+        )
+        live.sendall(b"two\n")  # the spliced tunnel never touches the bus
+        assert live.recv(100) == b"TWO\n"
+        # A new tunnel to an agent of node 1: refused, saying why.
+        assert round_trip(port, b"three\n") == b""
+        refused = [r for r in cluster.nodes["n3"].records("tunnel.refused") if r["user"] == user]
+        assert refused and "cluster bus is down" in refused[-1]["reason"], refused
+        # A new session too.
+        late = _user_offline(cluster)
+        assert late.returncode != 0 and "cluster bus is down" in late.stderr, late.stderr
+        cluster.broker.start()
+        wait_for(lambda: cluster.knows_agent("n3", "pc1", "n1"), 15, "presence after the outage")
+        live.sendall(b"four\n")
+        assert live.recv(100) == b"FOUR\n"
+        assert round_trip(port, b"five\n") == b"FIVE\n"
+    finally:
+        live.close()
+        proc.stop()
+        if not cluster.broker.running:
+            cluster.broker.start()
+
+
+def _user_offline(cluster: Cluster) -> subprocess.CompletedProcess[str]:
+    """A login on node 3 while the broker is down (the directory is not on the bus)."""
+    user = "outage2"
+    if user not in cluster.lab.totp_secrets:
+        _user(cluster, user)
+    return cluster.stdio("n3", user, cluster.lab.totp(user), "x\n")
+
+
+def test_a_killed_node_has_its_agents_presence_cleared_by_its_last_will(
+    cluster: Cluster,
+) -> None:
+    paho = pytest.importorskip("paho.mqtt.client")
+    n1 = cluster.nodes["n1"]
+    assert n1.proc is not None
+    assert cluster.knows_agent("n3", "pc1", "n1")
+    n1.proc.stop(signal.SIGKILL)
+    wait_for(lambda: "pc1" not in cluster.status("n3")["cluster"]["agents"], 10, "pc1 offline")
+    assert cluster.status("n2")["cluster"]["nodes"].get("n1") == "dead"
+    # What the broker keeps: node 1 dead, pc1's presence gone.
+    retained: dict[str, bytes] = {}
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2)
+    client.on_message = lambda _c, _u, msg: retained.__setitem__(msg.topic, msg.payload)
+    client.connect("127.0.0.1", cluster.broker.port)
+    client.subscribe([("gw/v1/nodes/+", 1), ("gw/v1/agents/+", 1)])
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        client.loop(0.05)
+    client.disconnect()
+    assert json.loads(retained["gw/v1/nodes/n1"])["state"] == "dead"
+    assert not retained.get("gw/v1/agents/pc1")
+    # A client on node 3 now hears that the agent is offline.
+    user = _user(cluster, "afterkill1")
+    result = cluster.stdio("n3", user, cluster.lab.totp(user), "x\n")
+    assert result.returncode != 0 and "not connected" in result.stderr, result.stderr
