@@ -136,7 +136,7 @@ class Broker:
         """Alone: this node's agents and sessions; with ``[cluster]``: every node's."""
         if config.cluster is None:
             return SessionDirectory(self.agents)
-        from .cluster import ClusterDirectory  # aiomqtt only where there is a cluster
+        from .cluster.directory import ClusterDirectory  # aiomqtt only for a cluster
 
         return ClusterDirectory(
             self.agents,

@@ -72,8 +72,24 @@ def config_failure(path: Path, exc: ConfigError) -> NoReturn:
     help="journal: syslog priority prefixes for the systemd journal; json: one object a "
     "line; auto: journal when standard error is the journal (JOURNAL_STREAM).",
 )
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=int,
+    help="Run N processes sharing the port (SO_REUSEPORT), each a node of the cluster "
+    "(needs [cluster] with data_listen).",
+)
+@click.option("--worker", default=0, type=int, hidden=True)  # the supervisor's children
 @click.pass_context
-def main(ctx: click.Context, config_path: Path | None, log_level: str, log_format: str) -> None:
+def main(
+    ctx: click.Context,
+    config_path: Path | None,
+    log_level: str,
+    log_format: str,
+    workers: int,
+    worker: int,
+) -> None:
     """The gateway daemon: `gatewayd [--config PATH]` runs it."""
     ctx.obj = config_path
     if ctx.invoked_subcommand is not None:
@@ -86,12 +102,25 @@ def main(ctx: click.Context, config_path: Path | None, log_level: str, log_forma
         cfg = config_mod.load(path)
     except ConfigError as exc:
         config_failure(path, exc)
+    from .cluster import workers as workers_mod
+
+    try:
+        workers_mod.check(cfg, workers)
+        if not 0 <= worker <= workers:
+            raise ConfigError("--worker", f"must be between 1 and --workers ({workers})")
+    except ConfigError as exc:
+        config_failure(path, exc)
+    if workers > 1 and not worker:
+        passthrough = ["--log-level", log_level, "--log-format", log_format]
+        ctx.exit(workers_mod.supervise(path, workers, passthrough))
+    if worker:
+        cfg = workers_mod.worker_config(cfg, worker)
     from .malloc import return_big_blocks
     from .server import serve
 
     return_big_blocks()  # password hashes' memory goes back to the system after each
     try:
-        run(serve(cfg))
+        run(serve(cfg, worker=worker))
     except GatewayError as exc:
         raise click.ClickException(str(exc)) from exc
 

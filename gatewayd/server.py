@@ -85,9 +85,12 @@ def bind(host: str, port: int, reuse_port: bool) -> socket.socket:
 
 
 class Gateway:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, worker: int = 0) -> None:
         #: The config in force, shared by every part; SIGHUP replaces it here.
         self.holder = ConfigHolder(config)
+        #: ``gatewayd --workers N``: this worker's number (0: not a worker); a reload
+        #: makes the file's config this worker's again (gatewayd.cluster.workers).
+        self.worker = worker
         self.ssl_context: ssl.SSLContext | None = None
         self.stopping = asyncio.Event()
         self.reloads = 0
@@ -202,6 +205,10 @@ class Gateway:
         systemd.notify("RELOADING=1")
         try:
             new = config_mod.load(self.config.path)
+            if self.worker:
+                from .cluster.workers import worker_config
+
+                new = worker_config(new, self.worker)
             ctx = self.load_tls(new)
         except GatewayError as exc:
             log.error("reload failed; keeping the running config", error=str(exc))
@@ -299,5 +306,5 @@ async def _upgrade(
     await broker.handle(link)
 
 
-async def serve(config: Config) -> None:
-    await Gateway(config).run()
+async def serve(config: Config, *, worker: int = 0) -> None:
+    await Gateway(config, worker=worker).run()

@@ -103,6 +103,9 @@ class SessionDirectory:
     agents and sessions of every node.
     """
 
+    #: Where this session's tunnels go, when not where the client logged in (a cluster).
+    tunnel_address = ""
+
     def __init__(self, agents: Agents) -> None:
         self.agents = agents
         self.by_id: dict[str, Session] = {}
@@ -360,6 +363,7 @@ class Sessions:
                 expires=session.expires,
                 watch_card=mode_cfg.end_on_card_removal,
                 card_heartbeat=mode_cfg.card_heartbeat if watched else 0.0,
+                tunnel_address=self.directory.tunnel_address,
             )
         )
         if not decision.needs_approval:

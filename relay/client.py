@@ -19,7 +19,7 @@ import os
 import signal
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -262,7 +262,11 @@ class ClientSession:
 
     async def open_tunnel(self) -> tuple[asyncio.Transport, tunnel.Established]:
         """A new spliced, end-to-end encrypted tunnel to the session's target."""
-        link = await self.gateway.dial()
+        gateway = self.gateway
+        if self.opened.tunnel_address:  # a cluster: the node that holds the session
+            host, port = m.split_address(self.opened.tunnel_address, "session.tunnel_address")
+            gateway = replace(gateway, host=host, port=port)
+        link = await gateway.dial()
         link.send(m.TunnelHello(self.opened.ticket))
         try:
             await link.expect(m.Spliced)

@@ -43,6 +43,16 @@ def valid_id(value: str) -> bool:
 MODES = ("access", "support", "homeoffice")
 
 
+def split_address(value: str, where: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT``) into (host, port); ProtocolError naming ``where``."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    ok = sep and host and len(value) <= 300 and port.isascii() and port.isdigit()
+    if not ok or not 0 < int(port[:6]) < 65536:
+        raise ProtocolError(f"{where}: expected HOST:PORT")
+    return host, int(port)
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """Base of all messages. ``TYPE`` is the wire name."""
@@ -263,11 +273,16 @@ class SessionOpened(Message):
     agent_pq_key: str = ""
     """The agent's enrolled ML-KEM-768 public key (base64url): the tunnels then run the
     hybrid handshake. Absent for an agent enrolled without one (classic handshake)."""
+    tunnel_address: str = ""
+    """``HOST:PORT`` of the gateway node holding the session, where its tunnels go (a
+    cluster: another node would not know the ticket). Absent: where the client logged in."""
 
     def __post_init__(self) -> None:
         Message.__post_init__(self)
         if not 0 <= self.card_heartbeat <= 3600:
             raise ProtocolError("session.card_heartbeat: must be 0 to 3600 seconds")
+        if self.tunnel_address:
+            split_address(self.tunnel_address, "session.tunnel_address")
 
     def to_json(self) -> dict[str, Any]:
         out = Message.to_json(self)
@@ -277,6 +292,8 @@ class SessionOpened(Message):
             del out["card_heartbeat"]
         if not self.agent_pq_key:
             del out["agent_pq_key"]
+        if not self.tunnel_address:
+            del out["tunnel_address"]
         return out
 
 

@@ -112,6 +112,8 @@ class ClusterDirectory(SessionDirectory):
         self.section = section
         self.node = section.node_id
         self.data_address = wire.hostport(section.data_address)
+        # Another node (or worker on a shared port) does not know this node's tickets.
+        self.tunnel_address = self.data_address
         self.dials = dials
         self.approvals = approvals
         self.revalidate = revalidate

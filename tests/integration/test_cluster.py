@@ -327,3 +327,58 @@ def test_a_killed_node_has_its_agents_presence_cleared_by_its_last_will(
     user = _user(cluster, "afterkill1")
     result = cluster.stdio("n3", user, cluster.lab.totp(user), "x\n")
     assert result.returncode != 0 and "not connected" in result.stderr, result.stderr
+
+
+def test_workers_need_a_cluster(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.init()
+    result = lab.run("gatewayd", "--config", str(lab.config), "--workers", "2", check=False)
+    assert result.returncode != 0
+    assert "--workers: needs [cluster]" in result.stderr, result.stderr
+
+
+def test_workers_share_the_port_and_each_is_a_node(
+    tmp_path_factory: pytest.TempPathFactory,
+    mosquitto: Mosquitto,  # noqa: F811
+) -> None:
+    lab = Lab(tmp_path_factory.mktemp("workers"))
+    data = free_port()
+    lab.init(
+        extra_config=f'[cluster]\nmqtt = "{mosquitto.address}"\ndata_listen = "127.0.0.1:{data}"\n',
+        gateway_keys='node_id = "w"',
+    )
+    text = re.sub(r'node_id = "[^w][^"]*"\n', "", lab.config.read_text(), count=1)
+    lab.config.write_text(text)
+    echo = EchoServer()
+    try:
+        proc = lab.start(
+            "gatewayd-workers", "gatewayd", "--config", str(lab.config), "--workers", "2"
+        )
+        gw = lab.config.parent
+        trails = [gw / "audit" / f"w-{i}" / "audit.jsonl" for i in (1, 2)]
+        wait_for(
+            lambda: (gw / "admin.sock").exists() and (gw / "admin-w-2.sock").exists()
+            and all(t.exists() for t in trails),
+            20,
+            "both workers to start",
+        )  # fmt: skip
+        lab.admin("org", "add", "clinic", "--name", "Clinic")
+        lab.admin("vendor", "add", "acme", "--name", "Acme")
+        lab.agreement("acme", "clinic", "access", unattended=True)
+        lab.enroll_agent("pc1", "clinic")
+        lab.start_agent("pc1", {"echo": echo.port})
+        status = lambda: json.loads(lab.admin("status"))["cluster"]  # noqa: E731
+        wait_for(lambda: "pc1" in status()["agents"], 10, "worker 1 to see pc1")
+        assert status()["nodes"] == {"w-2": "up"}
+        users = [f"wk{i}" for i in range(3)]
+        for user in users:  # each login lands on either worker; its tunnels follow it
+            lab.vendor_user(user, "acme", PASSWORD)
+            result = lab.connect_stdio("pc1", user, PASSWORD, "echo", f"via {user}\n")
+            assert result.returncode == 0, result.stderr
+            assert result.stdout == f"VIA {user.upper()}\n"
+        records = [json.loads(line) for t in trails for line in t.read_text().splitlines()]
+        assert {r["node"] for r in records} == {"w-1", "w-2"}
+        assert proc.stop() == 0
+    finally:
+        lab.close()
+        echo.close()
