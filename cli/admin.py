@@ -9,11 +9,12 @@ from pathlib import Path
 
 import click
 
-from relay.errors import GatewayError
+from relay.text import printable
 
 from .card import admin_grant
 from .common import (
     EXIT_LOCAL,
+    AdminSocket,
     admin_request,
     fail,
     info,
@@ -37,19 +38,14 @@ from .fido2 import admin_fido2
 @click.option(
     "--config",
     "config_path",
-    required=True,
     type=click.Path(path_type=Path),
-    help="gatewayd's config (names the admin socket).",
+    help="gatewayd's config (names the admin socket); default $GATEWAYD_CONFIG or "
+    "/etc/gatewayd/gatewayd.toml.",
 )
 @click.pass_context
-def admin(ctx: click.Context, config_path: Path) -> None:
+def admin(ctx: click.Context, config_path: Path | None) -> None:
     """Change the directory of a running gatewayd."""
-    from gatewayd import config as config_mod
-
-    try:
-        ctx.obj = config_mod.load(config_path).admin.socket
-    except GatewayError as exc:
-        fail(f"config error: {exc}", EXIT_LOCAL)
+    ctx.obj = AdminSocket(config_path)  # read when a command runs: --help needs no config
 
 
 def _read_password(password_stdin: bool, required: bool = False) -> str | None:
@@ -353,21 +349,100 @@ def admin_agent() -> None:
     """Agents (reachable machines)."""
 
 
+#: Agents one ``gw admin agent add --count`` or ``--names-file`` makes at most: a
+#: rollout's worth, while a typo (an extra zero) is caught before it fills the directory.
+MAX_BATCH = 10_000
+
+
+def _batch_names(agent: str | None, count: int | None, names_file: Path | None) -> list[str]:
+    """The agents to add: AGENT, AGENT-001..AGENT-N (--count), or one per line of FILE."""
+    from relay.message import valid_id
+
+    if names_file is not None:
+        if agent is not None or count is not None:
+            raise click.UsageError("--names-file takes no AGENT and no --count")
+        try:
+            lines = names_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(f"cannot read {names_file}: {exc}", EXIT_LOCAL)
+        names = [n.strip() for n in lines if n.strip() and not n.lstrip().startswith("#")]
+        if not names:
+            fail(f"{names_file} names no agent", EXIT_LOCAL)
+    elif agent is None:
+        raise click.UsageError("give AGENT (a name, or a prefix with --count), or --names-file")
+    elif count is not None:
+        width = max(3, len(str(count)))
+        names = [f"{agent}-{i:0{width}d}" for i in range(1, count + 1)]
+    else:
+        names = [agent]
+    if len(names) > MAX_BATCH:
+        fail(f"{len(names)} agents at once: at most {MAX_BATCH}", EXIT_LOCAL)
+    seen: set[str] = set()
+    for name in names:
+        if not valid_id(name):
+            fail(f"not a valid agent id: {printable(name)} (letters, digits, . _ - @)", EXIT_LOCAL)
+        if name in seen:
+            fail(f"{name} is named twice", EXIT_LOCAL)
+        seen.add(name)
+    return names
+
+
 @admin_agent.command("add")
-@click.argument("agent")
+@click.argument("agent", required=False)
 @click.option("--org", required=True)
 @click.option("--ttl", type=float, default=None, help="Token lifetime in seconds.")
+@click.option(
+    "--count",
+    type=click.IntRange(1, MAX_BATCH),
+    default=None,
+    help="Add N agents named AGENT-001 ... AGENT-N (AGENT is the prefix).",
+)
+@click.option(
+    "--names-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Add one agent per line of FILE (blank lines and # comments skipped).",
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def agent_add(socket: Path, agent: str, org: str, ttl: float | None, as_json: bool) -> None:
-    """Register AGENT and print its one-time enrollment token."""
-    result = admin_request(socket, "agent.add", agent=agent, org=org, ttl=ttl)
-    if as_json:
-        click.echo(json.dumps(result))
+def agent_add(
+    socket: Path,
+    agent: str | None,
+    org: str,
+    ttl: float | None,
+    count: int | None,
+    names_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Register AGENT and print its one-time enrollment token.
+
+    With --count or --names-file (a rollout): one line per agent on standard output,
+    AGENT<TAB>TOKEN (--json: a list of objects).
+    """
+    names = _batch_names(agent, count, names_file)
+    if len(names) == 1 and count is None and names_file is None:
+        result = admin_request(socket, "agent.add", agent=names[0], org=org, ttl=ttl)
+        if as_json:
+            click.echo(json.dumps(result))
+            return
+        click.echo(result["token"])
+        expires = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(result["expires"]))
+        info(f"one-time enrollment token for {names[0]}, valid until {expires}")
         return
-    click.echo(result["token"])
-    expires = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(result["expires"]))
-    info(f"one-time enrollment token for {agent}, valid until {expires}")
+    results = []
+    try:
+        for name in names:
+            result = admin_request(socket, "agent.add", agent=name, org=org, ttl=ttl)
+            results.append(result)
+            if not as_json:  # as it goes: tokens made before a failure are not lost
+                click.echo(f"{name}\t{result['token']}")
+    finally:
+        if as_json:
+            click.echo(json.dumps(results))
+        if len(results) < len(names):
+            info(f"{len(results)} of {len(names)} agents added; the rest were not")
+    expires = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(results[-1]["expires"]))
+    info(f"{len(results)} one-time enrollment tokens, valid until {expires}")
 
 
 @admin_agent.command("list")

@@ -24,6 +24,8 @@ from relay.aio import run
 from relay.errors import GatewayError
 from relay.text import is_printable, printable
 
+from .common import EXIT_LOCAL, fail
+
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -574,7 +576,7 @@ def _path(config_path: Path) -> Path:
     try:
         return config_mod.load(config_path).audit.path
     except GatewayError as exc:
-        raise click.ClickException(f"config error: {exc}") from exc
+        fail(f"config error: {exc}", EXIT_LOCAL)
 
 
 # -- several nodes' trails ----------------------------------------------------------------
@@ -596,9 +598,12 @@ def trail_files(given: Path) -> list[Path]:
 
 
 def trails_of(config_path: Path | None, given: tuple[Path, ...]) -> list[Path]:
-    """Every trail to read: the config's, then each ``--trail`` (each once)."""
+    """Every trail to read: the config's, then each ``--trail`` (each once); without
+    either, the default config's ($GATEWAYD_CONFIG or /etc/gatewayd/gatewayd.toml)."""
     if config_path is None and not given:
-        raise click.UsageError("give --config PATH, or --trail DIR (repeatable) for each node")
+        from gatewayd.config import default_path
+
+        config_path = default_path()
     paths = [_path(config_path)] if config_path is not None else []
     for entry in given:
         for path in trail_files(entry):
@@ -821,7 +826,7 @@ def _make_filter(
         try:
             db = config_mod.load(config_path).store.path
         except GatewayError as exc:
-            raise click.ClickException(f"config error: {exc}") from exc
+            fail(f"config error: {exc}", EXIT_LOCAL)
         if db.exists():
             org_ids, vendor_ids = directory_ids(db, org, vendor)
         else:
@@ -1148,7 +1153,9 @@ def verify_cmd(
             trails = (log_path, *trails)
         sys.exit(_verify_trails(path_cfg, trails, key_files))
     if path_cfg is None and (log_path is None or not key_files):
-        raise click.UsageError("give --config PATH (or --path LOG --key FILE on another host)")
+        from gatewayd.config import default_path
+
+        path_cfg = default_path()  # else --path LOG --key FILE on another host
     if log_path is not None:
         path = log_path
     else:
@@ -1272,10 +1279,9 @@ def _public_key_only(key_file: Path) -> Any:
 def key_cmd(parent: Path | None, config_path: Path | None) -> None:
     """Print the public key that verifies the trail's checkpoints (keep a copy elsewhere)."""
     from gatewayd.audit import key_id, public_key_text
+    from gatewayd.config import default_path
 
-    path_cfg = config_path or parent
-    if path_cfg is None:
-        raise click.UsageError("give --config PATH")
+    path_cfg = default_path(config_path or parent)
     key = _public_key(path_cfg, None)
     click.echo(public_key_text(key))
     click.echo(f"key id: {key_id(key)}", err=True)
@@ -1296,11 +1302,9 @@ def acknowledge_cmd(parent: Path | None, config_path: Path | None, seq: int, rea
     from gatewayd import config as config_mod
     from gatewayd.admin import AdminError, request
 
-    from .common import EXIT_FAILED, EXIT_LOCAL, EXIT_UNREACHABLE, fail
+    from .common import EXIT_FAILED, EXIT_UNREACHABLE
 
-    path_cfg = config_path or parent
-    if path_cfg is None:
-        raise click.UsageError("give --config PATH")
+    path_cfg = config_mod.default_path(config_path or parent)
     if not reason.strip() or not is_printable(reason) or len(reason) > 1024:
         raise click.BadParameter(
             "printable text on one line, at most 1024 characters", param_hint="--reason"

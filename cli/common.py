@@ -7,8 +7,10 @@ Exit codes (fixed, for scripts):
 1  the request failed: authentication, policy, agent offline, tunnel failed
 2  usage error (click's own)
 3  the gateway or the daemon cannot be reached, or TLS/keys do not verify
-4  local problem: a file, a device, a missing optional dependency
+4  local problem: the config, a file, a device, a missing optional dependency
 == ========================================================================
+
+The table is docs/exit-codes.md's, shared with ``gatewayd``.
 """
 
 from __future__ import annotations
@@ -111,9 +113,37 @@ def config_home() -> Path:
     return config_home()
 
 
-def admin_request(socket: Path, op: str, **args: Any) -> Any:
+def gateway_config(given: Path | None) -> Any:
+    """gatewayd's config: ``--config``, else ``$GATEWAYD_CONFIG``, else
+    ``/etc/gatewayd/gatewayd.toml``; a problem with it is exit 4, as for ``gatewayd``."""
+    from gatewayd import config as config_mod
+
+    path = config_mod.default_path(given)
+    try:
+        return config_mod.load(path)
+    except GatewayError as exc:
+        fail(f"config error: {exc}", EXIT_LOCAL)
+
+
+class AdminSocket:
+    """The admin socket that gatewayd's config names, read when a command first needs it
+    (so that ``gw admin ... --help`` works without any config)."""
+
+    def __init__(self, config: Path | None) -> None:
+        self.config = config
+        self._path: Path | None = None
+
+    def path(self) -> Path:
+        if self._path is None:
+            self._path = gateway_config(self.config).admin.socket
+        return self._path
+
+
+def admin_request(socket: Path | AdminSocket, op: str, **args: Any) -> Any:
     from gatewayd.admin import AdminError, request
 
+    if isinstance(socket, AdminSocket):
+        socket = socket.path()
     try:
         return run(request(socket, op, {k: v for k, v in args.items() if v is not None}))
     except AdminError as exc:

@@ -7,8 +7,10 @@ Exit codes (fixed, for scripts):
 1  the request failed: authentication, policy, agent offline, tunnel failed
 2  usage error (click's own)
 3  the gateway or the daemon cannot be reached, or TLS/keys do not verify
-4  local problem: a file, a device, a missing optional dependency
+4  local problem: the config, a file, a device, a missing optional dependency
 == ========================================================================
+
+The table is docs/exit-codes.md's, shared with ``gatewayd``.
 
 The command groups live in their own modules; this one only puts them together.
 """
@@ -26,6 +28,7 @@ from .known_agents import known_agents
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="gatewayd", prog_name="gw", message="%(prog)s %(version)s")
 def main() -> None:
     """gw: reach an agent's service through gatewayd; run agents; administer; read the audit."""
 

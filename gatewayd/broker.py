@@ -126,7 +126,6 @@ class Broker:
             store,
             bus,
             clock_,
-            limiter=self.login.auth_limiter,
             rejections=self.rejections,
             ca_key=self.ca_key,
             ca_cert=self.ca_cert,

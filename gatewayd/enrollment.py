@@ -5,10 +5,18 @@ sends it with a certificate signing request and its end-to-end public key; the
 gatewayd's CA signs the request for the agent's id and the token is used up in the
 same transaction that stores the certificate's fingerprint. Every attempt is on the
 record (:class:`~gatewayd.event.AgentEnrolled`, durable before the answer).
-Attempts count against the source's login rate limit.
+
+Throttle: failed enrollments, not valid tokens. An organisation enrolls hundreds of
+PCs from behind one address, so a valid token is never refused for the ones before it;
+a source that presented ``[limits] auth_per_minute`` bad tokens in the last minute is
+refused (``rate_limited``) until the oldest is a minute old. An attempt in flight
+counts as a failure until it succeeds, so parallel guesses get no more tries.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections import deque
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
@@ -23,9 +31,42 @@ from . import ca
 from .clock import Clock
 from .config import Config, ConfigHolder
 from .event import AgentEnrolled, EventBus
-from .login import RateLimiter, source_key
+from .login import source_key
 from .rejection import RejectionLog
 from .store import Store
+
+
+class FailureThrottle:
+    """Failed attempts per source (see :func:`~gatewayd.login.source_key`) in any
+    60-second window; an attempt counts from its start and is taken back if it succeeds."""
+
+    WINDOW = 60.0
+    #: Sources remembered at most; the oldest are forgotten first (bounded memory).
+    MAX_SOURCES = 100_000
+
+    def __init__(self) -> None:
+        self._hits: dict[str, deque[float]] = {}
+
+    def begin(self, source: str, now: float, limit: int) -> bool:
+        """Count one attempt from ``source``; False (and not counted) when over ``limit``."""
+        hits = self._hits.get(source)
+        if hits is None:
+            if len(self._hits) >= self.MAX_SOURCES:
+                self._hits.pop(next(iter(self._hits)))
+            hits = self._hits[source] = deque()
+        while hits and hits[0] <= now - self.WINDOW:
+            hits.popleft()
+        if len(hits) >= limit:
+            return False
+        hits.append(now)
+        return True
+
+    def succeeded(self, source: str, started: float) -> None:
+        """The attempt begun at ``started`` worked: it is no failure."""
+        hits = self._hits.get(source)
+        if hits is not None:
+            with contextlib.suppress(ValueError):
+                hits.remove(started)
 
 
 class Enrollment:
@@ -36,7 +77,6 @@ class Enrollment:
         bus: EventBus,
         clock: Clock,
         *,
-        limiter: RateLimiter,
         rejections: RejectionLog,
         ca_key: EllipticCurvePrivateKey,
         ca_cert: x509.Certificate,
@@ -45,7 +85,7 @@ class Enrollment:
         self.store = store
         self.bus = bus
         self.clock = clock
-        self.limiter = limiter
+        self.failures = FailureThrottle()
         self.rejections = rejections
         self.ca_key = ca_key
         self.ca_cert = ca_cert
@@ -56,7 +96,8 @@ class Enrollment:
 
     async def serve(self, link: FramedLink, hello: m.EnrollRequest) -> None:
         source = link.peer
-        if not self.limiter.allow(source_key(source), self.clock.monotonic()):
+        key, started = source_key(source), self.clock.monotonic()
+        if not self.failures.begin(key, started, self.config.limits.auth_per_minute):
             self.rejections.refuse(
                 "agent.enroll",
                 source,
@@ -65,7 +106,7 @@ class Enrollment:
                 outcome="failure",
                 reason="rate limited",
             )
-            link.send_error("rate_limited", "too many attempts; try again later")
+            link.send_error("rate_limited", "too many failed enrollments; try again later")
             return
         now = self.clock.now()
         agent_id = self.store.agent_for_token(hello.token, now)
@@ -102,6 +143,7 @@ class Enrollment:
         if taken != agent_id:
             link.send_error("auth_failed", "enrollment token unknown, used or expired")
             return
+        self.failures.succeeded(key, started)
         await self.bus.record(
             AgentEnrolled(
                 agent=agent_id, source=source, outcome="success", fingerprint=ca.fingerprint(der)
