@@ -907,9 +907,7 @@ def open_audit_log(cfg: Config) -> AuditLog:
     a = cfg.audit
     signer = load_or_create_key(audit_key_path(cfg))
     write_public_key(audit_key_path(cfg), signer)
-    # Beside the trail too: whoever may read the trail may check it, without the state.
-    write_public_key(a.path, signer)
-    return AuditLog(
+    log = AuditLog(
         a.path,
         node=cfg.gateway.node_id,
         fsync=a.fsync,
@@ -921,6 +919,10 @@ def open_audit_log(cfg: Config) -> AuditLog:
         checkpoint_every=a.checkpoint_every,
         checkpoint_seconds=a.checkpoint_seconds,
     )
+    # Beside the trail too: whoever may read the trail may check it, without the state
+    # (once the log made its folder: a new node's trail folder does not exist before).
+    write_public_key(a.path, signer)
+    return log
 
 
 def compress_file(path: Path) -> Path | None:

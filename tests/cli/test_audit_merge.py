@@ -341,3 +341,28 @@ def test_follow_reads_every_trail(trails: dict[str, Path]) -> None:
     assert {(r["node"], r["seq"]) for r in got} == {
         (n, s) for n, p in trails.items() for s in range(1, len(p.read_text().splitlines()) + 1)
     }
+
+
+def test_a_new_nodes_trail_folder_gets_the_public_key_beside_it(tmp_path: Path) -> None:
+    """gatewayd keeps ``<trail>.pub`` beside each trail, also in a folder its audit log
+    makes at the first start (a new node's), so verify finds the key there."""
+    from gatewayd import config as config_mod
+    from gatewayd.audit import audit_key_path, load_public_key, open_audit_log
+
+    cfg_file = tmp_path / "gatewayd.toml"
+    cfg_file.write_text(
+        '[gateway]\nlisten = "127.0.0.1:8443"\nnode_id = "gw7"\n'
+        '[tls]\ncert_file = "a"\nkey_file = "b"\nca_file = "c"\nca_key_file = "d"\n'
+        '[store]\npath = "state/directory.db"\nsecrets_key_file = "state/secrets.key"\n'
+        '[audit]\npath = "new-node/audit.jsonl"\n[admin]\nsocket = "admin.sock"\n'
+    )
+    (tmp_path / "state").mkdir()
+    cfg = config_mod.load(cfg_file)
+    log = open_audit_log(cfg)
+    try:
+        pub = public_key_file(tmp_path / "new-node" / "audit.jsonl")
+        assert pub.exists()
+        own = load_public_key(public_key_file(audit_key_path(cfg)))
+        assert load_public_key(pub) == own
+    finally:
+        asyncio.run(log.close())

@@ -1,88 +1,123 @@
-"""An agent that knows several gateway nodes moves to another when its node dies.
+"""An agent that knows every node of the cluster moves to another when its node dies.
 
-Two real gatewayd processes on loopback serve the same directory (the second started
-from a copy of the first's state: same CA, same enrolled agent, same users), each with
-its own audit trail and signing key. A real ``gw agent run`` reads its nodes, targets
-and backoff from its config file. The node that holds the agent is killed with
-SIGKILL (no goodbye on the wire); the agent is back on the other node, which records
-its ``agent.connect``, and a vendor's tunnel through that node reaches the service.
+Three real gatewayd nodes on loopback joined by a real Mosquitto, sharing one
+directory, each with its own audit trail. A real ``gw agent run`` reads the three
+nodes, its target and its backoff from its config file. The node that holds the agent
+is killed with SIGKILL (no goodbye on the wire): the agent is back on another node
+(its presence says so on the third), and a vendor logged in to the third node reaches
+the service through it: a tunnel across nodes after the failover. Every node's trail
+then reads as one with ``gw audit --trail``, and each chain verifies.
 """
 
 from __future__ import annotations
 
+import json
 import re
-import shutil
 import signal
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+from mosquitto import Mosquitto, mosquitto  # noqa: F401 - the module's broker fixture
 
-from gatewayd.demo import EchoServer, Lab, free_port, wait_for
+from gatewayd.demo import EchoServer, Lab, Proc, free_port, wait_for
+
+pytest.importorskip("aiomqtt", reason="aiomqtt (the cluster extra) is missing")
 
 PASSWORD = "failover pass phrase"
+NODES = ("n1", "n2", "n3")
 
 
-def connects(lab: Lab, agent: str) -> int:
-    return sum(1 for r in lab.events("agent.connect") if r.get("agent") == agent)
+@dataclass
+class Nodes:
+    lab: Lab
+    echo: EchoServer
+    ports: dict[str, int] = field(default_factory=dict)
+    configs: dict[str, Path] = field(default_factory=dict)
+    procs: dict[str, Proc] = field(default_factory=dict)
 
+    def gateway(self, node: str) -> str:
+        return f"127.0.0.1:{self.ports[node]}"
 
-def second_node(first: Lab, root: Path) -> Lab:
-    """A node on another port from a copy of ``first``'s state (``first`` is stopped),
-    with its own node id, audit trail and audit signing key."""
-    lab = Lab(root, port=free_port())
-    src, dst = first.root / "gw", root / "gw"
-    shutil.copytree(
-        src,
-        dst,
-        ignore=shutil.ignore_patterns("audit", "audit.key*", "*.sock", "*-wal", "*-shm"),
-    )
-    text = (dst / "gatewayd.toml").read_text()
-    text = text.replace(first.gateway, lab.gateway)
-    text = re.sub(r"(?m)^node_id = .*$", 'node_id = "gw2"', text)
-    (dst / "gatewayd.toml").write_text(text)
-    lab.totp_secrets = dict(first.totp_secrets)
-    return lab
+    def trail(self, node: str) -> Path:
+        return self.lab.config.parent / f"audit-{node}" / "audit.jsonl"
+
+    def admin(self, node: str, *args: str, input: str | None = None) -> str:
+        cfg = str(self.configs[node])
+        return self.lab.run("gw", "admin", "--config", cfg, *args, input=input).stdout
+
+    def holder(self, node: str, agent: str) -> str | None:
+        """Where ``node`` says the agent's control connection is (cluster presence)."""
+        try:
+            status: dict[str, Any] = json.loads(self.admin(node, "status"))
+        except RuntimeError:
+            return None
+        cluster = status.get("cluster", {})
+        if cluster.get("bus") != "up":
+            return None
+        held = cluster.get("agents", {}).get(agent)
+        return str(held) if held else None
+
+    def start(self, node: str) -> None:
+        proc = self.lab.start(f"gatewayd-{node}", "gatewayd", "--config", str(self.configs[node]))
+        self.procs[node] = proc
+        sock = self.configs[node].parent / f"admin-{node}.sock"
+
+        def ready() -> bool:
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"gatewayd {node} exited: {proc.output()[-2000:]}")
+            return sock.exists() and self.trail(node).exists()
+
+        wait_for(ready, 20, f"gatewayd {node} to start")
 
 
 @pytest.fixture(scope="module")
-def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, Lab, EchoServer]]:
+def nodes(
+    tmp_path_factory: pytest.TempPathFactory,
+    mosquitto: Mosquitto,  # noqa: F811
+) -> Iterator[Nodes]:
     root = tmp_path_factory.mktemp("failover")
-    one = Lab(root / "n1")
-    one.init()
-    text = one.config.read_text()
-    one.config.write_text(re.sub(r"(?m)^node_id = .*$", 'node_id = "gw1"', text))
-    gateway = one.start_gateway()
-    one.admin("org", "add", "clinic", "--name", "Clinic")
-    one.admin("vendor", "add", "acme", "--name", "Acme")
-    one.agreement("acme", "clinic", "access", unattended=True)
-    one.vendor_user("vera", "acme", PASSWORD)
-    one.enroll_agent("pc1", "clinic")
-    # A consistent copy of the state: the first node stopped while it is taken.
-    assert gateway.stop() == 0
-    one.procs.remove(gateway)
-    two = second_node(one, root / "n2")
-    one.start_gateway()
-    two.start_gateway()
-    echo = EchoServer()
+    lab = Lab(root)
+    lab.init(extra_config=f'[cluster]\nmqtt = "{mosquitto.address}"\nreply_timeout = 2\n')
+    base = lab.config.read_text()
+    n = Nodes(lab, EchoServer())
+    for i, node in enumerate(NODES):
+        n.ports[node] = lab.port if i == 0 else free_port()
+        text = re.sub(r'(?m)^node_id = "[^"]*"', f'node_id = "{node}"', base, count=1)
+        text = text.replace(f'listen = "{lab.gateway}"', f'listen = "{n.gateway(node)}"', 1)
+        text = text.replace('path = "audit/audit.jsonl"', f'path = "audit-{node}/audit.jsonl"')
+        text = text.replace('socket = "admin.sock"', f'socket = "admin-{node}.sock"')
+        n.configs[node] = lab.config.with_name(f"gatewayd-{node}.toml")
+        n.configs[node].write_text(text)
+    # Lab's own helpers (enrollment, users) talk to node 1.
+    lab.config.write_text(n.configs["n1"].read_text())
     try:
-        yield one, two, echo
+        for node in NODES:
+            n.start(node)
+        n.admin("n1", "org", "add", "clinic", "--name", "Clinic")
+        n.admin("n1", "vendor", "add", "acme", "--name", "Acme")
+        lab.agreement("acme", "clinic", "access", unattended=True)
+        lab.vendor_user("vera", "acme", PASSWORD)
+        lab.enroll_agent("pc1", "clinic")
+        yield n
     finally:
-        one.close()
-        two.close()
-        echo.close()
+        lab.close()
+        n.echo.close()
 
 
-def agent_config(one: Lab, two: Lab, echo: EchoServer) -> Path:
-    path = one.root / "agent.toml"
+def agent_config(n: Nodes) -> Path:
+    path = n.lab.root / "agent.toml"
+    gateways = ", ".join(f'"{n.gateway(node)}"' for node in NODES)
     path.write_text(
         f"""
 state_dir = "agent-pc1"
-gateways = ["{one.gateway}", "{two.gateway}"]
+gateways = [{gateways}]
 prompt = false
 
 [targets]
-echo = "127.0.0.1:{echo.port}"
+echo = "127.0.0.1:{n.echo.port}"
 
 [reconnect]
 first = 0.2
@@ -92,37 +127,52 @@ max = 2
     return path
 
 
-def test_agent_moves_to_the_other_node_when_its_node_is_killed(
-    nodes: tuple[Lab, Lab, EchoServer],
-) -> None:
-    one, two, echo = nodes
-    config = agent_config(one, two, echo)
-    agent = one.start("agent-pc1", "gw", "agent", "run", "--config", str(config))
-
-    def holder() -> Lab | None:
-        held = [lab for lab in (one, two) if connects(lab, "pc1")]
-        return held[0] if len(held) == 1 else None
-
-    wait_for(lambda: holder() is not None, 20, "the agent to connect to a node")
-    first = holder()
-    assert first is not None
-    other = two if first is one else one
-    assert f"connected gateway={first.gateway}" in agent.output()
-    before = connects(other, "pc1")
+def test_agent_moves_to_another_node_when_its_node_is_killed(nodes: Nodes) -> None:
+    n = nodes
+    agent = n.lab.start("agent-pc1", "gw", "agent", "run", "--config", str(agent_config(n)))
+    wait_for(lambda: "connected" in agent.output(), 20, "the agent to connect")
+    first = next(node for node in NODES if f"connected gateway={n.gateway(node)}" in agent.output())
+    watcher = next(node for node in NODES if node != first)
+    wait_for(lambda: n.holder(watcher, "pc1") == first, 15, f"{watcher} to see pc1 on {first}")
 
     # The node dies without a word: no TLS close, no error frame, no last record.
-    node = next(p for p in first.procs if p.name == "gatewayd")
-    node.stop(signal.SIGKILL)
-    wait_for(lambda: connects(other, "pc1") > before, 20, "the agent on the other node")
+    n.procs[first].stop(signal.SIGKILL)
+    alive = [node for node in NODES if node != first]
+    wait_for(lambda: n.holder(alive[0], "pc1") in alive, 30, "pc1 on a surviving node")
+    second = n.holder(alive[0], "pc1")
+    assert second in alive
+    third = next(node for node in alive if node != second)
     assert agent.popen.poll() is None
     log = agent.output()
-    assert f"connected gateway={other.gateway}" in log.split("reconnecting")[-1]
+    assert f"connected gateway={n.gateway(second)}" in log.split("reconnecting")[-1]
     waits = [float(w) for w in re.findall(r"reconnecting seconds=([\d.]+)", log)]
-    assert waits and all(0 <= w <= 2 for w in waits)  # full jitter under the cap
+    assert waits and all(0 <= w <= 2 for w in waits)  # full jitter, under the cap
 
-    # A vendor's tunnel through the surviving node reaches the service at the agent.
-    result = other.connect_stdio("pc1", "vera", PASSWORD, "echo", "failover\n")
+    # A vendor logged in to the third node reaches the service through the agent's
+    # new node: the agent dials its data connection straight to the third node.
+    wait_for(lambda: n.holder(third, "pc1") == second, 15, f"{third} to see pc1 on {second}")
+    args = n.lab.connect_args(
+        "pc1", "vera", "echo", "access", "--stdio", "--password-stdin", "--totp", n.lab.totp("vera")
+    )
+    args[args.index("--gateway") + 1] = n.gateway(third)
+    result = n.lab.run(*args, input=f"{PASSWORD}\nfailover\n", check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "FAILOVER\n"
-    starts = [r for r in other.events("tunnel.start") if r.get("agent") == "pc1"]
-    assert starts and starts[-1]["node"] == ("gw1" if other is one else "gw2")
+
+    def records(node: str, event: str) -> list[dict[str, Any]]:
+        lines = n.trail(node).read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["event"] == event]
+
+    assert [r for r in records(second, "agent.connect") if r["agent"] == "pc1"]
+    assert [r for r in records(third, "tunnel.start") if r.get("agent") == "pc1"]
+
+    # The three trails read as one, merged by time, and each chain verifies on its own.
+    trails = [a for node in NODES for a in ("--trail", str(n.trail(node).parent))]
+    merged = n.lab.run("gw", "audit", *trails, "--agent", "pc1", "--json").stdout
+    recs = [json.loads(line) for line in merged.splitlines()]
+    assert [r["ts"] for r in recs] == sorted(r["ts"] for r in recs)
+    connects = [r["node"] for r in recs if r["event"] == "agent.connect"]
+    assert connects[0] == first and connects[-1] == second
+    verify = n.lab.run("gw", "audit", *trails, "verify", check=False)
+    for node in alive:
+        assert f"node {node} ({n.trail(node)}): ok:" in verify.stdout, verify.stderr
