@@ -27,32 +27,34 @@ class Access:
     def config(self) -> Config:
         return self.holder.current
 
-    def decide(self, user_id: str, agent_id: str, mode: str) -> policy.Decision:
-        user = self.store.get_user(user_id)
-        agent = self.store.get_agent(agent_id)
+    async def decide(self, user_id: str, agent_id: str, mode: str) -> policy.Decision:
+        user = await self.store.get_user(user_id)
+        agent = await self.store.get_agent(agent_id)
         if user is None:
             return policy.deny("unknown user")
         if agent is None:
             return policy.deny(f"unknown agent {agent_id}")
-        vendor_disabled = self.store.vendor_disabled(user.vendor) if user.vendor else None
-        agreements = self.store.agreements_between(user.vendor, agent.org) if user.vendor else []
+        vendor_disabled = await self.store.vendor_disabled(user.vendor) if user.vendor else None
+        agreements = (
+            await self.store.agreements_between(user.vendor, agent.org) if user.vendor else []
+        )
         return policy.decide(
             user=user,
             agent=agent,
-            org_disabled=self.store.org_disabled(agent.org),
+            org_disabled=await self.store.org_disabled(agent.org),
             mode=mode,
             now=self.clock.now(),
             vendor_disabled=vendor_disabled,
             agreements=agreements,
-            grants=self.store.grants_of(user_id),
+            grants=await self.store.grants_of(user_id),
         )
 
-    def e2e(self, agent_id: str) -> str:
+    async def e2e(self, agent_id: str) -> str:
         """The end-to-end handshake of the agent's tunnels: ``hybrid`` for an agent with
         an ML-KEM key (it answers no other, and clients are given the key)."""
-        agent = self.store.get_agent(agent_id)
+        agent = await self.store.get_agent(agent_id)
         return "hybrid" if agent is not None and agent.pq_key else "classic"
 
-    def classic_refused(self, agent_id: str) -> bool:
+    async def classic_refused(self, agent_id: str) -> bool:
         """``[e2e] require_hybrid`` is on and the agent can only run the classic handshake."""
-        return self.config.e2e.require_hybrid and self.e2e(agent_id) == "classic"
+        return self.config.e2e.require_hybrid and await self.e2e(agent_id) == "classic"

@@ -148,14 +148,14 @@ class AdminServer:
 
 async def _org_add(s: Admin, args: dict[str, Any], by: str) -> Any:
     org = arg_id(args, "org")
-    s.store.add_org(org, arg_text(args, "name", org), s.now())
+    await s.store.add_org(org, arg_text(args, "name", org), s.now())
     await s.changed(by, "org.add", org=org)
     return {"org": org}
 
 
 async def _vendor_add(s: Admin, args: dict[str, Any], by: str) -> Any:
     vendor = arg_id(args, "vendor")
-    s.store.add_vendor(vendor, arg_text(args, "name", vendor), s.now())
+    await s.store.add_vendor(vendor, arg_text(args, "name", vendor), s.now())
     await s.changed(by, "vendor.add", vendor=vendor)
     return {"vendor": vendor}
 
@@ -176,14 +176,14 @@ async def _user_add(s: Admin, args: dict[str, Any], by: str) -> Any:
     if secret is not None and (not isinstance(secret, str) or not 8 <= len(secret) <= 1024):
         raise AdminError("password: must be 8 to 1024 characters")
     smartcard = card.credential_from_args(s, args)  # --cert-serial / --cert-file
-    s.store.add_user(
+    await s.store.add_user(
         user, kind="vendor" if vendor else "employee", vendor=vendor, org=org, now=s.now()
     )
     if secret:
         hashed = await asyncio.to_thread(password_factor.hash_password, secret)
-        s.store.set_credential(user, "password", {"hash": hashed}, s.now())
+        await s.store.set_credential(user, "password", {"hash": hashed}, s.now())
     if smartcard is not None:
-        s.store.set_credential(user, "smartcard", smartcard, s.now())
+        await s.store.set_credential(user, "smartcard", smartcard, s.now())
     await s.changed(
         by,
         "user.add",
@@ -202,19 +202,19 @@ async def _user_password(s: Admin, args: dict[str, Any], by: str) -> Any:
     if not 8 <= len(secret) <= 1024:
         raise AdminError("password: must be 8 to 1024 characters")
     hashed = await asyncio.to_thread(password_factor.hash_password, secret)
-    s.store.set_credential(user, "password", {"hash": hashed}, s.now())
+    await s.store.set_credential(user, "password", {"hash": hashed}, s.now())
     await s.changed(by, "user.password", user=user)
     return {"user": user}
 
 
 async def _totp_enroll(s: Admin, args: dict[str, Any], by: str) -> Any:
     user = arg_id(args, "user")
-    if s.store.get_user(user) is None:
+    if await s.store.get_user(user) is None:
         raise AdminError(f"no user {user!r}")
     secret = totp.new_secret()
     # A new seed: any login still holding the old one fails (the version moved on), and
     # no step of the new one has been used.
-    s.store.set_credential(user, "totp", {"secret": secret}, s.now(), reset_counters=True)
+    await s.store.set_credential(user, "totp", {"secret": secret}, s.now(), reset_counters=True)
     issuer = str(s.config.auth.get("totp", {}).get("issuer", "gatewayd"))
     await s.changed(by, "totp.enroll", user=user)
     return {"uri": totp.provisioning_uri(secret, user, issuer), "secret": secret}
@@ -231,7 +231,7 @@ async def _factor_enroll(s: Admin, args: dict[str, Any], by: str) -> Any:
         isinstance(k, str) and isinstance(v, str) for k, v in params.items()
     ):
         raise AdminError("params: expected KEY=VALUE texts")
-    if s.store.get_user(user) is None:
+    if await s.store.get_user(user) is None:
         raise AdminError(f"no user {user!r}")
     try:
         factor = registry.get(name)
@@ -245,7 +245,9 @@ async def _factor_enroll(s: Admin, args: dict[str, Any], by: str) -> Any:
         )
     except ValueError as exc:
         raise AdminError(f"{name}: {exc}") from exc
-    s.store.set_credential(user, name, dict(enrolled.credential), s.now(), reset_counters=True)
+    await s.store.set_credential(
+        user, name, dict(enrolled.credential), s.now(), reset_counters=True
+    )
     # The parameters' names only: their values may be secrets.
     await s.changed(by, "factor.enroll", user=user, factor=name, params=sorted(params))
     return {"user": user, "factor": name, **dict(enrolled.shown)}
@@ -255,7 +257,7 @@ async def _user_unlock(s: Admin, args: dict[str, Any], by: str) -> Any:
     """Clear a user's failed-login count and lock, including the lock that only an
     administrator can lift (after ``[lockout] hard_limit`` consecutive failures)."""
     user = arg_id(args, "user")
-    before = s.store.unlock(user)
+    before = await s.store.unlock(user)
     await s.changed(
         by,
         "user.unlock",
@@ -288,7 +290,7 @@ async def _agreement_add(s: Admin, args: dict[str, Any], by: str) -> Any:
     for key, value in (("valid_from", valid_from), ("valid_until", valid_until)):
         if value is not None and not isinstance(value, int | float):
             raise AdminError(f"{key}: expected a POSIX time")
-    s.store.add_agreement(
+    await s.store.add_agreement(
         agreement,
         vendor=vendor,
         org=org,
@@ -319,7 +321,7 @@ async def _agent_add(s: Admin, args: dict[str, Any], by: str) -> Any:
         raise AdminError("ttl: between 60 seconds and 30 days")
     token = secrets.token_urlsafe(32)
     expires = s.now() + ttl
-    s.store.add_agent(agent, org, token, expires, s.now())
+    await s.store.add_agent(agent, org, token, expires, s.now())
     await s.changed(by, "agent.add", agent=agent, org=org, token_expires=expires)
     return {"agent": agent, "token": token, "expires": expires}
 
@@ -328,7 +330,7 @@ async def _list(s: Admin, args: dict[str, Any], by: str) -> Any:
     table = arg_text(args, "what")
     if table not in ("orgs", "vendors", "users", "agents", "agreements"):
         raise AdminError("what: one of orgs, vendors, users, agents, agreements")
-    rows = s.store.list_rows(table)
+    rows = await s.store.list_rows(table)
     if table == "agents":
         online = s.broker.online_agents()
         for row in rows:

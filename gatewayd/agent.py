@@ -91,7 +91,7 @@ class Agents:
         for a in list(self.online.values()):
             a.link.send_error("shutdown", "the gateway is shutting down")
 
-    def verified(self, link: FramedLink) -> str | None:
+    async def verified(self, link: FramedLink) -> str | None:
         """The id of the enrolled agent whose certificate this link presented, else None."""
         der = link.peer_certificate()
         if der is None:
@@ -100,13 +100,13 @@ class Agents:
             agent_id = _cn(x509.load_der_x509_certificate(der))
         except ValueError:
             return None
-        agent = self.store.get_agent(agent_id)
+        agent = await self.store.get_agent(agent_id)
         if agent is None or agent.disabled or agent.cert_fingerprint != ca.fingerprint(der):
             return None
         return agent_id
 
     async def serve(self, link: FramedLink, hello: m.AgentHello) -> None:
-        agent_id = self.verified(link)
+        agent_id = await self.verified(link)
         if agent_id is None:
             self.rejections.refuse(
                 "agent.rejected",
@@ -117,7 +117,7 @@ class Agents:
             )
             link.send_error("auth_failed", "agent not enrolled, disabled, or certificate unknown")
             return
-        agent = self.store.get_agent(agent_id)
+        agent = await self.store.get_agent(agent_id)
         assert agent is not None
         previous = self.online.get(agent_id)
         if previous is not None:
@@ -126,7 +126,7 @@ class Agents:
             agent_id, agent.org, link, frozenset(hello.targets), self.clock.now(), link.peer
         )
         self.online[agent_id] = conn
-        self.store.touch_agent(agent_id, self.clock.now())
+        await self.store.touch_agent(agent_id, self.clock.now())
         self.bus.publish(
             AgentConnected(
                 agent=agent_id, org=agent.org, source=link.peer, targets=sorted(hello.targets)

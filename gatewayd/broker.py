@@ -188,7 +188,7 @@ class Broker:
             elif isinstance(hello, m.AgentHello):
                 await self._agent(link, hello)
             elif isinstance(hello, m.DataHello):
-                keep_open = self._data(link, hello)
+                keep_open = await self._data(link, hello)
             elif isinstance(hello, m.RegisterHello):
                 await self._register(link, hello)
             else:
@@ -228,8 +228,8 @@ class Broker:
     async def _agent(self, link: FramedLink, hello: m.AgentHello) -> None:
         await self.agents.serve(link, hello)
 
-    def _data(self, link: FramedLink, hello: m.DataHello) -> bool:
-        return self.tunnels.serve_data(link, hello)
+    async def _data(self, link: FramedLink, hello: m.DataHello) -> bool:
+        return await self.tunnels.serve_data(link, hello)
 
     async def _register(self, link: FramedLink, hello: m.RegisterHello) -> None:
         """A person registers a factor credential (a security key) with a one-time code."""

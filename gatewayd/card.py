@@ -74,9 +74,9 @@ async def user_set_cert(s: Admin, args: dict[str, Any], by: str) -> Any:
     credential = credential_from_args(s, args)
     if credential is None:
         raise AdminError("give --cert-serial VALUE or --cert-file PEM")
-    if s.store.get_user(user) is None:
+    if await s.store.get_user(user) is None:
         raise AdminError(f"no user {user!r}")
-    replaced = s.store.get_credential(user, METHOD) is not None
-    s.store.set_credential(user, METHOD, credential, s.now())
+    replaced = await s.store.get_credential(user, METHOD) is not None
+    await s.store.set_credential(user, METHOD, credential, s.now())
     await s.changed(by, "user.set_cert", user=user, replaced=replaced, **audit_fields(credential))
     return {"user": user, **credential}

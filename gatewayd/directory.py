@@ -33,7 +33,7 @@ async def _after_change(s: Admin, by: str, op_name: str, **fields: Any) -> int:
 async def disable(s: Admin, args: dict[str, Any], by: str) -> Any:
     noun, table = _noun(args)
     ident = arg_id(args, "id")
-    s.store.set_disabled(table, ident, True)
+    await s.store.set_disabled(table, ident, True)
     ended = await _after_change(s, by, f"{noun}.disable", **{noun: ident})
     return {noun: ident, "sessions_ended": ended}
 
@@ -41,7 +41,7 @@ async def disable(s: Admin, args: dict[str, Any], by: str) -> Any:
 async def enable(s: Admin, args: dict[str, Any], by: str) -> Any:
     noun, table = _noun(args)
     ident = arg_id(args, "id")
-    s.store.set_disabled(table, ident, False)
+    await s.store.set_disabled(table, ident, False)
     await s.changed(by, f"{noun}.enable", **{noun: ident})
     return {noun: ident}
 
@@ -52,7 +52,7 @@ async def remove(s: Admin, args: dict[str, Any], by: str) -> Any:
     if table is None:
         raise AdminError("kind: one of user, vendor, agent, org, agreement")
     ident = arg_id(args, "id")
-    s.store.remove(table, ident)
+    await s.store.remove(table, ident)
     ended = await _after_change(s, by, f"{noun}.remove", **{str(noun): ident})
     return {str(noun): ident, "sessions_ended": ended}
 
@@ -63,13 +63,13 @@ async def show(s: Admin, args: dict[str, Any], by: str) -> Any:
     if table is None:
         raise AdminError("kind: one of user, vendor, agent, org, agreement")
     ident = arg_id(args, "id")
-    rows = s.store.list_rows(table, ident)
+    rows = await s.store.list_rows(table, ident)
     if not rows:
         raise AdminError(f"no {noun} {ident!r}")
     row = rows[0]
     if noun == "user":
-        row["factors"] = sorted(s.store.credential_methods(ident))
-        row["grants"] = sorted(s.store.grants_of(ident))
+        row["factors"] = sorted(await s.store.credential_methods(ident))
+        row["grants"] = sorted(await s.store.grants_of(ident))
     if noun == "agent":
         targets = s.broker.online_agents().get(ident)
         row["online"] = targets is not None
@@ -87,7 +87,7 @@ async def accept_agreement(s: Admin, args: dict[str, Any], by: str) -> Any:
     side = args.get("side")
     if side not in ("vendor", "org"):
         raise AdminError("side: vendor or org")
-    s.store.accept_agreement(agreement, str(side), s.now())
+    await s.store.accept_agreement(agreement, str(side), s.now())
     await s.changed(by, "agreement.accept", agreement=agreement, side=side)
     return {"agreement": agreement, "side": side}
 
@@ -97,7 +97,7 @@ async def agreement_state(s: Admin, args: dict[str, Any], by: str) -> Any:
     state = args.get("state")
     if state not in ("active", "suspended"):
         raise AdminError("state: active or suspended")
-    s.store.set_agreement_state(agreement, str(state))
+    await s.store.set_agreement_state(agreement, str(state))
     op_name = "agreement.suspend" if state == "suspended" else "agreement.resume"
     ended = await _after_change(s, by, op_name, agreement=agreement)
     return {"agreement": agreement, "state": state, "sessions_ended": ended}
@@ -112,6 +112,6 @@ async def vendor_networks(s: Admin, args: dict[str, Any], by: str) -> Any:
         parsed = [str(ipaddress.ip_network(n, strict=False)) for n in networks]
     except ValueError as exc:
         raise AdminError(f"networks: {exc}") from exc
-    s.store.set_source_networks(vendor, parsed)
+    await s.store.set_source_networks(vendor, parsed)
     ended = await _after_change(s, by, "vendor.networks", vendor=vendor, networks=parsed)
     return {"vendor": vendor, "networks": parsed, "sessions_ended": ended}

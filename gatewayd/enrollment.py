@@ -109,7 +109,7 @@ class Enrollment:
             link.send_error("rate_limited", "too many failed enrollments; try again later")
             return
         now = self.clock.now()
-        agent_id = self.store.agent_for_token(hello.token, now)
+        agent_id = await self.store.agent_for_token(hello.token, now)
         if agent_id is None:
             await self.bus.record(
                 AgentEnrolled(
@@ -137,7 +137,7 @@ class Enrollment:
             link.send_error("protocol_error", str(exc))
             return
         der = cert.public_bytes(Encoding.DER)
-        taken = self.store.take_enrollment(
+        taken = await self.store.take_enrollment(
             hello.token, ca.fingerprint(der), hello.noise_key, now, hello.pq_key or None
         )
         if taken != agent_id:

@@ -145,16 +145,18 @@ async def serve_registration(broker: Broker, link: FramedLink, hello: m.Register
 
     code = normalize_code(hello.code)
     now = broker.now()
-    state = store.registration_code_state(hello.user, METHOD, code, now) if code else "unknown"
+    state = (
+        await store.registration_code_state(hello.user, METHOD, code, now) if code else "unknown"
+    )
     if state != "valid":
         await refuse(_CODE_REASONS.get(state, "unknown code"), "auth_failed", _GENERIC)
         return
-    user = store.get_user(hello.user)
+    user = await store.get_user(hello.user)
     if user is None or user.disabled:
         await refuse("user disabled", "auth_failed", _GENERIC)
         return
 
-    record = store.get_credential(hello.user, METHOD)
+    record = await store.get_credential(hello.user, METHOD)
     handle = _user_handle(record)
     try:
         payload, verifier_state = fido2.registration_begin(
@@ -191,7 +193,7 @@ async def serve_registration(broker: Broker, link: FramedLink, hello: m.Register
     # The record is read again now (the person took a while) and written back only if
     # it is still that version: a key removed or added meanwhile is never undone.
     now = broker.now()
-    loaded = store.load_credential(hello.user, METHOD)
+    loaded = await store.load_credential(hello.user, METHOD)
     current = loaded.data if loaded is not None else None
     try:
         new_record, key = fido2.registration_complete(
@@ -204,16 +206,16 @@ async def serve_registration(broker: Broker, link: FramedLink, hello: m.Register
             "the gateway refused this security key (its audit log says why)",
         )
         return
-    if not store.take_registration_code(hello.user, METHOD, code, now):
+    if not await store.take_registration_code(hello.user, METHOD, code, now):
         # Used by a concurrent registration, or expired while the person touched the key.
-        state = store.registration_code_state(hello.user, METHOD, code, now)
+        state = await store.registration_code_state(hello.user, METHOD, code, now)
         await refuse(_CODE_REASONS.get(state, "unknown code"), "auth_failed", _GENERIC)
         return
     new_record.setdefault("user_handle", handle)
     if loaded is None:
-        stored = store.add_credential(hello.user, METHOD, new_record, now)
+        stored = await store.add_credential(hello.user, METHOD, new_record, now)
     else:
-        stored = store.replace_credential(hello.user, METHOD, new_record, loaded.version, now)
+        stored = await store.replace_credential(hello.user, METHOD, new_record, loaded.version, now)
     if not stored:  # nothing awaits since the read: only another process could get here
         await refuse("credential changed meanwhile; try again", "auth_failed", _GENERIC)
         return
@@ -240,15 +242,15 @@ async def serve_registration(broker: Broker, link: FramedLink, hello: m.Register
 # -- gw admin fido2 ------------------------------------------------------------------
 
 
-def _existing_user(s: Admin, args: dict[str, Any]) -> str:
+async def _existing_user(s: Admin, args: dict[str, Any]) -> str:
     user = arg_id(args, "user")
-    if s.store.get_user(user) is None:
+    if await s.store.get_user(user) is None:
         raise AdminError(f"no user {user!r}")
     return user
 
 
 async def invite(s: Admin, args: dict[str, Any], by: str) -> Any:
-    user = _existing_user(s, args)
+    user = await _existing_user(s, args)
     try:
         settings = settings_of(s.config)
     except ConfigError as exc:
@@ -259,7 +261,7 @@ async def invite(s: Admin, args: dict[str, Any], by: str) -> Any:
     code = new_code()
     now = s.now()
     expires = now + float(ttl)
-    s.store.add_registration_code(
+    await s.store.add_registration_code(
         user, METHOD, normalize_code(code), expires=expires, by=by, now=now
     )
     await s.changed(by, "fido2.invite", user=user, expires=expires)
@@ -273,8 +275,8 @@ async def invite(s: Admin, args: dict[str, Any], by: str) -> Any:
 
 
 async def list_keys(s: Admin, args: dict[str, Any], by: str) -> Any:
-    user = _existing_user(s, args)
-    loaded = s.store.load_credential(user, METHOD)
+    user = await _existing_user(s, args)
+    loaded = await s.store.load_credential(user, METHOD)
     if loaded is None:
         return []
     keys = fido2.list_credentials(loaded.data)
@@ -286,9 +288,9 @@ async def list_keys(s: Admin, args: dict[str, Any], by: str) -> Any:
 
 
 async def remove_key(s: Admin, args: dict[str, Any], by: str) -> Any:
-    user = _existing_user(s, args)
+    user = await _existing_user(s, args)
     key_id = arg_text(args, "key")
-    loaded = s.store.load_credential(user, METHOD)
+    loaded = await s.store.load_credential(user, METHOD)
     record = loaded.data if loaded is not None else None
     try:
         new_record = fido2.remove_credential(record, key_id)
@@ -299,11 +301,11 @@ async def remove_key(s: Admin, args: dict[str, Any], by: str) -> Any:
     (removed,) = [e for e in fido2.list_credentials(record) if e["id"] not in kept]
     # Written only over the version read: a key registered meanwhile is not dropped.
     if new_record["credentials"]:
-        done = s.store.replace_credential(
+        done = await s.store.replace_credential(
             user, METHOD, new_record, loaded.version, s.now(), drop_counters=(removed["id"],)
         )
     else:  # no key left: the user no longer holds the factor at all (counters go too)
-        done = s.store.delete_credential(user, METHOD, loaded.version)
+        done = await s.store.delete_credential(user, METHOD, loaded.version)
     if not done:
         raise AdminError("the user's security keys changed meanwhile; list them and try again")
     await s.changed(

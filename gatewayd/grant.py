@@ -18,8 +18,8 @@ from .operation import Admin, AdminError, arg_id
 async def grant_add(s: Admin, args: dict[str, Any], by: str) -> Any:
     user_id = arg_id(args, "user")
     agent_id = arg_id(args, "agent")
-    user = s.store.get_user(user_id)
-    agent = s.store.get_agent(agent_id)
+    user = await s.store.get_user(user_id)
+    agent = await s.store.get_agent(agent_id)
     if user is None:
         raise AdminError(f"no user {user_id!r}")
     if agent is None:
@@ -29,7 +29,7 @@ async def grant_add(s: Admin, args: dict[str, Any], by: str) -> Any:
             f"{user_id} is not an employee of {agent.org}, which owns {agent_id}: "
             "homeoffice is for an organisation's own employees"
         )
-    s.store.add_grant(user_id, agent_id, s.now())
+    await s.store.add_grant(user_id, agent_id, s.now())
     await s.changed(by, "grant.add", user=user_id, agent=agent_id, org=agent.org)
     return {"user": user_id, "agent": agent_id}
 
@@ -37,7 +37,7 @@ async def grant_add(s: Admin, args: dict[str, Any], by: str) -> Any:
 async def grant_remove(s: Admin, args: dict[str, Any], by: str) -> Any:
     user_id = arg_id(args, "user")
     agent_id = arg_id(args, "agent")
-    if not s.store.remove_grant(user_id, agent_id):
+    if not await s.store.remove_grant(user_id, agent_id):
         raise AdminError(f"{agent_id} is not granted to {user_id}")
     await s.changed(by, "grant.remove", user=user_id, agent=agent_id)
     ended = await s.broker.revalidate(f"grant.remove by {by}")

@@ -146,9 +146,9 @@ class Login:
         """
         cfg = self.config
         lockout = self._lockout()
-        user = self.store.get_user(hello.user)
+        user = await self.store.get_user(hello.user)
         binding = link.channel_binding()
-        enrolled = set(self.store.credential_methods(hello.user)) if user else set()
+        enrolled = set(await self.store.credential_methods(hello.user)) if user else set()
         steps = cfg.mode(hello.mode).factors
         for index, step in enumerate(steps):
             method = self.choose(step, hello.factors, enrolled)
@@ -172,7 +172,7 @@ class Login:
                 await self.bus.flush()
                 link.send_error("auth_failed", "authentication failed")
                 return False
-            credential = self.store.load_credential(hello.user, method) if user else None
+            credential = await self.store.load_credential(hello.user, method) if user else None
             ctx = AuthContext(
                 user=hello.user,
                 channel_binding=binding,
@@ -207,7 +207,7 @@ class Login:
             # The lock, checked before this factor: a slot, or why not.
             attempt = Attempt.UNKNOWN
             if user is not None and not user.disabled:
-                attempt = self.store.begin_attempt(hello.user, self.clock.now(), lockout)
+                attempt = await self.store.begin_attempt(hello.user, self.clock.now(), lockout)
             try:
                 if response.method != method:
                     outcome = Outcome.reject(f"answered {response.method[:32]}")
@@ -219,17 +219,17 @@ class Login:
                 refused = None
                 if index == 0 and user is not None:
                     # Told only after the first factor, with the answer an unknown user gets.
-                    refused = self.source_refused(user, link.peer)
+                    refused = await self.source_refused(user, link.peer)
                 verified = outcome_ok and attempt is Attempt.GO
                 if verified and refused is None and credential is not None:
-                    verified, why = self._apply(hello.user, method, credential, outcome)
+                    verified, why = await self._apply(hello.user, method, credential, outcome)
                     if not verified:
                         outcome_ok, reason = False, why
             except BaseException:
                 # Cancelled, or the verifier's settings or the store failed: free the
                 # slot without counting (the end below is never reached).
                 if attempt is Attempt.GO:
-                    self.store.cancel_attempt(hello.user)
+                    await self.store.cancel_attempt(hello.user)
                 raise
             # Checked after the factor ran, so the answer takes as long either way.
             if user is None:
@@ -242,7 +242,7 @@ class Login:
                 outcome_ok, reason = False, refused if outcome_ok else f"{refused} ({reason})"
             if attempt is Attempt.GO:
                 # The lock, checked after this factor: counted and decided atomically.
-                end = self.store.end_attempt(
+                end = await self.store.end_attempt(
                     hello.user,
                     ok=verified,  # a refused source is not a wrong answer: not counted
                     final=index == len(steps) - 1 and outcome_ok,
@@ -272,27 +272,27 @@ class Login:
                 return False
         return True
 
-    def _apply(
+    async def _apply(
         self, user: str, method: str, credential: Credential, outcome: Outcome
     ) -> tuple[bool, str]:
         """Store what an accepted factor changes, conditionally; (applied, why not)."""
         now = self.clock.now()
         if outcome.counter is not None:
             key, value = outcome.counter
-            if not self.store.advance_counter(
+            if not await self.store.advance_counter(
                 user, method, key, value, version=credential.version, now=now
             ):
                 # Which condition failed, for the audit record: the counter is already
                 # there (a replay), or the credential or the key is not what was verified.
-                now_stored = self.store.load_credential(user, method)
+                now_stored = await self.store.load_credential(user, method)
                 reached = now_stored.counters.get(key) if now_stored is not None else None
                 version_kept = now_stored is not None and now_stored.version == credential.version
                 if reached is not None and reached >= value and (key or version_kept):
                     return False, f"{_REPLAYED} (counter {value} already reached)"
                 return False, _CHANGED
-        elif self.store.credential_version(user, method) != credential.version:
+        elif await self.store.credential_version(user, method) != credential.version:
             return False, _CHANGED
-        if outcome.rehash is not None and not self.store.replace_credential(
+        if outcome.rehash is not None and not await self.store.replace_credential(
             user, method, dict(outcome.rehash), credential.version, now
         ):
             return False, _CHANGED
@@ -311,7 +311,7 @@ class Login:
         else:
             self.bus.publish(AuthLocked(user=user, failures=end.failures, seconds=end.newly_locked))
 
-    def source_refused(self, user: User, source: str) -> str | None:
+    async def source_refused(self, user: User, source: str) -> str | None:
         """A vendor may restrict where its users log in from (CIDRs in the directory).
 
         Why this source is refused, or None. Asked only after the first factor ran, so
@@ -320,17 +320,17 @@ class Login:
         """
         if user.vendor is None:
             return None
-        networks = self.store.source_networks(user.vendor)
+        networks = await self.store.source_networks(user.vendor)
         if policy.source_allowed(networks, source):
             return None
         return f"source address not allowed for vendor {user.vendor}"
 
-    def card_proved(self, hello: m.ClientHello) -> bool:
+    async def card_proved(self, hello: m.ClientHello) -> bool:
         """Whether a smartcard was one of the factors this login proved.
 
         Every step's factor passed, and each was picked by :meth:`choose` from the mode,
         what the client offered and what the user holds; the same choice, made again.
         """
-        enrolled = set(self.store.credential_methods(hello.user))
+        enrolled = set(await self.store.credential_methods(hello.user))
         steps = self.config.mode(hello.mode).factors
         return any(self.choose(step, hello.factors, enrolled) == "smartcard" for step in steps)

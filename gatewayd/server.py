@@ -196,7 +196,7 @@ class Gateway:
             with contextlib.suppress(GatewayError):
                 await broker.bus.record(GatewayStopped(reason="signal"))
             await audit.close()
-            store.close()
+            await store.close()
             if state_lock >= 0:
                 os.close(state_lock)
 

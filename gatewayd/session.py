@@ -274,7 +274,7 @@ class Sessions:
         if not hello.agent:
             await self.list_agents(link, hello, sid)
             return
-        decision = self.access.decide(hello.user, hello.agent, hello.mode)
+        decision = await self.access.decide(hello.user, hello.agent, hello.mode)
         context = {
             "session": sid,
             "user": hello.user,
@@ -312,7 +312,7 @@ class Sessions:
             self.bus.publish(SessionRefused(**context, reason="target unknown"))
             link.send_error("target_unknown", f"agent {hello.agent} has no target {hello.target}")
             return
-        if self.access.classic_refused(hello.agent):
+        if await self.access.classic_refused(hello.agent):
             self.bus.publish(SessionRefused(**context, reason=NO_PQ_KEY))
             link.send_error("denied", f"agent {hello.agent}: {NO_PQ_KEY}")
             return
@@ -322,10 +322,10 @@ class Sessions:
             if answer is None:
                 return
             approved_by = answer
-        agent = self.store.get_agent(hello.agent)
+        agent = await self.store.get_agent(hello.agent)
         assert agent is not None and agent.noise_key is not None
         mode_cfg = self.config.mode(hello.mode)
-        watched = mode_cfg.end_on_card_removal and self.login.card_proved(hello)
+        watched = mode_cfg.end_on_card_removal and await self.login.card_proved(hello)
         now = self.clock.now()
         session = Session(
             id=sid,
@@ -370,11 +370,11 @@ class Sessions:
             # Unattended access and home office: announced at the machine, with the
             # client key, the only one the agent then accepts in this session's tunnels
             # (an approved session's key was bound by the approval itself).
-            self.notify_agent(session, "start")
+            await self.notify_agent(session, "start")
         try:
             await self.hold(session)
         finally:
-            self.notify_agent(session, "end")  # the agent forgets the session's key
+            await self.notify_agent(session, "end")  # the agent forgets the session's key
             self.directory.remove(session)
             for pipe in list(session.tunnels):
                 pipe.abort(f"session ended: {session.end_reason}")
@@ -397,9 +397,11 @@ class Sessions:
     async def list_agents(self, link: FramedLink, hello: m.ClientHello, sid: str) -> None:
         """After login: the agents this user may reach, each with the modes allowed."""
         found: dict[str, Any] = {}
-        for row in self.store.list_rows("agents"):
+        for row in await self.store.list_rows("agents"):
             modes = [
-                mode for mode in m.MODES if self.access.decide(hello.user, row["id"], mode).allowed
+                mode
+                for mode in m.MODES
+                if (await self.access.decide(hello.user, row["id"], mode)).allowed
             ]
             if modes:
                 online = self.directory.locate(row["id"])
@@ -423,8 +425,8 @@ class Sessions:
         context: dict[str, Any],
     ) -> str | None:
         """Ask the person at the agent's machine; the approver's name, or None if not approved."""
-        agent = self.store.get_agent(hello.agent)
-        user = self.store.get_user(hello.user)
+        agent = await self.store.get_agent(hello.agent)
+        user = await self.store.get_user(hello.user)
         assert agent is not None and agent.noise_key is not None and user is not None
         vendor = user.vendor or ""
         timeout = self.config.mode(hello.mode).approval_timeout
@@ -438,7 +440,7 @@ class Sessions:
                 session_id=sid,
                 user=hello.user,
                 vendor=vendor,
-                vendor_name=self.store.vendor_name(vendor) if vendor else "",
+                vendor_name=await self.store.vendor_name(vendor) if vendor else "",
                 mode=hello.mode,
                 target=hello.target,
                 reason=hello.reason,
@@ -488,15 +490,15 @@ class Sessions:
         link.send_error("denied", message)
         return None
 
-    def notify_agent(self, session: Session, event: str) -> None:
+    async def notify_agent(self, session: Session, event: str) -> None:
         """Sessions not approved at the machine are announced there when they start;
         every session's end is told, so that the agent forgets its client key."""
         if self.directory.locate(session.agent) is None:
             return
         try:
-            user = self.store.get_user(session.user)
+            user = await self.store.get_user(session.user)
             vendor = user.vendor if user is not None and user.vendor else ""
-            vendor_name = self.store.vendor_name(vendor) if vendor else ""
+            vendor_name = await self.store.vendor_name(vendor) if vendor else ""
         except StoreError:  # called as a session ends: the notice matters, not the name
             vendor_name = ""
         with contextlib.suppress(ProtocolError):
@@ -518,7 +520,7 @@ class Sessions:
         """After a directory change: end every live session the policy no longer allows."""
         ended = 0
         for session in self.directory.live():
-            decision = self.access.decide(session.user, session.agent, session.mode)
+            decision = await self.access.decide(session.user, session.agent, session.mode)
             if not decision.allowed:
                 session.end(f"no longer allowed: {decision.reason} ({why})")
                 ended += 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from auth.base import b64e
@@ -86,7 +86,7 @@ class Tunnels:
         directory: SessionDirectory,
         dials: DialPairing,
         rejections: RejectionLog,
-        verified_agent: Callable[[FramedLink], str | None],
+        verified_agent: Callable[[FramedLink], Awaitable[str | None]],
         spawn: Spawn,
     ) -> None:
         self.holder = holder
@@ -124,7 +124,7 @@ class Tunnels:
             "source": link.peer,
             "reason_given": session.reason,
         }
-        decision = self.access.decide(session.user, session.agent, session.mode)
+        decision = await self.access.decide(session.user, session.agent, session.mode)
         if not decision.allowed:
             self.bus.publish(TunnelRefused(**fields, reason=decision.reason))
             session.end(f"no longer allowed: {decision.reason}")
@@ -152,7 +152,7 @@ class Tunnels:
             self.bus.publish(TunnelRefused(**fields, reason=place.unreachable))
             link.send_error("unavailable", place.unreachable)
             return False
-        if self.access.classic_refused(session.agent):
+        if await self.access.classic_refused(session.agent):
             self.bus.publish(TunnelRefused(**fields, reason=NO_PQ_KEY))
             link.send_error("denied", f"agent {session.agent}: {NO_PQ_KEY}")
             return False
@@ -180,7 +180,7 @@ class Tunnels:
             self.dials.forget(token)
         try:
             await self.bus.record(
-                TunnelStarted(**fields, tunnel=tunnel_id, e2e=self.access.e2e(session.agent))
+                TunnelStarted(**fields, tunnel=tunnel_id, e2e=await self.access.e2e(session.agent))
             )
         except AuditError:
             agent_link.send_error("unavailable", "audit log unavailable")
@@ -227,8 +227,8 @@ class Tunnels:
             )
         )
 
-    def serve_data(self, link: FramedLink, hello: m.DataHello) -> bool:
-        agent_id = self.verified_agent(link)
+    async def serve_data(self, link: FramedLink, hello: m.DataHello) -> bool:
+        agent_id = await self.verified_agent(link)
         why = self.dials.answer(hello.token, agent_id, link)
         if why == "unknown":
             self.rejections.reject(

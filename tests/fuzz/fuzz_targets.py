@@ -624,8 +624,8 @@ class _Admin:
 
     def close(self) -> None:
         self.loop.run_until_complete(self.audit.close())
+        self.loop.run_until_complete(self.store.close())
         self.loop.close()
-        self.store.close()
 
 
 @functools.cache

@@ -47,8 +47,8 @@ class Admin:
 
     def close(self) -> None:
         self.loop.run_until_complete(self.audit.close())
+        self.loop.run_until_complete(self.store.close())
         self.loop.close()
-        self.store.close()
 
 
 @pytest.fixture

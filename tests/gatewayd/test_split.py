@@ -110,12 +110,15 @@ class Parts:
             on_approval=self.approvals.answer,
         )
         self.sessions = SessionDirectory(self.agents)
-        now = self.clock.now()
-        self.store.add_org("clinic", "Clinic", now)
-        self.store.add_vendor("acme", "Acme", now)
-        self.store.add_user("vera@acme", kind="vendor", vendor="acme", org=None, now=now)
-        self.store.set_credential("vera@acme", "password", {"hash": hash_password(PASSWORD)}, now)
-        self.store.set_credential("vera@acme", "totp", {"secret": SECRET}, now)
+        asyncio.run(self.fill(self.clock.now()))
+
+    async def fill(self, now: float) -> None:
+        await self.store.add_org("clinic", "Clinic", now)
+        await self.store.add_vendor("acme", "Acme", now)
+        await self.store.add_user("vera@acme", kind="vendor", vendor="acme", org=None, now=now)
+        password = {"hash": hash_password(PASSWORD)}
+        await self.store.set_credential("vera@acme", "password", password, now)
+        await self.store.set_credential("vera@acme", "totp", {"secret": SECRET}, now)
 
     def records(self, event: str) -> list[dict[str, Any]]:
         lines = self.audit.path.read_text().splitlines()
@@ -139,7 +142,7 @@ class Parts:
 def parts(tmp_path: Path) -> Iterator[Parts]:
     p = Parts(tmp_path)
     yield p
-    p.store.close()
+    asyncio.run(p.store.close())
 
 
 def hello(user: str = "vera@acme") -> m.ClientHello:
@@ -209,7 +212,7 @@ def test_a_client_that_gives_up_is_on_the_record_but_not_counted(parts: Parts) -
         login(parts, FakeLink())
     (attempt,) = parts.records("auth.attempt")
     assert attempt["reason"] == "no answer from the client (eof)"
-    user = parts.store.get_user("vera@acme")
+    user = asyncio.run(parts.store.get_user("vera@acme"))
     assert user is not None and user.failures == 0
 
 
@@ -340,7 +343,7 @@ def test_a_data_connection_without_a_known_agent_certificate_is_refused(parts: P
     async def run() -> None:
         token, waiter = parts.dials.expect("pc1")
         link = FakeLink()  # no client certificate: not an enrolled agent
-        assert not parts.tunnels().serve_data(link, m.DataHello(token=token))  # type: ignore[arg-type]
+        assert not await parts.tunnels().serve_data(link, m.DataHello(token=token))  # type: ignore[arg-type]
         assert link.errors == [("auth_failed", "unknown dial token")]
         assert not waiter.done()
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from gatewayd.store import (
     Agent,
@@ -27,67 +29,78 @@ KEY = bytes(range(32))
 TOTP_SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
 
 
+async def scalar(store: Store, sql: str, *args: Any) -> Any:
+    """The first column of the first row of a query (one text for both backends)."""
+    async with store.tx() as db:
+        row = (await db.execute(sql, args)).one()
+    assert row is not None
+    return next(iter(row.values()))
+
+
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "directory.db"
 
 
-@pytest.fixture
-def store(db_path: Path) -> Iterator[Store]:
+pytestmark = pytest.mark.asyncio
+
+
+@pytest_asyncio.fixture
+async def store(db_path: Path) -> AsyncIterator[Store]:
     s = Store(db_path, KEY)
     yield s
-    s.close()
+    await s.close()
 
 
-@pytest.fixture
-def directory(store: Store) -> Store:
+@pytest_asyncio.fixture
+async def directory(store: Store) -> Store:
     """One org with an agent, one vendor with a user, one employee."""
-    store.add_org("clinic", "Clinic", NOW)
-    store.add_vendor("acme", "ACME Medical", NOW)
-    store.add_user("vera@acme", kind="vendor", vendor="acme", org=None, now=NOW)
-    store.add_user("emil@clinic", kind="employee", vendor=None, org="clinic", now=NOW)
-    store.add_agent("pc-1", "clinic", "enroll-token-1", expires=NOW + 3600, now=NOW)
+    await store.add_org("clinic", "Clinic", NOW)
+    await store.add_vendor("acme", "ACME Medical", NOW)
+    await store.add_user("vera@acme", kind="vendor", vendor="acme", org=None, now=NOW)
+    await store.add_user("emil@clinic", kind="employee", vendor=None, org="clinic", now=NOW)
+    await store.add_agent("pc-1", "clinic", "enroll-token-1", expires=NOW + 3600, now=NOW)
     return store
 
 
 # -- round trips -----------------------------------------------------------------------------------
 
 
-def test_orgs_and_vendors(directory: Store) -> None:
-    assert directory.org_exists("clinic")
-    assert not directory.org_exists("hospital")
-    assert directory.vendor_disabled("acme") is False
-    assert directory.vendor_disabled("nobody") is None
-    orgs = directory.list_rows("orgs")
+async def test_orgs_and_vendors(directory: Store) -> None:
+    assert await directory.org_exists("clinic")
+    assert not await directory.org_exists("hospital")
+    assert await directory.vendor_disabled("acme") is False
+    assert await directory.vendor_disabled("nobody") is None
+    orgs = await directory.list_rows("orgs")
     assert [(r["id"], r["name"], r["created"], r["disabled"]) for r in orgs] == [
         ("clinic", "Clinic", NOW, 0)
     ]
-    assert [r["id"] for r in directory.list_rows("vendors")] == ["acme"]
+    assert [r["id"] for r in await directory.list_rows("vendors")] == ["acme"]
 
 
-def test_users(directory: Store) -> None:
-    assert directory.get_user("vera@acme") == User(
+async def test_users(directory: Store) -> None:
+    assert await directory.get_user("vera@acme") == User(
         "vera@acme", "vendor", "acme", None, disabled=False, failures=0, locked_until=0
     )
-    assert directory.get_user("emil@clinic") == User(
+    assert await directory.get_user("emil@clinic") == User(
         "emil@clinic", "employee", None, "clinic", disabled=False, failures=0, locked_until=0
     )
-    assert directory.get_user("nobody") is None
-    assert [r["id"] for r in directory.list_rows("users")] == ["emil@clinic", "vera@acme"]
+    assert await directory.get_user("nobody") is None
+    assert [r["id"] for r in await directory.list_rows("users")] == ["emil@clinic", "vera@acme"]
 
 
-def test_user_references_must_exist(store: Store) -> None:
+async def test_user_references_must_exist(store: Store) -> None:
     with pytest.raises(StoreError, match="no vendor 'ghost'"):
-        store.add_user("u", kind="vendor", vendor="ghost", org=None, now=NOW)
+        await store.add_user("u", kind="vendor", vendor="ghost", org=None, now=NOW)
     with pytest.raises(StoreError, match="no org 'ghost'"):
-        store.add_user("u", kind="employee", vendor=None, org="ghost", now=NOW)
-    assert store.get_user("u") is None
+        await store.add_user("u", kind="employee", vendor=None, org="ghost", now=NOW)
+    assert await store.get_user("u") is None
 
 
-def test_user_kind_is_checked(store: Store) -> None:
-    store.add_org("clinic", "Clinic", NOW)
+async def test_user_kind_is_checked(store: Store) -> None:
+    await store.add_org("clinic", "Clinic", NOW)
     with pytest.raises(StoreError):
-        store.add_user("u", kind="admin", vendor=None, org="clinic", now=NOW)
+        await store.add_user("u", kind="admin", vendor=None, org="clinic", now=NOW)
 
 
 # -- the lockout: slots, counting and the lock in one transaction -------------------------
@@ -95,252 +108,264 @@ def test_user_kind_is_checked(store: Store) -> None:
 POLICY = Lockout(threshold=5, base_seconds=60, max_seconds=3600, decay_seconds=3600)
 
 
-def fail(
+async def fail(
     store: Store, user: str = "vera@acme", now: float = NOW, policy: Lockout = POLICY
 ) -> AttemptEnd:
-    assert store.begin_attempt(user, now, policy) is Attempt.GO
-    return store.end_attempt(user, ok=False, final=False, now=now, policy=policy)
+    assert await store.begin_attempt(user, now, policy) is Attempt.GO
+    return await store.end_attempt(user, ok=False, final=False, now=now, policy=policy)
 
 
-def test_parallel_attempts_get_no_more_guesses_than_the_threshold(directory: Store) -> None:
+async def test_parallel_attempts_get_no_more_guesses_than_the_threshold(directory: Store) -> None:
     """20 checks at once: only 5 (the threshold) get a slot; those 5 failing lock the account."""
-    answers = [directory.begin_attempt("vera@acme", NOW, POLICY) for _ in range(20)]
+    answers = [await directory.begin_attempt("vera@acme", NOW, POLICY) for _ in range(20)]
     assert answers.count(Attempt.GO) == 5
     assert set(answers[5:]) == {Attempt.BUSY}
     ends = [
-        directory.end_attempt("vera@acme", ok=False, final=False, now=NOW, policy=POLICY)
+        await directory.end_attempt("vera@acme", ok=False, final=False, now=NOW, policy=POLICY)
         for _ in range(5)
     ]
     assert [e.failures for e in ends] == [1, 2, 3, 4, 5]
     assert [e.newly_locked for e in ends] == [None, None, None, None, 60]
     assert ends[-1].locked(NOW) and ends[-1].locked_until == NOW + 60
     # The right answer arriving now is refused before it is checked.
-    assert directory.begin_attempt("vera@acme", NOW + 1, POLICY) is Attempt.LOCKED
-    user = directory.get_user("vera@acme")
+    assert await directory.begin_attempt("vera@acme", NOW + 1, POLICY) is Attempt.LOCKED
+    user = await directory.get_user("vera@acme")
     assert user is not None and (user.failures, user.locked_until) == (5, NOW + 60)
 
 
-def test_a_right_answer_in_flight_fails_when_others_lock_meanwhile(directory: Store) -> None:
-    slots = [directory.begin_attempt("vera@acme", NOW, POLICY) for _ in range(5)]
+async def test_a_right_answer_in_flight_fails_when_others_lock_meanwhile(directory: Store) -> None:
+    slots = [await directory.begin_attempt("vera@acme", NOW, POLICY) for _ in range(5)]
     assert slots == [Attempt.GO] * 5
     for _ in range(4):
-        directory.end_attempt("vera@acme", ok=False, final=False, now=NOW, policy=POLICY)
+        await directory.end_attempt("vera@acme", ok=False, final=False, now=NOW, policy=POLICY)
     # Four wrong guesses and one right one in flight: the right one ends last, but the
     # lock is decided only by failures, and four do not reach it.
-    right = directory.end_attempt("vera@acme", ok=True, final=True, now=NOW, policy=POLICY)
+    right = await directory.end_attempt("vera@acme", ok=True, final=True, now=NOW, policy=POLICY)
     assert not right.locked(NOW) and right.failures == 0
     # Now five wrong in flight plus one right: the right one sees the lock.
-    slots = [directory.begin_attempt("vera@acme", NOW, POLICY) for _ in range(6)]
+    slots = [await directory.begin_attempt("vera@acme", NOW, POLICY) for _ in range(6)]
     assert slots == [Attempt.GO] * 5 + [Attempt.BUSY]
     for _ in range(4):
-        directory.end_attempt("vera@acme", ok=False, final=False, now=NOW, policy=POLICY)
-    assert directory.end_attempt("vera@acme", ok=False, final=False, now=NOW, policy=POLICY).locked(
-        NOW
-    )
+        await directory.end_attempt("vera@acme", ok=False, final=False, now=NOW, policy=POLICY)
+    last = await directory.end_attempt("vera@acme", ok=False, final=False, now=NOW, policy=POLICY)
+    assert last.locked(NOW)
 
 
-def test_lock_grows_is_capped_and_the_slot_after_it_is_one_at_a_time(directory: Store) -> None:
+async def test_lock_grows_is_capped_and_the_slot_after_it_is_one_at_a_time(
+    directory: Store,
+) -> None:
     now = NOW
     for _ in range(5):
-        end = fail(directory, now=now)
+        end = await fail(directory, now=now)
     assert end.newly_locked == 60
     now = end.locked_until
-    assert directory.begin_attempt("vera@acme", now, POLICY) is Attempt.GO
-    assert directory.begin_attempt("vera@acme", now, POLICY) is Attempt.BUSY  # one at a time
-    end = directory.end_attempt("vera@acme", ok=False, final=False, now=now, policy=POLICY)
+    assert await directory.begin_attempt("vera@acme", now, POLICY) is Attempt.GO
+    assert await directory.begin_attempt("vera@acme", now, POLICY) is Attempt.BUSY  # one at a time
+    end = await directory.end_attempt("vera@acme", ok=False, final=False, now=now, policy=POLICY)
     assert (end.failures, end.newly_locked) == (6, 120)
     lengths = []
     for _ in range(8):
         now = end.locked_until
-        end = fail(directory, now=now)
+        end = await fail(directory, now=now)
         lengths.append(end.newly_locked)
     assert lengths == [240, 480, 960, 1920, 3600, 3600, 3600, 3600]
 
 
-def test_failures_decay(directory: Store) -> None:
+async def test_failures_decay(directory: Store) -> None:
     """One failure forgiven per full decay period without failures."""
     for _ in range(4):
-        fail(directory)
+        await fail(directory)
     # Three hours later, three of the four are forgiven: this failure is the second.
-    end = fail(directory, now=NOW + 3 * 3600 + 1)
+    end = await fail(directory, now=NOW + 3 * 3600 + 1)
     assert (end.failures, end.newly_locked) == (2, None)
     # A guess a day never locks and never accumulates.
     now = NOW + 3 * 3600 + 1
     for _ in range(200):
         now += 86400
-        end = fail(directory, now=now)
+        end = await fail(directory, now=now)
         assert end.failures == 1 and not end.locked(now)
 
 
-def test_hard_limit_needs_an_administrator(directory: Store) -> None:
+async def test_hard_limit_needs_an_administrator(directory: Store) -> None:
     """NIST SP 800-63B 5.2.2: at most 100 consecutive failures, then only an admin opens it."""
     policy = Lockout()  # the defaults: the lock is capped at an hour, decay is a day
     now = NOW
     end = None
     for _ in range(100):
-        end = fail(directory, now=now, policy=policy)
+        end = await fail(directory, now=now, policy=policy)
         now = max(now, end.locked_until)  # one guess per lock period
     assert end is not None and end.admin_locked and end.newly_locked == float("inf")
     assert end.failures == 100
     far = now + 10 * 365 * 86400.0
-    assert directory.begin_attempt("vera@acme", far, policy) is Attempt.ADMIN_LOCKED
-    before = directory.unlock("vera@acme")
+    assert await directory.begin_attempt("vera@acme", far, policy) is Attempt.ADMIN_LOCKED
+    before = await directory.unlock("vera@acme")
     assert before.admin_locked and before.failures == 100
-    assert directory.begin_attempt("vera@acme", far, policy) is Attempt.GO
-    user = directory.get_user("vera@acme")
+    assert await directory.begin_attempt("vera@acme", far, policy) is Attempt.GO
+    user = await directory.get_user("vera@acme")
     assert user is not None and (user.failures, user.admin_locked) == (0, False)
     with pytest.raises(StoreError, match="no user"):
-        directory.unlock("ghost")
+        await directory.unlock("ghost")
 
 
-def test_success_clears_failures_only_at_the_final_factor(directory: Store) -> None:
+async def test_success_clears_failures_only_at_the_final_factor(directory: Store) -> None:
     for _ in range(3):
-        fail(directory)
-    assert directory.begin_attempt("vera@acme", NOW, POLICY) is Attempt.GO
-    end = directory.end_attempt("vera@acme", ok=True, final=False, now=NOW, policy=POLICY)
+        await fail(directory)
+    assert await directory.begin_attempt("vera@acme", NOW, POLICY) is Attempt.GO
+    end = await directory.end_attempt("vera@acme", ok=True, final=False, now=NOW, policy=POLICY)
     assert end.failures == 3  # the password alone does not clear them
-    assert directory.begin_attempt("vera@acme", NOW, POLICY) is Attempt.GO
-    end = directory.end_attempt("vera@acme", ok=True, final=True, now=NOW, policy=POLICY)
+    assert await directory.begin_attempt("vera@acme", NOW, POLICY) is Attempt.GO
+    end = await directory.end_attempt("vera@acme", ok=True, final=True, now=NOW, policy=POLICY)
     assert end.failures == 0
 
 
-def test_unknown_user_and_cancelled_slots(directory: Store) -> None:
-    assert directory.begin_attempt("ghost", NOW, POLICY) is Attempt.UNKNOWN
+async def test_unknown_user_and_cancelled_slots(directory: Store) -> None:
+    assert await directory.begin_attempt("ghost", NOW, POLICY) is Attempt.UNKNOWN
     for _ in range(5):
-        assert directory.begin_attempt("vera@acme", NOW, POLICY) is Attempt.GO
-    assert directory.begin_attempt("vera@acme", NOW, POLICY) is Attempt.BUSY
-    directory.cancel_attempt("vera@acme")
-    assert directory.begin_attempt("vera@acme", NOW, POLICY) is Attempt.GO
+        assert await directory.begin_attempt("vera@acme", NOW, POLICY) is Attempt.GO
+    assert await directory.begin_attempt("vera@acme", NOW, POLICY) is Attempt.BUSY
+    await directory.cancel_attempt("vera@acme")
+    assert await directory.begin_attempt("vera@acme", NOW, POLICY) is Attempt.GO
 
 
-def test_slots_left_by_a_stopped_daemon_are_freed(db_path: Path) -> None:
+async def test_slots_left_by_a_stopped_daemon_are_freed(db_path: Path) -> None:
     first = Store(db_path, KEY)
-    first.add_vendor("acme", "ACME", NOW)
-    first.add_user("vera@acme", kind="vendor", vendor="acme", org=None, now=NOW)
+    await first.add_vendor("acme", "ACME", NOW)
+    await first.add_user("vera@acme", kind="vendor", vendor="acme", org=None, now=NOW)
     for _ in range(5):
-        first.begin_attempt("vera@acme", NOW, POLICY)
-    first.close()
+        await first.begin_attempt("vera@acme", NOW, POLICY)
+    await first.close()
     second = Store(db_path, KEY)
     try:
-        assert second.begin_attempt("vera@acme", NOW, POLICY) is Attempt.GO
+        assert await second.begin_attempt("vera@acme", NOW, POLICY) is Attempt.GO
     finally:
-        second.close()
+        await second.close()
 
 
 # -- factor state: versions and forward-only counters -----------------------------------------
 
 
-def test_totp_step_is_accepted_once(directory: Store) -> None:
-    version = directory.set_credential("vera@acme", "totp", {"secret": TOTP_SECRET}, NOW)
-    assert directory.advance_counter("vera@acme", "totp", "", 100, version=version, now=NOW)
+async def test_totp_step_is_accepted_once(directory: Store) -> None:
+    version = await directory.set_credential("vera@acme", "totp", {"secret": TOTP_SECRET}, NOW)
+    assert await directory.advance_counter("vera@acme", "totp", "", 100, version=version, now=NOW)
     # The same step again (a replay, or a parallel login with the same code): refused.
-    assert not directory.advance_counter("vera@acme", "totp", "", 100, version=version, now=NOW)
-    assert not directory.advance_counter("vera@acme", "totp", "", 99, version=version, now=NOW)
-    assert directory.advance_counter("vera@acme", "totp", "", 101, version=version, now=NOW)
-    directory.advance_counter("vera@acme", "totp", "", 102, version=version, now=NOW + 30)
-    loaded = directory.load_credential("vera@acme", "totp")
+    assert not await directory.advance_counter(
+        "vera@acme", "totp", "", 100, version=version, now=NOW
+    )
+    assert not await directory.advance_counter(
+        "vera@acme", "totp", "", 99, version=version, now=NOW
+    )
+    assert await directory.advance_counter("vera@acme", "totp", "", 101, version=version, now=NOW)
+    await directory.advance_counter("vera@acme", "totp", "", 102, version=version, now=NOW + 30)
+    loaded = await directory.load_credential("vera@acme", "totp")
     assert loaded == Credential({"secret": TOTP_SECRET}, version, {"": 102}, {"": NOW + 30})
 
 
-def test_new_totp_seed_defeats_a_login_that_read_the_old_one(directory: Store) -> None:
-    old = directory.set_credential("vera@acme", "totp", {"secret": TOTP_SECRET}, NOW)
-    directory.advance_counter("vera@acme", "totp", "", 100, version=old, now=NOW)
-    new = directory.set_credential(
+async def test_new_totp_seed_defeats_a_login_that_read_the_old_one(directory: Store) -> None:
+    old = await directory.set_credential("vera@acme", "totp", {"secret": TOTP_SECRET}, NOW)
+    await directory.advance_counter("vera@acme", "totp", "", 100, version=old, now=NOW)
+    new = await directory.set_credential(
         "vera@acme", "totp", {"secret": "OTHERSECRET"}, NOW, reset_counters=True
     )
     assert new == old + 1
     # A login parked with the old seed: its step is refused, the new seed is kept.
-    assert not directory.advance_counter("vera@acme", "totp", "", 200, version=old, now=NOW)
-    assert directory.load_credential("vera@acme", "totp") == Credential(
+    assert not await directory.advance_counter("vera@acme", "totp", "", 200, version=old, now=NOW)
+    assert await directory.load_credential("vera@acme", "totp") == Credential(
         {"secret": "OTHERSECRET"}, new, {}
     )
 
 
-def test_fido2_counters_per_key(directory: Store) -> None:
+async def test_fido2_counters_per_key(directory: Store) -> None:
     record = {"credentials": [{"id": "k1", "sign_count": 1}, {"id": "k2", "sign_count": 0}]}
-    version = directory.set_credential("vera@acme", "fido2", record, NOW)
-    assert directory.advance_counter("vera@acme", "fido2", "k1", 5, version=version, now=NOW)
-    assert directory.advance_counter("vera@acme", "fido2", "k2", 3, version=version, now=NOW)
-    assert not directory.advance_counter("vera@acme", "fido2", "k1", 5, version=version, now=NOW)
-    assert not directory.advance_counter("vera@acme", "fido2", "k1", 4, version=version, now=NOW)
-    loaded = directory.load_credential("vera@acme", "fido2")
+    version = await directory.set_credential("vera@acme", "fido2", record, NOW)
+    assert await directory.advance_counter("vera@acme", "fido2", "k1", 5, version=version, now=NOW)
+    assert await directory.advance_counter("vera@acme", "fido2", "k2", 3, version=version, now=NOW)
+    assert not await directory.advance_counter(
+        "vera@acme", "fido2", "k1", 5, version=version, now=NOW
+    )
+    assert not await directory.advance_counter(
+        "vera@acme", "fido2", "k1", 4, version=version, now=NOW
+    )
+    loaded = await directory.load_credential("vera@acme", "fido2")
     assert loaded is not None and loaded.counters == {"k1": 5, "k2": 3}
 
 
-def test_key_added_meanwhile_does_not_fail_a_login_with_another_key(directory: Store) -> None:
-    v1 = directory.set_credential("vera@acme", "fido2", {"credentials": [{"id": "k1"}]}, NOW)
-    assert directory.advance_counter("vera@acme", "fido2", "k1", 1, version=v1, now=NOW)
+async def test_key_added_meanwhile_does_not_fail_a_login_with_another_key(directory: Store) -> None:
+    v1 = await directory.set_credential("vera@acme", "fido2", {"credentials": [{"id": "k1"}]}, NOW)
+    assert await directory.advance_counter("vera@acme", "fido2", "k1", 1, version=v1, now=NOW)
     # k2 is registered while a login with k1 (which read v1) waits at the touch.
     two = {"credentials": [{"id": "k1"}, {"id": "k2"}]}
-    assert directory.replace_credential("vera@acme", "fido2", two, v1, NOW)
-    assert directory.advance_counter("vera@acme", "fido2", "k1", 2, version=v1, now=NOW)
+    assert await directory.replace_credential("vera@acme", "fido2", two, v1, NOW)
+    assert await directory.advance_counter("vera@acme", "fido2", "k1", 2, version=v1, now=NOW)
     # k1 is removed while another login with it (read v2) waits: its count is refused.
-    loaded = directory.load_credential("vera@acme", "fido2")
+    loaded = await directory.load_credential("vera@acme", "fido2")
     assert loaded is not None
     only_k2 = {"credentials": [{"id": "k2"}]}
-    assert directory.replace_credential(
+    assert await directory.replace_credential(
         "vera@acme", "fido2", only_k2, loaded.version, NOW, drop_counters=("k1",)
     )
-    assert not directory.advance_counter(
+    assert not await directory.advance_counter(
         "vera@acme", "fido2", "k1", 3, version=loaded.version, now=NOW
     )
-    after = directory.load_credential("vera@acme", "fido2")
+    after = await directory.load_credential("vera@acme", "fido2")
     assert after is not None and after.counters == {}
 
 
-def test_key_without_a_counter_must_still_be_registered(directory: Store) -> None:
-    v1 = directory.set_credential("vera@acme", "fido2", {"credentials": [{"id": "k0"}]}, NOW)
+async def test_key_without_a_counter_must_still_be_registered(directory: Store) -> None:
+    v1 = await directory.set_credential("vera@acme", "fido2", {"credentials": [{"id": "k0"}]}, NOW)
     for _ in range(2):  # always 0: nothing moves, the key is there
-        assert directory.advance_counter("vera@acme", "fido2", "k0", 0, version=v1, now=NOW)
-    assert directory.replace_credential(
+        assert await directory.advance_counter("vera@acme", "fido2", "k0", 0, version=v1, now=NOW)
+    assert await directory.replace_credential(
         "vera@acme", "fido2", {"credentials": []}, v1, NOW, drop_counters=("k0",)
     )
-    assert not directory.advance_counter("vera@acme", "fido2", "k0", 0, version=v1, now=NOW)
+    assert not await directory.advance_counter("vera@acme", "fido2", "k0", 0, version=v1, now=NOW)
 
 
-def test_totp_step_of_a_replaced_secret_never_counts(directory: Store) -> None:
+async def test_totp_step_of_a_replaced_secret_never_counts(directory: Store) -> None:
     """A login parked with a stolen seed: the admin re-enrolls, the user logs in with the
     new seed (the step counter exists again), then the parked login answers with a
     later step of the old seed. The record-wide counter is bound to the version."""
-    old = directory.set_credential("vera@acme", "totp", {"secret": "OLD"}, NOW)
-    new = directory.set_credential("vera@acme", "totp", {"secret": "NEW"}, NOW, reset_counters=True)
-    assert directory.advance_counter("vera@acme", "totp", "", 100, version=new, now=NOW)
-    assert not directory.advance_counter("vera@acme", "totp", "", 101, version=old, now=NOW)
+    old = await directory.set_credential("vera@acme", "totp", {"secret": "OLD"}, NOW)
+    new = await directory.set_credential(
+        "vera@acme", "totp", {"secret": "NEW"}, NOW, reset_counters=True
+    )
+    assert await directory.advance_counter("vera@acme", "totp", "", 100, version=new, now=NOW)
+    assert not await directory.advance_counter("vera@acme", "totp", "", 101, version=old, now=NOW)
 
 
-def test_stale_record_write_is_refused(directory: Store) -> None:
+async def test_stale_record_write_is_refused(directory: Store) -> None:
     """A key list written from an old copy does not undo a change made meanwhile."""
-    v1 = directory.set_credential("vera@acme", "fido2", {"credentials": [{"id": "k1"}]}, NOW)
+    v1 = await directory.set_credential("vera@acme", "fido2", {"credentials": [{"id": "k1"}]}, NOW)
     # An administrator removes k1 (from v1); a registration made from v1 comes in late.
-    assert directory.replace_credential("vera@acme", "fido2", {"credentials": []}, v1, NOW)
+    assert await directory.replace_credential("vera@acme", "fido2", {"credentials": []}, v1, NOW)
     late = {"credentials": [{"id": "k1"}, {"id": "k2"}]}
-    assert not directory.replace_credential("vera@acme", "fido2", late, v1, NOW)
-    assert directory.get_credential("vera@acme", "fido2") == {"credentials": []}
+    assert not await directory.replace_credential("vera@acme", "fido2", late, v1, NOW)
+    assert await directory.get_credential("vera@acme", "fido2") == {"credentials": []}
     # Counters of a login that read v1 are refused too.
-    assert not directory.advance_counter("vera@acme", "fido2", "k1", 9, version=v1, now=NOW)
-    assert directory.credential_version("vera@acme", "fido2") == v1 + 1
+    assert not await directory.advance_counter("vera@acme", "fido2", "k1", 9, version=v1, now=NOW)
+    assert await directory.credential_version("vera@acme", "fido2") == v1 + 1
     # Deleting names the version as well.
-    assert not directory.delete_credential("vera@acme", "fido2", v1)
-    assert directory.delete_credential("vera@acme", "fido2", v1 + 1)
-    assert directory.credential_version("vera@acme", "fido2") is None
-    assert not directory.advance_counter("vera@acme", "fido2", "k1", 9, version=v1, now=NOW)
+    assert not await directory.delete_credential("vera@acme", "fido2", v1)
+    assert await directory.delete_credential("vera@acme", "fido2", v1 + 1)
+    assert await directory.credential_version("vera@acme", "fido2") is None
+    assert not await directory.advance_counter("vera@acme", "fido2", "k1", 9, version=v1, now=NOW)
 
 
-def test_add_credential_only_when_absent(directory: Store) -> None:
-    assert directory.add_credential("vera@acme", "fido2", {"credentials": [{"id": "a"}]}, NOW)
-    assert not directory.add_credential("vera@acme", "fido2", {"credentials": [{"id": "b"}]}, NOW)
-    assert directory.get_credential("vera@acme", "fido2") == {"credentials": [{"id": "a"}]}
+async def test_add_credential_only_when_absent(directory: Store) -> None:
+    assert await directory.add_credential("vera@acme", "fido2", {"credentials": [{"id": "a"}]}, NOW)
+    assert not await directory.add_credential(
+        "vera@acme", "fido2", {"credentials": [{"id": "b"}]}, NOW
+    )
+    assert await directory.get_credential("vera@acme", "fido2") == {"credentials": [{"id": "a"}]}
 
 
-def test_counters_go_with_the_credential(directory: Store) -> None:
-    version = directory.set_credential("vera@acme", "totp", {"secret": TOTP_SECRET}, NOW)
-    directory.advance_counter("vera@acme", "totp", "", 7, version=version, now=NOW)
-    directory.delete_credential("vera@acme", "totp")
-    with directory.tx() as db:
-        assert db.execute("SELECT COUNT(*) FROM factor_counters").fetchone()[0] == 0
+async def test_counters_go_with_the_credential(directory: Store) -> None:
+    version = await directory.set_credential("vera@acme", "totp", {"secret": TOTP_SECRET}, NOW)
+    await directory.advance_counter("vera@acme", "totp", "", 7, version=version, now=NOW)
+    await directory.delete_credential("vera@acme", "totp")
+    assert await scalar(directory, "SELECT COUNT(*) FROM factor_counters") == 0
 
 
-def test_schema_1_database_is_upgraded(db_path: Path) -> None:
+async def test_schema_1_database_is_upgraded(db_path: Path) -> None:
     db_path.parent.mkdir(parents=True)
     with sqlite3.connect(db_path) as db:
         db.executescript(
@@ -355,15 +380,15 @@ def test_schema_1_database_is_upgraded(db_path: Path) -> None:
     db.close()
     store = Store(db_path, KEY)
     try:
-        user = store.get_user("old")
+        user = await store.get_user("old")
         assert user is not None and (user.failures, user.admin_locked) == (2, False)
-        assert store.begin_attempt("old", NOW, POLICY) is Attempt.GO
+        assert await store.begin_attempt("old", NOW, POLICY) is Attempt.GO
     finally:
-        store.close()
+        await store.close()
 
 
-def test_agents(directory: Store) -> None:
-    assert directory.get_agent("pc-1") == Agent(
+async def test_agents(directory: Store) -> None:
+    assert await directory.get_agent("pc-1") == Agent(
         "pc-1",
         "clinic",
         disabled=False,
@@ -373,22 +398,22 @@ def test_agents(directory: Store) -> None:
         token_expires=NOW + 3600,
         last_seen=None,
     )
-    assert directory.get_agent("pc-2") is None
-    directory.touch_agent("pc-1", NOW + 5)
-    agent = directory.get_agent("pc-1")
+    assert await directory.get_agent("pc-2") is None
+    await directory.touch_agent("pc-1", NOW + 5)
+    agent = await directory.get_agent("pc-1")
     assert agent is not None and agent.last_seen == NOW + 5
     with pytest.raises(StoreError, match="no org 'ghost'"):
-        directory.add_agent("pc-9", "ghost", "t", expires=NOW + 1, now=NOW)
+        await directory.add_agent("pc-9", "ghost", "t", expires=NOW + 1, now=NOW)
 
 
-def test_agent_rows_do_not_list_the_token_hash(directory: Store) -> None:
-    (row,) = directory.list_rows("agents")
+async def test_agent_rows_do_not_list_the_token_hash(directory: Store) -> None:
+    (row,) = await directory.list_rows("agents")
     assert "token_hash" not in row
     assert token_hash("enroll-token-1") not in row.values()
 
 
-def test_agreements(directory: Store) -> None:
-    directory.add_agreement(
+async def test_agreements(directory: Store) -> None:
+    await directory.add_agreement(
         "acme-clinic",
         vendor="acme",
         org="clinic",
@@ -399,7 +424,7 @@ def test_agreements(directory: Store) -> None:
         accepted=True,
         now=NOW,
     )
-    directory.add_agreement(
+    await directory.add_agreement(
         "acme-clinic-2",
         vendor="acme",
         org="clinic",
@@ -410,7 +435,7 @@ def test_agreements(directory: Store) -> None:
         accepted=False,
         now=NOW,
     )
-    assert directory.agreements_between("acme", "clinic") == [
+    assert await directory.agreements_between("acme", "clinic") == [
         Agreement(
             "acme-clinic",
             "acme",
@@ -436,9 +461,9 @@ def test_agreements(directory: Store) -> None:
             org_accepted=None,
         ),
     ]
-    assert directory.agreements_between("acme", "hospital") == []
+    assert await directory.agreements_between("acme", "hospital") == []
     with pytest.raises(StoreError, match="no vendor"):
-        directory.add_agreement(
+        await directory.add_agreement(
             "x",
             vendor="ghost",
             org="clinic",
@@ -451,8 +476,8 @@ def test_agreements(directory: Store) -> None:
         )
 
 
-def test_agreement_acceptance_and_state(directory: Store) -> None:
-    directory.add_agreement(
+async def test_agreement_acceptance_and_state(directory: Store) -> None:
+    await directory.add_agreement(
         "a",
         vendor="acme",
         org="clinic",
@@ -463,53 +488,53 @@ def test_agreement_acceptance_and_state(directory: Store) -> None:
         accepted=False,
         now=NOW,
     )
-    directory.accept_agreement("a", "vendor", NOW + 1)
-    directory.accept_agreement("a", "org", NOW + 2)
-    directory.set_agreement_state("a", "suspended")
-    agreement = directory.get_agreement("a")
+    await directory.accept_agreement("a", "vendor", NOW + 1)
+    await directory.accept_agreement("a", "org", NOW + 2)
+    await directory.set_agreement_state("a", "suspended")
+    agreement = await directory.get_agreement("a")
     assert agreement is not None
     assert (agreement.vendor_accepted, agreement.org_accepted) == (NOW + 1, NOW + 2)
     assert agreement.state == "suspended"
-    assert directory.get_agreement("b") is None
+    assert await directory.get_agreement("b") is None
     with pytest.raises(StoreError):
-        directory.accept_agreement("b", "org", NOW)
+        await directory.accept_agreement("b", "org", NOW)
 
 
-def test_grants(directory: Store) -> None:
-    assert directory.grants_of("emil@clinic") == set()
-    directory.add_grant("emil@clinic", "pc-1", NOW)
-    assert directory.grants_of("emil@clinic") == {"pc-1"}
+async def test_grants(directory: Store) -> None:
+    assert await directory.grants_of("emil@clinic") == set()
+    await directory.add_grant("emil@clinic", "pc-1", NOW)
+    assert await directory.grants_of("emil@clinic") == {"pc-1"}
     with pytest.raises(StoreError, match="already exists"):
-        directory.add_grant("emil@clinic", "pc-1", NOW)
+        await directory.add_grant("emil@clinic", "pc-1", NOW)
     with pytest.raises(StoreError, match="no agent"):
-        directory.add_grant("emil@clinic", "pc-9", NOW)
-    assert directory.remove_grant("emil@clinic", "pc-1")
-    assert not directory.remove_grant("emil@clinic", "pc-1")
-    assert directory.grants_of("emil@clinic") == set()
+        await directory.add_grant("emil@clinic", "pc-9", NOW)
+    assert await directory.remove_grant("emil@clinic", "pc-1")
+    assert not await directory.remove_grant("emil@clinic", "pc-1")
+    assert await directory.grants_of("emil@clinic") == set()
 
 
-def test_disable_and_remove(directory: Store) -> None:
-    directory.set_disabled("vendors", "acme", True)
-    assert directory.vendor_disabled("acme") is True
-    directory.set_disabled("users", "vera@acme", True)
-    user = directory.get_user("vera@acme")
+async def test_disable_and_remove(directory: Store) -> None:
+    await directory.set_disabled("vendors", "acme", True)
+    assert await directory.vendor_disabled("acme") is True
+    await directory.set_disabled("users", "vera@acme", True)
+    user = await directory.get_user("vera@acme")
     assert user is not None and user.disabled
     with pytest.raises(StoreError, match="still referred to"):
-        directory.remove("vendors", "acme")  # vera still belongs to it
-    directory.remove("users", "vera@acme")
-    directory.remove("vendors", "acme")
-    assert directory.get_user("vera@acme") is None
-    assert directory.vendor_disabled("acme") is None
+        await directory.remove("vendors", "acme")  # vera still belongs to it
+    await directory.remove("users", "vera@acme")
+    await directory.remove("vendors", "acme")
+    assert await directory.get_user("vera@acme") is None
+    assert await directory.vendor_disabled("acme") is None
     with pytest.raises(StoreError, match="no user"):
-        directory.remove("users", "vera@acme")
+        await directory.remove("users", "vera@acme")
 
 
-def test_removing_a_user_removes_credentials_and_grants(directory: Store) -> None:
-    directory.set_credential("emil@clinic", "password", {"hash": "h"}, NOW)
-    directory.add_grant("emil@clinic", "pc-1", NOW)
-    directory.remove("users", "emil@clinic")
-    assert directory.db.execute("SELECT COUNT(*) FROM credentials").fetchone()[0] == 0
-    assert directory.db.execute("SELECT COUNT(*) FROM grants").fetchone()[0] == 0
+async def test_removing_a_user_removes_credentials_and_grants(directory: Store) -> None:
+    await directory.set_credential("emil@clinic", "password", {"hash": "h"}, NOW)
+    await directory.add_grant("emil@clinic", "pc-1", NOW)
+    await directory.remove("users", "emil@clinic")
+    assert await scalar(directory, "SELECT COUNT(*) FROM credentials") == 0
+    assert await scalar(directory, "SELECT COUNT(*) FROM grants") == 0
 
 
 @pytest.mark.parametrize(
@@ -523,12 +548,12 @@ def test_removing_a_user_removes_credentials_and_grants(directory: Store) -> Non
     ],
     ids=["org", "vendor", "user", "user-other-kind", "agent"],
 )
-def test_duplicate_ids(directory: Store, add: object) -> None:
+async def test_duplicate_ids(directory: Store, add: object) -> None:
     with pytest.raises(StoreError, match="already exists"):
-        add(directory)  # type: ignore[operator]
+        await add(directory)  # type: ignore[operator]
 
 
-def test_duplicate_agreement(directory: Store) -> None:
+async def test_duplicate_agreement(directory: Store) -> None:
     kw = {
         "vendor": "acme",
         "org": "clinic",
@@ -539,27 +564,27 @@ def test_duplicate_agreement(directory: Store) -> None:
         "accepted": True,
         "now": NOW,
     }
-    directory.add_agreement("a", **kw)  # type: ignore[arg-type]
+    await directory.add_agreement("a", **kw)  # type: ignore[arg-type]
     with pytest.raises(StoreError, match="agreement 'a' already exists"):
-        directory.add_agreement("a", **kw)  # type: ignore[arg-type]
+        await directory.add_agreement("a", **kw)  # type: ignore[arg-type]
 
 
-def test_data_survives_reopening(db_path: Path) -> None:
+async def test_data_survives_reopening(db_path: Path) -> None:
     first = Store(db_path, KEY)
-    first.add_org("clinic", "Clinic", NOW)
-    first.add_user("emil@clinic", kind="employee", vendor=None, org="clinic", now=NOW)
-    first.set_credential("emil@clinic", "totp", {"secret": TOTP_SECRET}, NOW)
-    first.close()
+    await first.add_org("clinic", "Clinic", NOW)
+    await first.add_user("emil@clinic", kind="employee", vendor=None, org="clinic", now=NOW)
+    await first.set_credential("emil@clinic", "totp", {"secret": TOTP_SECRET}, NOW)
+    await first.close()
     second = Store(db_path, KEY)
     try:
-        assert second.org_exists("clinic")
-        assert second.get_credential("emil@clinic", "totp") == {"secret": TOTP_SECRET}
+        assert await second.org_exists("clinic")
+        assert await second.get_credential("emil@clinic", "totp") == {"secret": TOTP_SECRET}
     finally:
-        second.close()
+        await second.close()
 
 
-def test_newer_schema_is_refused(db_path: Path) -> None:
-    Store(db_path, KEY).close()
+async def test_newer_schema_is_refused(db_path: Path) -> None:
+    await Store(db_path, KEY).close()
     with sqlite3.connect(db_path) as db:
         db.execute("PRAGMA user_version=99")
     db.close()
@@ -570,95 +595,102 @@ def test_newer_schema_is_refused(db_path: Path) -> None:
 # -- sealed credentials ----------------------------------------------------------------------------
 
 
-def test_credential_round_trip(directory: Store) -> None:
-    assert directory.get_credential("vera@acme", "totp") is None
-    directory.set_credential("vera@acme", "totp", {"secret": TOTP_SECRET, "last_counter": 1}, NOW)
-    assert directory.get_credential("vera@acme", "totp") == {
+async def test_credential_round_trip(directory: Store) -> None:
+    assert await directory.get_credential("vera@acme", "totp") is None
+    await directory.set_credential(
+        "vera@acme", "totp", {"secret": TOTP_SECRET, "last_counter": 1}, NOW
+    )
+    assert await directory.get_credential("vera@acme", "totp") == {
         "secret": TOTP_SECRET,
         "last_counter": 1,
     }
-    directory.set_credential("vera@acme", "totp", {"secret": TOTP_SECRET, "last_counter": 2}, NOW)
-    assert directory.get_credential("vera@acme", "totp") == {
+    await directory.set_credential(
+        "vera@acme", "totp", {"secret": TOTP_SECRET, "last_counter": 2}, NOW
+    )
+    assert await directory.get_credential("vera@acme", "totp") == {
         "secret": TOTP_SECRET,
         "last_counter": 2,
     }
-    assert directory.credential_methods("vera@acme") == ["totp"]
-    assert directory.delete_credential("vera@acme", "totp")
-    assert not directory.delete_credential("vera@acme", "totp")
-    assert directory.get_credential("vera@acme", "totp") is None
+    assert await directory.credential_methods("vera@acme") == ["totp"]
+    assert await directory.delete_credential("vera@acme", "totp")
+    assert not await directory.delete_credential("vera@acme", "totp")
+    assert await directory.get_credential("vera@acme", "totp") is None
 
 
-def test_credential_for_unknown_user(store: Store) -> None:
+async def test_credential_for_unknown_user(store: Store) -> None:
     with pytest.raises(StoreError, match="no user"):
-        store.set_credential("ghost", "totp", {"secret": TOTP_SECRET}, NOW)
+        await store.set_credential("ghost", "totp", {"secret": TOTP_SECRET}, NOW)
 
 
-def test_database_files_do_not_hold_the_secret(directory: Store, db_path: Path) -> None:
-    directory.set_credential("vera@acme", "totp", {"secret": TOTP_SECRET}, NOW)
-    directory.set_credential("vera@acme", "password", {"hash": "scrypt$15$8$1$salt$key"}, NOW)
+async def test_database_files_do_not_hold_the_secret(directory: Store, db_path: Path) -> None:
+    await directory.set_credential("vera@acme", "totp", {"secret": TOTP_SECRET}, NOW)
+    await directory.set_credential("vera@acme", "password", {"hash": "scrypt$15$8$1$salt$key"}, NOW)
     files = list(db_path.parent.iterdir())  # the database, its -wal and -shm
     assert db_path in files
     raw = b"".join(f.read_bytes() for f in files)
     assert b"vera@acme" in raw  # the search works: the user id is there in the clear
     assert TOTP_SECRET.encode() not in raw
     assert b"scrypt$15" not in raw
-    sealed = directory.db.execute(
-        "SELECT sealed FROM credentials WHERE user = ? AND method = 'totp'", ("vera@acme",)
-    ).fetchone()[0]
+    sealed = await scalar(
+        directory,
+        """SELECT sealed FROM credentials WHERE "user" = ? AND method = 'totp'""",
+        "vera@acme",
+    )
     assert len(sealed) >= 12 + 16  # nonce and tag around the ciphertext
 
 
-def test_sealed_blob_moved_to_another_user_does_not_unseal(directory: Store) -> None:
-    directory.set_credential("vera@acme", "totp", {"secret": TOTP_SECRET}, NOW)
-    directory.set_credential("emil@clinic", "totp", {"secret": "OTHER"}, NOW)
-    with directory.tx() as db:
-        db.execute(
-            "UPDATE credentials SET sealed = (SELECT sealed FROM credentials "
-            "WHERE user = 'vera@acme' AND method = 'totp') "
-            "WHERE user = 'emil@clinic' AND method = 'totp'"
+async def test_sealed_blob_moved_to_another_user_does_not_unseal(directory: Store) -> None:
+    await directory.set_credential("vera@acme", "totp", {"secret": TOTP_SECRET}, NOW)
+    await directory.set_credential("emil@clinic", "totp", {"secret": "OTHER"}, NOW)
+    async with directory.tx() as db:
+        await db.execute(
+            """UPDATE credentials SET sealed = (SELECT sealed FROM credentials """
+            """WHERE "user" = 'vera@acme' AND method = 'totp') """
+            """WHERE "user" = 'emil@clinic' AND method = 'totp'"""
         )
     with pytest.raises(StoreError, match="does not unseal"):
-        directory.get_credential("emil@clinic", "totp")
-    assert directory.get_credential("vera@acme", "totp") == {"secret": TOTP_SECRET}
+        await directory.get_credential("emil@clinic", "totp")
+    assert await directory.get_credential("vera@acme", "totp") == {"secret": TOTP_SECRET}
 
 
-def test_sealed_blob_moved_to_another_method_does_not_unseal(directory: Store) -> None:
-    directory.set_credential("vera@acme", "totp", {"secret": TOTP_SECRET}, NOW)
-    with directory.tx() as db:
-        db.execute(
-            "INSERT INTO credentials SELECT user, 'fido2', sealed, updated, version "
-            "FROM credentials "
-            "WHERE user = 'vera@acme' AND method = 'totp'"
+async def test_sealed_blob_moved_to_another_method_does_not_unseal(directory: Store) -> None:
+    await directory.set_credential("vera@acme", "totp", {"secret": TOTP_SECRET}, NOW)
+    async with directory.tx() as db:
+        await db.execute(
+            """INSERT INTO credentials SELECT "user", 'fido2', sealed, updated, version """
+            """FROM credentials WHERE "user" = 'vera@acme' AND method = 'totp'"""
         )
     with pytest.raises(StoreError, match="does not unseal"):
-        directory.get_credential("vera@acme", "fido2")
+        await directory.get_credential("vera@acme", "fido2")
 
 
-def test_tampered_blob_does_not_unseal(directory: Store) -> None:
-    directory.set_credential("vera@acme", "totp", {"secret": TOTP_SECRET}, NOW)
-    with directory.tx() as db:
-        (sealed,) = db.execute("SELECT sealed FROM credentials").fetchone()
-        flipped = bytes(sealed[:-1]) + bytes([sealed[-1] ^ 1])
-        db.execute("UPDATE credentials SET sealed = ?", (flipped,))
+async def test_tampered_blob_does_not_unseal(directory: Store) -> None:
+    await directory.set_credential("vera@acme", "totp", {"secret": TOTP_SECRET}, NOW)
+    async with directory.tx() as db:
+        row = (await db.execute("SELECT sealed FROM credentials")).one()
+        assert row is not None
+        sealed = bytes(row["sealed"])
+        flipped = sealed[:-1] + bytes([sealed[-1] ^ 1])
+        await db.execute("UPDATE credentials SET sealed = ?", (flipped,))
     with pytest.raises(StoreError, match="does not unseal"):
-        directory.get_credential("vera@acme", "totp")
+        await directory.get_credential("vera@acme", "totp")
 
 
-def test_another_key_does_not_unseal(db_path: Path) -> None:
+async def test_another_key_does_not_unseal(db_path: Path) -> None:
     first = Store(db_path, KEY)
-    first.add_org("clinic", "Clinic", NOW)
-    first.add_user("emil@clinic", kind="employee", vendor=None, org="clinic", now=NOW)
-    first.set_credential("emil@clinic", "totp", {"secret": TOTP_SECRET}, NOW)
-    first.close()
+    await first.add_org("clinic", "Clinic", NOW)
+    await first.add_user("emil@clinic", kind="employee", vendor=None, org="clinic", now=NOW)
+    await first.set_credential("emil@clinic", "totp", {"secret": TOTP_SECRET}, NOW)
+    await first.close()
     other = Store(db_path, bytes(32))
     try:
         with pytest.raises(StoreError, match="does not unseal"):
-            other.get_credential("emil@clinic", "totp")
+            await other.get_credential("emil@clinic", "totp")
     finally:
-        other.close()
+        await other.close()
 
 
-def test_load_secrets_key(tmp_path: Path) -> None:
+async def test_load_secrets_key(tmp_path: Path) -> None:
     good = tmp_path / "secrets.key"
     good.write_bytes(KEY)
     assert load_secrets_key(good) == KEY
@@ -673,9 +705,12 @@ def test_load_secrets_key(tmp_path: Path) -> None:
 # -- enrollment tokens -----------------------------------------------------------------------------
 
 
-def test_enrollment_token_is_single_use(directory: Store) -> None:
-    assert directory.take_enrollment("enroll-token-1", "ab" * 32, "noise-key", NOW + 10) == "pc-1"
-    agent = directory.get_agent("pc-1")
+async def test_enrollment_token_is_single_use(directory: Store) -> None:
+    assert (
+        await directory.take_enrollment("enroll-token-1", "ab" * 32, "noise-key", NOW + 10)
+        == "pc-1"
+    )
+    agent = await directory.get_agent("pc-1")
     assert agent is not None
     assert agent.enrolled
     assert (agent.cert_fingerprint, agent.noise_key, agent.token_expires) == (
@@ -683,67 +718,77 @@ def test_enrollment_token_is_single_use(directory: Store) -> None:
         "noise-key",
         None,
     )
-    assert directory.take_enrollment("enroll-token-1", "cd" * 32, "other", NOW + 11) is None
-    agent = directory.get_agent("pc-1")
+    assert await directory.take_enrollment("enroll-token-1", "cd" * 32, "other", NOW + 11) is None
+    agent = await directory.get_agent("pc-1")
     assert agent is not None and agent.cert_fingerprint == "ab" * 32  # unchanged
 
 
-def test_enrollment_token_is_kept_hashed(directory: Store, db_path: Path) -> None:
-    (stored,) = directory.db.execute("SELECT token_hash FROM agents").fetchone()
+async def test_enrollment_token_is_kept_hashed(directory: Store, db_path: Path) -> None:
+    stored = await scalar(directory, "SELECT token_hash FROM agents")
     assert stored == token_hash("enroll-token-1") != "enroll-token-1"
     raw = b"".join(f.read_bytes() for f in db_path.parent.iterdir())
     assert b"enroll-token-1" not in raw
 
 
-def test_enrollment_token_expires(directory: Store) -> None:
-    assert directory.take_enrollment("enroll-token-1", "ab", "k", NOW + 3600.001) is None
-    agent = directory.get_agent("pc-1")
+async def test_enrollment_token_expires(directory: Store) -> None:
+    assert await directory.take_enrollment("enroll-token-1", "ab", "k", NOW + 3600.001) is None
+    agent = await directory.get_agent("pc-1")
     assert agent is not None and not agent.enrolled
 
 
-def test_enrollment_token_valid_until_its_expiry(directory: Store) -> None:
-    assert directory.take_enrollment("enroll-token-1", "ab", "k", NOW + 3600) == "pc-1"
+async def test_enrollment_token_valid_until_its_expiry(directory: Store) -> None:
+    assert await directory.take_enrollment("enroll-token-1", "ab", "k", NOW + 3600) == "pc-1"
 
 
-def test_wrong_enrollment_token(directory: Store) -> None:
-    assert directory.take_enrollment("enroll-token-2", "ab", "k", NOW) is None
-    assert directory.take_enrollment("", "ab", "k", NOW) is None
+async def test_wrong_enrollment_token(directory: Store) -> None:
+    assert await directory.take_enrollment("enroll-token-2", "ab", "k", NOW) is None
+    assert await directory.take_enrollment("", "ab", "k", NOW) is None
 
 
-def test_disabled_agent_cannot_enroll(directory: Store) -> None:
-    directory.set_disabled("agents", "pc-1", True)
-    assert directory.take_enrollment("enroll-token-1", "ab", "k", NOW) is None
-    directory.set_disabled("agents", "pc-1", False)
-    assert directory.take_enrollment("enroll-token-1", "ab", "k", NOW) == "pc-1"
+async def test_disabled_agent_cannot_enroll(directory: Store) -> None:
+    await directory.set_disabled("agents", "pc-1", True)
+    assert await directory.take_enrollment("enroll-token-1", "ab", "k", NOW) is None
+    await directory.set_disabled("agents", "pc-1", False)
+    assert await directory.take_enrollment("enroll-token-1", "ab", "k", NOW) == "pc-1"
 
 
-def test_each_agent_takes_its_own_token(directory: Store) -> None:
-    directory.add_agent("pc-2", "clinic", "enroll-token-2", expires=NOW + 3600, now=NOW)
-    assert directory.take_enrollment("enroll-token-2", "ab", "k2", NOW) == "pc-2"
-    assert directory.take_enrollment("enroll-token-1", "cd", "k1", NOW) == "pc-1"
-    agent = directory.get_agent("pc-1")
+async def test_each_agent_takes_its_own_token(directory: Store) -> None:
+    await directory.add_agent("pc-2", "clinic", "enroll-token-2", expires=NOW + 3600, now=NOW)
+    assert await directory.take_enrollment("enroll-token-2", "ab", "k2", NOW) == "pc-2"
+    assert await directory.take_enrollment("enroll-token-1", "cd", "k1", NOW) == "pc-1"
+    agent = await directory.get_agent("pc-1")
     assert agent is not None and agent.noise_key == "k1"
 
 
 # -- one-time registration codes -------------------------------------------------------------------
 
 
-def test_registration_code(directory: Store) -> None:
-    directory.add_registration_code(
+async def test_registration_code(directory: Store) -> None:
+    await directory.add_registration_code(
         "vera@acme", "fido2", "K7Q2-9XZA", expires=NOW + 600, by="root", now=NOW
     )
-    assert directory.registration_code_state("vera@acme", "fido2", "K7Q2-9XZA", NOW) == "valid"
-    assert directory.registration_code_state("emil@clinic", "fido2", "K7Q2-9XZA", NOW) == "unknown"
-    assert directory.registration_code_state("vera@acme", "totp", "K7Q2-9XZA", NOW) == "unknown"
-    assert not directory.take_registration_code("emil@clinic", "fido2", "K7Q2-9XZA", NOW)
-    assert directory.take_registration_code("vera@acme", "fido2", "K7Q2-9XZA", NOW + 1)
-    assert not directory.take_registration_code("vera@acme", "fido2", "K7Q2-9XZA", NOW + 2)
-    assert directory.registration_code_state("vera@acme", "fido2", "K7Q2-9XZA", NOW) == "used"
+    assert (
+        await directory.registration_code_state("vera@acme", "fido2", "K7Q2-9XZA", NOW) == "valid"
+    )
+    assert (
+        await directory.registration_code_state("emil@clinic", "fido2", "K7Q2-9XZA", NOW)
+        == "unknown"
+    )
+    assert (
+        await directory.registration_code_state("vera@acme", "totp", "K7Q2-9XZA", NOW) == "unknown"
+    )
+    assert not await directory.take_registration_code("emil@clinic", "fido2", "K7Q2-9XZA", NOW)
+    assert await directory.take_registration_code("vera@acme", "fido2", "K7Q2-9XZA", NOW + 1)
+    assert not await directory.take_registration_code("vera@acme", "fido2", "K7Q2-9XZA", NOW + 2)
+    assert await directory.registration_code_state("vera@acme", "fido2", "K7Q2-9XZA", NOW) == "used"
 
 
-def test_registration_code_expires(directory: Store) -> None:
-    directory.add_registration_code(
+async def test_registration_code_expires(directory: Store) -> None:
+    await directory.add_registration_code(
         "vera@acme", "fido2", "C0DE", expires=NOW + 600, by="root", now=NOW
     )
-    assert directory.registration_code_state("vera@acme", "fido2", "C0DE", NOW + 601) == "expired"
-    assert not directory.take_registration_code("vera@acme", "fido2", "C0DE", NOW + 601)
+    assert (
+        await directory.registration_code_state("vera@acme", "fido2", "C0DE", NOW + 601)
+        == "expired"
+    )
+    assert not await directory.take_registration_code("vera@acme", "fido2", "C0DE", NOW + 601)

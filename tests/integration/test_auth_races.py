@@ -289,11 +289,13 @@ def test_scrypt_password_is_rehashed_with_argon2id_at_login(lab: Lab) -> None:
     state = lab.root / "gw" / "state"
     store = Store(state / "directory.db", load_secrets_key(state / "secrets.key"))
     try:
-        store.set_credential(user, "password", {"hash": scrypt_hash(PASSWORD)}, time.time())
+        asyncio.run(
+            store.set_credential(user, "password", {"hash": scrypt_hash(PASSWORD)}, time.time())
+        )
         run(login(lab, user, answers(user, totp=lambda: lab.totp(user)))).close()
-        stored = store.get_credential(user, "password")
+        stored = asyncio.run(store.get_credential(user, "password"))
     finally:
-        store.close()
+        asyncio.run(store.close())
     assert stored is not None and stored["hash"].startswith("$argon2id$v=19$m=19456,t=2,p=1$")
     (attempt,) = records(lab, "auth.attempt", user=user, factor="password")
     assert attempt["outcome"] == "success" and attempt["rehashed"] == "scrypt"

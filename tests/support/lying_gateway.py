@@ -202,15 +202,15 @@ class LyingBroker(broker_mod.Broker):
                 static_private=AGENT_PRIVATE,
                 expected_client_key=session.client_key,
                 session_id=session.id,
-                kem_seed=AGENT_KEM_SEED if self._agent_pq_key(session.agent) else None,
+                kem_seed=AGENT_KEM_SEED if await self._agent_pq_key(session.agent) else None,
             )
             client_t.pause_reading()  # what the client sends next waits for the relay
             to_agent = await tunnel.initiate(
                 agent_t,
                 agent_rest,
                 static_private=CLIENT_PRIVATE,
-                agent_key=self._agent_key(session.agent),
-                agent_kem_key=self._agent_pq_key(session.agent),
+                agent_key=await self._agent_key(session.agent),
+                agent_kem_key=await self._agent_pq_key(session.agent),
                 session_id=session.id,
             )
         except NoiseError as exc:
@@ -231,13 +231,13 @@ class LyingBroker(broker_mod.Broker):
         client_t.resume_reading()
         return True
 
-    def _agent_key(self, agent_id: str) -> bytes:
-        agent = self.store.get_agent(agent_id)
+    async def _agent_key(self, agent_id: str) -> bytes:
+        agent = await self.store.get_agent(agent_id)
         assert agent is not None and agent.noise_key is not None
         return base64.urlsafe_b64decode(agent.noise_key + "=" * (-len(agent.noise_key) % 4))
 
-    def _agent_pq_key(self, agent_id: str) -> bytes | None:
-        agent = self.store.get_agent(agent_id)
+    async def _agent_pq_key(self, agent_id: str) -> bytes | None:
+        agent = await self.store.get_agent(agent_id)
         assert agent is not None
         if not agent.pq_key:
             return None
@@ -359,8 +359,8 @@ class LyingBroker(broker_mod.Broker):
                 transport,
                 rest,
                 static_private=CLIENT_PRIVATE,
-                agent_key=self._agent_key(hello.agent),
-                agent_kem_key=self._agent_pq_key(hello.agent),
+                agent_key=await self._agent_key(hello.agent),
+                agent_kem_key=await self._agent_pq_key(hello.agent),
                 session_id=sid,
             )
         except NoiseError as exc:
