@@ -12,7 +12,7 @@ BIN    := $(VENV)/bin
 # mingw-w64 builds the one DLL Debian 12's Wine 8 lacks for it (tests/support/wine.py).
 SYSTEM_PACKAGES := pcscd vsmartcard-vpcd libpcsclite-dev swig mosquitto \
                    openssh-server openssh-client haproxy softhsm2 opensc jq \
-                   wine64 gcc-mingw-w64-x86-64-win32
+                   wine64 gcc-mingw-w64-x86-64-win32 systemd
 
 # make fuzz: every fuzz target (tests/fuzz) for FUZZ_SECONDS each, coverage-guided (atheris).
 FUZZ_SECONDS ?= 60
