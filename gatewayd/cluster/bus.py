@@ -127,7 +127,7 @@ class Bus:
                     )
                     self.on_up()
                     await self._serve(client)
-            except aiomqtt.MqttError as exc:
+            except (aiomqtt.MqttError, OSError) as exc:
                 if self.up:
                     log.warning("cluster bus down", error=str(exc))
                 failures += 1
@@ -159,8 +159,12 @@ class Bus:
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             payload = message.payload
-            if isinstance(payload, bytes | bytearray):
+            if not isinstance(payload, bytes | bytearray):
+                continue
+            try:
                 self.on_message(str(message.topic), bytes(payload))
+            except Exception:  # a note must never take the node off the bus
+                log.exception("cluster message failed", topic=str(message.topic)[:200])
 
     async def _watch(self, client: aiomqtt.Client) -> None:
         """Notice a lost connection that aiomqtt did not report (on uvloop, paho can

@@ -94,6 +94,9 @@ class _Routed:
     def pop(self, key: str) -> str | None:
         return self._by_key.pop(key, None)
 
+    def get(self, key: str) -> str | None:
+        return self._by_key.get(key)
+
 
 class ClusterDirectory(SessionDirectory):
     """The session directory of one node of a cluster."""
@@ -396,7 +399,8 @@ class ClusterDirectory(SessionDirectory):
             answer = m.from_json(note.message())
             if not isinstance(answer, m.ApprovalAnswer):
                 raise wire.WireError("answer: not an approval answer")
-            if self.asked_approvals.pop(answer.request) == note.sender:
+            if self.asked_approvals.get(answer.request) == note.sender:  # only the node asked
+                self.asked_approvals.pop(answer.request)
                 self.local_approval(note.text("agent", ident=True), answer)
         elif note.kind == "killed":
             done = self.kills.get(note.text("req"))
