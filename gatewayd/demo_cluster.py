@@ -165,13 +165,20 @@ class Cluster:
         held = cluster.get("agents", {}).get(agent) if cluster.get("bus") == "up" else None
         return str(held) if held else None
 
-    def agent_config(self, agent: str, targets: dict[str, int], nodes: Sequence[str]) -> Path:
-        """An agent config file naming ``nodes``, for ``gw agent run --config``."""
+    def agent_config(
+        self,
+        agent: str,
+        targets: dict[str, int],
+        nodes: Sequence[str],
+        backoff: tuple[float, float] = (0.5, 5.0),
+    ) -> Path:
+        """An agent config file naming ``nodes``, for ``gw agent run --config``;
+        ``backoff``: its reconnect waits' first ceiling and cap."""
         path = self.root / f"agent-{agent}.toml"
         gateways = ", ".join(f'"{self.gateway(n)}"' for n in nodes)
         lines = [f'state_dir = "agent-{agent}"', f"gateways = [{gateways}]", "prompt = false"]
         lines += ["", "[targets]", *(f'{k} = "127.0.0.1:{v}"' for k, v in targets.items())]
-        lines += ["", "[reconnect]", "first = 0.5", "max = 5", ""]
+        lines += ["", "[reconnect]", f"first = {backoff[0]}", f"max = {backoff[1]}", ""]
         path.write_text("\n".join(lines))
         return path
 
