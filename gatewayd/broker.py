@@ -176,6 +176,7 @@ class Broker:
                 m.EnrollRequest,
                 m.TunnelHello,
                 m.DataHello,
+                m.SpareHello,
                 m.RegisterHello,
             )
             if not self.accepting and not isinstance(hello, m.DataHello):
@@ -189,6 +190,8 @@ class Broker:
                 await self._agent(link, hello)
             elif isinstance(hello, m.DataHello):
                 keep_open = await self._data(link, hello)
+            elif isinstance(hello, m.SpareHello):
+                keep_open = await self.tunnels.serve_spare(link, hello)
             elif isinstance(hello, m.RegisterHello):
                 await self._register(link, hello)
             else:

@@ -4,22 +4,30 @@ A ``tunnel`` connection names a live session by its ticket. The gateway checks t
 policy again, takes a place under the session's tunnel limit, asks the node that
 holds the session's agent to have it dial (``dial`` with a one-time token), and
 waits for the agent's ``data`` connection with that token (:class:`DialPairing`).
-Then the durable :class:`~gatewayd.event.TunnelStarted` is published, and the two
-connections are spliced opaquely until either side ends
-(:class:`~gatewayd.event.TunnelEnded`).
+The durable :class:`~gatewayd.event.TunnelStarted` is written as the dial goes out,
+so that its fsync runs while the agent dials; ``spliced`` waits for both (nothing
+flows before the record is on disk), and a dial that fails is followed by
+:class:`~gatewayd.event.TunnelFailed` with the same tunnel id. The two connections
+are then spliced opaquely until either side ends (:class:`~gatewayd.event.TunnelEnded`).
+
+An agent with a live session keeps one data connection dialled ahead (``spare``,
+:class:`Spares`): the next dial for it goes on that connection rather than the
+control connection, and the agent answers on it at once, with no TLS handshake of
+its own; it then dials the next spare.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from auth.base import b64e
 from relay import message as m
-from relay.aio import FramedLink, Pipe
-from relay.errors import GatewayError, ProtocolError
+from relay.aio import ConnectionClosed, FramedLink, Pipe
+from relay.errors import GatewayError, ProtocolError, RemoteError
 
 from .access import NO_PQ_KEY, Access
 from .audit import AuditError
@@ -73,8 +81,47 @@ class DialPairing:
             pending[1].set_exception(DialError(reason))
 
 
+class Spares:
+    """Agents' data connections dialled ahead (``spare``): at most one per agent.
+
+    A spare carries exactly one dial: the first :meth:`take` hands it out and it is
+    never handed out again. A dial sent on a spare that closes before answering is sent
+    again on the control connection (:meth:`Tunnels.serve_spare`).
+    """
+
+    def __init__(self) -> None:
+        #: agent id -> its spare, not yet used.
+        self.idle: dict[str, FramedLink] = {}
+        #: spare -> the dial sent on it, until the agent answers.
+        self.dialled: dict[FramedLink, m.Dial] = {}
+
+    def park(self, agent_id: str, link: FramedLink) -> None:
+        previous = self.idle.get(agent_id)
+        self.idle[agent_id] = link
+        if previous is not None:  # one per agent: a newer one replaces it
+            previous.send_error("session_ended", "replaced by a newer spare connection")
+
+    def send(self, agent_id: str, dial: m.Dial) -> bool:
+        """Send ``dial`` on the agent's spare; False when it has none (or it is closing)."""
+        link = self.idle.pop(agent_id, None)
+        if link is None:
+            return False
+        try:
+            link.send(dial)
+        except ProtocolError:  # closed meanwhile
+            return False
+        self.dialled[link] = dial
+        return True
+
+    def drop(self, agent_id: str, link: FramedLink) -> m.Dial | None:
+        """The spare is done; the dial it carried and did not answer, if any."""
+        if self.idle.get(agent_id) is link:
+            del self.idle[agent_id]
+        return self.dialled.pop(link, None)
+
+
 class Tunnels:
-    """Serves ``tunnel`` and ``data`` connections."""
+    """Serves ``tunnel``, ``data`` and ``spare`` connections."""
 
     def __init__(
         self,
@@ -98,6 +145,7 @@ class Tunnels:
         self.rejections = rejections
         self.verified_agent = verified_agent
         self.spawn = spawn
+        self.spares = Spares()
 
     @property
     def config(self) -> Config:
@@ -158,6 +206,8 @@ class Tunnels:
             return False
         token, waiter = self.dials.expect(session.agent)
         tunnel_id = secrets.token_hex(6)
+        start = TunnelStarted(**fields, tunnel=tunnel_id, e2e=await self.access.e2e(session.agent))
+        durable: asyncio.Task[int] | None = None
         try:
             dial = m.Dial(
                 token=token,
@@ -167,21 +217,30 @@ class Tunnels:
                 user=session.user,
                 mode=session.mode,
             )
-            if not self.directory.ask_to_dial(session.agent, dial):
+            if not self.spares.send(session.agent, dial) and not self.directory.ask_to_dial(
+                session.agent, dial
+            ):
                 raise DialError(f"agent {session.agent} is not connected")
+            # The record's fsync runs while the agent dials; spliced waits for both.
+            durable = asyncio.ensure_future(self.bus.record(start))
             async with asyncio.timeout(self.config.limits.dial_timeout):
                 agent_link = await asyncio.shield(waiter)
         except (TimeoutError, DialError, ProtocolError) as exc:
+            if durable is not None:
+                await durable  # the start is on record: the failure follows it
             reason = str(exc) or "the agent did not answer in time"
             self.bus.publish(TunnelFailed(**fields, tunnel=tunnel_id, reason=reason))
             link.send_error("dial_failed", reason)
             return False
+        except asyncio.CancelledError:
+            if durable is not None:
+                self.spawn(self._failed(durable, fields, tunnel_id, "the gateway stopped"))
+            raise
         finally:
             self.dials.forget(token)
+        assert durable is not None
         try:
-            await self.bus.record(
-                TunnelStarted(**fields, tunnel=tunnel_id, e2e=await self.access.e2e(session.agent))
-            )
+            await durable
         except AuditError:
             agent_link.send_error("unavailable", "audit log unavailable")
             agent_link.close()
@@ -202,6 +261,14 @@ class Tunnels:
         pipe.start(client_rest, agent_rest)
         self.spawn(self._watch(session, pipe, tunnel_id, fields, started))
         return True
+
+    async def _failed(
+        self, durable: asyncio.Task[int], fields: dict[str, Any], tunnel_id: str, reason: str
+    ) -> None:
+        """A dial given up after its tunnel.start went out: its failure follows the record."""
+        with contextlib.suppress(AuditError):
+            await durable
+        self.bus.publish(TunnelFailed(**fields, tunnel=tunnel_id, reason=reason))
 
     async def _watch(
         self,
@@ -227,8 +294,39 @@ class Tunnels:
             )
         )
 
-    async def serve_data(self, link: FramedLink, hello: m.DataHello) -> bool:
+    async def serve_spare(self, link: FramedLink, hello: m.SpareHello) -> bool:
+        """Keep an agent's spare data connection until a dial goes on it and it answers.
+
+        True when it was paired with a tunnel (the caller keeps it open)."""
         agent_id = await self.verified_agent(link)
+        if agent_id is None:
+            self.rejections.reject(
+                link.peer,
+                "auth_failed",
+                "spare data connection without an enrolled agent's certificate",
+                self.clock.now(),
+            )
+            link.send_error("auth_failed", "agent not enrolled, disabled, or certificate unknown")
+            return False
+        self.spares.park(agent_id, link)
+        try:
+            msg = await link.expect(m.DataHello, m.DialFailed)
+        except (ConnectionClosed, RemoteError):
+            unanswered = self.spares.drop(agent_id, link)
+            if unanswered is not None and not self.directory.ask_to_dial(agent_id, unanswered):
+                self.dials.fail(unanswered.token, agent_id, f"agent {agent_id} is not connected")
+            raise
+        self.spares.drop(agent_id, link)
+        if isinstance(msg, m.DialFailed):
+            self.dials.fail(msg.token, agent_id, msg.reason[:200])
+            return False
+        assert isinstance(msg, m.DataHello)
+        return self._pair(link, msg, agent_id)
+
+    async def serve_data(self, link: FramedLink, hello: m.DataHello) -> bool:
+        return self._pair(link, hello, await self.verified_agent(link))
+
+    def _pair(self, link: FramedLink, hello: m.DataHello, agent_id: str | None) -> bool:
         why = self.dials.answer(hello.token, agent_id, link)
         if why == "unknown":
             self.rejections.reject(

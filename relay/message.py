@@ -205,6 +205,16 @@ class DataHello(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class SpareHello(Message):
+    """The agent's data connection dialled ahead of a dial request: the gateway keeps it
+    and sends the next ``dial`` for this agent on it, which the agent then answers on it
+    (``data`` with the dial's token, or ``dial_failed``). A new tunnel then costs no
+    TLS handshake on the agent's side."""
+
+    TYPE = "spare"
+
+
+@dataclass(frozen=True, slots=True)
 class RegisterHello(Message):
     """``gw fido2 register``: bind a new credential of ``method`` to ``user`` with a one-time code.
 
@@ -547,6 +557,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         EnrollRequest,
         TunnelHello,
         DataHello,
+        SpareHello,
         RegisterHello,
         Registered,
         AuthRequest,

@@ -21,7 +21,10 @@ not allowed is a *local* error and raises at once.
 
 When the gateway pairs a tunnel it sends ``spliced``; from then on the
 connection carries raw bytes (the end-to-end Noise session) and this object
-steps aside: :meth:`Connection.take_raw` hands over what was buffered.
+steps aside: :meth:`Connection.take_raw` hands over what was buffered. An agent's
+``spare`` connection (a data connection dialled ahead) waits in ``SPARE``, with
+heartbeats, until the gateway sends one ``dial`` on it; the agent answers ``data``
+(then the usual splice, its handshake deadline counted from then) or ``dial_failed``.
 
 Time is a parameter: the adapter calls :meth:`Connection.handle_timer` with the
 current time whenever :meth:`Connection.get_timer` says so. The handshake must
@@ -76,6 +79,8 @@ class State(enum.Enum):
     EXPECT_ENROLLED = "expect_enrolled"
     EXPECT_REGISTERED = "expect_registered"  # registering a factor credential with a code
     EXPECT_SPLICE = "expect_splice"  # tunnel/data connection waiting for its pair
+    SPARE = "spare"  # agent's data connection dialled ahead, waiting for a dial
+    SPARE_DIALLED = "spare_dialled"  # ... the dial sent on it, waiting for its answer
     SESSION = "session"  # authenticated client control connection
     AGENT = "agent"  # agent control connection
     RAW = "raw"  # spliced: raw bytes, not parsed here
@@ -89,6 +94,7 @@ _HELLOS = {
     "register": State.EXPECT_REGISTERED,
     "tunnel": State.EXPECT_SPLICE,
     "data": State.EXPECT_SPLICE,
+    "spare": State.SPARE,
 }
 _KEEPALIVE = frozenset({"ping", "pong", "error"})
 
@@ -101,6 +107,8 @@ PEER_MAY_SEND: dict[tuple[Side, State], frozenset[str]] = {
     (Side.ACCEPTOR, State.EXPECT_ENROLLED): frozenset({"error"}),
     (Side.ACCEPTOR, State.EXPECT_REGISTERED): frozenset({"auth_response"}) | _KEEPALIVE,
     (Side.ACCEPTOR, State.EXPECT_SPLICE): frozenset({"error"}),
+    (Side.ACCEPTOR, State.SPARE): _KEEPALIVE,
+    (Side.ACCEPTOR, State.SPARE_DIALLED): frozenset({"data", "dial_failed"}) | _KEEPALIVE,
     (Side.CONNECTOR, State.EXPECT_AUTH): frozenset(
         {"auth_request", "approval_pending", "session", "agent_list"}
     )
@@ -111,6 +119,8 @@ PEER_MAY_SEND: dict[tuple[Side, State], frozenset[str]] = {
     (Side.CONNECTOR, State.EXPECT_REGISTERED): frozenset({"auth_request", "registered"})
     | _KEEPALIVE,
     (Side.CONNECTOR, State.EXPECT_SPLICE): frozenset({"spliced", "error"}),
+    (Side.CONNECTOR, State.SPARE): frozenset({"dial"}) | _KEEPALIVE,
+    (Side.CONNECTOR, State.SPARE_DIALLED): _KEEPALIVE,
 }
 
 #: State changes on a message of a type, sent or received, in a state.
@@ -121,6 +131,9 @@ TRANSITIONS: dict[tuple[State, str], State] = {
     (State.EXPECT_ENROLLED, "enrolled"): State.CLOSED,
     (State.EXPECT_REGISTERED, "registered"): State.CLOSED,
     (State.EXPECT_SPLICE, "spliced"): State.RAW,
+    (State.SPARE, "dial"): State.SPARE_DIALLED,
+    (State.SPARE_DIALLED, "data"): State.EXPECT_SPLICE,
+    (State.SPARE_DIALLED, "dial_failed"): State.CLOSED,
     (State.SESSION, "bye"): State.CLOSED,
 }
 
@@ -136,7 +149,7 @@ HANDSHAKE_STATES = frozenset(
     }
 )
 #: States with heartbeats.
-LIVE_STATES = frozenset({State.SESSION, State.AGENT})
+LIVE_STATES = frozenset({State.SESSION, State.AGENT, State.SPARE, State.SPARE_DIALLED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +243,7 @@ class Connection:
         self._queue(msg)
         if now is not None:
             self._last_sent = now
-        self.state = TRANSITIONS.get((self.state, msg.TYPE), self.state)
+        self._enter(TRANSITIONS.get((self.state, msg.TYPE), self.state), now)
 
     def send_error(self, code: str, message: str = "") -> None:
         """Queue an error frame and close (a no-op once closed)."""
@@ -375,8 +388,15 @@ class Connection:
                     f"more than {self.max_pings} pings in {self.ping_window:g} seconds"
                 )
             self.send(m.Pong(msg.seq))
-        self.state = TRANSITIONS.get((self.state, msg.TYPE), self.state)
+        self._enter(TRANSITIONS.get((self.state, msg.TYPE), self.state), now)
         self._events.append(msg)
+
+    def _enter(self, state: State, now: float | None) -> None:
+        # A spare data connection waits in a live state for as long as it is kept; the
+        # handshake it then finishes (``data`` until ``spliced``) gets a deadline of its own.
+        if now is not None and self.state in LIVE_STATES and state in HANDSHAKE_STATES:
+            self._handshake_deadline = now + self.handshake_timeout
+        self.state = state
 
     def _fail(self, code: str, message: str) -> None:
         # One place maps remote misbehaviour to an error frame and a close.

@@ -574,6 +574,7 @@ def test_every_message_type_round_trips_json(msg_type: str) -> None:
             ENROLL,
             m.TunnelHello("tk"),
             m.DataHello("dt"),
+            m.SpareHello(),
             AUTH_REQUEST,
             AUTH_RESPONSE,
             SESSION,
