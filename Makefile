@@ -17,7 +17,7 @@ SYSTEM_PACKAGES := pcscd vsmartcard-vpcd libpcsclite-dev swig mosquitto \
 # make fuzz: every fuzz target (tests/fuzz) for FUZZ_SECONDS each, coverage-guided (atheris).
 FUZZ_SECONDS ?= 60
 
-.PHONY: demo test test-windows lint typecheck unit system-deps bench fuzz clean
+.PHONY: demo demo-cluster test test-windows lint typecheck unit system-deps bench bench-cluster fuzz clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 
 demo: $(VENV)/.runtime
 	$(BIN)/python -m gatewayd.demo demo-state
+
+$(VENV)/.cluster: pyproject.toml | $(VENV)/.runtime
+	$(BIN)/pip install --quiet -e '.[cluster]'
+	touch $@
+
+# Three nodes over Mosquitto, an agent that moves when its node is killed, the merged trail.
+demo-cluster: system-deps $(VENV)/.cluster
+	$(BIN)/python -m gatewayd.demo_cluster demo-cluster-state
 
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -76,5 +84,9 @@ bench: system-deps $(VENV)/.test
 bench-audit: system-deps $(VENV)/.test
 	$(BIN)/python bench/audit_query.py
 
+# One gatewayd node against three: tunnels opened per second, agents held.
+bench-cluster: system-deps $(VENV)/.test
+	$(BIN)/python bench/cluster_bench.py
+
 clean:
-	rm -rf $(VENV) demo-state .mypy_cache .ruff_cache .pytest_cache .coverage .cache/win
+	rm -rf $(VENV) demo-state demo-cluster-state .mypy_cache .ruff_cache .pytest_cache .coverage .cache/win

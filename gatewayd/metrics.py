@@ -157,6 +157,12 @@ class Metrics:
             "1 while the audit log cannot be written (new sessions are refused)",
             registry=r,
         )
+        # What is live, by id: an event that comes twice or out of order (a failed dial
+        # has tunnel.start then tunnel.failed; an agent reconnects before its old
+        # connection is seen gone) cannot push a gauge off.
+        self._agents: dict[str, int] = {}
+        self._sessions: set[str] = set()
+        self._tunnels: set[str] = set()
         self.reloads = Counter(
             "gatewayd_reloads", "Config reloads (SIGHUP)", ["outcome"], registry=r
         )
@@ -170,26 +176,38 @@ class Metrics:
                 self.lockouts.inc()
             case ev.SessionStarted():
                 self.sessions_opened.labels(event.mode).inc()
-                self.sessions_live.inc()
+                self._sessions.add(event.session)
+                self.sessions_live.set(len(self._sessions))
             case ev.SessionEnded():
-                self.sessions_live.dec()
+                self._sessions.discard(event.session)
+                self.sessions_live.set(len(self._sessions))
             case ev.SessionRefused():
                 self.sessions_refused.labels(event.mode).inc()
             case ev.TunnelStarted():
                 self.tunnels_opened.labels(event.mode).inc()
-                self.tunnels_live.inc()
+                self._tunnels.add(event.tunnel)
+                self.tunnels_live.set(len(self._tunnels))
             case ev.TunnelEnded():
-                self.tunnels_live.dec()
+                self._tunnels.discard(event.tunnel)
+                self.tunnels_live.set(len(self._tunnels))
                 self.relayed.labels("up").inc(max(event.bytes_up, 0))
                 self.relayed.labels("down").inc(max(event.bytes_down, 0))
-            case ev.TunnelRefused() | ev.TunnelFailed():
+            case ev.TunnelFailed():
+                self._tunnels.discard(event.tunnel)
+                self.tunnels_live.set(len(self._tunnels))
+                self.tunnels_failed.inc()
+            case ev.TunnelRefused():
                 self.tunnels_failed.inc()
             case ev.ApprovalAnswered():
                 self.approval_wait.labels(event.outcome).observe(max(event.seconds, 0.0))
             case ev.AgentConnected():
-                self.agents_online.inc()
+                self._agents[event.agent] = self._agents.get(event.agent, 0) + 1
+                self.agents_online.set(len(self._agents))
             case ev.AgentDisconnected():
-                self.agents_online.dec()
+                left = self._agents.pop(event.agent, 0) - 1
+                if left > 0:  # its newer connection is still there
+                    self._agents[event.agent] = left
+                self.agents_online.set(len(self._agents))
             case ev.AgentEnrolled():
                 self.enrollments.labels(event.outcome).inc()
             case ev.ConnectionRejected():

@@ -57,6 +57,12 @@ def test_each_event_moves_its_metric() -> None:
     )
     m(ev.ConnectionRejected(source="x", code="tls", message="bad"))
     m(ev.GatewayReloaded(outcome="failure", reason="bad config"))
+    # A failed dial: tunnel.start, then tunnel.failed with the same id (no tunnel.end).
+    m(ev.TunnelStarted(tunnel="t2", **CONTEXT))
+    m(ev.TunnelFailed(tunnel="t2", reason="no answer", **CONTEXT))
+    # An agent back before its old connection is seen gone: still one, and online.
+    m(ev.AgentConnected(agent="pc1", org="clinic", source="y", targets=["rdp"]))
+    m(ev.AgentDisconnected(agent="pc1", source="x", reason="replaced"))
     m.audit_timing(0.0001, 0.002)
     m.audit_timing(0.0001, None)
     v = values(m)
@@ -69,7 +75,7 @@ def test_each_event_moves_its_metric() -> None:
     assert v[("gatewayd_sessions_live", ())] == 1
     assert v[("gatewayd_sessions_opened_total", (("mode", "access"),))] == 1
     assert v[("gatewayd_tunnels_live", ())] == 0
-    assert v[("gatewayd_tunnels_failed_total", ())] == 1
+    assert v[("gatewayd_tunnels_failed_total", ())] == 2
     assert v[("gatewayd_relayed_bytes_total", (("direction", "up"),))] == 10
     assert v[("gatewayd_relayed_bytes_total", (("direction", "down"),))] == 200
     assert v[("gatewayd_approval_wait_seconds_sum", (("outcome", "approved"),))] == 7.0
