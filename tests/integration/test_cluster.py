@@ -339,12 +339,14 @@ def test_workers_need_a_cluster(tmp_path: Path) -> None:
 
 def test_workers_share_the_port_and_each_is_a_node(
     tmp_path_factory: pytest.TempPathFactory,
-    mosquitto: Mosquitto,  # noqa: F811
+    mosquitto: Mosquitto,  # noqa: F811 - only to skip where mosquitto is missing
 ) -> None:
     lab = Lab(tmp_path_factory.mktemp("workers"))
+    broker = Mosquitto(lab.root / "mqtt")  # a cluster of its own: one broker per cluster
+    broker.start()
     data = free_port()
     lab.init(
-        extra_config=f'[cluster]\nmqtt = "{mosquitto.address}"\ndata_listen = "127.0.0.1:{data}"\n',
+        extra_config=f'[cluster]\nmqtt = "{broker.address}"\ndata_listen = "127.0.0.1:{data}"\n',
         gateway_keys='node_id = "w"',
     )
     text = re.sub(r'node_id = "[^w][^"]*"\n', "", lab.config.read_text(), count=1)
@@ -382,3 +384,4 @@ def test_workers_share_the_port_and_each_is_a_node(
     finally:
         lab.close()
         echo.close()
+        broker.stop()
