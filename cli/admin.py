@@ -186,6 +186,16 @@ def user_list(socket: Path, as_json: bool) -> None:
     )
 
 
+@admin_user.command("logout")
+@click.argument("user")
+@click.pass_obj
+def user_logout(socket: Path, user: str) -> None:
+    """End every gw login credential of USER (audited); open sessions go on (sessions kill)."""
+    result = admin_request(socket, "user.logout", user=user)
+    ended = result.get("ended") or []
+    click.echo(f"user {user}: {len(ended)} login credential(s) ended")
+
+
 @admin_user.command("unlock")
 @click.argument("user")
 @click.pass_obj

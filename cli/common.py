@@ -70,8 +70,48 @@ def execute(coro: Coroutine[Any, Any, T]) -> T:
         fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", EXIT_LOCAL)
 
 
+#: Set by :func:`prompt_on_terminal`: standard input and output carry data.
+_ASK_TTY: list[bool] = []
+
+
+def prompt_on_terminal() -> None:
+    """From now on :func:`prompt` asks on the controlling terminal (``/dev/tty``), never on
+    standard input or output (``gw connect --stdio``: they carry ssh's stream)."""
+    _ASK_TTY.append(True)
+
+
+def _ask_tty(text: str, secret: bool) -> str:
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        fail(
+            f"{text.strip().rstrip(':')} needed, but there is no terminal to ask on",
+            EXIT_LOCAL,
+        )
+    with open(fd, "r+b", buffering=0) as tty:
+        if secret:
+            import termios
+
+            old = termios.tcgetattr(fd)
+            new = old[:]
+            new[3] &= ~termios.ECHO
+            termios.tcsetattr(fd, termios.TCSAFLUSH, new)
+        try:
+            tty.write(text.encode())
+            line = bytearray()
+            while len(line) < 4096 and (byte := tty.read(1)) not in (b"", b"\n"):
+                line += byte
+        finally:
+            if secret:
+                termios.tcsetattr(fd, termios.TCSAFLUSH, old)
+                tty.write(b"\n")
+    return line.decode("utf-8", "replace").rstrip("\r")
+
+
 def prompt(text: str, secret: bool) -> str:
     """Ask the person at the terminal (on stderr, so stdout stays data)."""
+    if _ASK_TTY and not os.environ.get("GW_FORCE_PROMPT") and os.name == "posix":
+        return _ask_tty(text, secret)
     if not sys.stdin.isatty() and not os.environ.get("GW_FORCE_PROMPT"):
         fail(f"{text.strip().rstrip(':')} needed, but there is no terminal to ask on", EXIT_LOCAL)
     if secret:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import click
 
-from relay.errors import GatewayError
+from relay.errors import RemoteError
 from relay.text import is_printable
 
 from .common import (
@@ -21,9 +23,58 @@ from .common import (
     info,
     print_rows,
     prompt,
+    prompt_on_terminal,
     read_stdin_line,
 )
-from .options import login_options
+from .profile import client_target, profile_options
+
+
+class Progress:
+    """What ``gw connect`` waits for (login, approval with the seconds left, dialling), on
+    one line of a terminal (standard error), rewritten in place; nothing in scripts."""
+
+    def __init__(self) -> None:
+        self.on = sys.stderr.isatty()
+        self._shown = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def show(self, text: str) -> None:
+        if self.on:
+            sys.stderr.write(f"\r\x1b[K{text}")
+            sys.stderr.flush()
+            self._shown = True
+
+    def clear(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self._shown = False
+
+    def countdown(self, seconds: float, sas: str) -> None:
+        """Approval: the seconds left, once a second, until :meth:`clear`."""
+        if not self.on:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+
+        def tick() -> None:
+            left = max(0.0, deadline - loop.time())
+            self.show(f"gw: waiting for approval at the machine: {left:.0f} s left (code {sas})")
+            self._timer = loop.call_later(1.0, tick) if left > 0 else None
+
+        tick()
+
+    def around(self, prove: Any) -> Any:
+        """A ``prove`` callback that clears the line first, so prompts start clean."""
+
+        async def answer(method: str, payload: dict[str, Any], binding: bytes) -> Any:
+            self.clear()
+            return await prove(method, payload, binding)
+
+        return answer
 
 
 def _local_address(value: str) -> tuple[str, int]:
@@ -90,9 +141,14 @@ def _add_factor_values(values: dict[str, Any], pairs: tuple[str, ...]) -> None:
 
 @click.command()
 @click.argument("agent")
-@login_options
+@profile_options
 @click.option("--target", required=True, help="Name of the agent's service.")
-@click.option("--mode", required=True, type=click.Choice(["access", "support", "homeoffice"]))
+@click.option(
+    "--mode",
+    default=None,
+    type=click.Choice(["access", "support", "homeoffice"]),
+    help="[env GW_MODE; profile; else the mode you are logged in for; else access]",
+)
 @click.option(
     "-L", "local", metavar="[ADDR:]PORT", help="Listen here; each connection is a tunnel."
 )
@@ -183,11 +239,11 @@ def _add_factor_values(values: dict[str, Any], pairs: tuple[str, ...]) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Say what happens, with each tunnel's SAS.")
 def connect(
     agent: str,
-    gateway: str,
-    ca_file: Path,
-    user: str,
+    gateway: str | None,
+    ca_file: Path | None,
+    user: str | None,
     target: str,
-    mode: str,
+    mode: str | None,
     local: str | None,
     stdio: bool,
     password_stdin: bool,
@@ -209,22 +265,33 @@ def connect(
     """Open an end-to-end encrypted tunnel to TARGET on AGENT through the gateway."""
     from auth.base import ProverOptions
     from relay import noise
-    from relay.client import AgentKeyCheck, KnownAgents, open_session
+    from relay.client import AgentKeyCheck, KnownAgents, describe, open_session
 
     from .card import run_watched
     from .fido2 import choose_key
     from .known_agents import fingerprint_arg
+    from .login import Logins, choose_mode, credential_prover, ended, prove_with
 
     if bool(local) == stdio:
         raise click.UsageError("give exactly one of -L [ADDR:]PORT or --stdio")
+    if stdio:
+        # Standard input and output carry the tunnel (ssh's ProxyCommand): whatever
+        # must be asked is asked on the controlling terminal.
+        prompt_on_terminal()
     listen = _local_address(local) if local else None
+    resolved, gateway, ca_path, user = client_target(gateway, ca_file, user)
     password = None
     if password_stdin:
         password = read_stdin_line()
         if not password:
             fail("--password-stdin: standard input held no password", EXIT_LOCAL)
     password = password or os.environ.get("GW_PASSWORD")
-    gw = gateway_client(gateway, ca_file)
+    gw = gateway_client(gateway, ca_path)
+    where = f"{gw.host}:{gw.port}"
+    logins = Logins()
+    mode = choose_mode(resolved, mode, logins, where, user)
+    stored = logins.load(where, user, mode, time.time())
+    progress = Progress()
     expected = fingerprint_arg(agent_key, "--agent-key") if agent_key else None
     values: dict[str, Any] = {"password": password, "totp": totp_code, "notify": info}
     values["smartcard_reader"] = reader
@@ -245,29 +312,46 @@ def connect(
     agent_keys = AgentKeyCheck(known, f"{gw.host}:{gw.port}", agent, expected, strict_agent_key)
     static = _client_key(identity or home / "identity.key")
 
-    prove = _prove_with(provers, options)
+    prove = progress.around(credential_prover(stored, prove_with(provers, options)))
 
     def pending(seconds: float, sas: str) -> None:
+        progress.clear()
         info(
             f"gw: waiting for approval at the machine (up to {seconds:.0f} s).\n"
             f"gw: the person there sees this code; it must match: {sas}"
         )
+        progress.countdown(seconds, sas)
+
+    async def opened(credential: str) -> Any:
+        progress.show(f"gw: logging in to {where} as {user}...")
+        try:
+            return await open_session(
+                gw,
+                user=user,
+                agent=agent,
+                target=target,
+                mode=mode,
+                reason=reason,
+                static_private=static,
+                prove=prove,
+                on_pending=pending,
+                factors=smartcard_first + (("fido2", "totp") if use_fido2 else ("totp", "fido2")),
+                agent_keys=agent_keys,
+                credential=credential,
+            )
+        finally:
+            progress.clear()
 
     async def session() -> None:
         started = time.monotonic()
-        s = await open_session(
-            gw,
-            user=user,
-            agent=agent,
-            target=target,
-            mode=mode,
-            reason=reason,
-            static_private=static,
-            prove=prove,
-            on_pending=pending,
-            factors=smartcard_first + (("fido2", "totp") if use_fido2 else ("totp", "fido2")),
-            agent_keys=agent_keys,
-        )
+        try:
+            s = await opened(stored.credential if stored else "")
+        except RemoteError as exc:
+            if stored is None or not ended(exc):
+                raise
+            logins.remove(where, user, mode)
+            info(f"gw: your gw login has ended ({describe(exc)}); asking for your factors")
+            s = await opened("")
         if s.pinned:
             how = "checked with --agent-key" if expected else "first connection, not checked"
             fp = noise.fingerprint(s.agent_identity)
@@ -276,11 +360,13 @@ def connect(
             info(f"gw: session {s.opened.session_id} open in {time.monotonic() - started:.2f}s")
 
         def shown(est: Any) -> None:
+            progress.clear()
             if verbose:
                 how = "X25519 + ML-KEM-768" if est.hybrid else "X25519"
                 info(f"gw: tunnel to {agent}/{target} end-to-end encrypted ({how}); SAS {est.sas}")
 
         s.on_tunnel = shown
+        s.on_dial = lambda: progress.show(f"gw: dialling {agent}/{target}...")
 
         async def work() -> None:
             if listen is not None:
@@ -288,9 +374,11 @@ def connect(
                 def ready(where: str) -> None:
                     info(f"gw: listening on {where} for {agent}/{target}")
 
-                why = await s.serve_local(
-                    listen[0], listen[1], lambda e: info(f"gw: tunnel failed: {e}"), ready
-                )
+                def failed(why: str) -> None:
+                    progress.clear()
+                    info(f"gw: tunnel failed: {why}")
+
+                why = await s.serve_local(listen[0], listen[1], failed, ready)
                 if why:
                     fail(f"session ended: {why}")
                 info("gw: session ended")
@@ -308,30 +396,14 @@ def connect(
     execute(session())
 
 
-def _prove_with(provers: dict[str, Any], options: Any) -> Any:
-    """The ``prove`` callback: builds each factor's prover on first use."""
-    from auth import registry
-
-    async def prove(method: str, payload: dict[str, Any], binding: bytes) -> dict[str, Any]:
-        if method not in provers:
-            try:
-                provers[method] = registry.get(method).prover(options)
-            except GatewayError as exc:
-                fail(str(exc), EXIT_LOCAL)
-        result: dict[str, Any] = await provers[method].respond(payload, binding)
-        return result
-
-    return prove
-
-
 @click.command("agents")
-@login_options
+@profile_options
 @click.option(
     "--mode",
-    default="access",
-    show_default=True,
+    default=None,
     type=click.Choice(["access", "support", "homeoffice"]),
-    help="Log in with this mode's factors.",
+    help="Log in with this mode's factors (or its gw login) [env GW_MODE; profile; "
+    "else the mode you are logged in for; else access].",
 )
 @click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
 @click.option("--totp", "totp_code", metavar="CODE", help="Authenticator code (else asked).")
@@ -339,10 +411,10 @@ def _prove_with(provers: dict[str, Any], options: Any) -> Any:
 @click.option("--smartcard", "use_smartcard", is_flag=True, help="Use your smartcard.")
 @click.option("--json", "as_json", is_flag=True)
 def agents_cmd(
-    gateway: str,
-    ca_file: Path,
-    user: str,
-    mode: str,
+    gateway: str | None,
+    ca_file: Path | None,
+    user: str | None,
+    mode: str | None,
     password_stdin: bool,
     totp_code: str | None,
     use_fido2: bool,
@@ -352,25 +424,45 @@ def agents_cmd(
     """After login: the agents you may reach, with the modes allowed for each."""
     from auth.base import ProverOptions
     from relay import noise
-    from relay.client import list_agents
+    from relay.client import describe, list_agents
 
+    from .login import Logins, choose_mode, credential_prover, ended, prove_with
+
+    resolved, gateway, ca_path, user = client_target(gateway, ca_file, user)
     password = read_stdin_line() if password_stdin else os.environ.get("GW_PASSWORD")
-    gw = gateway_client(gateway, ca_file)
+    gw = gateway_client(gateway, ca_path)
+    where = f"{gw.host}:{gw.port}"
+    logins = Logins()
+    mode = choose_mode(resolved, mode, logins, where, user)
+    stored = logins.load(where, user, mode, time.time())
     values = {"password": password, "totp": totp_code, "notify": info}
     provers: dict[str, Any] = {}
-    prove = _prove_with(provers, ProverOptions(user=user, prompt=prompt, values=values))
+    prove = credential_prover(
+        stored, prove_with(provers, ProverOptions(user=user, prompt=prompt, values=values))
+    )
     first = ("smartcard",) if use_smartcard else ()
+
+    async def listed(credential: str) -> dict[str, Any]:
+        return await list_agents(
+            gw,
+            user=user,
+            mode=mode,
+            static_private=noise.generate_keypair()[0],
+            prove=prove,
+            factors=first + (("fido2", "totp") if use_fido2 else ("totp", "fido2")),
+            credential=credential,
+        )
 
     async def go() -> dict[str, Any]:
         try:
-            return await list_agents(
-                gw,
-                user=user,
-                mode=mode,
-                static_private=noise.generate_keypair()[0],
-                prove=prove,
-                factors=first + (("fido2", "totp") if use_fido2 else ("totp", "fido2")),
-            )
+            try:
+                return await listed(stored.credential if stored else "")
+            except RemoteError as exc:
+                if stored is None or not ended(exc):
+                    raise
+                logins.remove(where, user, mode)
+                info(f"gw: your gw login has ended ({describe(exc)}); asking for your factors")
+                return await listed("")
         finally:
             for p in provers.values():
                 await p.aclose()

@@ -25,6 +25,7 @@ from .audit import audit
 from .connect import agents_cmd, connect
 from .fido2 import fido2
 from .known_agents import known_agents
+from .login import login_cmd, logout_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,7 +34,17 @@ def main() -> None:
     """gw: reach an agent's service through gatewayd; run agents; administer; read the audit."""
 
 
-for _command in (connect, agents_cmd, agent, admin, audit, fido2, known_agents):
+for _command in (
+    connect,
+    agents_cmd,
+    login_cmd,
+    logout_cmd,
+    agent,
+    admin,
+    audit,
+    fido2,
+    known_agents,
+):
     main.add_command(_command)
 
 

@@ -32,7 +32,7 @@ from relay.message import MODES, valid_id
 from relay.text import is_printable
 
 from . import audit as audit_mod
-from . import card, directory, fido2_registration, grant
+from . import card, directory, fido2_registration, grant, login
 from .audit import AuditLog
 from .broker import Broker
 from .config import Config
@@ -434,6 +434,7 @@ OPERATIONS: Mapping[str, Operation] = MappingProxyType(
         "totp.enroll": _totp_enroll,
         "factor.enroll": _factor_enroll,
         "user.unlock": _user_unlock,
+        "user.logout": login.user_logout,
         "agreement.add": _agreement_add,
         "agent.add": _agent_add,
         "list": _list,

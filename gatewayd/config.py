@@ -163,6 +163,11 @@ class ModeSection:
     """``gw connect --reason`` is required (default for access and support)."""
     approval_timeout: float = 120.0
     """Seconds the person at the machine has to approve; no answer is a denial (max 600)."""
+    login_lifetime: float = 12 * 3600.0
+    """Longest life of a ``gw login`` credential, used or not (NIST SP 800-63B AAL2: 12 h)."""
+    login_idle_timeout: float = 30 * 60.0
+    """A ``gw login`` credential ends after this many seconds without use: no login with
+    it and no traffic in a session it opened (AAL2: 30 minutes)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +211,11 @@ class ClusterSection:
     reply_timeout: float = 2.0
     """Seconds a node waits for another node to answer over the bus (a dial request,
     a kill) before telling the client or admin that node did not answer."""
+    database: str | None = None
+    """The directory on PostgreSQL shared by every node, a libpq URI
+    (``postgresql://gatewayd@db.example.org/gatewayd?sslmode=verify-full``); its
+    password from ``~/.pgpass`` or ``passfile=`` in the URI, never in this file. None:
+    the SQLite ``[store] path``, which only nodes on one host can share."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -603,11 +613,11 @@ def _parse(root: _Table, path: Path) -> Config:
             card_heartbeat_timeout=m.number("card_heartbeat_timeout", 15.0, low=2, high=600),
             require_reason=m.get("require_reason", bool, name != "homeoffice"),
             approval_timeout=m.number("approval_timeout", 120.0, low=5, high=600),
+            login_lifetime=m.number("login_lifetime", 12 * 3600.0, low=60, high=7 * 86400),
+            login_idle_timeout=m.number("login_idle_timeout", 1800.0, low=10, high=86400),
         )
         if modes[name].card_heartbeat_timeout < 2 * modes[name].card_heartbeat:
-            raise ConfigError(
-                m.key("card_heartbeat_timeout"), "must be at least twice card_heartbeat"
-            )
+            root.problem(m.key("card_heartbeat_timeout"), "must be at least twice card_heartbeat")
         m.done()
     mt.done()
 
@@ -707,9 +717,24 @@ def _parse_cluster(root: _Table, gateway: GatewaySection) -> ClusterSection:
         mqtt_username=username,
         mqtt_password_file=files["mqtt_password_file"],
         reply_timeout=c.number("reply_timeout", 2.0, low=0.1, high=60),
+        database=_database(c),
     )
     c.done()
     return section
+
+
+def _database(c: _Table) -> str | None:
+    """``[cluster] database``: a ``postgresql://`` URI without a password in it."""
+    dsn: str | None = c.get("database", str, None)
+    if dsn is None:
+        return None
+    if not dsn.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(c.key("database"), "expected a postgresql:// URI")
+    if re.search(r"://[^/@]*:[^/@]*@|[?&]password=", dsn):
+        raise ConfigError(
+            c.key("database"), "no password here: use ~/.pgpass or passfile= in the URI"
+        )
+    return dsn
 
 
 _PATH_KEYS = ("_file", "_files", "trust_anchors", "intermediates")

@@ -117,6 +117,38 @@ class AuthLocked(Event):
     until: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class LoginIssued(Event):
+    """``gw login`` proved the mode's factors: a login credential exists from now on."""
+
+    NAME = "login.issued"
+    DURABLE = True
+    session: str
+    """The login's own session id; every later use of the credential names it."""
+    user: str
+    mode: str
+    source: str
+    credential: str
+    expires: float
+    idle_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class LoginEnded(Event):
+    """``gw logout`` ended a login credential (an administrator's ``gw admin user
+    logout`` is an ``admin.change``)."""
+
+    NAME = "login.ended"
+    DURABLE = True
+    session: str
+    user: str
+    source: str
+    credential: str
+    login_session: str
+    """The session of the ``gw login`` that made the credential."""
+    reason: str
+
+
 # -- sessions ---------------------------------------------------------------------------
 
 

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import secrets
 from collections import deque
+from typing import Any
 
 from auth import registry
 from auth.base import AuthContext, Outcome
+from relay import credential
 from relay import message as m
 from relay.aio import ConnectionClosed, FramedLink
 from relay.errors import ConfigError, RemoteError
@@ -25,7 +28,16 @@ from . import policy
 from .clock import Clock
 from .config import Config, ConfigHolder
 from .event import AuthAttempt, AuthLocked, EventBus
-from .store import Attempt, AttemptEnd, Credential, Lockout, Store, User
+from .operation import Admin, AdminError, arg_id
+from .store import (
+    Attempt,
+    AttemptEnd,
+    Credential,
+    Lockout,
+    LoginCredential,
+    Store,
+    User,
+)
 
 #: Seconds a person gets for each factor (typing a code, a PIN, touching a key).
 AUTH_STEP_TIMEOUT = 120.0
@@ -131,8 +143,14 @@ class Login:
             hard_limit=lo.hard_limit,
         )
 
-    async def authenticate(self, link: FramedLink, hello: m.ClientHello, sid: str) -> bool:
+    async def authenticate(
+        self, link: FramedLink, hello: m.ClientHello, sid: str, *, card_only: bool = False
+    ) -> bool:
         """Prove every factor of the mode; audit each attempt. True when all passed.
+
+        ``card_only``: a ``gw login`` credential proved the user (:meth:`prove_login`);
+        only the mode's smartcard steps run, and only when the mode ends sessions on
+        card removal (the credential is then useless without the card).
 
         Nothing read before an ``await`` is written back after it. Each factor's check
         runs in a slot of the store's lockout (:meth:`Store.begin_attempt`, taken once
@@ -150,6 +168,9 @@ class Login:
         binding = link.channel_binding()
         enrolled = set(await self.store.credential_methods(hello.user)) if user else set()
         steps = cfg.mode(hello.mode).factors
+        if card_only:
+            card = cfg.mode(hello.mode).end_on_card_removal
+            steps = tuple(step for step in steps if card and "smartcard" in step)
         for index, step in enumerate(steps):
             method = self.choose(step, hello.factors, enrolled)
             try:
@@ -311,6 +332,88 @@ class Login:
         else:
             self.bus.publish(AuthLocked(user=user, failures=end.failures, seconds=end.newly_locked))
 
+    async def prove_login(
+        self, link: FramedLink, hello: m.ClientHello, sid: str
+    ) -> LoginCredential | None:
+        """The client proves it holds the key of the ``gw login`` credential it names.
+
+        The gateway sends a fresh nonce; the client signs it with the TLS channel's
+        exporter (:mod:`relay.credential`), so a proof is worth nothing on any other
+        connection. The credential must be the user's, for this mode, not ended, not
+        expired and used within its idle time; the use is recorded by one conditional
+        update (:meth:`Store.use_login`), so a logout or an administrator's ending that
+        lands meanwhile wins. The attempt is audited as factor ``credential`` with the
+        ``login_session`` that made it. The peer learns ``login_ended`` for a credential
+        that has ended (after a right proof, or for an id nobody holds) and
+        ``auth_failed`` for a wrong proof or another user's credential; None then.
+        """
+        nonce = secrets.token_bytes(credential.NONCE_LEN)
+        binding = link.channel_binding()
+        challenge = {"credential": hello.credential, "nonce": credential.b64(nonce)}
+        link.extend_handshake(AUTH_STEP_TIMEOUT)
+        link.send(m.AuthRequest(credential.METHOD, challenge))
+        login: LoginCredential | None = None
+
+        def attempt(outcome: str, reason: str) -> AuthAttempt:
+            return AuthAttempt(
+                session=sid,
+                user=hello.user,
+                factor=credential.METHOD,
+                outcome=outcome,
+                reason=reason,
+                source=link.peer,
+                mode=hello.mode,
+                agent=hello.agent,
+                detail={"credential": hello.credential}
+                | ({"login_session": login.session} if login is not None else {}),
+            )
+
+        try:
+            response = await link.expect(m.AuthResponse)
+        except (ConnectionClosed, RemoteError) as exc:
+            self.bus.publish(attempt("failure", f"no answer from the client ({exc.code})"))
+            raise
+        assert isinstance(response, m.AuthResponse)
+        login = await self.store.get_login(hello.credential)
+        user = await self.store.get_user(hello.user)
+        now = self.clock.now()
+        code, reason = "auth_failed", ""
+        if login is None:
+            code, reason = "login_ended", "unknown login credential"
+        elif response.method != credential.METHOD or not credential.verify(
+            credential.unb64(login.public_key), hello.credential, nonce, binding, response.payload
+        ):
+            reason = "wrong proof of the login credential's key"
+        elif login.user != hello.user:
+            reason = f"login credential of another user ({login.user})"
+        elif login.mode != hello.mode:
+            reason = f"login credential for mode {login.mode}"
+        elif user is None or user.disabled:
+            reason = "unknown user" if user is None else "user disabled"
+        elif user.admin_locked:
+            reason = Attempt.ADMIN_LOCKED.value
+        elif (refused := await self.source_refused(user, link.peer)) is not None:
+            reason = refused
+        elif hello.logout:
+            pass  # ended by the caller: a credential past its time can still be logged out
+        elif login.ended is not None:
+            code, reason = "login_ended", f"login ended ({login.ended_reason})"
+        elif now >= login.expires:
+            code, reason = "login_ended", "login expired"
+        elif not await self.store.use_login(login.id, now):
+            idle = login.last_used + login.idle_timeout <= now
+            code = "login_ended"
+            reason = "login idle timeout" if idle else "login ended meanwhile"
+        self.bus.publish(attempt("failure" if reason else "success", reason or "ok"))
+        if reason:
+            await self.bus.flush()
+            if code == "login_ended":
+                link.send_error(code, "your gw login has ended; run gw login again")
+            else:
+                link.send_error(code, "authentication failed")
+            return None
+        return login
+
     async def source_refused(self, user: User, source: str) -> str | None:
         """A vendor may restrict where its users log in from (CIDRs in the directory).
 
@@ -334,3 +437,17 @@ class Login:
         enrolled = set(await self.store.credential_methods(hello.user))
         steps = self.config.mode(hello.mode).factors
         return any(self.choose(step, hello.factors, enrolled) == "smartcard" for step in steps)
+
+
+async def user_logout(s: Admin, args: dict[str, Any], by: str) -> Any:
+    """``gw admin user logout USER``: end every ``gw login`` credential of the user.
+
+    Sessions already open with one go on (``gw admin sessions kill`` ends those); no
+    new login, session or agent list is had with the credentials from now on.
+    """
+    user = arg_id(args, "user")
+    if await s.store.get_user(user) is None:
+        raise AdminError(f"no user {user!r}")
+    ended = await s.store.end_logins(user, s.now(), f"ended by administrator {by}")
+    await s.changed(by, "user.logout", user=user, credentials=ended)
+    return {"user": user, "ended": ended}

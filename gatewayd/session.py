@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from auth.base import b64d, b64e
+from relay import credential
 from relay import message as m
 from relay.aio import ConnectionClosed, FramedLink, Pipe
 from relay.errors import ProtocolError, RemoteError
@@ -35,6 +36,8 @@ from .event import (
     ApprovalAnswered,
     ApprovalRequested,
     EventBus,
+    LoginEnded,
+    LoginIssued,
     PolicyDecided,
     SessionEnded,
     SessionRefused,
@@ -42,7 +45,7 @@ from .event import (
 )
 from .login import Login
 from .rejection import RejectionLog
-from .store import Store, StoreError
+from .store import LoginCredential, Store, StoreError
 
 
 @dataclass(eq=False)
@@ -75,6 +78,8 @@ class Session:
     card_timeout: float = 0.0
     """Seconds without a ``card_present`` after which the session ends (0: not watched)."""
     card_seen: float = field(default_factory=time.monotonic)
+    login: str | None = None
+    """The ``gw login`` credential that opened the session, if one did."""
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     end_reason: str = ""
 
@@ -269,7 +274,27 @@ class Sessions:
         if len(client_key) != 32:
             link.send_error("protocol_error", "client_key must be a 32-byte X25519 key")
             return
-        if not await self.login.authenticate(link, hello, sid):
+        login: LoginCredential | None = None
+        if hello.login_key:
+            try:
+                credential.check_public(hello.login_key)
+            except ValueError:
+                link.send_error("protocol_error", "login_key must be an Ed25519 public key")
+                return
+            if hello.credential:  # a login credential never makes another
+                link.send_error("denied", "gw login needs the mode's factors, not a login")
+                return
+        if hello.credential:
+            login = await self.login.prove_login(link, hello, sid)
+            if login is None:
+                return
+            if hello.logout:
+                await self.logout(link, hello, sid, login)
+                return
+        if not await self.login.authenticate(link, hello, sid, card_only=login is not None):
+            return
+        if hello.login_key:
+            await self.issue_login(link, hello, sid)
             return
         if not hello.agent:
             await self.list_agents(link, hello, sid)
@@ -338,7 +363,7 @@ class Sessions:
             client_key=client_key,
             ticket=secrets.token_urlsafe(32),
             started=now,
-            expires=now + mode_cfg.max_session,
+            expires=min(now + mode_cfg.max_session, login.expires if login else float("inf")),
             idle_timeout=mode_cfg.idle_timeout,
             link=link,
             agreement=decision.agreement,
@@ -347,6 +372,7 @@ class Sessions:
             card_timeout=mode_cfg.card_heartbeat_timeout if watched else 0.0,
             last_activity=self.clock.monotonic(),
             card_seen=self.clock.monotonic(),
+            login=login.id if login else None,
         )
         await self.bus.record(
             SessionStarted(**context, expires=session.expires, approved_by=approved_by or None)
@@ -376,6 +402,8 @@ class Sessions:
         finally:
             await self.notify_agent(session, "end")  # the agent forgets the session's key
             self.directory.remove(session)
+            if session.login is not None:
+                await self.keep_login(session)
             for pipe in list(session.tunnels):
                 pipe.abort(f"session ended: {session.end_reason}")
             self.bus.publish(
@@ -393,6 +421,62 @@ class Sessions:
                     bytes_down=session.bytes_down + sum(p.b_to_a for p in session.tunnels),
                 )
             )
+
+    async def issue_login(self, link: FramedLink, hello: m.ClientHello, sid: str) -> None:
+        """``gw login`` passed the mode's factors: a credential bound to the client's key."""
+        mode_cfg = self.config.mode(hello.mode)
+        now = self.clock.now()
+        login = LoginCredential(
+            id=secrets.token_hex(12),
+            user=hello.user,
+            mode=hello.mode,
+            public_key=credential.b64(credential.check_public(hello.login_key)),
+            session=sid,
+            source=link.peer,
+            created=now,
+            expires=now + mode_cfg.login_lifetime,
+            idle_timeout=mode_cfg.login_idle_timeout,
+            last_used=now,
+        )
+        await self.store.add_login(login)
+        await self.bus.record(
+            LoginIssued(
+                session=sid,
+                user=hello.user,
+                mode=hello.mode,
+                source=link.peer,
+                credential=login.id,
+                expires=login.expires,
+                idle_timeout=login.idle_timeout,
+            )
+        )
+        link.send(m.LoggedIn(login.id, login.expires, login.idle_timeout))
+
+    async def logout(
+        self, link: FramedLink, hello: m.ClientHello, sid: str, login: LoginCredential
+    ) -> None:
+        """``gw logout``: the client proved the credential's key; end the credential."""
+        await self.store.end_logins(hello.user, self.clock.now(), "logout", login.id)
+        await self.bus.record(
+            LoginEnded(
+                session=sid,
+                user=hello.user,
+                source=link.peer,
+                credential=login.id,
+                login_session=login.session,
+                reason="logout",
+            )
+        )
+        link.send(m.LoggedOut(login.id))
+
+    async def keep_login(self, session: Session) -> None:
+        """A session opened with a login credential was in use: the credential's idle
+        time counts from its last traffic."""
+        assert session.login is not None
+        last = max([session.last_activity, *(p.last_activity for p in session.tunnels)])
+        active = self.clock.now() - max(0.0, self.clock.monotonic() - last)
+        with contextlib.suppress(StoreError):  # the session's end matters more
+            await self.store.keep_login(session.login, active)
 
     async def list_agents(self, link: FramedLink, hello: m.ClientHello, sid: str) -> None:
         """After login: the agents this user may reach, each with the modes allowed."""

@@ -257,11 +257,15 @@ class ClientSession:
         #: True when this session's agent key was trusted for the first time (pinned).
         self.pinned = False
         self.on_tunnel: Callable[[tunnel.Established], None] | None = None
+        #: Called as each tunnel starts to dial (``gw connect`` shows it on a terminal).
+        self.on_dial: Callable[[], None] | None = None
         self.tunnels: set[Pipe] = set()
         self._local_tasks: set[asyncio.Task[None]] = set()
 
     async def open_tunnel(self) -> tuple[asyncio.Transport, tunnel.Established]:
         """A new spliced, end-to-end encrypted tunnel to the session's target."""
+        if self.on_dial is not None:
+            self.on_dial()
         gateway = self.gateway
         if self.opened.tunnel_address:  # a cluster: the node that holds the session
             host, port = m.split_address(self.opened.tunnel_address, "session.tunnel_address")
@@ -545,6 +549,7 @@ async def open_session(
     factors: tuple[str, ...] = (),
     on_pending: Callable[[float, str], None] | None = None,
     agent_keys: AgentKeyCheck | None = None,
+    credential: str = "",
 ) -> ClientSession:
     """Authenticate and open a session; raises RemoteError with the gateway's reason.
 
@@ -556,6 +561,9 @@ async def open_session(
     before a code is shown; a session whose key is not the one its code was computed
     from raises :class:`AgentKeySwapped`. Only then is the key pinned
     (``ClientSession.pinned`` says whether it was new). No tunnel exists before that.
+
+    With ``credential`` (a ``gw login`` credential's id), ``prove`` is asked for the
+    possession proof (method ``credential``) instead of the mode's factors.
     """
     link, opened = await _login(
         gateway,
@@ -569,6 +577,7 @@ async def open_session(
         factors=factors,
         on_pending=on_pending,
         agent_keys=agent_keys,
+        credential=credential,
     )
     assert isinstance(opened, m.SessionOpened)
     session = ClientSession(gateway, link, opened, static_private)
@@ -589,6 +598,7 @@ async def list_agents(
     static_private: bytes,
     prove: Prove,
     factors: tuple[str, ...] = (),
+    credential: str = "",
 ) -> dict[str, Any]:
     """Log in and ask which agents this user may reach, with the modes allowed for each."""
     link, reply = await _login(
@@ -601,10 +611,68 @@ async def list_agents(
         static_private=static_private,
         prove=prove,
         factors=factors,
+        credential=credential,
     )
     link.close()
     assert isinstance(reply, m.AgentList)
     return reply.agents
+
+
+async def login(
+    gateway: Gateway,
+    *,
+    user: str,
+    mode: str,
+    static_private: bytes,
+    prove: Prove,
+    login_key: str,
+    factors: tuple[str, ...] = (),
+) -> m.LoggedIn:
+    """``gw login``: prove the mode's factors once; the gateway answers with a login
+    credential bound to ``login_key`` (an Ed25519 public key whose private half stays
+    with the caller)."""
+    link, reply = await _login(
+        gateway,
+        user=user,
+        agent="",
+        target="",
+        mode=mode,
+        reason="",
+        static_private=static_private,
+        prove=prove,
+        factors=factors,
+        login_key=login_key,
+    )
+    link.close()
+    assert isinstance(reply, m.LoggedIn)
+    return reply
+
+
+async def logout(
+    gateway: Gateway,
+    *,
+    user: str,
+    mode: str,
+    static_private: bytes,
+    prove: Prove,
+    credential: str,
+) -> None:
+    """``gw logout``: prove the credential's key once more and have the gateway end it."""
+    link, reply = await _login(
+        gateway,
+        user=user,
+        agent="",
+        target="",
+        mode=mode,
+        reason="",
+        static_private=static_private,
+        prove=prove,
+        factors=(),
+        credential=credential,
+        logout=True,
+    )
+    link.close()
+    assert isinstance(reply, m.LoggedOut)
 
 
 async def _login(
@@ -620,6 +688,9 @@ async def _login(
     factors: tuple[str, ...],
     on_pending: Callable[[float, str], None] | None = None,
     agent_keys: AgentKeyCheck | None = None,
+    credential: str = "",
+    login_key: str = "",
+    logout: bool = False,
 ) -> tuple[FramedLink, m.Message]:
     link = await gateway.dial(handshake_timeout=30.0)
     client_key = base64.urlsafe_b64encode(noise.public_key(static_private)).rstrip(b"=").decode()
@@ -632,6 +703,9 @@ async def _login(
             client_key=client_key,
             reason=reason,
             factors=factors,
+            credential=credential,
+            login_key=login_key,
+            logout=logout,
         )
     )
     binding = link.channel_binding()
@@ -639,8 +713,15 @@ async def _login(
     shown: bytes | None = None
     try:
         while True:
-            msg = await link.expect(m.AuthRequest, m.ApprovalPending, m.SessionOpened, m.AgentList)
-            if isinstance(msg, m.AgentList):
+            msg = await link.expect(
+                m.AuthRequest,
+                m.ApprovalPending,
+                m.SessionOpened,
+                m.AgentList,
+                m.LoggedIn,
+                m.LoggedOut,
+            )
+            if isinstance(msg, m.AgentList | m.LoggedIn | m.LoggedOut):
                 return link, msg
             if isinstance(msg, m.SessionOpened):
                 _check_session_key(link, msg, shown, agent_keys)
@@ -723,6 +804,7 @@ def describe(exc: BaseException) -> str:
             "denied": f"denied by policy: {said}",
             "agent_offline": said or "the agent is offline",
             "rate_limited": said or "too many attempts; try again later",
+            "login_ended": said or "your gw login has ended; run gw login again",
         }.get(exc.code, said or printable(exc.code, MAX_SAID))
     if isinstance(exc, ConnectionClosed):
         return f"the gateway closed the connection ({printable(str(exc), MAX_SAID)})"

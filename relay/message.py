@@ -138,11 +138,29 @@ class ClientHello(Message):
     """Why the session is wanted (ticket number, sentence); kept on its audit records."""
     factors: tuple[str, ...] = ()
     """Factors the client can prove, in order of preference (e.g. totp or fido2)."""
+    credential: str = ""
+    """A login credential's id (``gw login``): the client proves it holds the
+    credential's key instead of the mode's factors (a smartcard mode that ends on card
+    removal still asks for the card)."""
+    login_key: str = ""
+    """``gw login``: the client's new Ed25519 public key (base64url, 32 bytes); after the
+    mode's factors the gateway answers ``logged_in`` with a credential bound to it."""
+    logout: bool = False
+    """``gw logout``: with ``credential``, the gateway ends that credential
+    (``logged_out``)."""
 
     def __post_init__(self) -> None:
         Message.__post_init__(self)
         if self.mode not in MODES:
             raise ProtocolError(f"client_hello.mode: must be one of {', '.join(MODES)}")
+        if len(self.credential) > MAX_ID or not set(self.credential) <= _ID_CHARS:
+            raise ProtocolError("client_hello.credential: not a credential id")
+        if len(self.login_key) > 64:
+            raise ProtocolError("client_hello.login_key: not an Ed25519 public key")
+        if (self.login_key or self.logout) and self.agent:
+            raise ProtocolError("client_hello: login and logout name no agent")
+        if self.logout and not self.credential:
+            raise ProtocolError("client_hello.logout: needs the credential to end")
         if len(self.reason) > MAX_REASON:
             raise ProtocolError(f"client_hello.reason: longer than {MAX_REASON} characters")
         if not is_printable(self.reason):
@@ -150,6 +168,13 @@ class ClientHello(Message):
             raise ProtocolError(
                 "client_hello.reason: control, line break or bidi characters are not allowed"
             )
+
+    def to_json(self) -> dict[str, Any]:
+        out = Message.to_json(self)
+        for name in ("credential", "login_key", "logout"):  # unsaid unless used:
+            if not out[name]:  # older gateways refuse members they do not know
+                del out[name]
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +330,29 @@ class SessionOpened(Message):
         if not self.tunnel_address:
             del out["tunnel_address"]
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedIn(Message):
+    """``gw login`` passed: a login credential bound to the hello's ``login_key``."""
+
+    TYPE = "logged_in"
+    IDS = ("credential",)
+    credential: str
+    """The credential's id; the client keeps it with its key."""
+    expires: float
+    """POSIX time at which the credential ends, used or not (the mode's ``login_lifetime``)."""
+    idle_timeout: float
+    """Seconds without use (no login, no session traffic) after which it ends."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedOut(Message):
+    """``gw logout``: the gateway ended the credential; the connection ends."""
+
+    TYPE = "logged_out"
+    IDS = ("credential",)
+    credential: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -545,6 +593,7 @@ ERROR_CODES = {
     "rate_limited": "too many attempts from this source",
     "unavailable": "the gateway cannot accept new sessions now",
     "session_ended": "the session ended",
+    "login_ended": "the login credential expired, idled out or was ended",
     "shutdown": "the gateway is shutting down",
     "internal": "internal error",
 }
@@ -560,6 +609,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         SpareHello,
         RegisterHello,
         Registered,
+        LoggedIn,
+        LoggedOut,
         AuthRequest,
         AuthResponse,
         SessionOpened,

@@ -110,7 +110,7 @@ PEER_MAY_SEND: dict[tuple[Side, State], frozenset[str]] = {
     (Side.ACCEPTOR, State.SPARE): _KEEPALIVE,
     (Side.ACCEPTOR, State.SPARE_DIALLED): frozenset({"data", "dial_failed"}) | _KEEPALIVE,
     (Side.CONNECTOR, State.EXPECT_AUTH): frozenset(
-        {"auth_request", "approval_pending", "session", "agent_list"}
+        {"auth_request", "approval_pending", "session", "agent_list", "logged_in", "logged_out"}
     )
     | _KEEPALIVE,
     (Side.CONNECTOR, State.SESSION): _KEEPALIVE,
@@ -128,6 +128,8 @@ TRANSITIONS: dict[tuple[State, str], State] = {
     **{(State.EXPECT_HELLO, hello): state for hello, state in _HELLOS.items()},
     (State.EXPECT_AUTH, "session"): State.SESSION,
     (State.EXPECT_AUTH, "agent_list"): State.CLOSED,
+    (State.EXPECT_AUTH, "logged_in"): State.CLOSED,
+    (State.EXPECT_AUTH, "logged_out"): State.CLOSED,
     (State.EXPECT_ENROLLED, "enrolled"): State.CLOSED,
     (State.EXPECT_REGISTERED, "registered"): State.CLOSED,
     (State.EXPECT_SPLICE, "spliced"): State.RAW,

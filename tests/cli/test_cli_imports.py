@@ -125,4 +125,6 @@ def test_main_adds_every_command_group_explicitly() -> None:
         "connect",
         "fido2",
         "known-agents",
+        "login",
+        "logout",
     ]

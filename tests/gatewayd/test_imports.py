@@ -80,6 +80,7 @@ def test_the_admin_operations_are_one_explicit_table() -> None:
             "org.add",
             "vendor.add",
             "user.add",
+            "user.logout",
             "user.password",
             "factor.enroll",
             "user.set_cert",

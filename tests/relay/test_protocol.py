@@ -596,6 +596,8 @@ def test_every_message_type_round_trips_json(msg_type: str) -> None:
             m.Ping(3),
             m.Pong(3),
             m.Error("denied", "no", {"why": "policy"}),
+            m.LoggedIn("0123abcd", 1_800_000_000.0, 1800.0),
+            m.LoggedOut("0123abcd"),
         )
     }
     msg = examples[msg_type]
