@@ -404,6 +404,9 @@ class Login:
             idle = login.last_used + login.idle_timeout <= now
             code = "login_ended"
             reason = "login idle timeout" if idle else "login ended meanwhile"
+        if login is not None and reason in ("login expired", "login idle timeout"):
+            # Ended for good: a wall clock set back later cannot revive it.
+            await self.store.end_logins(login.user, now, reason[6:], login.id)
         self.bus.publish(attempt("failure" if reason else "success", reason or "ok"))
         if reason:
             await self.bus.flush()

@@ -195,6 +195,11 @@ class SessionDirectory:
         ]
 
 
+#: Seconds between a live session's notes of its login credential's use: small beside
+#: the credential's idle time (30 minutes), few writes for many sessions.
+LOGIN_KEEP = 60.0
+
+
 class Approvals:
     """Approval requests waiting for the person at an agent's machine; each answered once."""
 
@@ -397,9 +402,14 @@ class Sessions:
             # client key, the only one the agent then accepts in this session's tunnels
             # (an approved session's key was bound by the approval itself).
             await self.notify_agent(session, "start")
+        keeper = None
+        if session.login is not None:
+            keeper = asyncio.get_running_loop().create_task(self.keep_login_alive(session))
         try:
             await self.hold(session)
         finally:
+            if keeper is not None:
+                keeper.cancel()
             await self.notify_agent(session, "end")  # the agent forgets the session's key
             self.directory.remove(session)
             if session.login is not None:
@@ -468,6 +478,13 @@ class Sessions:
             )
         )
         link.send(m.LoggedOut(login.id))
+
+    async def keep_login_alive(self, session: Session) -> None:
+        """While a session opened with a login credential lives, its traffic is the
+        credential's use (told to the store every LOGIN_KEEP seconds)."""
+        while True:
+            await asyncio.sleep(LOGIN_KEEP)
+            await self.keep_login(session)
 
     async def keep_login(self, session: Session) -> None:
         """A session opened with a login credential was in use: the credential's idle

@@ -1230,11 +1230,11 @@ class Store:
         return used == 1
 
     async def keep_login(self, credential: str, active: float) -> None:
-        """A session of this credential was active at ``active``: its idle time counts from
-        then (never backwards, and not for a credential that has ended meanwhile)."""
+        """A live session of this credential was active at ``active``: the credential's
+        idle time counts from then (never backwards, never for one that has ended)."""
         await self._write(
             "UPDATE login_credentials SET last_used = ? WHERE id = ? AND ended IS NULL "
-            "AND last_used < ? AND last_used + idle_timeout > ?",
+            "AND last_used < ?",
             active,
             credential,
             active,
