@@ -59,9 +59,14 @@ typecheck: $(VENV)/.test
 unit: $(VENV)/.test
 	$(BIN)/pytest -m "not integration and not smartcard"
 
+# Worker processes for pytest (pytest-xdist): the integration tests mostly wait on the
+# daemons and commands they start, so twice the cores keeps a 2-core machine busy.
+# TEST_WORKERS=0 runs everything in one process. See docs/testing.md.
+TEST_WORKERS ?= 4
+
 test: system-deps $(VENV)/.test
 	$(MAKE) --no-print-directory lint typecheck
-	$(BIN)/pytest --cov=relay --cov=auth --cov=gatewayd --cov=cli --cov-branch --cov-report=term:skip-covered --cov-fail-under=85
+	$(BIN)/pytest -n $(TEST_WORKERS) --durations=25 --cov=relay --cov=auth --cov=gatewayd --cov=cli --cov-branch --cov-report=term:skip-covered --cov-fail-under=85
 
 # gw connect and gw agent as the Windows build of CPython runs them (under Wine), against a
 # real gatewayd on loopback; the Windows Python tree is built once under .cache/win/.
