@@ -128,8 +128,9 @@ class Bus:
                     self.on_up()
                     await self._serve(client)
             except (aiomqtt.MqttError, OSError) as exc:
-                if self.up:
-                    log.warning("cluster bus down", error=str(exc))
+                what = "cluster bus down" if self.up else "cannot connect to the cluster bus"
+                # At most one line per wait (5 s at the cap) while the broker is away.
+                log.warning(what, broker=wire.hostport(self.section.mqtt), error=str(exc))
                 failures += 1
             finally:
                 was_up, self.up, self.client = self.up, False, None

@@ -121,18 +121,37 @@ class Cluster:
         return self.lab.run(*args, input=f"{PASSWORD}\n{data}", check=False)
 
 
-def _cluster_table(broker: Mosquitto) -> str:
-    return f'[cluster]\nmqtt = "{broker.address}"\nreply_timeout = 2\n'
+#: The three nodes' broker takes TLS (the gateway CA's server certificate) and a password;
+#: they speak MQTT 3.1.1 to it (the --workers test speaks 5, in plain text).
+MQTT_USER, MQTT_PASSWORD = "gatewayd", "mqtt pass phrase"
+CLUSTER_TABLE = """[cluster]
+mqtt = "127.0.0.1:{port}"
+mqtt_version = "3.1.1"
+mqtt_ca_file = "tls/ca.pem"
+mqtt_username = "{user}"
+mqtt_password_file = "mqtt.password"
+reply_timeout = 2
+"""
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, mosquitto: Mosquitto) -> Iterator[Cluster]:  # noqa: F811
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+    mosquitto: Mosquitto,  # noqa: F811 - only to skip where mosquitto is missing
+) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("cluster")
     lab = Lab(root)
-    lab.init(extra_config=_cluster_table(mosquitto) + "[lockout]\nthreshold = 100\n")
+    table = CLUSTER_TABLE.format(port=free_port(), user=MQTT_USER)
+    lab.init(extra_config=table + "[lockout]\nthreshold = 100\n")
+    gw = lab.config.parent
+    (gw / "mqtt.password").write_text(MQTT_PASSWORD + "\n")
+    port = int(re.findall(r'mqtt = "127.0.0.1:(\d+)"', table)[0])
+    tls = (gw / "tls" / "ca.pem", gw / "tls" / "server.pem", gw / "tls" / "server.key")
+    broker = Mosquitto(root / "mqtt", port, tls=tls, users={MQTT_USER: MQTT_PASSWORD})
+    broker.start()
     base = lab.config.read_text()
     echo = EchoServer()
-    c = Cluster(lab, mosquitto, echo)
+    c = Cluster(lab, broker, echo)
     for i, name in enumerate(NODES):
         port = lab.port if i == 0 else free_port()
         text = re.sub(r'node_id = "[^"]*"', f'node_id = "{name}"', base, count=1)
@@ -164,6 +183,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, mosquitto: Mosquitto) -> I
     finally:
         lab.close()
         echo.close()
+        broker.stop()
 
 
 def _user(c: Cluster, name: str) -> str:
@@ -315,6 +335,8 @@ def test_a_killed_node_has_its_agents_presence_cleared_by_its_last_will(
     retained: dict[str, bytes] = {}
     client = paho.Client(paho.CallbackAPIVersion.VERSION2)
     client.on_message = lambda _c, _u, msg: retained.__setitem__(msg.topic, msg.payload)
+    client.tls_set(ca_certs=str(cluster.lab.config.parent / "tls" / "ca.pem"))
+    client.username_pw_set(MQTT_USER, MQTT_PASSWORD)
     client.connect("127.0.0.1", cluster.broker.port)
     client.subscribe([("gw/v1/nodes/+", 1), ("gw/v1/agents/+", 1)])
     deadline = time.monotonic() + 1.0

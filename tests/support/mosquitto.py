@@ -25,16 +25,42 @@ BINARY = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
 class Mosquitto:
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    """``tls``: (CA, certificate, key) PEM files for a TLS listener; ``users``: name ->
+    password (then anonymous clients are refused)."""
+
+    def __init__(
+        self,
+        root: Path,
+        port: int | None = None,
+        *,
+        tls: tuple[Path, Path, Path] | None = None,
+        users: dict[str, str] | None = None,
+    ) -> None:
         self.root = root
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         root.mkdir(parents=True, exist_ok=True)
         self.conf = root / "mosquitto.conf"
         self.log = root / "mosquitto.log"
+        extra = ""
+        if tls is not None:
+            ca, cert, key = tls
+            extra += f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
+        if users:
+            passwords = root / "passwords"
+            passwords.write_text("")
+            for name, secret in users.items():
+                tool = shutil.which("mosquitto_passwd") or "mosquitto_passwd"
+                subprocess.run(
+                    [tool, "-b", str(passwords), name, secret],
+                    check=True,
+                    capture_output=True,
+                )
+            extra += f"password_file {passwords}\n"
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            + extra
+            + f"allow_anonymous {'false' if users else 'true'}\n"
             "persistence false\n"
             # Started as root (CI), mosquitto would switch to a user "mosquitto": stay.
             f"user {getpass.getuser()}\n"
