@@ -279,6 +279,34 @@ def test_a_totp_code_used_on_one_node_is_refused_on_another(cluster: Cluster) ->
     assert failures and failures[-1]["outcome"] == "failure", failures
 
 
+def test_a_node_with_a_wrong_broker_password_stays_off_the_bus(cluster: Cluster) -> None:
+    n2 = cluster.nodes["n2"]
+    port = free_port()
+    text = n2.config.read_text().replace('node_id = "n2"', 'node_id = "n4"')
+    text = text.replace(f'listen = "127.0.0.1:{n2.port}"', f'listen = "127.0.0.1:{port}"')
+    text = text.replace("audit-n2/", "audit-n4/").replace("admin-n2.sock", "admin-n4.sock")
+    text = text.replace('"mqtt.password"', '"wrong.password"')
+    gw = n2.config.parent
+    (gw / "wrong.password").write_text("not the password\n")
+    config = gw / "gatewayd-n4.toml"
+    config.write_text(text)
+    cluster.nodes["n4"] = Node(
+        "n4", port, config, gw / "audit-n4" / "audit.jsonl", gw / "admin-n4.sock"
+    )
+    try:
+        cluster.start_node("n4")
+        n4 = cluster.nodes["n4"]
+        assert n4.proc is not None
+        proc = n4.proc
+        wait_for(lambda: "cannot connect to the cluster bus" in proc.output(), 10, "n4's refusal")
+        assert cluster.status("n4")["cluster"]["bus"] == "down"
+        assert "n4" not in cluster.status("n3")["cluster"]["nodes"]
+    finally:
+        if cluster.nodes["n4"].proc is not None:
+            cluster.nodes["n4"].proc.stop()
+        del cluster.nodes["n4"]
+
+
 def test_a_broker_outage_keeps_live_tunnels_and_refuses_new_cross_node_ones(
     cluster: Cluster,
 ) -> None:
