@@ -229,6 +229,7 @@ class Gateway:
                 ("store", old.store, new.store),
                 ("audit", old.audit, new.audit),
                 ("admin", old.admin, new.admin),
+                ("cluster", old.cluster, new.cluster),
                 ("metrics.listen", old.metrics.listen, new.metrics.listen),
                 ("metrics.enabled", old.metrics.enabled, new.metrics.enabled),
             )

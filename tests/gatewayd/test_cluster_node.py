@@ -5,6 +5,7 @@ sockets, no sleeps. Malformed notes are dropped, never raised."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Coroutine
 from pathlib import Path
@@ -444,6 +445,20 @@ socket = "run/admin.sock"
 def test_every_cluster_key_is_checked(table: str, error: str) -> None:
     with pytest.raises(ConfigError, match=error.replace("[", r"\[")):
         parse(BASE + "[cluster]\n" + table + "\n", Path("/etc/gatewayd/gatewayd.toml"))
+
+
+def test_unreadable_broker_files_are_config_errors_naming_the_key(tmp_path: Path) -> None:
+    from gatewayd.cluster.bus import password, tls_context
+
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(ConfigError, match=r"cluster\.mqtt_ca_file: cannot load"):
+        tls_context(dataclasses.replace(SECTION, mqtt_ca_file=missing))
+    with pytest.raises(ConfigError, match=r"cluster\.mqtt_password_file: cannot read"):
+        password(dataclasses.replace(SECTION, mqtt_username="u", mqtt_password_file=missing))
+    secret = tmp_path / "pw"
+    secret.write_text("first line\nsecond\n")
+    assert password(dataclasses.replace(SECTION, mqtt_password_file=secret)) == "first line"
+    assert tls_context(SECTION) is None
 
 
 def test_workers_each_get_a_node_of_their_own() -> None:
