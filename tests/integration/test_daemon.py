@@ -107,5 +107,5 @@ def test_gatewayd_refuses_a_bad_config_with_the_key(tmp_path: Path) -> None:
     lab = Lab(tmp_path)
     lab.init(extra_config="[lockout]\nthreshold = 0\n")
     result = lab.run("gatewayd", "--config", str(lab.config), check=False)
-    assert result.returncode == 1
+    assert result.returncode == 4  # a config problem (docs/exit-codes.md)
     assert "lockout.threshold" in result.stderr and "Traceback" not in result.stderr
