@@ -199,8 +199,9 @@ def _add_factor_values(values: dict[str, Any], pairs: tuple[str, ...]) -> None:
 @click.option(
     "--reason",
     default="",
+    envvar="GW_REASON",
     callback=lambda _ctx, _param, value: _check_reason(value),
-    help="Why (ticket number, sentence); kept in the audit trail.",
+    help="Why (ticket number, sentence); kept in the audit trail [env GW_REASON].",
 )
 @click.option(
     "--known-agents",
