@@ -9,8 +9,9 @@ BIN    := $(VENV)/bin
 # reference tools (OpenSSH, haproxy); SoftHSM2 and OpenSC (PKCS#11 modules for the
 # smartcard through middleware, and OpenSC's pkcs11-tool to fill the SoftHSM tokens);
 # wine64 runs the Windows build of CPython for the Windows journeys (tests/windows), and
-# mingw-w64 builds the one DLL Debian 12's Wine 8 lacks for it (tests/support/wine.py).
-SYSTEM_PACKAGES := pcscd vsmartcard-vpcd libpcsclite-dev swig mosquitto \
+# mingw-w64 builds the one DLL Debian 12's Wine 8 lacks for it (tests/support/wine.py);
+# postgresql is the cluster's shared directory, started per test run (tests/support/postgres.py).
+SYSTEM_PACKAGES := pcscd vsmartcard-vpcd libpcsclite-dev swig mosquitto postgresql \
                    openssh-server openssh-client haproxy softhsm2 opensc jq \
                    wine64 gcc-mingw-w64-x86-64-win32 systemd
 

@@ -46,7 +46,7 @@ from .fido2_registration import serve_registration
 from .login import AUTH_STEP_TIMEOUT, Login, RateLimiter, source_key
 from .rejection import RejectionLog
 from .session import Approvals, Session, SessionDirectory, Sessions
-from .store import Store, StoreError
+from .store import Store, StoreError, StoreUnavailable
 from .tunnel import DialError, DialPairing, Tunnels
 
 __all__ = [
@@ -204,6 +204,10 @@ class Broker:
         except AuditError as exc:
             log.error("audit log failed", error=str(exc))
             link.send_error("unavailable", "the gateway cannot write its audit log")
+        except StoreUnavailable as exc:
+            # PostgreSQL down: fail closed, and say so (the daemon's log names the cause).
+            log.error("directory database unavailable", source=link.peer, error=str(exc))
+            link.send_error("unavailable", "the gateway cannot reach its directory database")
         except (StoreError, TLSBindingError, ConfigError, ProtocolError) as exc:
             log.error("request failed", source=link.peer, error=str(exc))
             link.send_error("internal", "internal error")

@@ -128,7 +128,16 @@ class Gateway:
             if state_lock >= 0:
                 os.close(state_lock)
             raise
-        store = Store(cfg.store.path, load_secrets_key(cfg.store.secrets_key_file))
+        # The directory: PostgreSQL shared by a cluster's nodes, else SQLite.
+        database = cfg.cluster.database if cfg.cluster is not None else None
+        try:
+            store = await Store.open(
+                database or cfg.store.path, load_secrets_key(cfg.store.secrets_key_file)
+            )
+        except GatewayError:
+            if state_lock >= 0:
+                os.close(state_lock)
+            raise
         audit.start()
         audit.write_startup_records()
         broker = Broker(self.holder, store, audit)

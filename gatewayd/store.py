@@ -134,6 +134,11 @@ class StoreError(GatewayError):
     """A directory operation failed: unknown or duplicate id, bad reference."""
 
 
+class StoreUnavailable(StoreError):
+    """The database cannot be reached or failed (PostgreSQL down): nothing was changed
+    that the caller can rely on; a login must fail, and may be tried again later."""
+
+
 @dataclass(frozen=True, slots=True)
 class User:
     id: str
@@ -257,6 +262,9 @@ POOL_SIZE = 10
 """Connections a node keeps to PostgreSQL at most: a transaction holds one for a few
 milliseconds, so ten serve hundreds of logins a second; a server's default
 ``max_connections`` (100) leaves room for several nodes."""
+
+POOL_MIN = 4
+"""Connections a node keeps open even when idle: parallel logins find them ready."""
 
 POOL_WAIT = 3.0
 """Seconds a store call waits for a PostgreSQL connection before it fails: long enough
@@ -433,7 +441,7 @@ class _PostgresTx(Tx):
             unique = isinstance(exc, psycopg.errors.UniqueViolation)
             raise _Conflict(unique, exc.diag.message_primary or str(exc)) from exc
         except psycopg.OperationalError as exc:
-            raise StoreError(f"the database failed: {_first_line(exc)}") from exc
+            raise StoreUnavailable(f"the database failed: {_first_line(exc)}") from exc
         return Result(rows, self.cur.rowcount)
 
 
@@ -463,7 +471,7 @@ class Postgres(Backend):
             ) from exc
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             dsn,
-            min_size=1,
+            min_size=POOL_MIN,
             max_size=POOL_SIZE,
             open=False,
             timeout=POOL_WAIT,
@@ -476,7 +484,9 @@ class Postgres(Backend):
             await pool.open(wait=True, timeout=wait)
         except PoolTimeout as exc:
             await pool.close()
-            raise StoreError(f"cannot reach the database {self.where} within {wait:g} s") from exc
+            raise StoreUnavailable(
+                f"cannot reach the database {self.where} within {wait:g} s"
+            ) from exc
         except Exception as exc:
             await pool.close()
             raise StoreError(f"cannot use the database {self.where}: {_first_line(exc)}") from exc
@@ -521,11 +531,11 @@ class Postgres(Backend):
                     await cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                 yield _PostgresTx(cur)
         except PoolTimeout as exc:
-            raise StoreError(
+            raise StoreUnavailable(
                 f"the database {self.where} is unreachable (no connection within {POOL_WAIT:g} s)"
             ) from exc
         except psycopg.OperationalError as exc:
-            raise StoreError(f"the database {self.where} failed: {_first_line(exc)}") from exc
+            raise StoreUnavailable(f"the database {self.where} failed: {_first_line(exc)}") from exc
 
     def read(self) -> AbstractAsyncContextManager[Tx]:
         return self.tx()
@@ -546,10 +556,11 @@ class Store:
         self._aead = AESGCM(secrets_key)
 
     @classmethod
-    async def open(cls, where: Path | str, secrets_key: bytes) -> Store:
-        """SQLite at a path, or PostgreSQL at a DSN (``postgresql://...``)."""
+    async def open(cls, where: Path | str, secrets_key: bytes, *, wait: float = 10.0) -> Store:
+        """SQLite at a path, or PostgreSQL at a DSN (``postgresql://...``), waiting up to
+        ``wait`` seconds for its first connection."""
         if isinstance(where, str):
-            return cls(await Postgres.open(where), secrets_key)
+            return cls(await Postgres.open(where, wait=wait), secrets_key)
         return cls(where, secrets_key)
 
     async def close(self) -> None:
@@ -757,13 +768,17 @@ class Store:
         await self._write("UPDATE users SET pending = GREATEST(pending - 1, 0) WHERE id = ?", user)
 
     async def unlock(self, user: str) -> User:
-        """Clear the user's failures and locks (``gw admin user unlock``); the user before."""
+        """Clear the user's failures and locks (``gw admin user unlock``); the user before.
+
+        Slots of checks in flight are freed too: on PostgreSQL a node that died during a
+        check (or lost the database in the middle of one) never gave its slot back.
+        """
         before = await self.get_user(user)
         if before is None:
             raise StoreError(f"no user {user!r}")
         await self._write(
             "UPDATE users SET failures = 0, last_failure = 0, locked_until = 0, "
-            "admin_locked = 0 WHERE id = ?",
+            "admin_locked = 0, pending = 0 WHERE id = ?",
             user,
         )
         return before
@@ -1237,7 +1252,6 @@ class Store:
             "AND last_used < ?",
             active,
             credential,
-            active,
             active,
         )
 

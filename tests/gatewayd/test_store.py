@@ -1,7 +1,13 @@
-"""The SQLite directory (gatewayd/store.py): records, sealed credentials, enrollment tokens."""
+"""The directory (gatewayd/store.py): records, sealed credentials, enrollment tokens.
+
+Every test of the ``store`` and ``directory`` fixtures runs twice: on SQLite and on a
+real PostgreSQL server (tests/support/postgres.py). The attacks on shared state use two
+stores on one PostgreSQL database: two nodes of a cluster.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -9,7 +15,9 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from postgres import PostgresServer
 
+from gatewayd.config import ConfigError, parse
 from gatewayd.store import (
     Agent,
     Agreement,
@@ -19,8 +27,10 @@ from gatewayd.store import (
     Lockout,
     Store,
     StoreError,
+    StoreUnavailable,
     User,
     load_secrets_key,
+    safe_dsn,
     token_hash,
 )
 
@@ -45,15 +55,17 @@ def db_path(tmp_path: Path) -> Path:
 pytestmark = pytest.mark.asyncio
 
 
-@pytest_asyncio.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
-    s = Store(db_path, KEY)
+@pytest_asyncio.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, db_path: Path) -> AsyncIterator[Store]:
+    if request.param == "sqlite":
+        s = Store(db_path, KEY)
+    else:
+        s = await Store.open(request.getfixturevalue("postgres_dsn"), KEY)
     yield s
     await s.close()
 
 
-@pytest_asyncio.fixture
-async def directory(store: Store) -> Store:
+async def fill(store: Store) -> Store:
     """One org with an agent, one vendor with a user, one employee."""
     await store.add_org("clinic", "Clinic", NOW)
     await store.add_vendor("acme", "ACME Medical", NOW)
@@ -61,6 +73,19 @@ async def directory(store: Store) -> Store:
     await store.add_user("emil@clinic", kind="employee", vendor=None, org="clinic", now=NOW)
     await store.add_agent("pc-1", "clinic", "enroll-token-1", expires=NOW + 3600, now=NOW)
     return store
+
+
+@pytest_asyncio.fixture
+async def directory(store: Store) -> Store:
+    return await fill(store)
+
+
+@pytest_asyncio.fixture
+async def sqlite_directory(db_path: Path) -> AsyncIterator[Store]:
+    """The directory on SQLite alone: for tests that read its files."""
+    s = Store(db_path, KEY)
+    yield await fill(s)
+    await s.close()
 
 
 # -- round trips -----------------------------------------------------------------------------------
@@ -622,7 +647,10 @@ async def test_credential_for_unknown_user(store: Store) -> None:
         await store.set_credential("ghost", "totp", {"secret": TOTP_SECRET}, NOW)
 
 
-async def test_database_files_do_not_hold_the_secret(directory: Store, db_path: Path) -> None:
+async def test_database_files_do_not_hold_the_secret(
+    sqlite_directory: Store, db_path: Path
+) -> None:
+    directory = sqlite_directory
     await directory.set_credential("vera@acme", "totp", {"secret": TOTP_SECRET}, NOW)
     await directory.set_credential("vera@acme", "password", {"hash": "scrypt$15$8$1$salt$key"}, NOW)
     files = list(db_path.parent.iterdir())  # the database, its -wal and -shm
@@ -723,7 +751,8 @@ async def test_enrollment_token_is_single_use(directory: Store) -> None:
     assert agent is not None and agent.cert_fingerprint == "ab" * 32  # unchanged
 
 
-async def test_enrollment_token_is_kept_hashed(directory: Store, db_path: Path) -> None:
+async def test_enrollment_token_is_kept_hashed(sqlite_directory: Store, db_path: Path) -> None:
+    directory = sqlite_directory
     stored = await scalar(directory, "SELECT token_hash FROM agents")
     assert stored == token_hash("enroll-token-1") != "enroll-token-1"
     raw = b"".join(f.read_bytes() for f in db_path.parent.iterdir())
@@ -792,3 +821,224 @@ async def test_registration_code_expires(directory: Store) -> None:
         == "expired"
     )
     assert not await directory.take_registration_code("vera@acme", "fido2", "C0DE", NOW + 601)
+
+
+# -- two nodes on one PostgreSQL database: the shared state under attack --------------------
+
+
+@pytest_asyncio.fixture
+async def nodes(postgres_dsn: str) -> AsyncIterator[tuple[Store, Store]]:
+    """Two stores on one PostgreSQL database, as two gatewayd nodes have them."""
+    a = await Store.open(postgres_dsn, KEY)
+    b = await Store.open(postgres_dsn, KEY)
+    await fill(a)
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+async def test_a_totp_step_replayed_on_another_node_is_refused(nodes: tuple[Store, Store]) -> None:
+    a, b = nodes
+    version = await a.set_credential("vera@acme", "totp", {"secret": TOTP_SECRET}, NOW)
+    assert await a.advance_counter("vera@acme", "totp", "", 100, version=version, now=NOW)
+    assert not await b.advance_counter("vera@acme", "totp", "", 100, version=version, now=NOW)
+    # The same code sent to both nodes at once: one login takes it.
+    taken = await asyncio.gather(
+        *(
+            node.advance_counter("vera@acme", "totp", "", 101, version=version, now=NOW)
+            for node in (a, b) * 5
+        )
+    )
+    assert taken.count(True) == 1
+    loaded = await b.load_credential("vera@acme", "totp")
+    assert loaded is not None and loaded.counters == {"": 101}
+
+
+async def test_a_step_of_a_seed_replaced_on_another_node_never_counts(
+    nodes: tuple[Store, Store],
+) -> None:
+    a, b = nodes
+    old = await a.set_credential("vera@acme", "totp", {"secret": "OLD"}, NOW)
+    new, *_ = await asyncio.gather(
+        b.set_credential("vera@acme", "totp", {"secret": "NEW"}, NOW, reset_counters=True),
+        *(a.advance_counter("vera@acme", "totp", "", s, version=old, now=NOW) for s in range(5)),
+    )
+    # Whatever the order, no step of the old seed is left counted under the new one.
+    assert new == old + 1
+    loaded = await a.load_credential("vera@acme", "totp")
+    assert loaded is not None and loaded.version == new and loaded.counters == {}
+    assert not await a.advance_counter("vera@acme", "totp", "", 99, version=old, now=NOW)
+
+
+async def test_parallel_failed_logins_on_two_nodes_lock_exactly_at_the_limit(
+    nodes: tuple[Store, Store],
+) -> None:
+    """20 wrong guesses at once, half on each node: 5 (the threshold) are checked, and
+    those 5 failures lock the account; no node gets a guess more."""
+    a, b = nodes
+
+    async def guess(node: Store) -> tuple[Attempt, AttemptEnd | None]:
+        slot = await node.begin_attempt("vera@acme", NOW, POLICY)
+        if slot is not Attempt.GO:
+            return slot, None
+        end = await node.end_attempt("vera@acme", ok=False, final=False, now=NOW, policy=POLICY)
+        return slot, end
+
+    results = await asyncio.gather(*(guess(node) for node in (a, b) * 10))
+    ends = [end for slot, end in results if end is not None]
+    assert len(ends) == POLICY.threshold
+    assert {slot for slot, end in results if end is None} <= {Attempt.BUSY, Attempt.LOCKED}
+    assert sorted(e.failures for e in ends) == [1, 2, 3, 4, 5]
+    assert [e.newly_locked for e in ends if e.newly_locked] == [60]
+    user = await b.get_user("vera@acme")
+    assert user is not None and (user.failures, user.locked_until) == (5, NOW + 60)
+    assert await a.begin_attempt("vera@acme", NOW + 1, POLICY) is Attempt.LOCKED
+    assert await b.begin_attempt("vera@acme", NOW + 1, POLICY) is Attempt.LOCKED
+
+
+async def test_a_fido2_counter_only_goes_up_across_nodes(nodes: tuple[Store, Store]) -> None:
+    a, b = nodes
+    record = {"credentials": [{"id": "k1"}]}
+    version = await a.set_credential("vera@acme", "fido2", record, NOW)
+    # A key and its clone answer on two nodes with the same and with older counts.
+    counts = [5, 5, 3, 7, 6, 7, 2]
+    moved = await asyncio.gather(
+        *(
+            node.advance_counter("vera@acme", "fido2", "k1", n, version=version, now=NOW)
+            for node, n in zip((a, b) * 4, counts, strict=False)
+        )
+    )
+    loaded = await b.load_credential("vera@acme", "fido2")
+    assert loaded is not None and loaded.counters == {"k1": 7}
+    assert moved.count(True) <= 3  # 5, then 6 or 7, then 7: never one count twice
+    assert not await a.advance_counter("vera@acme", "fido2", "k1", 7, version=version, now=NOW)
+    assert not await b.advance_counter("vera@acme", "fido2", "k1", 6, version=version, now=NOW)
+    assert await b.advance_counter("vera@acme", "fido2", "k1", 8, version=version, now=NOW)
+
+
+async def test_an_enrollment_token_is_taken_once_across_nodes(nodes: tuple[Store, Store]) -> None:
+    a, b = nodes
+    taken = await asyncio.gather(
+        *(
+            node.take_enrollment("enroll-token-1", f"{i:02x}" * 32, f"key-{i}", NOW)
+            for i, node in enumerate((a, b) * 5)
+        )
+    )
+    winners = [i for i, agent in enumerate(taken) if agent is not None]
+    assert len(winners) == 1 and taken[winners[0]] == "pc-1"
+    agent = await a.get_agent("pc-1")
+    assert agent is not None and agent.noise_key == f"key-{winners[0]}"
+
+
+async def test_a_registration_code_is_taken_once_across_nodes(nodes: tuple[Store, Store]) -> None:
+    a, b = nodes
+    await a.add_registration_code("vera@acme", "fido2", "C0DE", expires=NOW + 60, by="r", now=NOW)
+    taken = await asyncio.gather(
+        *(node.take_registration_code("vera@acme", "fido2", "C0DE", NOW) for node in (a, b) * 5)
+    )
+    assert taken.count(True) == 1
+
+
+async def test_a_record_written_from_a_stale_copy_on_another_node_is_refused(
+    nodes: tuple[Store, Store],
+) -> None:
+    a, b = nodes
+    v1 = await a.set_credential("vera@acme", "fido2", {"credentials": [{"id": "k1"}]}, NOW)
+    written = await asyncio.gather(
+        a.replace_credential("vera@acme", "fido2", {"credentials": []}, v1, NOW),
+        b.replace_credential("vera@acme", "fido2", {"credentials": [{"id": "k2"}]}, v1, NOW),
+    )
+    assert written.count(True) == 1
+    assert await a.credential_version("vera@acme", "fido2") == v1 + 1
+
+
+# -- a PostgreSQL outage -------------------------------------------------------------------------
+
+RECONNECT_DEADLINE = 60.0
+"""Seconds the pool has to be back after the server is (a bound, not an expectation)."""
+
+
+async def test_an_outage_is_a_clear_error_and_the_pool_reconnects(
+    postgres_server: PostgresServer, postgres_dsn: str
+) -> None:
+    store = await fill(await Store.open(postgres_dsn, KEY))
+    try:
+        postgres_server.stop()
+        try:
+            # A login's first store call: refused with the reason, no slot is taken.
+            with pytest.raises(StoreError, match=r"the database .* (is unreachable|failed)"):
+                await store.begin_attempt("vera@acme", NOW, POLICY)
+            with pytest.raises(StoreError, match="unreachable"):
+                await store.get_user("vera@acme")
+        finally:
+            postgres_server.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RECONNECT_DEADLINE
+        while True:
+            try:
+                user = await store.get_user("vera@acme")
+                break
+            except StoreError:
+                assert loop.time() < deadline, "the pool did not reconnect"
+                await asyncio.sleep(0.1)
+        assert user is not None and user.failures == 0 and user.kind == "vendor"
+        assert await store.begin_attempt("vera@acme", NOW, POLICY) is Attempt.GO
+    finally:
+        await store.close()
+
+
+# -- [cluster] database ----------------------------------------------------------------------------
+
+CONFIG = """
+[gateway]
+listen = "127.0.0.1:8443"
+[tls]
+cert_file = "a"
+key_file = "b"
+ca_file = "c"
+ca_key_file = "d"
+[store]
+path = "state/directory.db"
+secrets_key_file = "k"
+[audit]
+path = "audit/audit.jsonl"
+[admin]
+socket = "run/admin.sock"
+[cluster]
+mqtt = "127.0.0.1:1883"
+"""
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ('"sqlite:///x.db"', "expected a postgresql:// URI"),
+        ('"host=db dbname=gw"', "expected a postgresql:// URI"),
+        ('"postgresql://gw:secret@db/gw"', "no password here"),
+        ('"postgresql://gw@db/gw?sslmode=require&password=secret"', "no password here"),
+        ("5432", "cluster.database"),
+    ],
+)
+async def test_the_database_is_a_postgresql_uri_without_a_password(value: str, error: str) -> None:
+    with pytest.raises(ConfigError, match=error):
+        parse(f"{CONFIG}database = {value}\n", Path("/etc/gatewayd/gatewayd.toml"))
+
+
+async def test_the_database_key() -> None:
+    where = Path("/etc/gatewayd/gatewayd.toml")
+    dsn = "postgresql://gatewayd@db.example.org/gatewayd?sslmode=verify-full&passfile=/etc/pw"
+    cfg = parse(f'{CONFIG}database = "{dsn}"\n', where)
+    assert cfg.cluster is not None and cfg.cluster.database == dsn
+    alone = parse(CONFIG, where)
+    assert alone.cluster is not None and alone.cluster.database is None
+
+
+async def test_the_dsn_in_messages_has_no_password() -> None:
+    assert safe_dsn("postgresql://gw:s3cret@db/gw") == "postgresql://gw:***@db/gw"
+    assert "s3cret" not in safe_dsn("host=db password=s3cret dbname=gw")
+
+
+async def test_an_unreachable_database_at_start_is_a_clear_error(tmp_path: Path) -> None:
+    dsn = f"postgresql:///gw?host={tmp_path}&user=gw"  # no server listens there
+    with pytest.raises(StoreUnavailable, match=r"cannot (reach|use) the database .* within 1 s"):
+        await Store.open(dsn, KEY, wait=1.0)
