@@ -9,7 +9,7 @@ and the client checks it once (``gw connect --agent-key SHA256:...``) or keeps i
 
     gw known-agents add reception-pc SHA256:2Xk0... --gateway gw.example.org:8443
     gw known-agents list [--gateway HOST:PORT] [--json]
-    gw known-agents forget reception-pc --gateway gw.example.org:8443
+    gw known-agents forget reception-pc [--gateway gw.example.org:8443]   # like ssh-keygen -R
 
 ``cli.main`` adds ``known-agents`` and ``cli.agent`` adds ``agent fingerprint``.
 """
@@ -160,18 +160,31 @@ def known_list(gateway: str | None, as_json: bool, path: Path | None) -> None:
 
 @known_agents.command("forget")
 @click.argument("agent")
-@click.option("--gateway", required=True, help="Gateway HOST:PORT, as given to gw connect.")
+@click.option(
+    "--gateway",
+    default=None,
+    help="Only the entry at this gateway (HOST:PORT); default: AGENT at every gateway.",
+)
 @_known_option
-def known_forget(agent: str, gateway: str, path: Path | None) -> None:
-    """Stop trusting AGENT's key (after a re-enrollment): the next connection asks again."""
-    name = _gateway_name(gateway)
+def known_forget(agent: str, gateway: str | None, path: Path | None) -> None:
+    """Stop trusting AGENT's key (after a re-enrollment), as ``ssh-keygen -R`` does.
+
+    Each entry dropped is printed with its fingerprint, the file as it was is kept as
+    FILE.old; an agent not in the file is said so, and is not an error (exit 0).
+    """
+    only = _gateway_name(gateway) if gateway else None
     known = _known(path)
     try:
-        dropped = known.forget(name, agent)
+        dropped = known.remove(agent, only)
     except GatewayError as exc:
         fail(str(exc), EXIT_LOCAL)
     except OSError as exc:
         fail(f"cannot write {known.path}: {exc.strerror or exc}", EXIT_LOCAL)
+    where = f" at {only}" if only else ""
     if not dropped:
-        fail(f"no key is known for agent {agent} at {name}")
-    click.echo(f"forgot {name} {agent}")
+        click.echo(f"agent {agent}{where} not found in {known.path}", err=True)
+        return
+    for at, fp in dropped:
+        click.echo(f"# agent {agent} at {at} found: {fp}")
+    click.echo(f"{known.path} updated.", err=True)
+    click.echo(f"Original contents retained as {known.path}.old", err=True)

@@ -156,6 +156,22 @@ class KnownAgents:
         self._save(entries)
         return True
 
+    def remove(self, agent: str, gateway: str | None = None) -> list[tuple[str, str]]:
+        """Like ``ssh-keygen -R``: drop every entry of ``agent`` (only ``gateway``'s if
+        given), keeping the file as it was in ``<file>.old``; the ``(gateway,
+        fingerprint)`` pairs dropped (none: the file is left alone)."""
+        entries = self._load()
+        dropped = []
+        for name in sorted(entries):
+            at, _, who = name.partition(" ")
+            if who == agent and gateway in (None, at):
+                dropped.append((at, _as_fingerprint(entries.pop(name), self.path)))
+        if dropped:
+            old = self.path.with_name(f"{self.path.name}.old")
+            old.write_bytes(self.path.read_bytes())
+            self._save(entries)
+        return dropped
+
     def check(self, gateway: str, agent: str, key: str) -> bool:
         """True if ``key`` was pinned before, False if pinned now; raises on a change."""
         self.verify(gateway, agent, agent_key_bytes(key))
