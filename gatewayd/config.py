@@ -216,11 +216,6 @@ class ClusterSection:
     (``postgresql://gatewayd@db.example.org/gatewayd?sslmode=verify-full``); its
     password from ``~/.pgpass`` or ``passfile=`` in the URI, never in this file. None:
     the SQLite ``[store] path``, which only nodes on one host can share."""
-    database: str | None = None
-    """The directory on PostgreSQL shared by every node, a libpq URI
-    (``postgresql://gatewayd@db.example.org/gatewayd?sslmode=verify-full``); its
-    password from ``~/.pgpass`` or ``passfile=`` in the URI, never in this file. None:
-    the SQLite ``[store] path``, which only nodes on one host can share."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -726,20 +721,6 @@ def _parse_cluster(root: _Table, gateway: GatewaySection) -> ClusterSection:
     )
     c.done()
     return section
-
-
-def _database(c: _Table) -> str | None:
-    """``[cluster] database``: a ``postgresql://`` URI without a password in it."""
-    dsn: str | None = c.get("database", str, None)
-    if dsn is None:
-        return None
-    if not dsn.startswith(("postgresql://", "postgres://")):
-        raise ConfigError(c.key("database"), "expected a postgresql:// URI")
-    if re.search(r"://[^/@]*:[^/@]*@|[?&]password=", dsn):
-        raise ConfigError(
-            c.key("database"), "no password here: use ~/.pgpass or passfile= in the URI"
-        )
-    return dsn
 
 
 def _database(c: _Table) -> str | None:
