@@ -660,3 +660,108 @@ def admin(data: bytes) -> bool:
     if not reply["ok"] and "internal error" in str(reply.get("error")):
         raise Finding(f"internal error on {data[:200]!r}")
     return reply["ok"]
+
+
+# -- the cluster bus: what another node (or whoever reaches the broker) publishes ---------
+
+
+class _FakeMqtt:
+    """The node's MQTT connection, recording what it would publish."""
+
+    up = True
+    connections = 1
+
+    def __init__(self, direct_topic: str) -> None:
+        self.direct_topic = direct_topic
+        self.sent: list[tuple[str, bytes]] = []
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
+        self.sent.append((topic, payload))
+        return True
+
+
+@functools.cache
+def _cluster_node() -> tuple[Any, asyncio.AbstractEventLoop]:
+    from gatewayd.agent import AgentConn, Agents
+    from gatewayd.cluster import wire
+    from gatewayd.cluster.directory import ClusterDirectory
+    from gatewayd.config import ClusterSection
+    from gatewayd.session import Approvals
+    from gatewayd.tunnel import DialPairing
+
+    class Events:
+        def subscribe(self, _subscriber: Any) -> None:
+            pass
+
+    class Link:
+        def send(self, _msg: Any) -> None:
+            pass
+
+    async def revalidate(_why: str) -> int:
+        return 0
+
+    dials, approvals = DialPairing(), Approvals()
+    agents = Agents(
+        None,  # type: ignore[arg-type]
+        Events(),  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        on_dial_failed=dials.fail,
+        on_approval=approvals.answer,
+    )
+    agents.online["pc1"] = AgentConn(
+        "pc1",
+        "clinic",
+        Link(),
+        frozenset({"echo"}),
+        1.0,
+        "x",  # type: ignore[arg-type]
+    )
+    section = ClusterSection(node_id="n3", mqtt=("127.0.0.1", 1), data_address=("h", 1))
+    node = ClusterDirectory(
+        agents,
+        section,
+        events=Events(),  # type: ignore[arg-type]
+        dials=dials,
+        approvals=approvals,
+        revalidate=revalidate,
+    )
+    node.bus = _FakeMqtt(wire.direct_topic("n3"))  # type: ignore[assignment]
+    return node, asyncio.new_event_loop()
+
+
+@target
+def cluster_note(data: bytes) -> bool:
+    """gatewayd.cluster: one MQTT message on each topic a node reads (the first byte picks
+    it). Promise: dropped with a log line or acted on; nothing raised out of ``receive``."""
+    from gatewayd.cluster import wire
+
+    node, loop = _cluster_node()
+    topics = (
+        wire.direct_topic("n3"),
+        wire.BROADCAST_TOPIC,
+        wire.node_topic("n1"),
+        wire.agent_topic("pc1"),
+        wire.agent_topic("pc2"),
+        wire.node_topic("n3"),
+    )
+    topic = topics[data[0] % len(topics)] if data else topics[0]
+    payload = data[1:]
+
+    async def receive() -> None:
+        node.receive(topic, payload)
+
+    loop.run_until_complete(receive())
+    for task in list(node.tasks):  # revalidations the note started
+        loop.run_until_complete(task)
+    try:
+        if topic in (wire.direct_topic("n3"), wire.BROADCAST_TOPIC):
+            kinds = wire.DIRECT_KINDS if topic != wire.BROADCAST_TOPIC else wire.BROADCAST_KINDS
+            wire.Note.decode(payload, kinds)
+        elif "/nodes/" in topic:
+            wire.NodeState.decode(payload)
+        else:
+            wire.Presence.decode(payload)
+    except wire.WireError:
+        return False
+    return True

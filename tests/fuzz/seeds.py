@@ -404,6 +404,32 @@ def admin_seeds() -> list[bytes]:
     return [json.dumps({"op": op, "args": args}).encode() + b"\n" for op, args in requests]
 
 
+def cluster_seeds() -> list[bytes]:
+    """A note of each kind on each topic a cluster node reads (first byte: the topic)."""
+    dial = {
+        "t": "dial",
+        "token": "tok",
+        "target": "echo",
+        "session_id": "s1",
+        "client_key": "k",
+        "user": "vera",
+        "mode": "access",
+        "address": "127.0.0.1:9001",
+    }
+    answer = {"t": "approval", "request": "r", "approved": True, "by": "x", "reason": ""}
+    notes = [
+        (0, {"kind": "agent", "from": "n1", "agent": "pc1", "msg": dial}),
+        (0, {"kind": "ack", "from": "n1", "token": "tok"}),
+        (0, {"kind": "answer", "from": "n1", "agent": "pc1", "msg": answer}),
+        (1, {"kind": "changed", "from": "n1", "why": "user.disable by root"}),
+        (1, {"kind": "kill", "from": "n1", "session": "s1", "reason": "killed", "req": "q"}),
+        (2, {"node": "n1", "state": "dead"}),
+        (3, {"node": "n1", "targets": ["echo"], "since": 5}),
+        (4, {"node": "n2", "targets": ["echo"], "since": 5}),
+    ]
+    return [bytes([topic]) + json.dumps(note).encode() for topic, note in notes]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fixtures", action="store_true", help="make new fixtures")
@@ -430,6 +456,7 @@ def main() -> int:
     write_seeds("enroll_csr", csr_seeds())
     write_seeds("config", config_seeds())
     write_seeds("admin", admin_seeds())
+    write_seeds("cluster_note", cluster_seeds())
     missing = set(ft.TARGETS) - {p.name for p in ft.CORPUS.iterdir()}
     if missing:
         print(f"no seeds for {sorted(missing)}", file=sys.stderr)
