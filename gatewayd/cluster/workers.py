@@ -81,7 +81,7 @@ def worker_config(cfg: Config, index: int) -> Config:
         sock = cfg.admin.socket
         admin = replace(admin, socket=sock.with_name(f"{sock.stem}-{node}{sock.suffix}"))
     metrics = cfg.metrics
-    if metrics.enabled:
+    if metrics.enabled and metrics.listen[1] != 0:  # port 0: each its own anyway
         metrics = replace(metrics, listen=(metrics.listen[0], metrics.listen[1] + shift))
     return replace(
         cfg,
