@@ -12,9 +12,10 @@ Every method is a coroutine. Each query is written once, for both backends: ``?`
 ``:name`` placeholders (rewritten for psycopg), ``GREATEST`` (a function the SQLite
 backend adds), ``ON CONFLICT`` and ``RETURNING`` (both speak them), ``"user"`` quoted
 (a reserved word in PostgreSQL). The SQLite backend runs each statement inline on the
-event loop thread: a transaction's statements never suspend, so no other coroutine
-runs inside one, and a statement costs microseconds (a commit's fsync is the longest
-part). The PostgreSQL backend takes a connection from a pool for each transaction.
+event loop thread, one transaction or read at a time (a lock), and each commit in a
+thread of its own: a statement costs tens of microseconds, a commit's fsync
+milliseconds, which the event loop (and every tunnel it splices) does not wait for.
+The PostgreSQL backend takes a connection from a pool for each transaction.
 
 State that logins change moves only by atomic conditional updates, never by writing
 back a copy read before an ``await`` (nor, on PostgreSQL, by another node's copy):
@@ -47,6 +48,8 @@ on its own when the server is back.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import hashlib
 import json
@@ -55,6 +58,7 @@ import os
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -343,7 +347,13 @@ def _greatest(*values: Any) -> Any:
 
 
 class Sqlite(Backend):
-    """One SQLite file in WAL mode; one connection, used inline on the event loop."""
+    """One SQLite file in WAL mode; one connection, used inline on the event loop but for
+    each commit, whose fsync (milliseconds) runs in a thread of its own.
+
+    A lock keeps the connection to one transaction or read at a time: a transaction's
+    statements run without a pause, and nothing else uses the connection until its
+    commit has returned.
+    """
 
     name = "sqlite"
 
@@ -373,24 +383,48 @@ class Sqlite(Backend):
         # (One daemon per state directory holds the database.)
         self.db.execute("UPDATE users SET pending = 0 WHERE pending != 0")
         self._tx = _SqliteTx(self.db)
+        self._lock = asyncio.Lock()
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="gatewayd-sqlite-commit")
 
     @asynccontextmanager
     async def tx(self, *, snapshot: bool = False) -> AsyncIterator[Tx]:
-        # BEGIN IMMEDIATE: the write lock from the start, so every transaction is
-        # serialised (and so a snapshot too).
-        self.db.execute("BEGIN IMMEDIATE")
+        async with self._lock:
+            # BEGIN IMMEDIATE: the write lock from the start, so every transaction is
+            # serialised (and so a snapshot too).
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._tx
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            await self._commit()
+
+    async def _commit(self) -> None:
+        """COMMIT in the committer thread; the lock is held until it has returned, even
+        when the caller is cancelled meanwhile."""
+        done = asyncio.get_running_loop().run_in_executor(self._committer, self._commit_now)
         try:
-            yield self._tx
-        except BaseException:
-            self.db.execute("ROLLBACK")
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await done
             raise
-        self.db.execute("COMMIT")
+
+    def _commit_now(self) -> None:
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            raise StoreError(f"the state database failed: {exc}") from exc
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[Tx]:
-        yield self._tx
+        async with self._lock:
+            yield self._tx
 
     async def close(self) -> None:
+        self._committer.shutdown(wait=True)
         self.db.close()
 
 

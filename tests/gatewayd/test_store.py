@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from gatewayd.store import (
     AttemptEnd,
     Credential,
     Lockout,
+    Sqlite,
     Store,
     StoreError,
     StoreUnavailable,
@@ -1042,3 +1044,30 @@ async def test_an_unreachable_database_at_start_is_a_clear_error(tmp_path: Path)
     dsn = f"postgresql:///gw?host={tmp_path}&user=gw"  # no server listens there
     with pytest.raises(StoreUnavailable, match=r"cannot (reach|use) the database .* within 1 s"):
         await Store.open(dsn, KEY, wait=1.0)
+
+
+async def test_sqlite_commits_off_the_event_loop_and_reads_wait_for_them(
+    sqlite_directory: Store,
+) -> None:
+    """A commit's fsync runs in a thread: the event loop serves others meanwhile, and a
+    read that comes then waits for the commit and sees it."""
+    backend = sqlite_directory.backend
+    assert isinstance(backend, Sqlite)
+    entered, release = threading.Event(), threading.Event()
+    commit = backend._commit_now
+
+    def held_commit() -> None:
+        entered.set()
+        assert release.wait(timeout=60)
+        commit()
+
+    backend._commit_now = held_commit  # type: ignore[method-assign]
+    write = asyncio.create_task(sqlite_directory.set_disabled("users", "vera@acme", True))
+    assert await asyncio.to_thread(entered.wait, 60)  # the loop runs on during the commit
+    read = asyncio.create_task(sqlite_directory.get_user("vera@acme"))
+    await asyncio.sleep(0)
+    assert not read.done() and not write.done()
+    release.set()
+    await write
+    user = await read
+    assert user is not None and user.disabled
