@@ -8,16 +8,20 @@ tests/gatewayd/test_login_credential.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import pty
+import select
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from world import PASSWORD, World
 
-from gatewayd.demo import BIN
+from gatewayd.demo import BIN, wait_for
 from relay import message as m
 from relay.client import Gateway, _login
 from relay.errors import RemoteError
@@ -25,6 +29,9 @@ from relay.noise import generate_keypair
 from relay.tls import client_context
 
 pytestmark = pytest.mark.integration
+
+#: A bound on waits for a prompt or a process: a guard against a hang, never a speed promise.
+HANG_GUARD = 60
 
 
 def gw(
@@ -253,3 +260,92 @@ def test_credential_under_another_users_name(world: World, tmp_path: Path) -> No
     assert result.returncode == 1 and "authentication failed" in result.stderr
     assert attempts(world, bob)[-1]["reason"] == f"login credential of another user ({alice})"
     assert os.path.exists(key)
+
+
+# -- progress while gw connect waits -------------------------------------------------------
+
+
+def _approve_when_asked(world: World) -> None:
+    state = str(world.lab.root / "agent-pc1")
+    found: list[dict[str, Any]] = []
+
+    def asked() -> bool:
+        out = world.lab.run("gw", "agent", "approvals", "--state-dir", state, "--json").stdout
+        found[:] = json.loads(out) if out.strip().startswith("[") else []
+        return bool(found)
+
+    wait_for(asked, HANG_GUARD, "an approval request at the agent")
+    world.lab.run("gw", "agent", "approve", found[0]["id"], "--state-dir", state)
+
+
+def _waiting_connect(world: World, user: str, stderr: Any) -> subprocess.Popen[bytes]:
+    """gw connect --stdio for a session that waits for approval at the machine."""
+    args = world.lab.connect_args("pc1", user, "echo", "access", "--stdio", "--password-stdin")
+    proc = subprocess.Popen(
+        [str(BIN / args[0]), *args[1:], "--totp", world.lab.totp(user)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        env=world.lab.env(),
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(PASSWORD.encode() + b"\nhello")
+    proc.stdin.close()
+    return proc
+
+
+def test_progress_on_a_terminal(world: World) -> None:
+    """stderr a terminal: login, the approval's seconds left, dialling, each on one line."""
+    user = world.new_user("attended")  # its agreement needs approval at the machine
+    master, slave = pty.openpty()
+    proc = _waiting_connect(world, user, slave)
+    seen = b""
+
+    def read(until: bytes) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + HANG_GUARD
+        while until not in seen:
+            assert time.monotonic() < deadline, f"no {until!r} on the terminal: {seen!r}"
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                seen += os.read(master, 4096)
+
+    try:
+        read(b" s left (code ")
+        _approve_when_asked(world)
+        assert proc.stdout is not None
+        assert proc.stdout.read() == b"HELLO"
+        assert proc.wait(HANG_GUARD) == 0
+        read(b"dialling pc1/echo...")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        os.close(master)
+        os.close(slave)
+    assert f"gw: logging in to {world.lab.gateway} as {user}...".encode() in seen
+    assert b"gw: waiting for approval at the machine: " in seen
+    assert b"\r\x1b[K" in seen  # each step rewrites the one line
+
+
+def test_no_progress_in_scripts(world: World) -> None:
+    user = world.new_user("attended")
+    proc = _waiting_connect(world, user, subprocess.PIPE)
+    try:
+        _approve_when_asked(world)
+        assert proc.stdout is not None and proc.stderr is not None
+        out, err = proc.stdout.read(), proc.stderr.read()
+        proc.wait(HANG_GUARD)
+    finally:
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and out == b"HELLO", err
+    assert b"waiting for approval" in err  # the code to compare is still said, once
+    for progress in (b"\x1b", b"\r", b" s left", b"logging in", b"dialling"):
+        assert progress not in err
