@@ -15,12 +15,15 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import os
+import pwd
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -79,16 +82,107 @@ class Broker:
                 self.proc.wait()
 
 
+def postgres_bin() -> Path | None:
+    """The newest ``/usr/lib/postgresql/<version>/bin`` with initdb and postgres."""
+    found = []
+    for bindir in Path("/usr/lib/postgresql").glob("*/bin"):
+        if (bindir / "initdb").exists() and (bindir / "postgres").exists():
+            with contextlib.suppress(ValueError):
+                found.append((float(bindir.parent.name), bindir))
+    return max(found)[1] if found else None
+
+
+class Postgres:
+    """A PostgreSQL server (the Debian package) in a temporary folder of its own (under
+    the system's temporary directory, which its user can reach), listening only on a
+    unix socket there and trusting local connections: a demo's, never a real one. As
+    root it runs as ``nobody`` (``initdb`` refuses root). :meth:`stop` removes it."""
+
+    USER = "gatewayd"
+
+    def __init__(self) -> None:
+        bindir = postgres_bin()
+        if bindir is None:
+            raise RuntimeError("PostgreSQL is not installed (Debian package postgresql)")
+        self.bindir = bindir
+        self.root = Path(tempfile.mkdtemp(prefix="gw-demo-postgres-"))
+        self.run_dir = self.root / "run"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql:///postgres?host={self.run_dir}&user={self.USER}"
+
+    def _as_user(self, argv: list[str]) -> list[str]:
+        if os.geteuid() != 0:
+            return argv
+        nobody = pwd.getpwnam("nobody")
+        ids = [f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
+        return ["setpriv", *ids, "--", *argv]
+
+    def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            nobody = pwd.getpwnam("nobody")
+            for path in (self.root, self.run_dir):
+                os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        data = self.root / "data"
+        init = [str(self.bindir / "initdb"), "-D", str(data), "-U", self.USER, "--auth=trust"]
+        done = subprocess.run(  # noqa: S603 - the Debian package's binary, no shell
+            self._as_user([*init, "--no-locale", "--encoding=UTF8", "--no-sync"]),
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=self.root,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"initdb failed: {done.stderr.strip()[-500:]}")
+        server = [str(self.bindir / "postgres"), "-D", str(data), "-k", str(self.run_dir)]
+        with (self.root / "postgres.log").open("ab") as log:
+            self.proc = subprocess.Popen(  # noqa: S603 - the Debian package's binary
+                self._as_user([*server, "-c", "listen_addresses=", "-c", "fsync=off"]),
+                stdout=log,
+                stderr=log,
+                cwd=self.root,
+            )
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError("postgres exited; see " + str(self.root / "postgres.log"))
+            probe = [str(self.bindir / "pg_isready"), "-q", "-h", str(self.run_dir)]
+            return subprocess.run([*probe, "-U", self.USER], check=False).returncode == 0  # noqa: S603
+
+        wait_for(ready, 30, "postgres to accept connections")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # fast shutdown
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 class Cluster:
-    """``nodes`` gatewayd nodes (``n1``, ``n2``...) over one broker, in ``root``."""
+    """``nodes`` gatewayd nodes (``n1``, ``n2``...) over one broker, in ``root``; their
+    directory in one PostgreSQL with ``postgres``, else in one shared SQLite file."""
 
     def __init__(
-        self, root: Path, nodes: int = 3, say: Callable[[str], None] = lambda _: None
+        self,
+        root: Path,
+        nodes: int = 3,
+        say: Callable[[str], None] = lambda _: None,
+        *,
+        postgres: bool = False,
     ) -> None:
         self.root = root
         self.names = [f"n{i}" for i in range(1, nodes + 1)]
         self.lab = Lab(root, say)
         self.broker = Broker(root / "mosquitto")
+        self.postgres = Postgres() if postgres else None
         self.ports: dict[str, int] = {}
         self.procs: dict[str, Proc] = {}
 
@@ -112,6 +206,9 @@ class Cluster:
         """The broker, ``gatewayd init`` once, one config per node, every node."""
         self.broker.start()
         table = f'[cluster]\nmqtt = "{self.broker.address}"\nreply_timeout = 2\n'
+        if self.postgres is not None:
+            self.postgres.start()
+            table += f'database = "{self.postgres.dsn}"\n'
         self.lab.init(extra_config=table + extra_config)
         base = self.lab.config.read_text()
         for i, node in enumerate(self.names):
@@ -148,6 +245,8 @@ class Cluster:
     def close(self) -> None:
         self.lab.close()
         self.broker.stop()
+        if self.postgres is not None:
+            self.postgres.stop()
 
     # -- asking the nodes ---------------------------------------------------------------
 
@@ -209,10 +308,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"    {line}", flush=True)
 
     echo = EchoServer()
-    c = Cluster(root, 3, say)
+    c = Cluster(root, 3, say, postgres=True)
     try:
-        say("Mosquitto (the cluster bus) and three gatewayd nodes n1, n2, n3 on loopback")
+        say(
+            "Mosquitto (the cluster bus), PostgreSQL (the shared directory, on a unix socket)"
+            " and three gatewayd nodes n1, n2, n3 on loopback"
+        )
         c.start()
+        assert c.postgres is not None
+        show(f"directory: {c.postgres.dsn}")
         for node in c.names:
             show(f"{node}: {c.gateway(node)}, trail {c.trail(node)}")
         say("directory (every node reads the same): org, vendor, agreement, users alice and bob")

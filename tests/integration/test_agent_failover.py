@@ -1,12 +1,13 @@
 """An agent that knows every node of the cluster moves to another when its node dies.
 
 Three real gatewayd nodes on loopback joined by a real Mosquitto, sharing one
-directory, each with its own audit trail. A real ``gw agent run`` reads the three
-nodes, its target and its backoff from its config file. The node that holds the agent
-is killed with SIGKILL (no goodbye on the wire): the agent is back on another node
-(its presence says so on the third), and a vendor logged in to the third node reaches
-the service through it: a tunnel across nodes after the failover. Every node's trail
-then reads as one with ``gw audit --trail``, and each chain verifies.
+directory in a real PostgreSQL, each with its own audit trail. A real ``gw agent
+run`` reads the three nodes, its target and its backoff from its config file. The
+node that holds the agent is killed with SIGKILL (no goodbye on the wire): the agent
+is back on another node (its presence says so on the third), and a vendor logged in
+to the third node reaches the service through it: a tunnel across nodes after the
+failover. Every node's trail then reads as one with ``gw audit --trail``, and each
+chain verifies.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 
 from gatewayd.demo import EchoServer, wait_for
-from gatewayd.demo_cluster import MOSQUITTO, Cluster
+from gatewayd.demo_cluster import MOSQUITTO, Cluster, postgres_bin
 
 pytest.importorskip("aiomqtt", reason="aiomqtt (the cluster extra) is missing")
 
@@ -32,7 +33,8 @@ NODES = ("n1", "n2", "n3")
 def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if not Path(MOSQUITTO).exists():
         pytest.skip("mosquitto is not installed (Debian package mosquitto; make test installs it)")
-    c = Cluster(tmp_path_factory.mktemp("failover"), 3)
+    # The directory in PostgreSQL where it is installed (make test installs it).
+    c = Cluster(tmp_path_factory.mktemp("failover"), 3, postgres=postgres_bin() is not None)
     try:
         c.start()
         c.admin("n1", "org", "add", "clinic", "--name", "Clinic")
