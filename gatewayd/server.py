@@ -29,8 +29,8 @@ from relay.protocol import Side
 from relay.tls import server_context
 
 from . import config as config_mod
+from . import malloc, systemd
 from . import metrics as metrics_mod
-from . import systemd
 from .admin import AdminServer
 from .audit import AuditLog, open_audit_log
 from .broker import Broker
@@ -153,6 +153,7 @@ class Gateway:
             loop.create_task(accept_loop(self, data_sock, broker, audit)) if data_sock else None
         )
         summaries = loop.create_task(_summaries(broker))
+        trimmer = loop.create_task(malloc.trim_every())  # freed heap pages go back
         await admin.start()
         broker.bus.subscribe(log_failed_logins)  # one warning line per failed login
         metrics = await metrics_mod.start(
@@ -201,6 +202,7 @@ class Gateway:
             if dog is not None:
                 dog.cancel()
             summaries.cancel()
+            trimmer.cancel()
             broker.rejections.flush_all()  # nothing counted is left off the record
             with contextlib.suppress(GatewayError):
                 await broker.bus.record(GatewayStopped(reason="signal"))
