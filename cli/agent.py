@@ -24,6 +24,47 @@ def agent() -> None:
     """Run the agent on a reachable machine."""
 
 
+def _agent_config(config_path: Path | None) -> Any:
+    """The agent's config file: ``--config``, else the default one if it exists, else an
+    empty one (flags alone). A bad file is one line and exit status 4."""
+    from relay.agent_config import AgentConfig, AgentConfigError, default_path, load
+
+    from .common import EXIT_LOCAL, fail
+
+    path = config_path or default_path()
+    if config_path is None and not path.exists():
+        return AgentConfig(path)
+    try:
+        return load(path)
+    except AgentConfigError as exc:
+        fail(str(exc), EXIT_LOCAL)
+
+
+def _state_dir(state_dir: Path | None, config_path: Path | None) -> Path:
+    """``--state-dir``, else the config file's ``state_dir``."""
+    if state_dir is not None:
+        return state_dir
+    cfg = _agent_config(config_path)
+    if cfg.state_dir is None:
+        raise click.UsageError(f"give --state-dir, or state_dir in {cfg.path}")
+    found: Path = cfg.state_dir
+    return found
+
+
+def _state_options(fn: Any) -> Any:
+    """--state-dir, or --config (the agent's config file) that names it."""
+    fn = click.option(
+        "--config",
+        "config_path",
+        type=click.Path(path_type=Path, dir_okay=False),
+        default=None,
+        help="The agent's config file, for its state_dir (default as gw agent run).",
+    )(fn)
+    return click.option(
+        "--state-dir", type=click.Path(path_type=Path, file_okay=False), default=None
+    )(fn)
+
+
 @agent.command("enroll")
 @gateway_options
 @click.option("--token", required=True, help="One-time token from `gw admin agent add`.")
@@ -86,19 +127,10 @@ def agent_run(
     With several gateway nodes the agent moves to another one when its node fails.
     """
     from relay.agent import Agent, AgentState, Backoff, parse_hostport
-    from relay.agent_config import AgentConfig, AgentConfigError, default_path, load
     from relay.approval import Approvals
 
-    from .common import EXIT_LOCAL, fail
-
-    path = config_path or default_path()
-    if config_path is not None or path.exists():
-        try:
-            cfg = load(path)
-        except AgentConfigError as exc:
-            fail(str(exc), EXIT_LOCAL)
-    else:
-        cfg = AgentConfig(path)
+    cfg = _agent_config(config_path)
+    path = cfg.path
     state_dir = state_dir or cfg.state_dir
     if state_dir is None:
         raise click.UsageError(f"give --state-dir, or state_dir in {path}")
@@ -153,13 +185,14 @@ def agent_run(
 
 
 @agent.command("approvals")
-@click.option("--state-dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+@_state_options
 @click.option("--json", "as_json", is_flag=True)
-def agent_approvals(state_dir: Path, as_json: bool) -> None:
+def agent_approvals(state_dir: Path | None, config_path: Path | None, as_json: bool) -> None:
     """Pending approval requests at this machine."""
     from relay.approval import request
 
-    rows = execute(request(state_dir / "approval.sock", "list"))
+    folder = _state_dir(state_dir, config_path)
+    rows = execute(request(folder / "approval.sock", "list"))
     if not rows and not as_json:
         click.echo("no pending requests")
         return
@@ -169,24 +202,28 @@ def agent_approvals(state_dir: Path, as_json: bool) -> None:
 
 @agent.command("approve")
 @click.argument("request_id")
-@click.option("--state-dir", required=True, type=click.Path(path_type=Path, file_okay=False))
-def agent_approve(request_id: str, state_dir: Path) -> None:
+@_state_options
+def agent_approve(request_id: str, state_dir: Path | None, config_path: Path | None) -> None:
     """Approve a pending request (recorded with your user name)."""
     from relay.approval import request
 
-    result = execute(request(state_dir / "approval.sock", "approve", id=request_id))
+    folder = _state_dir(state_dir, config_path)
+    result = execute(request(folder / "approval.sock", "approve", id=request_id))
     click.echo(f"approved {request_id} as {result['by']}")
 
 
 @agent.command("deny")
 @click.argument("request_id")
-@click.option("--state-dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+@_state_options
 @click.option("--reason", default="", help="Told to the requester and kept in the audit trail.")
-def agent_deny(request_id: str, state_dir: Path, reason: str) -> None:
+def agent_deny(
+    request_id: str, state_dir: Path | None, config_path: Path | None, reason: str
+) -> None:
     """Deny a pending request."""
     from relay.approval import request
 
-    result = execute(request(state_dir / "approval.sock", "deny", id=request_id, reason=reason))
+    folder = _state_dir(state_dir, config_path)
+    result = execute(request(folder / "approval.sock", "deny", id=request_id, reason=reason))
     click.echo(f"denied {request_id} as {result['by']}")
 
 

@@ -94,3 +94,21 @@ def test_the_default_file_is_read_when_it_exists(
     monkeypatch.setenv("GW_AGENT_CONFIG", str(tmp_path / "absent.toml"))
     code, err = run()
     assert code == 2 and "give --state-dir" in err  # no file there: flags alone
+
+
+def test_approvals_find_the_state_folder_in_the_config_file(tmp_path: Path) -> None:
+    """gw agent approvals/approve/deny take --config for the file's state_dir; --state-dir
+    wins; neither is a usage error naming the file."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('state_dir = "st"\n')
+    for args in (["approvals"], ["approve", "r1"], ["deny", "r1"]):
+        result = CliRunner().invoke(agent, [*args, "--config", str(cfg)])
+        assert result.exit_code == 3, result.output
+        assert f"cannot reach the agent at {tmp_path / 'st' / 'approval.sock'}" in result.stderr
+        other = tmp_path / "other"
+        result = CliRunner().invoke(agent, [*args, "--config", str(cfg), "--state-dir", str(other)])
+        assert str(other / "approval.sock") in result.stderr
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    result = CliRunner().invoke(agent, ["approvals", "--config", str(empty)])
+    assert result.exit_code == 2 and f"give --state-dir, or state_dir in {empty}" in result.stderr
