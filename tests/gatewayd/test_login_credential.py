@@ -190,3 +190,42 @@ def test_session_traffic_keeps_it_alive(gateway: Gateway) -> None:
     got = asyncio.run(gateway.store.get_login("c0ffee"))
     assert got is not None and got.ended_reason == "logout"
     assert got.last_used == gateway.clock.now()
+
+
+class CardLink(SigningLink):
+    """Records what the gateway asks; the client then leaves (no card answer)."""
+
+    async def expect(self, *types: type[m.Message]) -> m.Message:
+        from relay.aio import ConnectionClosed
+
+        raise ConnectionClosed("eof", "the client left")
+
+
+@pytest.mark.parametrize("ends_on_removal", [True, False])
+def test_home_office_still_asks_for_the_card(tmp_path: Path, ends_on_removal: bool) -> None:
+    """With end_on_card_removal the credential replaces the password, never the card."""
+    from relay.aio import ConnectionClosed
+
+    config = CONFIG + (
+        '[modes.homeoffice]\nfactors = ["smartcard", "password"]\n'
+        f"end_on_card_removal = {str(ends_on_removal).lower()}\n"
+    )
+    holder = ConfigHolder(parse(config, tmp_path / "gatewayd.toml"))
+    g = Gateway(tmp_path)
+    login = Login(holder, g.store, g.bus, g.clock.clock())
+    link = CardLink(g.key, "c0ffee")
+    hello = m.ClientHello(
+        user="vera", agent="", target="", mode="homeoffice", client_key="k", credential="c0ffee"
+    )
+    try:
+        if ends_on_removal:
+            with pytest.raises(ConnectionClosed):
+                asyncio.run(login.authenticate(link, hello, "s1", card_only=True))  # type: ignore[arg-type]
+            assert [(type(s).__name__, getattr(s, "method", "")) for s in link.sent] == [
+                ("AuthRequest", "smartcard")
+            ]
+        else:
+            assert asyncio.run(login.authenticate(link, hello, "s1", card_only=True))  # type: ignore[arg-type]
+            assert link.sent == []
+    finally:
+        asyncio.run(g.store.close())
