@@ -28,8 +28,9 @@ from relay.errors import GatewayError
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).parents[2]
-#: The documented fail2ban regex (docs/operations.md), <HOST> as fail2ban spells it.
-FAIL2BAN = r"^<4>login failed user=\S+ source=<HOST> "
+#: The documented fail2ban regex (docs/operations.md), <HOST> as fail2ban spells it; it
+#: matches the journal's message, the line without the priority prefix journald takes.
+FAIL2BAN = r"^login failed user=\S+ source=<HOST> "
 
 
 @pytest.fixture(scope="module")
@@ -257,8 +258,13 @@ def test_the_log_is_journal_lines_with_priorities_and_no_secrets(ops: World) -> 
     log = gateway_log(ops)
     lines = [line for line in log.splitlines() if line]
     assert lines and all(re.match(r"^<[0-7]>", line) for line in lines), lines[:5]
-    failed = [m for line in lines if (m := pattern.match(line)) and f"user={user} " in line]
-    assert len(failed) == 1 and failed[0]["host"] == "127.0.0.1"
+    failed = [
+        (line[:3], m)
+        for line in lines
+        if (m := pattern.match(line[3:])) and f"user={user} " in line
+    ]
+    assert len(failed) == 1 and failed[0][0] == "<4>"  # a warning
+    assert failed[0][1]["host"] == "127.0.0.1"
     # `journalctl -p warning` shows priorities 0-4: the failed login, not "ready" (6).
     assert any(line.startswith("<6>gatewayd ready") for line in lines)
     for secret in (PASSWORD, "wrong horse battery", code, totp_secret):
@@ -314,3 +320,26 @@ def test_every_exit_code_of_the_table_is_what_the_tools_return(ops: World, tmp_p
     with ThreadPoolExecutor(max_workers=2) as pool:
         wrong = [problem for problem in pool.map(run, cases) if problem]
     assert not wrong, "\n".join(wrong)
+
+
+def test_gateway_config_names_the_config_when_no_option_does(ops: World) -> None:
+    env = {**ops.lab.env(), "GATEWAYD_CONFIG": str(ops.lab.config)}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / args[0]), *args[1:]],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+
+    orgs = run("gw", "admin", "org", "list", "--json")
+    assert orgs.returncode == 0, orgs.stderr
+    assert "clinic" in {o["id"] for o in json.loads(orgs.stdout)}
+    trail = run("gw", "audit", "--event", "gateway.start", "--json")
+    assert trail.returncode == 0, trail.stderr
+    assert json.loads(trail.stdout.splitlines()[0])["event"] == "gateway.start"
+    check = run("gatewayd", "check-config")
+    assert check.returncode == 0 and check.stdout.strip() == f"{ops.lab.config}: ok"
