@@ -118,11 +118,18 @@ def setup(level: str = "info", stream: TextIO | None = None, fmt: str = "auto") 
 
 
 _auth_log = structlog.get_logger("gatewayd.auth")
+#: The reason of a factor the client did not answer (docs/audit.md), not counted as a guess.
+GAVE_UP = "no answer from the client"
 
 
 def log_failed_logins(event: Event) -> None:
-    """An EventBus subscriber: one warning line per failed factor of a login."""
-    if isinstance(event, AuthAttempt) and event.outcome != "success":
+    """An EventBus subscriber: one warning line per failed factor of a login (not when
+    the client gave up on a factor: no key plugged in is no guess)."""
+    if (
+        isinstance(event, AuthAttempt)
+        and event.outcome != "success"
+        and not event.reason.startswith(GAVE_UP)
+    ):
         host = source_host(event.source)
         port = event.source.rpartition(":")[2] if host != event.source else ""
         _auth_log.warning(

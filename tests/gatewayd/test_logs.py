@@ -96,6 +96,8 @@ def test_a_failed_login_is_one_warning_line_with_user_and_source(restore_logging
         AuthAttempt(factor="password", outcome="failure", source="[2001:db8::7]:50022", **common)
     )
     logs.log_failed_logins(AuthAttempt(factor="totp", outcome="success", source="x:1", **common))
+    common["reason"] = "no answer from the client (eof)"  # gave up: no guess
+    logs.log_failed_logins(AuthAttempt(factor="fido2", outcome="failure", source="x:1", **common))
     assert out.getvalue().splitlines() == [
         "<4>login failed user=alice source=2001:db8::7 port=50022 factor=password "
         'mode=access reason="wrong password"'
