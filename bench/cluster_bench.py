@@ -2,7 +2,8 @@
 """One gatewayd node against three: tunnels opened per second, and agents held.
 
 For each size (1 node, then 3), a fresh cluster on loopback (:class:`gatewayd.demo_cluster.
-Cluster`: a real Mosquitto and real gatewayd nodes sharing one directory):
+Cluster`: a real Mosquitto and real gatewayd nodes sharing one directory, in a real
+PostgreSQL where it is installed, ``--store sqlite`` for one SQLite file):
 
 - **agents held**: ``--agents`` enrolled agents, run in this process (the product's own
   :class:`relay.agent.Agent`, one asyncio task each), every one given every node; they
@@ -45,7 +46,7 @@ from typing import Any
 
 from gatewayd.admin import request
 from gatewayd.demo import EchoServer, round_trip
-from gatewayd.demo_cluster import Cluster
+from gatewayd.demo_cluster import Cluster, postgres_bin
 from relay.agent import Agent, AgentState, enroll
 from relay.approval import Approvals
 
@@ -78,9 +79,9 @@ def rss_kib(pid: int) -> int:
 class Run:
     """One cluster of ``size`` nodes, its agents and its clients."""
 
-    def __init__(self, size: int, root: Path, agents: int, say: Say) -> None:
+    def __init__(self, size: int, root: Path, agents: int, say: Say, postgres: bool) -> None:
         self.size = size
-        self.cluster = Cluster(root, size, say)
+        self.cluster = Cluster(root, size, say, postgres=postgres)
         self.n_agents = agents
         self.say = say
         self.echo = EchoServer()
@@ -246,12 +247,18 @@ class Run:
 
 
 def run(
-    agents: int, tunnels: int, concurrency: int, say: Say, keep: bool = False
+    agents: int,
+    tunnels: int,
+    concurrency: int,
+    say: Say,
+    keep: bool = False,
+    postgres: bool = False,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"agents": agents, "tunnels": tunnels, "concurrency": concurrency}
+    out["store"] = "postgresql" if postgres else "sqlite"
     for size in (1, 3):
         folder = Path(tempfile.mkdtemp(prefix=f"cluster-bench-{size}-"))
-        one = Run(size, folder, agents, say)
+        one = Run(size, folder, agents, say, postgres)
         try:
             out[f"nodes_{size}"] = asyncio.run(one.run(tunnels, concurrency))
         finally:
@@ -274,7 +281,7 @@ def report(res: dict[str, Any]) -> str:
         ("nodes' RSS in all, MiB", "held", "nodes_rss_mib"),
         ("RSS per agent, KiB", "held", "rss_per_agent_kib"),
     ]
-    lines = ["| | 1 node | 3 nodes |", "|---|---|---|"]
+    lines = [f"directory: {res['store']}", "", "| | 1 node | 3 nodes |", "|---|---|---|"]
     for title, part, key in rows:
         lines.append(f"| {title} | {one[part][key]} | {three[part][key]} |")
     spread = ", ".join(f"{n} {k}" for n, k in three["held"]["held_per_node"].items())
@@ -295,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="50 agents, 90 tunnels")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temp folders")
+    p.add_argument(
+        "--store",
+        choices=["postgresql", "sqlite"],
+        default="postgresql" if postgres_bin() is not None else "sqlite",
+        help="the nodes' directory: one PostgreSQL (default where installed) or one SQLite file",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.agents, args.tunnels = 50, 90
@@ -305,7 +318,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cluster_bench: {text}", file=sys.stderr, flush=True)
 
     try:
-        res = run(args.agents, args.tunnels, args.concurrency, say, keep=args.keep)
+        res = run(
+            args.agents,
+            args.tunnels,
+            args.concurrency,
+            say,
+            keep=args.keep,
+            postgres=args.store == "postgresql",
+        )
     except (RuntimeError, TimeoutError, OSError) as exc:
         print(f"cluster_bench: {exc}", file=sys.stderr)
         return 1
