@@ -601,9 +601,15 @@ def trails_of(config_path: Path | None, given: tuple[Path, ...]) -> list[Path]:
     """Every trail to read: the config's, then each ``--trail`` (each once); without
     either, the default config's ($GATEWAYD_CONFIG or /etc/gatewayd/gatewayd.toml)."""
     if config_path is None and not given:
-        from gatewayd.config import default_path
+        from gatewayd.config import ENV_VAR, default_path
 
         config_path = default_path()
+        if not config_path.exists():
+            fail(
+                f"config error: cannot read config {config_path}: no such file (give "
+                f"--config PATH, set {ENV_VAR}, or --trail DIR for each node's trail)",
+                EXIT_LOCAL,
+            )
     paths = [_path(config_path)] if config_path is not None else []
     for entry in given:
         for path in trail_files(entry):

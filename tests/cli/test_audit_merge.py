@@ -243,8 +243,10 @@ def test_bad_trails_are_one_clear_error(tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "no such trail or folder" in missing.output
     empty = invoke("--trail", str(tmp_path))
     assert empty.exit_code == 2 and "no audit trail in this folder" in empty.output
-    neither = invoke()
-    assert neither.exit_code == 2 and "--trail DIR" in neither.output
+    with pytest.MonkeyPatch.context() as mp:  # no config where gw audit looks by default
+        mp.setenv("GATEWAYD_CONFIG", str(tmp_path / "no-config.toml"))
+        neither = invoke()
+    assert neither.exit_code == 4 and "--trail DIR" in neither.output  # docs/exit-codes.md
 
 
 def test_a_session_whose_records_are_on_several_nodes(trails: dict[str, Path]) -> None:
