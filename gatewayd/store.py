@@ -278,6 +278,17 @@ login during an outage fails with a clear error well before the client gives up.
 CONNECT_TIMEOUT = 3
 """Seconds one connection attempt to PostgreSQL may take (libpq's ``connect_timeout``)."""
 
+RECONNECT_GIVE_UP = 5.0
+"""Seconds the pool retries one lost connection (after 1 s, 2 s, then 2 s: never a gap
+longer than :data:`POOL_WAIT`) before it gives the slot up; the next store call then
+connects at once (psycopg_pool's default, 300 s of doubling delays, left a node
+refusing logins for up to minutes after the server had returned)."""
+
+POOL_CHECK_EVERY = 2.0
+"""Seconds between checks of the pool's idle connections: those a server that went
+away broke are replaced then, not handed to a login after it is back (the pool tries
+them one by one, 1 s, 2 s, 4 s apart, and the login would time out first)."""
+
 
 class Result:
     """What one statement gave: its rows (as dicts) and how many rows it touched."""
@@ -492,6 +503,7 @@ class Postgres(Backend):
     def __init__(self, pool: AsyncConnectionPool[Any], dsn: str) -> None:
         self.pool = pool
         self.where = safe_dsn(dsn)
+        self._checker: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, dsn: str, *, wait: float = 10.0) -> Postgres:
@@ -509,6 +521,7 @@ class Postgres(Backend):
             max_size=POOL_SIZE,
             open=False,
             timeout=POOL_WAIT,
+            reconnect_timeout=RECONNECT_GIVE_UP,
             check=AsyncConnectionPool.check_connection,
             kwargs={"connect_timeout": CONNECT_TIMEOUT, "application_name": "gatewayd"},
             name="gatewayd-store",
@@ -529,7 +542,14 @@ class Postgres(Backend):
         except BaseException:
             await pool.close()
             raise
+        self._checker = asyncio.get_running_loop().create_task(self._keep_checked())
         return self
+
+    async def _keep_checked(self) -> None:
+        while True:
+            await asyncio.sleep(POOL_CHECK_EVERY)
+            with contextlib.suppress(Exception):  # the pool logs what it finds
+                await self.pool.check()
 
     async def _schema(self) -> None:
         async with self.tx() as db:
@@ -575,6 +595,10 @@ class Postgres(Backend):
         return self.tx()
 
     async def close(self) -> None:
+        if self._checker is not None:
+            self._checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checker
         await self.pool.close()
 
 
