@@ -276,7 +276,7 @@ class ConfigHolder:
 
 class ConfigProblems(ConfigError):
     """Every problem :func:`parse` found in one document, in the document's order of
-    tables; ``key`` is the first problem's, the message lists them all, one a line."""
+    tables; ``key`` is the first problem's, the message lists them all on one line."""
 
     def __init__(self, problems: list[ConfigError], text: str) -> None:
         first = problems[0]
@@ -284,7 +284,7 @@ class ConfigProblems(ConfigError):
         self.problems = problems
         #: The line of the document that each problem's key is on (None: not there).
         self.lines = [key_line(text, p.key) for p in problems]
-        self.args = ("\n".join(str(p) for p in problems),)
+        self.args = ("; ".join(str(p) for p in problems),)  # one line (a reload record)
 
 
 _HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
