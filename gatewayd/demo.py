@@ -212,13 +212,17 @@ class Lab:
         return secret
 
     def totp(self, user: str) -> str:
-        """A code not used yet for ``user`` (waits for the next 30 s step if needed)."""
+        """A code of a step not used yet for ``user``: the current step, else the next one
+        (the gateway accepts one step of drift each way), else it waits for the next step.
+        """
         step = int(time.time()) // 30
-        if self._last_step.get(user) == step:
-            time.sleep(30 - time.time() % 30 + 0.05)
-            step = int(time.time()) // 30
+        last = self._last_step.get(user)
+        if last is not None and last >= step:
+            step = last + 1
+            if step > int(time.time()) // 30 + 1:  # two ahead: wait until one ahead
+                time.sleep(max(0.0, (step - 1) * 30 - time.time() + 0.05))
         self._last_step[user] = step
-        return code_at(self.totp_secrets[user], time.time())
+        return code_at(self.totp_secrets[user], step * 30)
 
     # -- agents -------------------------------------------------------------------------
 

@@ -91,6 +91,17 @@ def test_totp_code_is_single_use(world: World) -> None:
     assert reasons == ["ok", "code already used"]
 
 
+def test_the_next_step_code_is_accepted_once_the_current_one_is_used(world: World) -> None:
+    """One step of drift each way (RFC 6238 5.2): the lab logs a user in again at once with
+    the next step's code instead of waiting for it, and the gateway takes it, once."""
+    user = world.new_user()
+    first = world.lab.connect_stdio("pc1", user, PASSWORD, "echo", "x")
+    second = world.lab.connect_stdio("pc1", user, PASSWORD, "echo", "y")
+    assert (first.returncode, second.returncode) == (0, 0), second.stderr
+    reasons = [a["reason"] for a in records(world, "auth.attempt", user=user, factor="totp")]
+    assert reasons == ["ok", "ok"]
+
+
 def test_consecutive_failures_lock_the_account(world: World) -> None:
     user = world.new_user()
     for _ in range(3):  # the code does not matter: the password is wrong
