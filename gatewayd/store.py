@@ -363,7 +363,8 @@ class Sqlite(Backend):
 
     A lock keeps the connection to one transaction or read at a time: a transaction's
     statements run without a pause, and nothing else uses the connection until its
-    commit has returned.
+    commit has returned. Inside a transaction use only the ``db`` it gives: a store
+    method called there would wait for that lock forever.
     """
 
     name = "sqlite"
@@ -1319,17 +1320,15 @@ class Store:
         """End the user's live credentials (only ``credential`` if given); the ids ended."""
         where = '"user" = ? AND ended IS NULL' + (" AND id = ?" if credential else "")
         args = (user, credential) if credential else (user,)
+        # One statement: of two nodes ending the same credential, one names it.
         async with self.backend.tx() as db:
             rows = (
                 await db.execute(
-                    f"SELECT id FROM login_credentials WHERE {where}",  # noqa: S608
-                    args,
+                    f"UPDATE login_credentials SET ended = ?, ended_reason = ? WHERE {where} "  # noqa: S608
+                    "RETURNING id",
+                    (now, reason, *args),
                 )
             ).rows
-            await db.execute(
-                f"UPDATE login_credentials SET ended = ?, ended_reason = ? WHERE {where}",  # noqa: S608
-                (now, reason, *args),
-            )
         return sorted(str(r["id"]) for r in rows)
 
     async def logins_of(self, user: str, now: float) -> list[LoginCredential]:

@@ -26,6 +26,7 @@ from gatewayd.store import (
     AttemptEnd,
     Credential,
     Lockout,
+    LoginCredential,
     Sqlite,
     Store,
     StoreError,
@@ -1071,3 +1072,48 @@ async def test_sqlite_commits_off_the_event_loop_and_reads_wait_for_them(
     await write
     user = await read
     assert user is not None and user.disabled
+
+
+# -- gw login credentials --------------------------------------------------------------------------
+
+
+def login(ident: str, user: str = "vera@acme") -> LoginCredential:
+    return LoginCredential(
+        id=ident,
+        user=user,
+        mode="access",
+        public_key="pk",
+        session="s-" + ident,
+        source="127.0.0.1:1",
+        created=NOW,
+        expires=NOW + 3600,
+        idle_timeout=600,
+        last_used=NOW,
+    )
+
+
+async def test_login_credentials(directory: Store) -> None:
+    await directory.add_login(login("c1"))
+    await directory.add_login(login("c2"))
+    assert await directory.get_login("c1") == login("c1")
+    assert await directory.use_login("c1", NOW + 500)
+    assert not await directory.use_login("c2", NOW + 601)  # idle too long
+    await directory.keep_login("c2", NOW + 100)
+    await directory.keep_login("c2", NOW + 50)  # never backwards
+    c2 = await directory.get_login("c2")
+    assert c2 is not None and c2.last_used == NOW + 100
+    assert [c.id for c in await directory.logins_of("vera@acme", NOW)] == ["c1", "c2"]
+    assert await directory.end_logins("vera@acme", NOW + 1, "logout", "c1") == ["c1"]
+    assert await directory.end_logins("vera@acme", NOW + 2, "admin") == ["c2"]
+    assert await directory.end_logins("vera@acme", NOW + 3, "admin") == []
+    assert not await directory.use_login("c1", NOW + 4)
+
+
+async def test_a_login_credential_is_ended_once_across_nodes(nodes: tuple[Store, Store]) -> None:
+    a, b = nodes
+    await a.add_login(login("c1"))
+    ended = await asyncio.gather(
+        *(node.end_logins("vera@acme", NOW, "logout", "c1") for node in (a, b) * 3)
+    )
+    assert sorted(ended) == [[], [], [], [], [], ["c1"]]
+    assert not await b.use_login("c1", NOW + 1)
