@@ -258,6 +258,19 @@ class CipherState:
         self._n += 1
         return ciphertext
 
+    def encrypt_into(self, plaintext: _Bytes, out: bytearray | memoryview) -> None:
+        """EncryptWithAd(b"", plaintext) written into ``out`` (exactly its length + tag).
+
+        The data path's form: no new object per record. ``out`` must not overlap
+        ``plaintext``. Needs a key (transport messages only).
+        """
+        if len(plaintext) > MAX_PLAINTEXT:
+            raise NoiseError(f"plaintext of {len(plaintext)} bytes exceeds {MAX_PLAINTEXT}")
+        if self._aead is None:
+            raise NoiseError("encrypt_into needs a CipherState with a key")
+        self._aead.encrypt_into(self._nonce_bytes(), plaintext, b"", out)
+        self._n += 1
+
     def decrypt_with_ad(self, ad: bytes, ciphertext: _Bytes) -> bytes:
         """DecryptWithAd(ad, ciphertext): DECRYPT(k, n++, ad, ciphertext), or it if no key.
 

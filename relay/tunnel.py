@@ -30,9 +30,13 @@ from .errors import NoiseError, TunnelCut
 PROLOGUE = b"gw-e2e-v1\x00"
 RECORD_DATA = 0x00
 RECORD_END = 0x01
-#: Largest data slice per record: a Noise message minus the tag and the type byte.
-MAX_RECORD_DATA = noise.MAX_PLAINTEXT - 1
-_DATA = bytes([RECORD_DATA])
+#: Bytes of one full record on the wire (length, type, data, tag): 64 KiB, exactly four
+#: full TLS records, so that no record ends in a runt TLS record of a byte or two.
+FRAME_SIZE = 1 << 16
+#: Largest data slice per record: a frame minus the length, the type byte and the tag.
+MAX_RECORD_DATA = FRAME_SIZE - 2 - 1 - noise.TAG_LEN
+#: Room for this many frames in an Opener's receive buffer.
+_RECEIVE_FRAMES = 5
 #: How long each side waits for the other's handshake message.
 HANDSHAKE_TIMEOUT = 15.0
 #: Most tunnel bytes held between the end of the handshake and the pipe's start.
@@ -86,19 +90,43 @@ class ReplayGuard:
 
 
 class Sealer:
-    """Codec for bytes from the local side: plaintext in, framed Noise records out."""
+    """Codec for bytes from the local side: plaintext in, framed Noise records out.
+
+    Each record is one buffer (length, then ciphertext), so it goes out in whole TLS
+    records. :meth:`get_buffer` and :meth:`filled` let the transport read straight into
+    the plaintext buffer (asyncio's BufferedProtocol); the ciphertext is written into
+    a fresh frame, so nothing handed to a transport is ever written again.
+    """
 
     def __init__(self, cipher: noise.CipherState) -> None:
         self.cipher = cipher
+        self._plain = bytearray(1 + MAX_RECORD_DATA)
+        self._plain[0] = RECORD_DATA
+        self._view = memoryview(self._plain)
 
-    def feed(self, data: bytes) -> tuple[list[bytes], bool]:
-        out: list[bytes] = []
-        encrypt = self.cipher.encrypt_with_ad
+    def get_buffer(self) -> memoryview:
+        """Where the next read of plaintext goes (at most one record's data)."""
+        return self._view[1:]
+
+    def filled(self, n: int) -> tuple[list[bytearray], bool]:
+        """The framed record of the ``n`` bytes just read into :meth:`get_buffer`."""
+        return [self._seal(n)], False
+
+    def _seal(self, n: int) -> bytearray:
+        size = 1 + n + noise.TAG_LEN
+        frame = bytearray(2 + size)
+        frame[0] = size >> 8
+        frame[1] = size & 0xFF
+        self.cipher.encrypt_into(self._view[: 1 + n], memoryview(frame)[2:])
+        return frame
+
+    def feed(self, data: bytes | bytearray | memoryview) -> tuple[list[bytearray], bool]:
+        out: list[bytearray] = []
         with memoryview(data) as view:
-            for i in range(0, len(data), MAX_RECORD_DATA):
-                ciphertext = encrypt(b"", _DATA + view[i : i + MAX_RECORD_DATA])
-                out.append(len(ciphertext).to_bytes(2, "big"))
-                out.append(ciphertext)
+            for i in range(0, len(view), MAX_RECORD_DATA):
+                piece = view[i : i + MAX_RECORD_DATA]
+                self._view[1 : 1 + len(piece)] = piece
+                out.append(self._seal(len(piece)))
         return out, False
 
     def end(self) -> bytes | None:
@@ -106,27 +134,68 @@ class Sealer:
 
 
 class Opener:
-    """Codec for bytes from the tunnel: framed Noise records in, plaintext out."""
+    """Codec for bytes from the tunnel: framed Noise records in, plaintext out.
+
+    Records are decrypted where they arrived: :meth:`get_buffer` hands the transport
+    (asyncio's BufferedProtocol; TLS decrypts straight into it) the free end of one
+    receive buffer, and :meth:`filled` decrypts every whole record in it; only the
+    start of a record that has not fully arrived is moved to the front.
+    """
 
     def __init__(self, cipher: noise.CipherState) -> None:
         self.cipher = cipher
-        self.reader = noise.FrameReader()
         self.ended = False
+        self._buf = bytearray(_RECEIVE_FRAMES * FRAME_SIZE)
+        self._view = memoryview(self._buf)
+        self._start = 0  # first byte not yet decrypted
+        self._end = 0  # end of the bytes received
 
-    def feed(self, data: bytes) -> tuple[list[memoryview], bool]:
-        self.reader.receive_data(data)
+    def get_buffer(self) -> memoryview:
+        """The free end of the receive buffer, room for at least one whole frame."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(self._buf) - self._end < FRAME_SIZE + 1:
+            partial = bytes(self._view[self._start : self._end])
+            self._view[: len(partial)] = partial
+            self._start, self._end = 0, len(partial)
+        return self._view[self._end :]
+
+    def filled(self, n: int) -> tuple[list[memoryview], bool]:
+        """Plaintext of every record completed by the ``n`` bytes just received."""
+        self._end += n
+        buf, view, pos, end = self._buf, self._view, self._start, self._end
         out: list[memoryview] = []
-        while (message := self.reader.next_message()) is not None:
-            record = self.cipher.decrypt_with_ad(b"", message)
+        decrypt = self.cipher.decrypt_with_ad
+        while end - pos >= 2:
+            stop = pos + 2 + ((buf[pos] << 8) | buf[pos + 1])
+            if stop > end:
+                break
+            record = decrypt(b"", view[pos + 2 : stop])
+            pos = stop
             if self.ended or not record:
                 raise NoiseError("record after end of stream or empty record")
             if record[0] == RECORD_DATA:
-                out.append(memoryview(record)[1:])
+                if len(record) > 1:
+                    out.append(memoryview(record)[1:])
             elif record[0] == RECORD_END:
                 self.ended = True
             else:
                 raise NoiseError(f"unknown record type {record[0]}")
+        self._start = pos
         return out, self.ended
+
+    def feed(self, data: bytes | bytearray | memoryview) -> tuple[list[memoryview], bool]:
+        out: list[memoryview] = []
+        with memoryview(data) as view:
+            while True:
+                space = self.get_buffer()
+                k = min(len(space), len(view))
+                space[:k] = view[:k]
+                more, ended = self.filled(k)
+                out += more
+                view = view[k:]
+                if not view:
+                    return out, ended
 
     def end(self) -> bytes | None:
         """The tunnel ended: cleanly only after the peer's END record."""

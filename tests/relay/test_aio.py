@@ -267,3 +267,22 @@ def test_ending_the_input_sends_end_and_drops_later_input() -> None:
         assert not result.cut and bytes(local.written) == b"bye"
 
     run(main)
+
+
+def test_data_waiting_for_the_batch_goes_out_before_the_end_of_stream() -> None:
+    """A record and, in a later read of the same loop turn, the END record: the data is
+    written before the local side's write end is closed, never after or not at all."""
+
+    async def main() -> None:
+        client_t = FakeTransport(half_close=False)
+        est, agent_est = await handshake(client_t, FakeTransport(half_close=False))
+        local = FakeTransport()
+        pipe = Pipe(local, client_t, codec_a=est.sealer, codec_b=est.opener, names=("l", "t"))
+        pipe.start()
+        order: list[str] = []
+        local.write_eof = lambda: order.append(f"eof after {bytes(local.written)!r}")  # type: ignore[method-assign]
+        pipe.b.data_received(records(agent_est, b"banner"))
+        pipe.b.data_received(records(agent_est, b"", end=True))
+        assert order == ["eof after b'banner'"]
+
+    run(main)
