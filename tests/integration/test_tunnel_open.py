@@ -12,6 +12,7 @@ gw agent and gw connect processes on loopback.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 
@@ -19,7 +20,7 @@ import pytest
 from world import PASSWORD, World
 
 from gatewayd.audit import read_head
-from gatewayd.demo import round_trip, wait_for
+from gatewayd.demo import free_port, round_trip, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -65,6 +66,33 @@ def test_each_spare_serves_one_tunnel_and_is_replaced(world: World) -> None:
         "the agent to drop its spare once the session ended",
     )
     assert agent_log(world).count(READY) == before + 4
+
+
+def test_a_dial_that_fails_after_tunnel_start_is_on_record_as_failed(world: World) -> None:
+    """tunnel.start goes out with the dial; an agent that then cannot reach its target
+    (here: a port nothing listens on) leaves tunnel.failed with the same tunnel id, on
+    the spare as on the control connection."""
+    world.lab.enroll_agent("pc-dead", "clinic")
+    agent = world.lab.start_agent("pc-dead", {"echo": free_port()})
+    try:
+        user = world.new_user()
+        _, port = world.lab.connect_local("pc-dead", user, PASSWORD, "echo", "--reason", "dead")
+        session = session_of(world, user)
+        wait_for(lambda: READY in agent.output(), 20, "the spare")
+        for _ in range(2):  # the first on the spare, the second on the control connection
+            with contextlib.suppress(OSError):  # closed or reset: nothing comes back
+                assert round_trip(port, b"nobody there") == b""
+
+        def failed() -> list[dict[str, object]]:
+            return [r for r in world.lab.events("tunnel.failed") if r["session"] == session]
+
+        wait_for(lambda: len(failed()) == 2, 20, "two tunnel.failed")
+        starts = [r for r in world.lab.events("tunnel.start") if r["session"] == session]
+        assert sorted(r["tunnel"] for r in starts) == sorted(r["tunnel"] for r in failed())
+        assert all("unreachable" in str(r["reason"]) for r in failed())
+        assert not [r for r in world.lab.events("tunnel.end") if r["session"] == session]
+    finally:
+        agent.stop()
 
 
 def test_tunnel_start_is_durable_before_the_first_byte(world: World) -> None:
