@@ -87,13 +87,13 @@ class Logins:
 
     def save(self, gateway: str, user: str, mode: str, key: Ed25519PrivateKey, issued: Any) -> Path:
         from relay import credential as cred
+        from relay.platform import write_private
 
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.remove(gateway, user, mode)
         key_file = self._file(gateway, user, mode, ".key")
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(cred.private_bytes(key))
+        # 0600; on Windows a protected ACL granting this user alone.
+        write_private(key_file, cred.private_bytes(key))
         record = {
             "gateway": gateway,
             "user": user,
