@@ -83,8 +83,12 @@ $(VENV)/.fuzz: pyproject.toml | $(VENV)/.test
 fuzz: $(VENV)/.test $(VENV)/.fuzz
 	$(BIN)/python tests/fuzz/run.py all --seconds $(FUZZ_SECONDS)
 
+# One table: gw against haproxy and ssh -J, measured in the same run (see README).
+# The issue's full run: make bench BENCH_ARGS="--mib 1024 --agents 10000"; add --check
+# to fail on a missed target, --baseline FILE.json to fail on a regression.
+BENCH_ARGS ?= --mib 256 --runs 5
 bench: system-deps $(VENV)/.test
-	$(BIN)/python bench/tunnel_bench.py
+	$(BIN)/python bench/tunnel_bench.py $(BENCH_ARGS)
 
 # The audit trail: a filtered query and verify over 1,000,000 records, beside jq.
 bench-audit: system-deps $(VENV)/.test

@@ -1,24 +1,33 @@
 #!/usr/bin/env python3
-"""Tunnel benchmark: gw (gatewayd + gw connect + gw agent) against ssh -J and haproxy.
+"""Tunnel benchmark: gw (gatewayd + gw connect + gw agent) against haproxy and ssh -J.
 
 Everything runs on loopback in a temporary folder and is torn down at the end (also
 on Ctrl-C or an error). Run it with the Python of the venv the project is installed
-in, so that ``gatewayd`` and ``gw`` are found beside it::
+in, so that ``gatewayd`` and ``gw`` are found beside it (``make bench`` does)::
 
-    /tmp/probe-venv/bin/python bench/tunnel_bench.py            # full, ~1.5 min
-    /tmp/probe-venv/bin/python bench/tunnel_bench.py --quick    # ~30 s
-    /tmp/probe-venv/bin/python bench/tunnel_bench.py --json     # results as JSON
+    .venv/bin/python bench/tunnel_bench.py                  # 256 MiB x 5 runs, ~3 min
+    .venv/bin/python bench/tunnel_bench.py --mib 1024 --agents 10000   # the issue's run
+    .venv/bin/python bench/tunnel_bench.py --quick          # ~1 min, no agents
+    .venv/bin/python bench/tunnel_bench.py --json > a.json  # results as JSON
+    .venv/bin/python bench/tunnel_bench.py --check --baseline a.json
 
-What is measured, through each path, to one target service (in this process):
+It prints one table, each row for gw and both references measured in the same run
+(medians of runs interleaved across the tools, so that drift hits all alike), the
+issue's target as a ratio to a reference or an absolute limit, and PASS or MISS:
 
-- throughput of one tunnel, upload (client -> target) and download, median of runs,
-  with the CPU time the tool's processes spent per GB;
-- tunnel open time: full (start ``gw connect`` / ``ssh`` until the first echoed byte)
-  and with an established session (TCP connect to the -L port until the first
-  echoed byte, what an RDP reconnect costs);
-- memory: peak RSS of the relay during the throughput runs, RSS of client and agent,
-  and a slow reader (the client reads 1 MiB/s while the target writes as fast as it
-  can): the relay's RSS growth must stay bounded.
+- bulk MB/s up and down through one tunnel;
+- round trip of 100 B messages, p50 and p99 (one message in flight: keystrokes);
+- a new tunnel in an open session (connect to the -L port until the first echo);
+- opening a session (start the client, log in, first echoed byte);
+- CPU seconds per GB of every process on the path, and of this benchmark's sending or
+  receiving thread (the TLS client itself for haproxy, which has no client process);
+- gatewayd's RSS idle after start and its peak during the bulk runs;
+- idle agents one gatewayd holds, from ``bench/agents_scale.py --agents N --json``.
+
+``--check`` exits 1 when gw misses a target; ``--baseline FILE`` (an earlier ``--json``)
+exits 1 when a ratio to a reference got worse by more than ``--tolerance``: a
+regression check that needs no fixed figures, only the references of the same run.
+A slow reader (1 MiB/s) also checks that nobody buffers what the client does not read.
 
 The paths:
 
@@ -62,7 +71,14 @@ CHUNK = MIB
 PASSWORD = "bench-password"
 PAYLOAD = os.urandom(CHUNK)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-TOOLS = ("gw", "ssh", "haproxy")
+TOOLS = ("gw", "haproxy", "ssh")
+#: The role of this process's sending or receiving thread in the CPU figures.
+LOAD = "load generator"
+#: Size of the round-trip probe's messages, and how many go unmeasured first.
+PING_SIZE = 100
+PING_WARMUP = 50
+#: Idle agents one gatewayd must hold (the issue's target).
+AGENTS_TARGET = 10_000
 
 
 class BenchError(Exception):
@@ -397,12 +413,16 @@ class Meter:
     def __enter__(self) -> Meter:
         self.watch.__enter__()
         self.cpu0 = {role: cpu_seconds(pids) for role, pids in self.groups.items()}
+        self.load0 = time.thread_time()
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.t0
         self.cpu = {r: cpu_seconds(pids) - self.cpu0[r] for r, pids in self.groups.items()}
+        # This thread is the application at the client end: plain TCP for gw and ssh,
+        # the TLS client itself for haproxy (which has no client process of its own).
+        self.cpu[LOAD] = time.thread_time() - self.load0
         self.watch.__exit__(None, None, None)
 
     def result(self) -> Transfer:
@@ -450,6 +470,39 @@ def echo_once(path: Path_) -> float:
         if s.recv(1) != b"x":
             raise BenchError(f"{path.tool}: echo did not come back")
         return time.perf_counter() - t0
+
+
+def round_trips(path: Path_, count: int) -> list[float]:
+    """Ping-pong ``PING_SIZE`` bytes through the echo service; each round trip in us.
+
+    One tunnel, one message in flight at a time: the latency an interactive session
+    (a keystroke, its screen update) sees through each hop and both end points.
+    """
+    msg = PAYLOAD[:PING_SIZE]
+    buf = bytearray(PING_SIZE)
+    view = memoryview(buf)
+    times: list[float] = []
+    with path.connect(timeout=15) as s:
+        s.sendall(b"E" + bytes(8))
+        for i in range(PING_WARMUP + count):
+            t0 = time.perf_counter_ns()
+            s.sendall(msg)
+            got = 0
+            while got < PING_SIZE:
+                k = s.recv_into(view[got:], PING_SIZE - got)
+                if not k:
+                    raise BenchError(f"{path.tool}: echo closed during the round-trip probe")
+                got += k
+            if i >= PING_WARMUP:
+                times.append((time.perf_counter_ns() - t0) / 1000)
+    if buf != msg:
+        raise BenchError(f"{path.tool}: the round-trip probe's echo differs")
+    return times
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def first_echo_from_start(
@@ -840,7 +893,7 @@ class Bench:
         res["params"] = {
             "mib": a.mib, "runs": a.runs, "reconnects": a.reconnects, "full_opens": a.full_opens,
             "slow_seconds": a.slow_seconds, "slow_rate_mib_s": 1, "quick": a.quick,
-            "budget_s": a.budget,
+            "budget_s": a.budget, "pings": a.pings, "agents": a.agents,
         }  # fmt: skip
         self.say(f"temp dir {self.dir}; target port {self.target.port}")
         self.say("setting up gatewayd, agent, gw connect; two sshd, ssh -J; two haproxy")
@@ -894,6 +947,22 @@ class Bench:
         res["throughput"] = thr
         mem["peak_rss_during_throughput_mib"] = {
             t: {r: sampler.peak.get(f"{t}.{r}") for r in paths[t].roles} for t in tools
+        }
+
+        # 1b. round trips of small messages (keystrokes, screen updates), runs interleaved
+        self.say(f"round trip {PING_SIZE} B: {a.runs} runs x {a.pings} per tool")
+        pings: dict[str, list[list[float]]] = {t: [] for t in tools}
+        for _ in range(a.runs):
+            for t in tools:
+                pings[t].append(round_trips(paths[t], a.pings))
+        res["round_trip_us"] = {
+            t: {
+                "p50": statistics.median(percentile(r, 0.50) for r in runs),
+                "p99": statistics.median(percentile(r, 0.99) for r in runs),
+                "runs_p50": [percentile(r, 0.50) for r in runs],
+                "runs_p99": [percentile(r, 0.99) for r in runs],
+            }
+            for t, runs in pings.items()
         }
 
         # 2b. a new tunnel in an established session (what an RDP reconnect costs)
@@ -953,12 +1022,36 @@ class Bench:
             },
             "audit_commit": audit_commit_ms(self.dir, 20),
         }
+        res["agents"] = self.agents_scale()
         res["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
         res["seconds"] = round(time.monotonic() - self.started, 1)
         res["target_errors"] = self.target.errors[:10]
         res["log_findings"] = self.log_findings()
         res["notes"] = self.notes
         return res
+
+    def agents_scale(self) -> dict[str, Any] | None:
+        """``bench/agents_scale.py --agents N --json`` (idle agents one gatewayd holds)."""
+        script = Path(__file__).with_name("agents_scale.py")
+        if self.args.agents <= 0:
+            return None
+        if not script.exists():
+            self.notes.append("bench/agents_scale.py missing: idle agents not measured")
+            return None
+        self.say(f"idle agents: bench/agents_scale.py --agents {self.args.agents}")
+        argv = [sys.executable, str(script), "--agents", str(self.args.agents), "--json"]
+        try:
+            r = subprocess.run(
+                argv, capture_output=True, timeout=self.args.agents_timeout, check=False
+            )
+            out: dict[str, Any] = json.loads(r.stdout.decode())
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            self.notes.append(f"agents_scale.py failed: {exc}")
+            return None
+        if r.returncode != 0:
+            tail = r.stderr.decode(errors="replace").strip().splitlines()[-1:]
+            self.notes.append(f"agents_scale.py exited {r.returncode}: {' '.join(tail)}")
+        return out
 
     def log_findings(self) -> dict[str, list[str]]:
         """Lines in the product's logs that look like trouble, and the audit events."""
@@ -1050,46 +1143,124 @@ def get(d: dict[str, Any], *keys: str) -> Any:
     return d
 
 
-def table(res: dict[str, Any]) -> Iterator[tuple[str, Any, Any, Any, int]]:
-    thr, rec, full = res["throughput"], res["reconnect_ms"], res["full_open_ms"]
-    slow, peak = res["slow_reader"], res["memory"]["peak_rss_during_throughput_mib"]
+@dataclass
+class Row:
+    """One line of the table: gw and the references, the target and whether gw meets it."""
 
-    def each(*keys: str) -> list[Any]:
-        return [get(thr, t, *keys) for t in TOOLS]
+    label: str
+    values: dict[str, float | None]
+    digits: int
+    target: str
+    ref: str | None  # the reference the target is a ratio of; None: an absolute limit
+    limit: float
+    higher_is_better: bool = False
+    #: Shown instead of PASS/MISS when the row cannot say (measured short of the target's scale).
+    unjudged: str | None = None
 
-    yield ("upload MB/s (client -> target)", *each("up", "mb_s"), 1)
-    yield ("download MB/s (target -> client)", *each("down", "mb_s"), 1)
-    yield ("CPU s per GB, all processes of the path (1)", *each("cpu_s_per_gb", "all"), 2)
-    yield ("CPU s per GB, relay only (2)", *each("cpu_s_per_gb", "relay"), 2)
-    yield ("CPU s per GB, client process", *each("cpu_s_per_gb", "client"), 2)
-    yield ("CPU s per GB, far end (agent / sshd / TLS end)", *each("cpu_s_per_gb", "far end"), 2)
-    for key, label in (
-        ("first_byte_ms", "open, full: start client -> 1st echo ms"),
-        ("listening_ms", "  of which start -> -L port listening ms"),
-        ("session_ms", "  gw -v 'session open' (login) ms"),
-    ):
-        yield (label, get(full, "gw", key, "median"), get(full, "ssh", key, "median"), None, 0)
-    yield (
-        "open, in session: connect -> 1st echo ms",
-        *(get(rec, t, "median") for t in TOOLS),
-        1,
-    )
-    for role in ("relay", "client", "far end"):
-        yield (f"peak RSS in throughput runs MiB, {role}", *(get(peak, t, role) for t in TOOLS), 1)
-    yield (
-        "slow reader: relay RSS growth MiB",
-        *(get(slow, t, "rss_growth_mib", "relay") for t in TOOLS),
-        1,
-    )
-    yield (
-        "slow reader: bytes in flight MiB (3)",
-        *(get(slow, t, "inflight_mib_end") for t in TOOLS),
-        1,
-    )
+    def ratio(self) -> float | None:
+        gw = self.values.get("gw")
+        base = self.values.get(self.ref) if self.ref else None
+        return None if gw is None or not base else gw / base
+
+    def met(self) -> bool | None:
+        gw = self.values.get("gw")
+        if self.unjudged is not None:
+            return None
+        value = self.ratio() if self.ref else gw
+        if value is None:
+            return None
+        return value >= self.limit if self.higher_is_better else value <= self.limit
+
+    def cells(self) -> list[str]:
+        ratio = self.ratio()
+        met = self.met()
+        return [
+            self.label,
+            *(fmt(self.values.get(t), self.digits) for t in TOOLS),
+            self.target,
+            f"{ratio:.2f}x {self.ref}" if ratio is not None else "",
+            self.unjudged or ("-" if met is None else "PASS" if met else "MISS"),
+        ]
+
+
+def rows(res: dict[str, Any]) -> list[Row]:
+    thr, rtt, rec = res["throughput"], res["round_trip_us"], res["reconnect_ms"]
+    full, mem = res["full_open_ms"], res["memory"]
+
+    def each(d: dict[str, Any], *keys: str) -> dict[str, float | None]:
+        return {t: get(d, t, *keys) for t in TOOLS}
+
+    bulk = (0, ">= 1.0x haproxy", "haproxy", 1.0, True)
+    out = [
+        Row("bulk upload MB/s", each(thr, "up", "mb_s"), *bulk),
+        Row("bulk download MB/s", each(thr, "down", "mb_s"), *bulk),
+        Row(f"round trip {PING_SIZE} B p50 us", each(rtt, "p50"), 0, "<= 0.8x ssh", "ssh", 0.8),
+        Row(f"round trip {PING_SIZE} B p99 us", each(rtt, "p99"), 0, "<= 1.0x ssh", "ssh", 1.0),
+        Row("new tunnel in an open session ms", each(rec, "median"), 1, "<= 2x ssh", "ssh", 2.0),
+        Row(
+            "open a session, start to 1st echo ms",
+            {t: get(full, t, "first_byte_ms", "median") for t in TOOLS},
+            0, "<= 1.0x ssh", "ssh", 1.0,
+        ),
+        Row(
+            "CPU s per GB, whole path (1)",
+            each(thr, "cpu_s_per_gb", "all"), 2, "<= 1.3x haproxy", "haproxy", 1.3,
+        ),
+        Row(
+            "gatewayd RSS idle MiB (2)",
+            {t: get(mem, "idle_rss_mib", t, "relay") for t in TOOLS}, 1, "<= 35", None, 35.0,
+        ),
+        Row(
+            "gatewayd RSS under load MiB (2)",
+            {t: get(mem, "peak_rss_during_throughput_mib", t, "relay") for t in TOOLS},
+            1, "<= 45", None, 45.0,
+        ),
+    ]  # fmt: skip
+    agents = res.get("agents") or {}
+    if agents.get("agents"):
+        n, per = agents["agents"], agents.get("rss_per_agent_kib")
+        short = f"only {n} held" if n < AGENTS_TARGET else None
+        label = f"idle agents: gatewayd KiB each, {n:,} held"
+        target = f"<= 20 at {AGENTS_TARGET:,}"
+        out.append(Row(label, {"gw": per}, 1, target, None, 20.0, unjudged=short))
+    return out
+
+
+def table(res: dict[str, Any]) -> list[str]:
+    head = ["", "gw", "haproxy TLS relay", "ssh -J", "target", "gw is", ""]
+    body = [r.cells() for r in rows(res)]
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    lines = []
+    for r in [head, ["-" * w for w in widths], *body]:
+        cells = [
+            c.ljust(widths[i]) if i in (0, 4, 5) else c.rjust(widths[i]) for i, c in enumerate(r)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def misses(res: dict[str, Any]) -> list[str]:
+    return [r.label for r in rows(res) if r.met() is False]
+
+
+def regressions(res: dict[str, Any], base: dict[str, Any], tolerance: float) -> list[str]:
+    """Rows whose gw/reference ratio is worse than in ``base`` by more than ``tolerance``."""
+    before = {r.label: r for r in rows(base)}
+    found = []
+    for row in rows(res):
+        old = before.get(row.label)
+        new_r, old_r = row.ratio(), old.ratio() if old else None
+        if new_r is None or old_r is None:
+            continue
+        worse = old_r / new_r if row.higher_is_better else new_r / old_r
+        if worse > 1 + tolerance:
+            found.append(f"{row.label}: {old_r:.2f}x -> {new_r:.2f}x {row.ref}")
+    return found
 
 
 def report(res: dict[str, Any]) -> str:
     m, v = res["machine"], res["versions"]
+    p = res["params"]
     lines = [
         f"machine: {m['nproc']} CPUs, {m['cpu_model']}, {m['mem_total_mib']} MiB, "
         f"Linux {m['kernel']}; load avg {' '.join(m['loadavg_start'])} at start, "
@@ -1097,29 +1268,23 @@ def report(res: dict[str, Any]) -> str:
         f"versions: python {v['python']}, uvloop {v['uvloop']}, cryptography {v['cryptography']}, "
         f"{v['python_openssl']}",
         f"          {v['openssh']} (cipher {v.get('ssh_cipher', '?')}); {v['haproxy']}",
-        f"payload {res['params']['mib']} MiB per transfer, medians of "
-        f"{len(res['throughput']['gw']['up']['samples_mb_s'])} runs; MB = 10^6 bytes; "
-        f"run took {res['seconds']} s",
+        f"bulk: {p['mib']} MiB per transfer; round trip: {p['pings']} per run; medians of "
+        f"{len(res['throughput']['gw']['up']['samples_mb_s'])} runs, interleaved; "
+        f"MB = 10^6 bytes; run took {res['seconds']} s",
         "",
-    ]
-    head = ("metric", "gw", "ssh -J", "haproxy", "gw/ssh", "gw/haproxy")
-    rows = [
-        (name, fmt(g, d), fmt(s, d), fmt(h, d), ratio(g, s), ratio(g, h))
-        for name, g, s, h, d in table(res)
-    ]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    for r in [head, tuple("-" * w for w in widths), *rows]:
-        cells = [c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)]
-        lines.append("  ".join(cells))
-    lines += [
+        *table(res),
         "",
-        "ratios are gw / reference: above 1 is faster for MB/s, costlier for ms, CPU and MiB.",
-        "(1) haproxy's client is this Python process, whose TLS is not counted; gw and ssh count",
-        "    their client. (2) the jump sshd decrypts the outer SSH layer only (the inner one",
-        "    passes through); gatewayd and the haproxy relay decrypt and re-encrypt TLS.",
-        "(3) written by the target but not yet read by the client: kernel socket buffers plus",
-        "    what the processes hold; bounded if it stops growing.",
+        "(1) CPU seconds of every process on the path per GB moved, and of this benchmark's",
+        "    thread at the client end: plain TCP for gw and ssh, the TLS client for haproxy",
+        "    (haproxy has no client process; its relay and TLS end are counted as processes).",
+        "(2) the relay process: gatewayd, the haproxy relay, the jump host's sshd.",
     ]
+    thr = res["throughput"]
+    for t in thr:
+        cpu = thr[t]["cpu_s_per_gb"]
+        lines.append(
+            f"CPU s per GB {t}: " + ", ".join(f"{r} {x:.2f}" for r, x in cpu.items() if r != "all")
+        )
     idle = res["memory"]["idle_rss_mib"]
     hwm = res["memory"]["vmhwm_at_end_mib"]
     for t in idle:
@@ -1130,10 +1295,6 @@ def report(res: dict[str, Any]) -> str:
             + ", ".join(f"{r} {x:.1f}" for r, x in hwm[t].items())
             + " MiB"
         )
-    lines += [
-        "    (gw's VmHWM counts Argon2id, 19 MiB per password hash or check in flight, in",
-        "    gatewayd when this bench adds its users 3 at a time.)",
-    ]
     pr = res["probes"]
     lines.append(
         "context: TLS 1.3 connect+handshake from Python to "
@@ -1150,14 +1311,18 @@ def report(res: dict[str, Any]) -> str:
             + ", ".join(f"{r} {x:+.1f}" for r, x in sr["rss_growth_mib"].items())
             + " MiB"
         )
-    thr = res["throughput"]
     for t in thr:
+        rt = res["round_trip_us"][t]
         lines.append(
             f"samples {t}: up "
             + " ".join(f"{x:.0f}" for x in thr[t]["up"]["samples_mb_s"])
             + " / down "
             + " ".join(f"{x:.0f}" for x in thr[t]["down"]["samples_mb_s"])
-            + " MB/s; in-session open ms "
+            + " MB/s; round trip p50 "
+            + " ".join(f"{x:.0f}" for x in rt["runs_p50"])
+            + " / p99 "
+            + " ".join(f"{x:.0f}" for x in rt["runs_p99"])
+            + " us; in-session open ms "
             + " ".join(f"{x:.1f}" for x in res["reconnect_ms"][t]["samples"])
         )
     for t, d in res["full_open_ms"].items():
@@ -1165,6 +1330,8 @@ def report(res: dict[str, Any]) -> str:
             f"samples {t} full open ms: "
             + " ".join(f"{x:.0f}" for x in d["first_byte_ms"]["samples"])
         )
+    if res.get("agents"):
+        lines.append("agents_scale: " + json.dumps(res["agents"], sort_keys=True))
     for name, found in res["log_findings"].items():
         lines += [f"log {name}: {line}" for line in found]
     lines += [f"target error: {e}" for e in res["target_errors"]]
@@ -1182,6 +1349,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--full-opens", type=int, help="full opens (new login) per tool (5; 3)")
     p.add_argument("--slow-seconds", type=float, help="slow-reader duration per tool (6; 3)")
     p.add_argument("--budget", type=float, help="seconds; past 60%% of it, no run after the 3rd")
+    p.add_argument("--pings", type=int, help="round trips per run and tool (1000; 300)")
+    p.add_argument(
+        "--agents", type=int, help="idle agents for bench/agents_scale.py (1000; 0 skips it)"
+    )
+    p.add_argument("--agents-timeout", type=float, default=900.0, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 if gw misses a target against the references measured in this run",
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="a --json result of an earlier run: exit 1 if a gw/reference ratio got "
+        "worse than there by more than --tolerance",
+    )
+    p.add_argument("--tolerance", type=float, default=0.15, help="for --baseline (0.15)")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (logs, audit)")
     args = p.parse_args(argv)
     defaults = {
@@ -1190,6 +1374,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "reconnects": (20, 10),
         "full_opens": (5, 3),
         "slow_seconds": (5.0, 2.0),
+        "pings": (1000, 300),
+        "agents": (1000, 0),
         "budget": (150.0, 40.0),
     }
     for k, (full, quick) in defaults.items():
@@ -1224,7 +1410,15 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             bench.cleanup()
     print(json.dumps(res, indent=1) if args.json else report(res))
-    return 0
+    failed = []
+    if args.check:
+        failed += [f"target missed: {label}" for label in misses(res)]
+    if args.baseline is not None:
+        base = json.loads(args.baseline.read_text())
+        failed += [f"regression: {x}" for x in regressions(res, base, args.tolerance)]
+    for line in failed:
+        print(f"tunnel_bench: {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
