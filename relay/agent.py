@@ -41,7 +41,7 @@ import ipaddress
 import json
 import random
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -378,6 +378,7 @@ class Agent:
         approvals: Approvals | None = None,
         backoff: Backoff | None = None,
         rand: Callable[[], float] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         for name in targets:
             if not m.valid_id(name):
@@ -395,6 +396,8 @@ class Agent:
             backoff or Backoff(),
             rand or random.SystemRandom().random,
         )
+        #: How the reconnect loop waits (a parameter, so its schedule can be tested).
+        self.sleep = sleep
         d = state.state_dir
         self.ssl_context = client_context(d / "ca.pem", d / "agent.pem", d / "agent.key")
         self.log = log
@@ -463,7 +466,7 @@ class Agent:
                 self.reconnect.succeeded()
             wait = self.reconnect.next_wait()
             self.log("reconnecting", seconds=round(wait, 2))
-            await asyncio.sleep(wait)
+            await self.sleep(wait)
 
     async def _control(self, endpoint: Endpoint) -> None:
         link = await open_link(

@@ -12,6 +12,7 @@ import random
 import statistics
 from collections import Counter
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import pytest
 
@@ -150,3 +151,61 @@ def test_schedule_over_a_long_outage_is_bounded() -> None:
     waits = list(itertools.islice(iter(r.next_wait, None), 200))
     assert max(waits) < 60.0
     assert sum(waits[10:]) == pytest.approx(190 * 30.0, rel=0.15)
+
+
+def test_the_reconnect_loop_moves_on_and_waits_as_scheduled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's own loop, with its connections scripted and its waits recorded: it
+    never tries the node that just failed again at once, a stable connection resets the
+    backoff, a refused identity waits the longest."""
+    import ssl
+
+    import relay.agent as relay_agent
+    from relay.agent import Agent, AgentState
+    from relay.errors import RemoteError
+
+    monkeypatch.setattr(relay_agent, "client_context", lambda *_: ssl.create_default_context())
+    state = AgentState("pc1", "127.0.0.1:1", tmp_path, bytes(32))
+    logged: list[tuple[str, dict[str, object]]] = []
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 5:
+            raise asyncio.CancelledError
+
+    agent = Agent(
+        state,
+        {"echo": ("127.0.0.1", 7)},
+        gateways=["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"],
+        log=lambda event, **fields: logged.append((event, fields)),
+        backoff=Backoff(first=1.0, cap=8.0),
+        rand=lambda: 0.5,
+        sleep=sleep,
+    )
+    tried: list[int] = []
+    script = ["fail", "fail", "stable", "refused", "fail"]
+
+    async def control(endpoint: Endpoint) -> None:
+        tried.append(endpoint.port)
+        step = script[len(tried) - 1]
+        if step == "stable":
+            agent.stable = True  # the gateway sent a request: it took this agent
+            raise GatewayError("control connection closed (connection lost)")
+        if step == "refused":
+            raise RemoteError("auth_failed", "agent not enrolled")
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(agent, "_control", control)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(agent._run())
+    assert tried == [2, 3, 2, 3, 2]
+    assert all(a != b for a, b in itertools.pairwise(tried))
+    assert waits == [0.5, 1.0, 0.5, 4.0, 4.0]
+    events = [e for e, _ in logged]
+    assert events.count("connection to the gateway failed") == 4
+    refused = [f for e, f in logged if e == "gateway refused the agent"]
+    assert refused == [
+        {"gateway": "127.0.0.1:3", "code": "auth_failed", "message": "agent not enrolled"}
+    ]
