@@ -144,6 +144,7 @@ class ClusterDirectory(SessionDirectory):
         self.routed_approvals = _Routed()
         self.kills: dict[str, asyncio.Future[bool]] = {}
         self.changed_while_down = False
+        self.closing = False
         self.tasks: set[asyncio.Task[Any]] = set()
         self._runner: asyncio.Task[None] | None = None
         # The agents' answers come here first: those of requests relayed for another
@@ -159,6 +160,7 @@ class ClusterDirectory(SessionDirectory):
 
     async def close(self) -> None:
         """A clean stop: the node says it is gone (its agents with it), then leaves."""
+        self.closing = True
         for agent in list(self.agents.online):
             self.bus.publish(wire.agent_topic(agent), b"", retain=True)
         self.bus.publish(wire.node_topic(self.node), self._state("dead"), retain=True)
@@ -347,7 +349,7 @@ class ClusterDirectory(SessionDirectory):
         if state.node != node:
             raise wire.WireError("node state names another node")
         if node == self.node:
-            if state.state == "dead" and self.bus.up:  # our will from an earlier life
+            if state.state == "dead" and self.bus.up and not self.closing:  # an earlier life's will
                 self.bus.publish(wire.node_topic(self.node), self._state("up"), retain=True)
             return
         self.nodes[node] = state

@@ -41,6 +41,9 @@ class FakeBus:
         self.sent.append((topic, payload, retain))
         return True
 
+    async def flush(self, timeout: float) -> None:
+        pass
+
     def notes(self, topic: str) -> list[dict[str, Any]]:
         return [json.loads(p) for t, p, _ in self.sent if t == topic]
 
@@ -196,6 +199,20 @@ def test_a_dead_node_takes_its_agents_offline_and_their_presence_is_cleared() ->
     # A presence still naming the dead node (retained, read late) does not bring it back.
     node.note("gw/v1/agents/pc1", presence(OTHER))
     assert node.dir.locate("pc1") is None
+
+
+def test_a_node_says_it_is_up_over_an_old_will_but_not_while_it_stops() -> None:
+    async def main() -> None:
+        node = Node()
+        dead = {"node": ME, "state": "dead"}
+        node.note(wire.node_topic(ME), dead)  # its will from before a restart
+        assert json.loads(node.bus.sent[-1][1])["state"] == "up"
+        await node.dir.close()  # says dead itself...
+        node.bus.sent.clear()
+        node.note(wire.node_topic(ME), dead)  # ...and reads it back: no contradiction
+        assert node.bus.sent == []
+
+    run(main())
 
 
 def test_a_presence_of_this_node_for_an_agent_it_does_not_hold_is_cleared() -> None:
