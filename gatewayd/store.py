@@ -13,7 +13,7 @@ Every method is a coroutine. Each query is written once, for both backends: ``?`
 backend adds), ``ON CONFLICT`` and ``RETURNING`` (both speak them), ``"user"`` quoted
 (a reserved word in PostgreSQL). The SQLite backend runs each statement inline on the
 event loop thread, one transaction or read at a time (a lock), and each commit in a
-thread of its own: a statement costs tens of microseconds, a commit's fsync
+thread of its own: a read takes under 0.1 ms, a commit's fsync
 milliseconds, which the event loop (and every tunnel it splices) does not wait for.
 The PostgreSQL backend takes a connection from a pool for each transaction.
 
