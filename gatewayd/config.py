@@ -211,6 +211,12 @@ class ClusterSection:
     reply_timeout: float = 2.0
     """Seconds a node waits for another node to answer over the bus (a dial request,
     a kill) before telling the client or admin that node did not answer."""
+
+    def files(self) -> tuple[Path, ...]:
+        """The files the section names (``gatewayd check-config`` looks for them)."""
+        named = (self.mqtt_ca_file, self.mqtt_cert_file, self.mqtt_key_file)
+        return tuple(p for p in (*named, self.mqtt_password_file) if p is not None)
+
     database: str | None = None
     """The directory on PostgreSQL shared by every node, a libpq URI
     (``postgresql://gatewayd@db.example.org/gatewayd?sslmode=verify-full``); its

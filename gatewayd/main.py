@@ -149,6 +149,7 @@ def check_config(parent: Path | None, config_path: Path | None) -> None:
             cfg.tls.ca_file,
             cfg.tls.ca_key_file,
             cfg.store.secrets_key_file,
+            *(cfg.cluster.files() if cfg.cluster is not None else ()),
         )
         if not p.exists()
     ]

@@ -478,6 +478,21 @@ def test_unreadable_broker_files_are_config_errors_naming_the_key(tmp_path: Path
     assert tls_context(SECTION) is None
 
 
+def test_check_config_names_a_missing_broker_file(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from gatewayd.main import main
+
+    for name in ("a", "b", "c", "d", "k"):
+        (tmp_path / name).write_text("x")
+    config = tmp_path / "gatewayd.toml"
+    table = 'mqtt = "h:1883"\ndata_address = "g:9"\nmqtt_ca_file = "mqtt-ca.pem"'
+    config.write_text(f"{BASE}[cluster]\n{table}\n")
+    result = CliRunner().invoke(main, ["check-config", "--config", str(config)])
+    assert result.exit_code != 0
+    assert f"files not found: {tmp_path / 'mqtt-ca.pem'}" in result.output
+
+
 def test_workers_each_get_a_node_of_their_own() -> None:
     table = 'mqtt = "h:1883"\ndata_listen = "0.0.0.0:9000"\ndata_address = "gw.example.org:9000"'
     text = f"{BASE}[cluster]\n{table}\n"
