@@ -328,7 +328,7 @@ class BufferedCodec(Codec, Protocol):
     keep: the codec never writes to them again.
     """
 
-    def get_buffer(self) -> memoryview: ...  # pragma: no cover
+    def get_buffer(self, sizehint: int) -> memoryview: ...  # pragma: no cover
 
     def filled(
         self, n: int
@@ -470,7 +470,7 @@ class _BufferedEnd(_EndBase, asyncio.BufferedProtocol):
     codec: BufferedCodec
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.codec.get_buffer()
+        return self.codec.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.pipe.done.done() or self.input_closed:
@@ -485,9 +485,41 @@ class _BufferedEnd(_EndBase, asyncio.BufferedProtocol):
         self._forward(out, eof)
 
 
+class Passthrough:
+    """The opaque splice (the gateway's): bytes go on as they came.
+
+    Each read lands in a new buffer that is handed on as it is: one copy less than a
+    read into the transport's own buffer, and nothing is ever written twice.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # TLS asks for what it has decrypted (plus a little); a socket for 64 KiB.
+        size = min(max(sizehint, 4096), PASS_READ_MAX) if sizehint > 0 else 65536
+        self._buf = bytearray(size)
+        return memoryview(self._buf)
+
+    def filled(self, n: int) -> tuple[list[memoryview], bool]:
+        return [memoryview(self._buf)[:n]], False
+
+    def feed(self, data: bytes) -> tuple[list[bytes], bool]:
+        return [data], False
+
+    def end(self) -> bytes | None:
+        return None
+
+
+#: Largest read buffer of the opaque splice.
+PASS_READ_MAX = 256 * 1024
+
+
 def _end(pipe: Pipe, name: str, transport: asyncio.BaseTransport, codec: Codec | None) -> _EndBase:
     end: _EndBase
-    if codec is not None and hasattr(codec, "get_buffer"):
+    if codec is None:
+        codec = Passthrough()
+    if hasattr(codec, "get_buffer"):
         end = _BufferedEnd(pipe, name, transport)
     else:
         end = _End(pipe, name, transport)

@@ -104,7 +104,7 @@ class Sealer:
         self._plain[0] = RECORD_DATA
         self._view = memoryview(self._plain)
 
-    def get_buffer(self) -> memoryview:
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Where the next read of plaintext goes (at most one record's data)."""
         return self._view[1:]
 
@@ -150,7 +150,7 @@ class Opener:
         self._start = 0  # first byte not yet decrypted
         self._end = 0  # end of the bytes received
 
-    def get_buffer(self) -> memoryview:
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
         """The free end of the receive buffer, room for at least one whole frame."""
         if self._start == self._end:
             self._start = self._end = 0

@@ -227,3 +227,38 @@ def test_a_frame_fits_the_opener_buffer_whatever_the_reads() -> None:
     assert bytes(out) == data and ended
     with contextlib.suppress(Exception):
         opener.end()
+
+
+def test_the_opaque_splice_reads_into_fresh_buffers_and_carries_bytes_whole() -> None:
+    """The gateway's splice (no codecs): each read is handed on in a buffer of its own,
+    so a write the transport keeps queued is never overwritten by the next read."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        apps, ends = [], []
+        for _ in range(2):
+            listener = socket.create_server(("127.0.0.1", 0))
+            app = socket.create_connection(listener.getsockname())
+            conn, _ = listener.accept()
+            listener.close()
+            conn.setblocking(False)
+            t, _ = await loop.connect_accepted_socket(PausedProtocol, conn)
+            app.settimeout(10)
+            apps.append(app)
+            ends.append(t)
+        pipe = Pipe(ends[0], ends[1])
+        pipe.start()
+        assert isinstance(pipe.a, asyncio.BufferedProtocol)
+        try:
+            data = os.urandom(6 * MIB + 3)
+            _, got = await asyncio.gather(
+                _in_thread(apps[0].sendall, data), _in_thread(_read_exactly, apps[1], len(data))
+            )
+            assert got == data
+            apps[0].shutdown(socket.SHUT_WR)
+            assert await _in_thread(apps[1].recv, 1) == b""
+        finally:
+            for app in apps:
+                app.close()
+
+    _run(main)
