@@ -393,10 +393,17 @@ class _EndBase:
             return
         self._forward(out, eof)
 
-    def _forward(self, out: Sequence[bytes | bytearray | memoryview], eof: bool) -> None:
+    def _forward(
+        self, out: Sequence[bytes | bytearray | memoryview], eof: bool, more: bool = False
+    ) -> None:
+        """Hand ``out`` over now, or later in this loop turn when ``more`` is coming.
+
+        A read that filled its buffer says that more is waiting in the socket: the
+        writes are batched. A short read (a keystroke) goes out at once.
+        """
         if out:
             self._out += out
-            if len(self._out) >= _BATCH:
+            if not more or len(self._out) >= _BATCH:
                 self.flush()
             elif self._flush_soon is None:
                 self._flush_soon = self.pipe.loop.call_soon(self.flush)
@@ -469,8 +476,12 @@ class _BufferedEnd(_EndBase, asyncio.BufferedProtocol):
 
     codec: BufferedCodec
 
+    _asked = 0
+
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.codec.get_buffer(sizehint)
+        buf = self.codec.get_buffer(sizehint)
+        self._asked = len(buf)
+        return buf
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.pipe.done.done() or self.input_closed:
@@ -482,7 +493,7 @@ class _BufferedEnd(_EndBase, asyncio.BufferedProtocol):
         except GatewayError as exc:  # a record that does not decrypt: end the tunnel
             self.pipe.abort(f"{self.name} sent bad data: {exc}")
             return
-        self._forward(out, eof)
+        self._forward(out, eof, more=nbytes >= self._asked)
 
 
 class Passthrough:

@@ -286,3 +286,30 @@ def test_data_waiting_for_the_batch_goes_out_before_the_end_of_stream() -> None:
         assert order == ["eof after b'banner'"]
 
     run(main)
+
+
+def test_full_reads_are_batched_and_a_short_read_goes_out_at_once() -> None:
+    """A read that filled its buffer (more is waiting) is held for the loop turn; the
+    short read after it flushes both, in order, in one write to the tunnel."""
+
+    async def main() -> None:
+        client_t, agent_t = FakeTransport(half_close=False), FakeTransport(half_close=False)
+        est, _ = await handshake(client_t, agent_t)
+        local = FakeTransport()
+        pipe = Pipe(local, client_t, codec_a=est.sealer, codec_b=est.opener)
+        pipe.start()
+        assert isinstance(pipe.a, asyncio.BufferedProtocol)
+        writes: list[int] = []
+        client_t.writelines = lambda parts: writes.append(len(list(parts)))  # type: ignore[method-assign]
+        buf = pipe.a.get_buffer(-1)
+        buf[:] = b"a" * len(buf)
+        pipe.a.buffer_updated(len(buf))
+        assert writes == []  # more is waiting: held for this loop turn
+        buf = pipe.a.get_buffer(-1)
+        buf[:5] = b"hello"
+        pipe.a.buffer_updated(5)
+        assert writes == [2]  # both records, one write
+        await asyncio.sleep(0)
+        assert writes == [2]
+
+    run(main)
