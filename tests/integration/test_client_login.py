@@ -349,3 +349,26 @@ def test_no_progress_in_scripts(world: World) -> None:
     assert b"waiting for approval" in err  # the code to compare is still said, once
     for progress in (b"\x1b", b"\r", b" s left", b"logging in", b"dialling"):
         assert progress not in err
+
+
+def test_logout_without_the_gateway_still_deletes_the_key(world: World, tmp_path: Path) -> None:
+    """The key is what proves the credential: deleted here, it is over even untold."""
+    from gatewayd.demo import free_port
+
+    user = world.new_user()
+    login(world, tmp_path, user)
+    key, record = files(tmp_path, user)
+    gone = f"127.0.0.1:{free_port()}"  # nobody listens there
+    moved = [
+        p.with_name(p.name.replace(f"_{world.lab.port}_", f"_{gone.split(':')[1]}_"))
+        for p in (key, record)
+    ]
+    for old, new in zip((key, record), moved, strict=True):
+        old.rename(new)
+    args = ["logout", "--gateway", gone, "--ca-file", str(world.lab.ca_file), "--user", user]
+    result = gw(world, tmp_path, *args)
+    assert result.returncode == 3, result.stderr
+    assert "logged out here (the key is deleted), but the gateway was not told" in result.stderr
+    assert not any(p.exists() for p in moved)
+    again = gw(world, tmp_path, *args)
+    assert again.returncode == 0 and "not logged in" in again.stderr
