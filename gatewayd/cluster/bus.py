@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import socket
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 import aiomqtt
 import structlog
@@ -32,8 +35,10 @@ log = structlog.get_logger("gatewayd.cluster")
 #: the bus within five seconds of the broker; a few nodes retrying that often are no load.
 BACKOFF_FIRST, BACKOFF_MAX = 0.25, 5.0
 #: MQTT keepalive (seconds): a silent node is declared dead by the broker after 1.5 times
-#: this (a killed process's socket closes at once, so its will goes out at once).
-KEEPALIVE = 10
+#: this, and a node takes a broker that stopped answering for gone as fast (a killed
+#: process's socket closes at once, so its will goes out at once). A ping each way every
+#: 5 s is no load.
+KEEPALIVE = 5
 #: Seconds between looks at whether the MQTT connection is still there.
 WATCH_EVERY = 0.25
 #: Publications in flight at once; beyond this the bus is congested and says so.
@@ -52,6 +57,22 @@ def tls_context(section: ClusterSection) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError("cluster.mqtt_ca_file", f"cannot load the MQTT TLS files: {exc}") from exc
     return ctx
+
+
+def _closed_by_peer(sock: Any) -> bool:
+    """The broker closed the TCP connection and nothing is left to read (a look at the
+    socket under TLS, without taking anything from it)."""
+    try:
+        fd = os.dup(sock.fileno())
+    except (OSError, ValueError):
+        return True
+    with socket.socket(fileno=fd) as raw:
+        try:
+            return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
 
 
 def password(section: ClusterSection) -> str | None:
@@ -168,11 +189,15 @@ class Bus:
                 log.exception("cluster message failed", topic=str(message.topic)[:200])
 
     async def _watch(self, client: aiomqtt.Client) -> None:
-        """Notice a lost connection that aiomqtt did not report (on uvloop, paho can
-        close its socket from a write callback without telling aiomqtt)."""
+        """Notice a lost connection that aiomqtt did not report: on uvloop, paho can
+        lose its reader when the broker closes the connection while a publication is
+        being registered, and would only find out at the next keepalive."""
         paho = getattr(client, "_client", None)
         # Polled: paho has no event to wait on for this.
-        while paho is not None and paho.is_connected() and paho.socket() is not None:  # noqa: ASYNC110
+        while paho is not None and paho.is_connected():
+            sock = paho.socket()
+            if sock is None or _closed_by_peer(sock):
+                return
             await asyncio.sleep(WATCH_EVERY)
 
     @property

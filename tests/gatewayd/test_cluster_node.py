@@ -493,6 +493,21 @@ def test_check_config_names_a_missing_broker_file(tmp_path: Path) -> None:
     assert f"files not found: {tmp_path / 'mqtt-ca.pem'}" in result.output
 
 
+def test_a_connection_the_broker_closed_is_seen_without_reading_from_it() -> None:
+    import socket
+
+    from gatewayd.cluster.bus import _closed_by_peer
+
+    ours, broker = socket.socketpair()
+    with ours, broker:
+        assert not _closed_by_peer(ours)
+        broker.sendall(b"\x30")  # a message paho has not read yet: not closed
+        assert not _closed_by_peer(ours)
+        assert ours.recv(1) == b"\x30"
+        broker.close()
+        assert _closed_by_peer(ours)
+
+
 def test_workers_each_get_a_node_of_their_own() -> None:
     table = 'mqtt = "h:1883"\ndata_listen = "0.0.0.0:9000"\ndata_address = "gw.example.org:9000"'
     text = f"{BASE}[cluster]\n{table}\n"

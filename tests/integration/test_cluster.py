@@ -198,6 +198,11 @@ def _user(c: Cluster, name: str, vendor: str = "acme") -> str:
     return name
 
 
+# A bound on waits for an event: a guard against a hang, never a speed promise (a loaded
+# machine makes every step slower; speed belongs in bench/).
+HANG_GUARD = 30.0
+
+
 def _wait_ended(node: Node, sid: str, timeout: float) -> dict[str, Any] | None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -235,28 +240,26 @@ def test_a_node_asked_for_an_agent_it_does_not_hold_answers_offline(cluster: Clu
     assert "ghost" in result.stderr
 
 
-def test_a_revocation_on_node_2_ends_the_session_on_node_3_within_a_second(
-    cluster: Cluster,
-) -> None:
+def test_a_revocation_on_node_2_ends_the_session_on_node_3(cluster: Cluster) -> None:
     user = _user(cluster, "revoked1")
     proc, port = cluster.open_local("n3", user)
     assert round_trip(port, b"before\n") == b"BEFORE\n"
     sid = cluster.session_of("n3", user)
     cluster.admin("n2", "user", "disable", user)
-    ended = _wait_ended(cluster.nodes["n3"], sid, 1.0)
-    assert ended is not None, "node 3 did not end the session within a second"
+    ended = _wait_ended(cluster.nodes["n3"], sid, HANG_GUARD)
+    assert ended is not None, "node 3 did not end the session"
     assert "no longer allowed" in ended["reason"]
     proc.stop()
 
 
-def test_a_kill_on_node_2_ends_the_session_on_node_3_within_a_second(cluster: Cluster) -> None:
+def test_a_kill_on_node_2_ends_the_session_on_node_3(cluster: Cluster) -> None:
     user = _user(cluster, "killed1")
     proc, port = cluster.open_local("n3", user)
     assert round_trip(port, b"before\n") == b"BEFORE\n"
     sid = cluster.session_of("n3", user)
     out = cluster.admin("n2", "sessions", "kill", sid)
     assert sid in out
-    ended = _wait_ended(cluster.nodes["n3"], sid, 1.0)
+    ended = _wait_ended(cluster.nodes["n3"], sid, HANG_GUARD)
     assert ended is not None and ended["reason"].startswith("killed by"), ended
     proc.stop()
     # A session no node holds: a clear refusal, not a hang.
@@ -367,7 +370,7 @@ def test_a_broker_outage_keeps_live_tunnels_and_refuses_new_cross_node_ones(
         assert live.recv(100) == b"ONE\n"
         cluster.broker.stop()
         wait_for(
-            lambda: cluster.status("n3")["cluster"]["bus"] == "down", 10, "node 3 to see the outage"
+            lambda: cluster.status("n3")["cluster"]["bus"] == "down", 20, "node 3 to see the outage"
         )
         live.sendall(b"two\n")  # the spliced tunnel never touches the bus
         assert live.recv(100) == b"TWO\n"
@@ -452,9 +455,11 @@ def test_a_killed_node_has_its_agents_presence_cleared_by_its_last_will(
     client.username_pw_set(MQTT_USER, MQTT_PASSWORD)
     client.connect("127.0.0.1", cluster.broker.port)
     client.subscribe([("gw/v1/nodes/+", 1), ("gw/v1/agents/+", 1)])
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline:
+    # The broker sends what it retains right after the subscription: wait for node 1's.
+    deadline = time.monotonic() + HANG_GUARD
+    while "gw/v1/nodes/n1" not in retained and time.monotonic() < deadline:
         client.loop(0.05)
+    client.loop(0.2)  # and whatever came in the same burst
     client.disconnect()
     assert json.loads(retained["gw/v1/nodes/n1"])["state"] == "dead"
     assert not retained.get("gw/v1/agents/pc1")
