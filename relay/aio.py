@@ -508,7 +508,7 @@ class Passthrough:
 
     def get_buffer(self, sizehint: int) -> memoryview:
         # TLS asks for what it has decrypted (plus a little); a socket for 64 KiB.
-        size = min(max(sizehint, 4096), PASS_READ_MAX) if sizehint > 0 else 65536
+        size = min(max(sizehint, 4096), PASS_READ_MAX) if sizehint > 0 else PASS_READ_MAX
         self._buf = bytearray(size)
         return memoryview(self._buf)
 
@@ -522,8 +522,9 @@ class Passthrough:
         return None
 
 
-#: Largest read buffer of the opaque splice.
-PASS_READ_MAX = 256 * 1024
+#: Largest read buffer of the opaque splice: below glibc's mmap threshold (128 KiB,
+#: fixed in gatewayd), so that a buffer is never a fresh mapping to fault in and unmap.
+PASS_READ_MAX = 64 * 1024
 
 
 def _end(pipe: Pipe, name: str, transport: asyncio.BaseTransport, codec: Codec | None) -> _EndBase:
