@@ -279,6 +279,9 @@ def connect(
         # Standard input and output carry the tunnel (ssh's ProxyCommand): whatever
         # must be asked is asked on the controlling terminal.
         prompt_on_terminal()
+        for stream, name in ((sys.stdin, "input"), (sys.stdout, "output")):
+            if stream is None:  # closed when gw started: its descriptor will be a socket's
+                fail(f"standard {name} is closed", EXIT_LOCAL)
     listen = _local_address(local) if local else None
     resolved, gateway, ca_path, user = client_target(gateway, ca_file, user)
     password = None

@@ -34,7 +34,7 @@ from .errors import (
     RemoteError,
     TunnelCut,
 )
-from .stdio import open_stdio  # pipes on POSIX, threads on Windows
+from .stdio import finish_output, open_stdio  # pipes, or threads for files and ttys
 from .text import printable
 
 #: Most characters of a gateway's error message shown to the person.
@@ -408,6 +408,7 @@ class ClientSession:
             raise TunnelCut(f"{exc}; the output is incomplete") from None
         finally:
             undo()
+            await finish_output(stdout_t)
 
     async def wait_closed(self) -> str:
         """Wait for the session's control connection to end; returns the gateway's reason."""

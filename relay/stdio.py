@@ -1,10 +1,14 @@
 """Standard input and output as asyncio transports, for ``gw connect --stdio``.
 
-On POSIX the loop watches the two pipes (``connect_read_pipe``/``connect_write_pipe``).
-Windows' proactor loop can only watch handles opened for overlapped I/O, and the
-pipes, files and consoles a program is given as its standard streams are not: there
-each stream gets a thread that blocks in ``os.read``/``os.write`` and hands the bytes
-to the loop. Both behave as the pipe transports do for :class:`relay.aio.Pipe`:
+On POSIX the loop watches a stream that is a pipe (``connect_read_pipe``/
+``connect_write_pipe``). Any other kind is not watched: a regular file is always
+"ready" (libuv aborts the process when given one as a pipe), a terminal or
+``/dev/null`` is a character device, and a socket given as both streams (inetd
+style) would be closed for writing by the pipe transport when its peer ends its
+input. Such a stream, and on Windows
+every stream (the proactor loop can only watch handles opened for overlapped I/O),
+gets a thread that blocks in ``os.read``/``os.write`` and hands the bytes to the
+loop. Both behave as the pipe transports do for :class:`relay.aio.Pipe`:
 flow control both ways, an end of input reported once as ``eof_received``, and
 closing standard output tells the program reading it that the stream ended.
 """
@@ -14,7 +18,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import os
+import socket
+import stat
 import sys
 import threading
 from typing import Any
@@ -28,14 +35,57 @@ async def open_stdio(
 ) -> tuple[asyncio.ReadTransport, asyncio.WriteTransport]:
     """Standard input read into ``protocol``; standard output to write to."""
     loop = asyncio.get_running_loop()
-    if sys.platform != "win32":
-        reader, _ = await loop.connect_read_pipe(lambda: protocol, sys.stdin)
-        writer, _ = await loop.connect_write_pipe(asyncio.Protocol, sys.stdout)
-        return reader, writer
-    sys.stdout.flush()
-    return ThreadReadTransport(loop, protocol, sys.stdin.fileno()), ThreadWriteTransport(
-        loop, asyncio.Protocol(), sys.stdout.fileno()
-    )
+    stdin, stdout = _stream(sys.stdin, "input"), _stream(sys.stdout, "output")
+    stdout.flush()
+    reader: asyncio.ReadTransport
+    writer: asyncio.WriteTransport
+    if _watchable(stdin):
+        reader, _ = await loop.connect_read_pipe(lambda: protocol, stdin)
+    else:
+        reader = ThreadReadTransport(loop, protocol, stdin.fileno())
+    if _watchable(stdout):
+        writer, _ = await loop.connect_write_pipe(asyncio.Protocol, stdout)
+    else:
+        writer = ThreadWriteTransport(loop, asyncio.Protocol(), stdout.fileno())
+    return reader, writer
+
+
+def _stream(stream: Any, name: str) -> Any:
+    """``sys.stdin``/``sys.stdout``, or OSError saying in one line that it is closed."""
+    try:
+        os.fstat(stream.fileno())
+    except (AttributeError, ValueError, OSError):
+        raise OSError(errno.EBADF, f"standard {name} is closed") from None
+    return stream
+
+
+def _watchable(stream: Any) -> bool:
+    """Whether the loop watches ``stream``: a pipe, on POSIX."""
+    return sys.platform != "win32" and stat.S_ISFIFO(os.fstat(stream.fileno()).st_mode)
+
+
+def _end_output(fd: int) -> None:
+    """Close ``fd`` so that its reader sees the end of the stream.
+
+    A socket may live on in another descriptor (standard input too): it is shut down
+    for writing first, or the peer would never see the end.
+    """
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                sock.shutdown(socket.SHUT_WR)
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+async def finish_output(transport: asyncio.WriteTransport) -> None:
+    """Standard output written out and closed, before the program may exit.
+
+    The loop's own pipe transports need nothing: their writes were made at once or
+    are made while the loop runs. A thread's writes would die with the program.
+    """
+    if isinstance(transport, ThreadWriteTransport):
+        await transport.finish()
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> None:
@@ -131,6 +181,7 @@ class ThreadWriteTransport(asyncio.WriteTransport):
         self._paused = False
         self._closing = False
         self._lost = False
+        self._ended: asyncio.Future[None] = loop.create_future()
         loop.call_soon(protocol.connection_made, self)
         threading.Thread(target=self._write, name=f"write fd {fd}", daemon=True).start()
 
@@ -151,8 +202,7 @@ class ThreadWriteTransport(asyncio.WriteTransport):
                 except OSError as exc:
                     error = exc
             _call_soon(self._loop, self._written, len(data))
-        with contextlib.suppress(OSError):
-            os.close(self._fd)  # the reader of this stream sees its end
+        _end_output(self._fd)  # the reader of this stream sees its end
         _call_soon(self._loop, self._gone, error)
 
     def _written(self, size: int) -> None:
@@ -162,6 +212,8 @@ class ThreadWriteTransport(asyncio.WriteTransport):
             self._protocol.resume_writing()
 
     def _gone(self, error: OSError | None) -> None:
+        if not self._ended.done():
+            self._ended.set_result(None)
         if not self._lost:
             self._lost = True
             self._protocol.connection_lost(error)
@@ -205,6 +257,11 @@ class ThreadWriteTransport(asyncio.WriteTransport):
         if not self._closing:
             self._closing = True
             self._put(None)
+
+    async def finish(self) -> None:
+        """Close, and wait until the thread has written what was buffered and closed."""
+        self.close()
+        await asyncio.shield(self._ended)
 
     def abort(self) -> None:
         """Drop what is buffered and close at once."""

@@ -13,6 +13,7 @@ import os
 import pty
 import select
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -372,3 +373,89 @@ def test_logout_without_the_gateway_still_deletes_the_key(world: World, tmp_path
     assert not any(p.exists() for p in moved)
     again = gw(world, tmp_path, *args)
     assert again.returncode == 0 and "not logged in" in again.stderr
+
+
+# -- gw connect --stdio with standard streams of every kind -------------------------------
+
+
+def _connect_with(world: World, home: Path, user: str, stdin: Any, stdout: Any) -> int:
+    args = ["connect", "pc1", *target(world, user), "--target", "echo", "--stdio", "--reason", "r"]
+    full = world.lab.env() | {"XDG_CONFIG_HOME": str(home)}
+    for name in ("GW_PASSWORD", "GW_GATEWAY", "GW_CA_FILE", "GW_USER", "GW_MODE"):
+        full.pop(name, None)
+    done = subprocess.run(
+        [str(BIN / "gw"), *args],
+        stdin=stdin,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        env=full,
+        timeout=HANG_GUARD,
+        check=False,
+    )
+    assert done.returncode >= 0, f"killed by signal {-done.returncode}: {done.stderr!r}"
+    assert done.returncode == 0, done.stderr
+    return done.returncode
+
+
+def test_stdio_to_and_from_regular_files(world: World, tmp_path: Path) -> None:
+    """``gw connect --stdio < IN > OUT``: files are not pipes, and must not kill gw."""
+    user = world.new_user()
+    login(world, tmp_path, user)
+    data = bytes(range(97, 123)) * 8000  # 208,000 bytes: several reads and writes
+    source, out = tmp_path / "in.bin", tmp_path / "out.bin"
+    source.write_bytes(data)
+    with source.open("rb") as stdin, out.open("wb") as stdout:
+        _connect_with(world, tmp_path, user, stdin, stdout)
+    assert out.read_bytes() == data.upper()
+    # /dev/null in, a file out: an empty stream each way.
+    with open(os.devnull, "rb") as stdin, out.open("wb") as stdout:
+        _connect_with(world, tmp_path, user, stdin, stdout)
+    assert out.read_bytes() == b""
+    # A file in, /dev/null out.
+    with source.open("rb") as stdin, open(os.devnull, "wb") as stdout:
+        _connect_with(world, tmp_path, user, stdin, stdout)
+    # No standard input at all: one clear line, no crash.
+    args = ["connect", "pc1", *target(world, user), "--target", "echo", "--stdio", "--reason", "r"]
+    closed = subprocess.run(
+        [str(BIN / "gw"), *args],
+        capture_output=True,
+        env=world.lab.env() | {"XDG_CONFIG_HOME": str(tmp_path)},
+        preexec_fn=lambda: os.close(0),
+        timeout=HANG_GUARD,
+        check=False,
+    )
+    assert closed.returncode == 4, closed.stderr
+    assert closed.stderr.decode().splitlines()[-1] == "gw: standard input is closed"
+
+
+def test_stdio_on_a_socket_and_a_terminal(world: World, tmp_path: Path) -> None:
+    """A socket pair (inetd style) and a pseudo-terminal as standard input and output."""
+    user = world.new_user()
+    login(world, tmp_path, user)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.sendall(b"over a socket")
+        ours.shutdown(socket.SHUT_WR)
+        _connect_with(world, tmp_path, user, theirs, theirs)
+        theirs.close()
+        got = b""
+        while chunk := ours.recv(65536):
+            got += chunk
+    assert got == b"OVER A SOCKET"
+    master, slave = pty.openpty()
+    try:
+        os.write(master, b"typed\n\x04")  # a line, then end of input (^D)
+        _connect_with(world, tmp_path, user, slave, slave)
+        seen = b""
+        while select.select([master], [], [], 0)[0]:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert b"TYPED" in seen
+    finally:
+        os.close(master)
+        os.close(slave)
