@@ -1376,7 +1376,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "slow_seconds": (5.0, 2.0),
         "pings": (1000, 300),
         "agents": (1000, 0),
-        "budget": (150.0, 40.0),
+        "budget": (900.0, 60.0),
     }
     for k, (full, quick) in defaults.items():
         if getattr(args, k) is None:
