@@ -190,10 +190,11 @@ def user_list(socket: Path, as_json: bool) -> None:
 @click.argument("user")
 @click.pass_obj
 def user_logout(socket: Path, user: str) -> None:
-    """End every gw login credential of USER (audited); open sessions go on (sessions kill)."""
+    """End every gw login credential of USER and the sessions opened with them (audited)."""
     result = admin_request(socket, "user.logout", user=user)
     ended = result.get("ended") or []
-    click.echo(f"user {user}: {len(ended)} login credential(s) ended")
+    sessions = result.get("sessions_ended") or 0
+    click.echo(f"user {user}: {len(ended)} login credential(s) ended, {sessions} session(s) ended")
 
 
 @admin_user.command("unlock")

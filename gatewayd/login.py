@@ -445,12 +445,14 @@ class Login:
 async def user_logout(s: Admin, args: dict[str, Any], by: str) -> Any:
     """``gw admin user logout USER``: end every ``gw login`` credential of the user.
 
-    Sessions already open with one go on (``gw admin sessions kill`` ends those); no
-    new login, session or agent list is had with the credentials from now on.
+    Sessions open with one end too, on every node (the ``admin.change`` makes each node
+    re-check its live sessions); no new login, session or agent list is had with the
+    credentials from now on.
     """
     user = arg_id(args, "user")
     if await s.store.get_user(user) is None:
         raise AdminError(f"no user {user!r}")
     ended = await s.store.end_logins(user, s.now(), f"ended by administrator {by}")
     await s.changed(by, "user.logout", user=user, credentials=ended)
-    return {"user": user, "ended": ended}
+    sessions = await s.broker.revalidate(f"user.logout by {by}") if ended else 0
+    return {"user": user, "ended": ended, "sessions_ended": sessions}

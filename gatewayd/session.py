@@ -618,13 +618,20 @@ class Sessions:
             )
 
     async def revalidate(self, why: str) -> int:
-        """After a directory change: end every live session the policy no longer allows."""
+        """After a directory change: end every live session the policy no longer allows,
+        and every one opened with a ``gw login`` credential that has ended since."""
         ended = 0
         for session in self.directory.live():
             decision = await self.access.decide(session.user, session.agent, session.mode)
             if not decision.allowed:
                 session.end(f"no longer allowed: {decision.reason} ({why})")
                 ended += 1
+            elif session.login is not None:
+                login = await self.store.get_login(session.login)
+                if login is None or login.ended is not None:
+                    gone = login.ended_reason if login is not None else "gone"
+                    session.end(f"login ended: {gone} ({why})")
+                    ended += 1
         return ended
 
     async def hold(self, session: Session) -> None:

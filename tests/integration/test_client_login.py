@@ -250,6 +250,38 @@ def test_admin_ends_a_users_logins(world: World, tmp_path: Path) -> None:
     assert attempts(world, user)[-2]["reason"].startswith("login ended (ended by administrator")
 
 
+def test_admin_logout_ends_the_sessions_opened_with_the_login(world: World, tmp_path: Path) -> None:
+    """A session opened with a gw login ends when the administrator logs the user out."""
+    user = world.new_user()
+    login(world, tmp_path, user)
+    args = ["connect", "pc1", *target(world, user), "--target", "echo", "--stdio", "--reason", "r"]
+    env = world.lab.env() | {"XDG_CONFIG_HOME": str(tmp_path)}
+    for name in ("GW_PASSWORD", "GW_GATEWAY", "GW_CA_FILE", "GW_USER", "GW_MODE"):
+        env.pop(name, None)
+    with subprocess.Popen(
+        [str(BIN / "gw"), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    ) as live:
+        try:
+            assert live.stdin is not None and live.stdout is not None
+            live.stdin.write(b"still here\n")
+            live.stdin.flush()
+            assert live.stdout.readline() == b"STILL HERE\n"  # the session is open
+            out = world.lab.admin("user", "logout", user)
+            assert "1 login credential(s) ended, 1 session(s) ended" in out
+            assert live.wait(HANG_GUARD) != 0
+        finally:
+            if live.poll() is None:
+                live.kill()
+    (end,) = [r for r in world.lab.events("session.end") if r["user"] == user]
+    assert end["reason"].startswith("login ended: ended by administrator"), end
+    after = connect(world, tmp_path, user)
+    assert after.returncode == 4 and "your gw login has ended" in after.stderr
+
+
 def test_credential_under_another_users_name(world: World, tmp_path: Path) -> None:
     alice, bob = world.new_user(), world.new_user()
     login(world, tmp_path, alice)
