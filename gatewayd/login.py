@@ -141,6 +141,7 @@ class Login:
             max_seconds=lo.max_seconds,
             decay_seconds=lo.decay_seconds,
             hard_limit=lo.hard_limit,
+            slot_lease=AUTH_STEP_TIMEOUT,
         )
 
     async def authenticate(

@@ -88,7 +88,7 @@ CREATE TABLE IF NOT EXISTS users (
     created REAL NOT NULL, disabled INTEGER NOT NULL DEFAULT 0,
     failures INTEGER NOT NULL DEFAULT 0, locked_until REAL NOT NULL DEFAULT 0,
     last_failure REAL NOT NULL DEFAULT 0, pending INTEGER NOT NULL DEFAULT 0,
-    admin_locked INTEGER NOT NULL DEFAULT 0);
+    admin_locked INTEGER NOT NULL DEFAULT 0, pending_since REAL NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS credentials (
     "user" TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE, method TEXT NOT NULL,
     sealed BLOB NOT NULL, updated REAL NOT NULL, version INTEGER NOT NULL DEFAULT 1,
@@ -131,6 +131,7 @@ _ADDED_COLUMNS = (
     ("users", "admin_locked", "INTEGER NOT NULL DEFAULT 0"),
     ("credentials", "version", "INTEGER NOT NULL DEFAULT 1"),
     ("agents", "pq_key", "TEXT"),
+    ("users", "pending_since", "REAL NOT NULL DEFAULT 0"),
 )
 
 
@@ -207,6 +208,9 @@ class Lockout:
     max_seconds: float = 3600.0
     decay_seconds: float = 86400.0
     hard_limit: int = 100
+    slot_lease: float = 120.0
+    """Seconds after which the slots of checks in flight count as abandoned (a node
+    that died during a check never gave its slot back): longer than any check runs."""
 
     def lock_seconds(self, failures: int) -> float:
         """Lock length after ``failures`` consecutive failures (0: no lock)."""
@@ -733,6 +737,9 @@ class Store:
         "GREATEST(0, failures - CAST(FLOOR(GREATEST(0, :now - last_failure) / :decay) AS INTEGER))"
     )
 
+    #: Checks in flight, without the slots of an expired lease (abandoned by a dead node).
+    _LIVE = "(CASE WHEN pending_since < :now - :lease THEN 0 ELSE pending END)"
+
     async def begin_attempt(self, user: str, now: float, policy: Lockout) -> Attempt:
         """Take a slot to check one factor of ``user``, or say why not.
 
@@ -740,13 +747,23 @@ class Store:
         flight than failures are left before the lock (at least one once the lock has
         run out), so N parallel connections get no more guesses than one connection.
         Every :attr:`Attempt.GO` must be followed by one :meth:`end_attempt`.
+
+        Slots are leased: when the last one was taken more than ``policy.slot_lease``
+        seconds ago, every slot still counted belongs to a check that cannot be running
+        any more (a node that crashed mid-check), and this same update frees them all.
         """
-        args = {"u": user, "now": now, "decay": policy.decay_seconds, "t": policy.threshold}
+        args = {
+            "u": user,
+            "now": now,
+            "decay": policy.decay_seconds,
+            "t": policy.threshold,
+            "lease": policy.slot_lease,
+        }
         async with self.backend.tx() as db:
             taken = await db.execute(
-                "UPDATE users SET pending = pending + 1 WHERE id = :u AND admin_locked = 0 "  # noqa: S608 - a fixed expression
-                "AND locked_until <= :now "
-                f"AND pending < GREATEST(1, :t - {self._DECAYED}) RETURNING pending",
+                f"UPDATE users SET pending = {self._LIVE} + 1, pending_since = :now "  # noqa: S608 - fixed expressions
+                "WHERE id = :u AND admin_locked = 0 AND locked_until <= :now "
+                f"AND {self._LIVE} < GREATEST(1, :t - {self._DECAYED}) RETURNING pending",
                 args,
             )
             if taken.one() is not None:
@@ -830,7 +847,8 @@ class Store:
         """Clear the user's failures and locks (``gw admin user unlock``); the user before.
 
         Slots of checks in flight are freed too: on PostgreSQL a node that died during a
-        check (or lost the database in the middle of one) never gave its slot back.
+        check (or lost the database in the middle of one) never gave its slot back (the
+        next attempt frees it anyway once its lease is over, :attr:`Lockout.slot_lease`).
         """
         before = await self.get_user(user)
         if before is None:

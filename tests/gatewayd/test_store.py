@@ -269,6 +269,38 @@ async def test_slots_left_by_a_stopped_daemon_are_freed(db_path: Path) -> None:
         await second.close()
 
 
+async def test_slots_of_a_crashed_node_are_freed_after_their_lease(
+    request: pytest.FixtureRequest, directory: Store
+) -> None:
+    """A node that dies mid-check never gives its slots back (on PostgreSQL no start-up
+    frees them, another node goes on): the next attempt after the lease frees them."""
+    crashed = directory
+    if "postgresql" in request.node.callspec.id:
+        # The crashed node's store is dropped without end_attempt; another node goes on.
+        survivor = await Store.open(request.getfixturevalue("postgres_dsn"), KEY)
+    else:
+        survivor = crashed
+    try:
+        for _ in range(5):
+            assert await crashed.begin_attempt("vera@acme", NOW, POLICY) is Attempt.GO
+        if survivor is not crashed:
+            await crashed.close()
+        lease = POLICY.slot_lease
+        # Within the lease the slots may still be checks in flight: none is given.
+        assert await survivor.begin_attempt("vera@acme", NOW + lease - 1, POLICY) is Attempt.BUSY
+        # Past it they are abandoned: the same update frees them and takes one.
+        later = NOW + lease + 1
+        assert await survivor.begin_attempt("vera@acme", later, POLICY) is Attempt.GO
+        assert await scalar(survivor, "SELECT pending FROM users WHERE id = ?", "vera@acme") == 1
+        # The lease runs from the last slot taken: the fresh one is counted again.
+        for _ in range(4):
+            assert await survivor.begin_attempt("vera@acme", later, POLICY) is Attempt.GO
+        assert await survivor.begin_attempt("vera@acme", later, POLICY) is Attempt.BUSY
+    finally:
+        if survivor is not crashed:
+            await survivor.close()
+
+
 # -- factor state: versions and forward-only counters -----------------------------------------
 
 
