@@ -252,6 +252,25 @@ def test_a_revocation_on_node_2_ends_the_session_on_node_3(cluster: Cluster) -> 
     proc.stop()
 
 
+def test_an_admin_logout_on_node_2_ends_the_login_session_on_node_3(cluster: Cluster) -> None:
+    user = _user(cluster, "loggedout1")
+    lab, n3 = cluster.lab, cluster.nodes["n3"]
+    where = ["--gateway", n3.gateway, "--ca-file", str(lab.ca_file), "--user", user]
+    code = lab.totp(user)
+    lab.run("gw", "login", *where, "--password-stdin", "--totp", code, input=PASSWORD + "\n")
+    port = free_port()
+    args = ["connect", "pc1", *where, "--target", "echo", "-L", f"127.0.0.1:{port}"]
+    proc = lab.start(f"connect-{user}", "gw", *args, "--reason", "r")
+    wait_for(lambda: "listening on" in proc.output(), HANG_GUARD, "gw connect -L to listen")
+    assert round_trip(port, b"before\n") == b"BEFORE\n"
+    sid = cluster.session_of("n3", user)
+    cluster.admin("n2", "user", "logout", user)
+    ended = _wait_ended(n3, sid, HANG_GUARD)
+    assert ended is not None, "node 3 did not end the session"
+    assert ended["reason"].startswith("login ended: ended by administrator"), ended
+    proc.stop()
+
+
 def test_a_kill_on_node_2_ends_the_session_on_node_3(cluster: Cluster) -> None:
     user = _user(cluster, "killed1")
     proc, port = cluster.open_local("n3", user)
