@@ -45,7 +45,13 @@ class GatewaySection:
     node_id: str = "gw1"
     """Name of this node in audit records and in a cluster."""
     handshake_timeout: float = 10.0
-    """Seconds a new connection has to finish its TLS and protocol handshake."""
+    """Seconds a new connection has to finish its TLS and protocol handshake (a wait for
+    a handshake slot counts)."""
+    max_handshakes: int = 64
+    """TLS handshakes in progress at once; further connections wait (unread) for a slot."""
+    max_handshakes_per_source: int = 8
+    """Of those, at most this many from one source (IPv4 address, IPv6 /64); its further
+    connections wait in their own queue, so stalled peers of one source cannot hold them all."""
     reuse_port: bool = False
     """Bind with SO_REUSEPORT, so that several gatewayd workers share the port. Only for
     workers that each have their own ``[store]`` and ``[audit]`` (one process holds each);
@@ -495,8 +501,15 @@ def _parse(root: _Table, path: Path) -> Config:
         listen=g.listen("listen"),
         node_id=g.get("node_id", str, "gw1"),
         handshake_timeout=g.number("handshake_timeout", 10.0, low=1, high=300),
+        max_handshakes=g.integer("max_handshakes", 64, low=1, high=100_000),
+        max_handshakes_per_source=g.integer("max_handshakes_per_source", 8, low=1, high=100_000),
         reuse_port=g.get("reuse_port", bool, False),
     )
+    if gateway.max_handshakes_per_source > gateway.max_handshakes:
+        g.problem(
+            g.key("max_handshakes_per_source"),
+            f"must not exceed max_handshakes ({gateway.max_handshakes})",
+        )
     g.done()
 
     t = root.table("tls")

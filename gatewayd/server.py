@@ -32,10 +32,12 @@ from . import config as config_mod
 from . import malloc, systemd
 from . import metrics as metrics_mod
 from .admin import AdminServer
+from .admission import Admission
 from .audit import AuditLog, open_audit_log
 from .broker import Broker
 from .config import Config, ConfigHolder
 from .event import GatewayReloaded, GatewayStarted, GatewayStopped
+from .login import source_key
 from .logs import log_failed_logins
 from .store import Store, load_secrets_key
 
@@ -145,12 +147,16 @@ class Gateway:
         admin = AdminServer(store, audit, broker)
         host, port = cfg.gateway.listen
         sock = bind(host, port, cfg.gateway.reuse_port)
-        acceptor = loop.create_task(accept_loop(self, sock, broker, audit))
+        # One admission for both ports: the caps bound this process's handshakes.
+        admission = Admission(cfg.gateway.max_handshakes, cfg.gateway.max_handshakes_per_source)
+        acceptor = loop.create_task(accept_loop(self, sock, broker, audit, admission))
         # A node's own port for the data connections agents dial for its clients.
         data_listen = cfg.cluster.data_listen if cfg.cluster is not None else None
         data_sock = bind(*data_listen, reuse_port=False) if data_listen is not None else None
         data_acceptor = (
-            loop.create_task(accept_loop(self, data_sock, broker, audit)) if data_sock else None
+            loop.create_task(accept_loop(self, data_sock, broker, audit, admission))
+            if data_sock
+            else None
         )
         summaries = loop.create_task(_summaries(broker))
         trimmer = loop.create_task(malloc.trim_every())  # freed heap pages go back
@@ -279,10 +285,20 @@ async def _summaries(broker: Broker) -> None:
 
 
 async def accept_loop(
-    gateway: Gateway, sock: socket.socket, broker: Broker, audit: AuditLog
+    gateway: Gateway,
+    sock: socket.socket,
+    broker: Broker,
+    audit: AuditLog,
+    admission: Admission | None = None,
 ) -> None:
-    """Accept TCP connections; each is upgraded to TLS and served in its own task."""
+    """Accept TCP connections; each is upgraded to TLS and served in its own task.
+
+    The handshakes are admitted by ``admission`` (:mod:`gatewayd.admission`): a global cap
+    and a per-source cap; a connection waiting for its slot is not read from."""
     loop = asyncio.get_running_loop()
+    if admission is None:
+        section = gateway.config.gateway
+        admission = Admission(section.max_handshakes, section.max_handshakes_per_source)
     while True:
         try:
             conn, peer = await loop.sock_accept(sock)
@@ -290,17 +306,36 @@ async def accept_loop(
             log.warning("accept failed", error=str(exc))
             await asyncio.sleep(0.1)
             continue
-        broker.spawn(_upgrade(gateway, conn, peer, broker, audit))
+        broker.spawn(_upgrade(gateway, conn, peer, broker, audit, admission))
 
 
 async def _upgrade(
-    gateway: Gateway, conn: socket.socket, peer: Any, broker: Broker, audit: AuditLog
+    gateway: Gateway,
+    conn: socket.socket,
+    peer: Any,
+    broker: Broker,
+    audit: AuditLog,
+    admission: Admission,
 ) -> None:
-    """TLS handshake (audited when it fails), then hand the link to the broker."""
+    """Wait for a handshake slot, TLS handshake (a failure is counted in the rejection
+    summaries), then hand the link to the broker. The wait counts towards the timeout."""
     source = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+    key = source_key(source)
     timeout = gateway.config.gateway.handshake_timeout
     assert gateway.ssl_context is not None
     loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        async with asyncio.timeout(timeout):
+            await admission.enter(key)
+    except TimeoutError:
+        conn.close()
+        reason = f"no TLS handshake slot within {timeout:g} seconds (too many at once)"
+        broker.rejections.reject(source, "tls", reason, broker.now())
+        return
+    left = max(deadline - loop.time(), 0.001)
+    # The link's own deadline (first message) starts now; a spare data connection's later
+    # handshake gets the whole timeout again, so the link keeps the configured one.
     link = FramedLink(Side.ACCEPTOR, handshake_timeout=timeout)
     try:
         # uvloop returns its SSL protocol here, not ours: keep our own reference.
@@ -308,13 +343,15 @@ async def _upgrade(
             lambda: link,
             conn,
             ssl=gateway.ssl_context,
-            ssl_handshake_timeout=timeout,
+            ssl_handshake_timeout=left,
         )
     except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
         conn.close()
         reason = str(exc)[:200] or type(exc).__name__
         broker.rejections.reject(source, "tls", reason, broker.now())
         return
+    finally:
+        admission.leave(key)
     await broker.handle(link)
 
 
