@@ -333,6 +333,9 @@ async def _upgrade(
         reason = f"no TLS handshake slot within {timeout:g} seconds (too many at once)"
         broker.rejections.reject(source, "tls", reason, broker.now())
         return
+    except asyncio.CancelledError:  # the gateway stops: the waiting socket goes too
+        conn.close()
+        raise
     left = max(deadline - loop.time(), 0.001)
     # The link's own deadline (first message) starts now; a spare data connection's later
     # handshake gets the whole timeout again, so the link keeps the configured one.
