@@ -11,31 +11,13 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from gateway_config import MINIMAL
 
 import gatewayd.audit as audit_mod
 from cli.audit import audit
 from gatewayd.audit import AuditLog, load_or_create_key, public_key_text
 
-CONFIG = """
-[gateway]
-listen = "127.0.0.1:8443"
-
-[tls]
-cert_file = "tls/server.pem"
-key_file = "tls/server.key"
-ca_file = "tls/ca.pem"
-ca_key_file = "tls/ca.key"
-
-[store]
-path = "state/directory.db"
-secrets_key_file = "state/secrets.key"
-
-[audit]
-path = "log/audit.jsonl"
-
-[admin]
-socket = "admin.sock"
-"""
+CONFIG = MINIMAL
 
 #: (time, event, fields): a small day at the gateway.
 TRAIL: list[tuple[str, str, dict[str, Any]]] = [

@@ -7,27 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from gateway_config import MINIMAL
 
 from gatewayd.broker import RateLimiter, source_key
 from gatewayd.config import parse
 from relay.errors import ConfigError
-
-MINIMAL = """
-[gateway]
-listen = "127.0.0.1:8443"
-[tls]
-cert_file = "tls/server.pem"
-key_file = "tls/server.key"
-ca_file = "tls/ca.pem"
-ca_key_file = "tls/ca.key"
-[store]
-path = "state/directory.db"
-secrets_key_file = "state/secrets.key"
-[audit]
-path = "log/audit.jsonl"
-[admin]
-socket = "admin.sock"
-"""
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gateway_config
 import pytest
 
 from gatewayd import config
@@ -12,26 +13,10 @@ from relay.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 
-MINIMAL = """
-[gateway]
-listen = "127.0.0.1:8443"
-
-[tls]
-cert_file = "tls/server.pem"
-key_file = "tls/server.key"
-ca_file = "/etc/gatewayd/ca.pem"
-ca_key_file = "tls/ca.key"
-
-[store]
-path = "state/directory.db"
-secrets_key_file = "state/secrets.key"
-
-[audit]
-path = "log/audit.jsonl"
-
-[admin]
-socket = "/run/gatewayd/admin.sock"
-"""
+#: Two of its paths absolute, to show those stay as they are.
+MINIMAL = gateway_config.MINIMAL.replace(
+    'ca_file = "tls/ca.pem"', 'ca_file = "/etc/gatewayd/ca.pem"'
+).replace('socket = "admin.sock"', 'socket = "/run/gatewayd/admin.sock"')
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from gateway_config import ACCESS_MODE, MINIMAL
 
 from gatewayd.audit import AuditLog
 from gatewayd.clock import ManualClock
@@ -21,24 +22,7 @@ from gatewayd.store import LoginCredential, Store
 from relay import credential as cred
 from relay import message as m
 
-CONFIG = """
-[gateway]
-listen = "127.0.0.1:8443"
-[tls]
-cert_file = "tls/server.pem"
-key_file = "tls/server.key"
-ca_file = "tls/ca.pem"
-ca_key_file = "tls/ca.key"
-[store]
-path = "state/directory.db"
-secrets_key_file = "state/secrets.key"
-[audit]
-path = "log/audit.jsonl"
-[admin]
-socket = "admin.sock"
-[modes.access]
-factors = ["password", "totp"]
-"""
+CONFIG = MINIMAL + ACCESS_MODE
 BINDING = b"\x42" * 32
 
 

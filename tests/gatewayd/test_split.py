@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from gateway_config import ACCESS_MODE, MINIMAL
 
 from auth.password import hash_password
 from auth.totp import code_at
@@ -29,27 +30,7 @@ from gatewayd.tunnel import DialError, DialPairing, Tunnels
 from relay import message as m
 from relay.aio import ConnectionClosed
 
-CONFIG = """
-[gateway]
-listen = "127.0.0.1:8443"
-[tls]
-cert_file = "tls/server.pem"
-key_file = "tls/server.key"
-ca_file = "tls/ca.pem"
-ca_key_file = "tls/ca.key"
-[store]
-path = "state/directory.db"
-secrets_key_file = "state/secrets.key"
-[audit]
-path = "log/audit.jsonl"
-[admin]
-socket = "admin.sock"
-[lockout]
-threshold = 3
-base_seconds = 60
-[modes.access]
-factors = ["password", "totp"]
-"""
+CONFIG = MINIMAL + "[lockout]\nthreshold = 3\nbase_seconds = 60\n" + ACCESS_MODE
 PASSWORD = "correct horse battery"
 SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
 KEY = bytes(range(32))
