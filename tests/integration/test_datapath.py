@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
 import ssl
@@ -23,15 +22,15 @@ from pathlib import Path
 from typing import IO
 
 import pytest
+from sshd import Sshd, sshd_fixture  # noqa: F401
 from world import PASSWORD, World, build_world
 
-from gatewayd.demo import BIN, free_port, wait_for
+from gatewayd.demo import BIN, wait_for
 from relay import message as m
 from relay.protocol import PREAMBLE
 
 pytestmark = pytest.mark.integration
 
-SSHD = Path("/usr/sbin/sshd")
 BANNER = b"220 banner service ready, speaking first\n"
 
 
@@ -112,55 +111,6 @@ class StreamServer:
         self.sock.close()
 
 
-class Sshd:
-    """A real OpenSSH server on loopback, with its own host key and one authorized key."""
-
-    def __init__(self, root: Path) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self.root = root
-        self.host_key = root / "host_ed25519"
-        self.client_key = root / "client_ed25519"
-        for key in (self.host_key, self.client_key):
-            subprocess.run(
-                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True
-            )
-        (root / "authorized_keys").write_bytes((root / "client_ed25519.pub").read_bytes())
-        (root / "authorized_keys").chmod(0o600)
-        self.port = free_port()
-        config = root / "sshd_config"
-        config.write_text(
-            f"ListenAddress 127.0.0.1\nHostKey {self.host_key}\n"
-            f"AuthorizedKeysFile {root / 'authorized_keys'}\nPidFile {root / 'sshd.pid'}\n"
-            "StrictModes no\nUsePAM no\nPasswordAuthentication no\n"
-            "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
-            "MaxStartups 100\nLogLevel ERROR\n"
-        )
-        if os.geteuid() == 0:
-            # sshd running as root insists on its privilege separation directory.
-            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-        self.log = root / "sshd.log"
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [str(SSHD), "-D", "-e", "-f", str(config), "-p", str(self.port)],
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-            )
-        wait_for(self._listening, 20, "sshd to listen")
-
-    def _listening(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"sshd exited: {self.log.read_text()}")
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-        except OSError:
-            return False
-        return True
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     w = build_world(tmp_path_factory.mktemp("datapath"))
@@ -169,17 +119,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     finally:
         w.lab.close()
         w.echo.close()
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    if not SSHD.exists() or shutil.which("ssh") is None:
-        pytest.skip("OpenSSH server and client are installed by `make system-deps`")
-    server = Sshd(tmp_path_factory.mktemp("sshd"))
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture(scope="module")

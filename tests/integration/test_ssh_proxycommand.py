@@ -8,14 +8,12 @@ from __future__ import annotations
 import os
 import pty
 import select
-import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sshd import SSHD, Sshd
+from sshd import Sshd, sshd_fixture  # noqa: F401
 from world import PASSWORD, World
 
 from gatewayd.demo import BIN
@@ -24,17 +22,6 @@ pytestmark = pytest.mark.integration
 
 #: A bound on waits for a prompt or a process: a guard against a hang, never a speed promise.
 HANG_GUARD = 60
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    if not SSHD.exists() or shutil.which("ssh") is None:
-        pytest.skip("OpenSSH server and client are installed by `make system-deps`")
-    server = Sshd(tmp_path_factory.mktemp("sshd"))
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from gatewayd.demo import free_port, wait_for
 
@@ -59,3 +63,15 @@ class Sshd:
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+
+
+@pytest.fixture(scope="module", name="sshd")
+def sshd_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    """One sshd for a test module; skipped where OpenSSH is not installed."""
+    if not SSHD.exists() or shutil.which("ssh") is None:
+        pytest.skip("OpenSSH server and client are installed by `make system-deps`")
+    server = Sshd(tmp_path_factory.mktemp("sshd"))
+    try:
+        yield server
+    finally:
+        server.close()
