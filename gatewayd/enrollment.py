@@ -16,7 +16,6 @@ counts as a failure until it succeeds, so parallel guesses get no more tries.
 from __future__ import annotations
 
 import contextlib
-from collections import deque
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
@@ -31,35 +30,18 @@ from . import ca
 from .clock import Clock
 from .config import Config, ConfigHolder
 from .event import AgentEnrolled, EventBus
-from .login import source_key
+from .login import SlidingWindow, source_key
 from .rejection import RejectionLog
 from .store import Store
 
 
-class FailureThrottle:
+class FailureThrottle(SlidingWindow):
     """Failed attempts per source (see :func:`~gatewayd.login.source_key`) in any
     60-second window; an attempt counts from its start and is taken back if it succeeds."""
 
-    WINDOW = 60.0
-    #: Sources remembered at most; the oldest are forgotten first (bounded memory).
-    MAX_SOURCES = 100_000
-
-    def __init__(self) -> None:
-        self._hits: dict[str, deque[float]] = {}
-
     def begin(self, source: str, now: float, limit: int) -> bool:
         """Count one attempt from ``source``; False (and not counted) when over ``limit``."""
-        hits = self._hits.get(source)
-        if hits is None:
-            if len(self._hits) >= self.MAX_SOURCES:
-                self._hits.pop(next(iter(self._hits)))
-            hits = self._hits[source] = deque()
-        while hits and hits[0] <= now - self.WINDOW:
-            hits.popleft()
-        if len(hits) >= limit:
-            return False
-        hits.append(now)
-        return True
+        return self.count(source, now, limit)
 
     def succeeded(self, source: str, started: float) -> None:
         """The attempt begun at ``started`` worked: it is no failure."""

@@ -46,30 +46,40 @@ _REPLAYED = "already used (a replay, or a concurrent login with the same proof)"
 _CHANGED = "credential changed during the login (by an administrator or another login)"
 
 
-class RateLimiter:
-    """At most ``limit`` events per key (a source, see :func:`source_key`; a user name)
-    in any 60-second window."""
+class SlidingWindow:
+    """Events per key (a source, see :func:`source_key`; a user name) in any 60-second window."""
 
     WINDOW = 60.0
-    #: Sources remembered at most; the oldest are forgotten first.
+    #: Keys remembered at most; the oldest are forgotten first (bounded memory).
     MAX_SOURCES = 100_000
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self) -> None:
         self._hits: dict[str, deque[float]] = {}
 
-    def allow(self, source: str, now: float) -> bool:
-        hits = self._hits.get(source)
+    def count(self, key: str, now: float, limit: int) -> bool:
+        """Count one event for ``key`` at ``now``; False (and not counted) when over ``limit``."""
+        hits = self._hits.get(key)
         if hits is None:
             if len(self._hits) >= self.MAX_SOURCES:
                 self._hits.pop(next(iter(self._hits)))
-            hits = self._hits[source] = deque()
+            hits = self._hits[key] = deque()
         while hits and hits[0] <= now - self.WINDOW:
             hits.popleft()
-        if len(hits) >= self.limit:
+        if len(hits) >= limit:
             return False
         hits.append(now)
         return True
+
+
+class RateLimiter(SlidingWindow):
+    """At most ``limit`` events per key in any 60-second window."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def allow(self, source: str, now: float) -> bool:
+        return self.count(source, now, self.limit)
 
 
 def _host(source: str) -> str:
