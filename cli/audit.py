@@ -1172,28 +1172,36 @@ def verify_cmd(
     else:
         assert path_cfg is not None
         keys = [_public_key(path_cfg, None)]
-    result = verify(path, keys)
+    if not _report(verify(path, keys), ""):
+        sys.exit(1)
+
+
+def _report(result: Any, label: str, *, node: bool = False) -> bool:
+    """Print one trail's verification (each line after ``label``); True if it is intact.
+    ``node``: one trail of several, whose checkpoint places the node's block already says."""
     for done in result.acknowledged:
-        click.echo(f"acknowledged: {printable(str(done))}")
+        click.echo(f"{label}acknowledged: {printable(str(done))}")
     cp = result.last_checkpoint
     if cp is not None:
+        where = "" if node else f" ({printable(cp.where)})"
         click.echo(
-            f"last verified checkpoint: seq {cp.seq} at {cp.ts} ({printable(cp.where)}); "
+            f"{label}last verified checkpoint: seq {cp.seq} at {cp.ts}{where}; "
             f"{result.checkpoints} checkpoints verified, {result.unsigned} records after it"
         )
     if result.ok:
         start = f" from seq {result.first_seq}" if result.first_seq > 1 else ""
-        click.echo(f"ok: {result.records} records{start}, chain intact")
-        return
+        click.echo(f"{label}ok: {result.records} records{start}, chain intact")
+        return True
     for problem in result.problems:
-        click.echo(f"FAIL: {printable(problem)}", err=True)
+        click.echo(f"{label}FAIL: {printable(problem)}", err=True)
     if any(p.gap for p in result.open):
         click.echo(
-            "a gap or re-anchor may be acknowledged, once looked into, with "
-            "`gw audit acknowledge --seq N --reason TEXT`",
+            f"{label}a gap or re-anchor may be acknowledged, once looked into, with "
+            "`gw audit acknowledge --seq N --reason TEXT`"
+            + (" against that node's config" if node else ""),
             err=True,
         )
-    sys.exit(1)
+    return False
 
 
 def _verify_trails(
@@ -1235,28 +1243,8 @@ def _verify_trails(
                 )
                 failed += 1
                 continue
-        result = verify(path, keys)
-        for done in result.acknowledged:
-            click.echo(f"{label}: acknowledged: {printable(str(done))}")
-        cp = result.last_checkpoint
-        if cp is not None:
-            click.echo(
-                f"{label}: last verified checkpoint: seq {cp.seq} at {cp.ts}; "
-                f"{result.checkpoints} checkpoints verified, {result.unsigned} records after it"
-            )
-        if result.ok:
-            start = f" from seq {result.first_seq}" if result.first_seq > 1 else ""
-            click.echo(f"{label}: ok: {result.records} records{start}, chain intact")
-            continue
-        failed += 1
-        for problem in result.problems:
-            click.echo(f"{label}: FAIL: {printable(problem)}", err=True)
-        if any(p.gap for p in result.open):
-            click.echo(
-                f"{label}: a gap or re-anchor may be acknowledged, once looked into, with "
-                "`gw audit acknowledge --seq N --reason TEXT` against that node's config",
-                err=True,
-            )
+        if not _report(verify(path, keys), f"{label}: ", node=True):
+            failed += 1
     if failed:
         click.echo(f"{failed} of {len(paths)} trails failed verification", err=True)
         return 1
