@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import pyotp
+from tunnel_bench import status_kib  # bench/, this script's folder
 
 from gatewayd.admin import request
 from gatewayd.demo import EchoServer, free_port
@@ -108,16 +109,6 @@ def raise_file_limit(agents: int) -> int:
     else:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     return want
-
-
-def status_kib(pid: int, key: str = "VmRSS") -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def cpu_seconds(pid: int) -> float:

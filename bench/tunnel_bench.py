@@ -218,7 +218,7 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
-def status_kib(pid: int, key: str) -> int:
+def status_kib(pid: int, key: str = "VmRSS") -> int:
     """VmRSS, VmHWM, ... of a process in KiB (0 if it is gone)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
