@@ -21,7 +21,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import message as m
 from . import noise, tunnel
@@ -618,20 +618,16 @@ async def list_agents(
     credential: str = "",
 ) -> dict[str, Any]:
     """Log in and ask which agents this user may reach, with the modes allowed for each."""
-    link, reply = await _login(
+    reply = await _ask(
         gateway,
+        m.AgentList,
         user=user,
-        agent="",
-        target="",
         mode=mode,
-        reason="",
         static_private=static_private,
         prove=prove,
         factors=factors,
         credential=credential,
     )
-    link.close()
-    assert isinstance(reply, m.AgentList)
     return reply.agents
 
 
@@ -648,21 +644,16 @@ async def login(
     """``gw login``: prove the mode's factors once; the gateway answers with a login
     credential bound to ``login_key`` (an Ed25519 public key whose private half stays
     with the caller)."""
-    link, reply = await _login(
+    return await _ask(
         gateway,
+        m.LoggedIn,
         user=user,
-        agent="",
-        target="",
         mode=mode,
-        reason="",
         static_private=static_private,
         prove=prove,
         factors=factors,
         login_key=login_key,
     )
-    link.close()
-    assert isinstance(reply, m.LoggedIn)
-    return reply
 
 
 async def logout(
@@ -675,21 +666,28 @@ async def logout(
     credential: str,
 ) -> None:
     """``gw logout``: prove the credential's key once more and have the gateway end it."""
-    link, reply = await _login(
+    await _ask(
         gateway,
+        m.LoggedOut,
         user=user,
-        agent="",
-        target="",
         mode=mode,
-        reason="",
         static_private=static_private,
         prove=prove,
         factors=(),
         credential=credential,
         logout=True,
     )
+
+
+_Answer = TypeVar("_Answer", bound=m.Message)
+
+
+async def _ask(gateway: Gateway, answer: type[_Answer], **login: Any) -> _Answer:
+    """Log in for one answer (no agent, target or reason): the link ends once it is read."""
+    link, reply = await _login(gateway, agent="", target="", reason="", **login)
     link.close()
-    assert isinstance(reply, m.LoggedOut)
+    assert isinstance(reply, answer)
+    return reply
 
 
 async def _login(
