@@ -30,8 +30,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from gateway_config import MINIMAL
 
 from gatewayd.audit import (
     CHECKPOINT,
@@ -43,23 +45,8 @@ from gatewayd.audit import (
     verify,
 )
 
-CONFIG = """
-[gateway]
-listen = "127.0.0.1:8443"
-[tls]
-cert_file = "tls/server.pem"
-key_file = "tls/server.key"
-ca_file = "tls/ca.pem"
-ca_key_file = "tls/ca.key"
-[store]
-path = "state/directory.db"
-secrets_key_file = "state/secrets.key"
-[audit]
-path = "audit/audit.jsonl"
-compress = false
-[admin]
-socket = "admin.sock"
-"""
+# The tests' minimal gateway, its trail in audit/ and left uncompressed.
+CONFIG = MINIMAL.replace('path = "log/audit.jsonl"', 'path = "audit/audit.jsonl"\ncompress = false')
 
 
 def generate(path: Path, live: Path, n: int, key: Ed25519PrivateKey) -> None:
