@@ -284,6 +284,12 @@ class Scale:
             self.gatewayd, "init", "--dir", str(self.dir / "gw"),
             "--listen", f"127.0.0.1:{self.port}",
         )  # fmt: skip
+        # Every agent here comes from 127.0.0.1, which the per-source handshake cap
+        # counts as one source; in the field each is a machine of its own.
+        text = self.config.read_text()
+        self.config.write_text(
+            text.replace("[gateway]\n", "[gateway]\nmax_handshakes_per_source = 64\n", 1)
+        )
         await self.start_gatewayd()
         self.admin("org", "add", "clinic", "--name", "Clinic")
         self.say(f"enrolling {self.n} agents ({PARALLEL} at a time)")
