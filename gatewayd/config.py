@@ -47,15 +47,15 @@ class GatewaySection:
     handshake_timeout: float = 10.0
     """Seconds a new connection has to finish its TLS and protocol handshake (a wait for
     a handshake slot counts)."""
+    reuse_port: bool = False
+    """Bind with SO_REUSEPORT, so that several gatewayd workers share the port. Only for
+    workers that each have their own ``[store]`` and ``[audit]`` (one process holds each);
+    off by default, so that a second gatewayd started by mistake cannot take connections."""
     max_handshakes: int = 64
     """TLS handshakes in progress at once; further connections wait (unread) for a slot."""
     max_handshakes_per_source: int = 8
     """Of those, at most this many from one source (IPv4 address, IPv6 /64); its further
     connections wait in their own queue, so stalled peers of one source cannot hold them all."""
-    reuse_port: bool = False
-    """Bind with SO_REUSEPORT, so that several gatewayd workers share the port. Only for
-    workers that each have their own ``[store]`` and ``[audit]`` (one process holds each);
-    off by default, so that a second gatewayd started by mistake cannot take connections."""
 
 
 @dataclass(frozen=True, slots=True)
