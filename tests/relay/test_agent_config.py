@@ -92,3 +92,11 @@ def test_default_path_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -
     assert default_path() == Path("/etc/gw-agent/agent.toml")
     monkeypatch.setenv("GW_AGENT_CONFIG", "/srv/agent.toml")
     assert default_path() == Path("/srv/agent.toml")
+
+
+def test_the_shipped_example_is_valid() -> None:
+    # systemd/gw-agent.service runs the agent from this file's keys.
+    example = Path(__file__).parents[2] / "systemd" / "agent.example.toml"
+    cfg = load(example)
+    assert cfg.targets == (("rdp", "127.0.0.1", 3389),)
+    assert cfg.prompt is False
