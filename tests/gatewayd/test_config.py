@@ -104,13 +104,21 @@ cert_days = 30
 """,
         replace={
             'listen = "127.0.0.1:8443"': 'listen = "[::]:443"\nnode_id = "gw7"\n'
-            "handshake_timeout = 20\nreuse_port = true",
+            "handshake_timeout = 20\nreuse_port = true\n"
+            "max_handshakes = 32\nmax_handshakes_per_source = 4",
             '[admin]\nsocket = "/run/gatewayd/admin.sock"': '[admin]\nsocket = "admin.sock"\n'
             'allowed_uids = [1000, 1001]\nallowed_groups = ["wheel"]',
             '[audit]\npath = "log/audit.jsonl"': '[audit]\npath = "log/audit.jsonl"\nfsync = false',
         },
     )
-    assert cfg.gateway == config.GatewaySection(("::", 443), "gw7", 20.0, True)
+    assert cfg.gateway == config.GatewaySection(
+        listen=("::", 443),
+        node_id="gw7",
+        handshake_timeout=20.0,
+        reuse_port=True,
+        max_handshakes=32,
+        max_handshakes_per_source=4,
+    )
     assert cfg.admin == config.AdminSection(
         where.parent.resolve() / "admin.sock", (1000, 1001), ("wheel",)
     )
