@@ -165,7 +165,6 @@ class LyingBroker(broker_mod.Broker):
     async def _ask_approval(
         self,
         link: FramedLink,
-        online: Any,
         hello: m.ClientHello,
         sid: str,
         client_key: bytes,
@@ -174,7 +173,7 @@ class LyingBroker(broker_mod.Broker):
         if "approve-key" in lies():
             note(attack="approve-key", outcome="sent", session=sid)
             client_key = CLIENT_PUBLIC
-        return await self._honest_ask_approval(link, online, hello, sid, client_key, context)
+        return await self._honest_ask_approval(link, hello, sid, client_key, context)
 
     async def _tunnel(self, link: FramedLink, hello: m.TunnelHello) -> bool:
         session = self.sessions.by_ticket(hello.ticket)
