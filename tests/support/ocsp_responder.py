@@ -12,6 +12,7 @@ set). Every request is counted in :attr:`OcspResponder.requests`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import http.server
 import threading
@@ -167,7 +168,9 @@ class OcspResponder:
                 self.send_header("Content-Type", "application/ocsp-response")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                # A "silent" answer comes after the client gave up: its socket is gone.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(data)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
