@@ -44,7 +44,7 @@ m.ClientHello.__post_init__ = lambda self: None  # this client checks nothing it
 
 from auth.base import ProverOptions
 from cli.common import gateway_client as _gateway
-from cli.connect import _prove_with
+from cli.login import prove_with
 from relay import noise
 from relay.client import open_session
 from relay.errors import GatewayError
@@ -58,7 +58,7 @@ def no_prompt(text, secret):
 
 async def main():
     values = {"password": password, "totp": totp}
-    prove = _prove_with({}, ProverOptions(user=user, prompt=no_prompt, values=values))
+    prove = prove_with({}, ProverOptions(user=user, prompt=no_prompt, values=values))
     await open_session(
         _gateway(gateway, Path(ca)), user=user, agent=agent, target="echo", mode="access",
         reason=reason, static_private=noise.generate_keypair()[0], prove=prove,
