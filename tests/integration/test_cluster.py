@@ -12,6 +12,7 @@ has its agents' presence cleared by its last will. The last test kills node 1.
 from __future__ import annotations
 
 import json
+import random
 import re
 import signal
 import socket
@@ -496,6 +497,28 @@ def test_workers_need_a_cluster(tmp_path: Path) -> None:
     assert "--workers: needs [cluster]" in result.stderr, result.stderr
 
 
+def _free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive free loopback ports, below the ephemeral range.
+
+    ``--workers N`` listens for data on ``data_listen``'s port + i - 1: a port next to
+    an ephemeral one is any outgoing connection's to take (a parallel test's did).
+    """
+    low, _ = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for first in random.sample(range(10000, max(low, 10001 + count) - count), 200):
+        held: list[socket.socket] = []
+        try:
+            for port in range(first, first + count):
+                held.append(socket.socket())
+                held[-1].bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 def test_workers_share_the_port_and_each_is_a_node(
     tmp_path_factory: pytest.TempPathFactory,
     mosquitto: Mosquitto,  # noqa: F811 - only to skip where mosquitto is missing
@@ -503,7 +526,7 @@ def test_workers_share_the_port_and_each_is_a_node(
     lab = Lab(tmp_path_factory.mktemp("workers"))
     broker = Mosquitto(lab.root / "mqtt")  # a cluster of its own: one broker per cluster
     broker.start()
-    data = free_port()
+    data = _free_port_run(2)  # worker 2 listens on data + 1
     lab.init(
         extra_config=f'[cluster]\nmqtt = "{broker.address}"\ndata_listen = "127.0.0.1:{data}"\n',
         gateway_keys='node_id = "w"',
