@@ -53,6 +53,16 @@ class Progress:
             sys.stderr.flush()
             self._shown = False
 
+    def say(self, message: str) -> None:
+        """A message on its own line: the progress line is erased first."""
+        self.clear()
+        info(message)
+
+    def ask(self, text: str, secret: bool) -> str:
+        """A prompt at the start of a clean line."""
+        self.clear()
+        return prompt(text, secret)
+
     def countdown(self, seconds: float, sas: str) -> None:
         """Approval: the seconds left, once a second, until :meth:`clear`."""
         if not self.on:
@@ -297,7 +307,7 @@ def connect(
     stored = logins.load(where, user, mode, time.time())
     progress = Progress()
     expected = fingerprint_arg(agent_key, "--agent-key") if agent_key else None
-    values: dict[str, Any] = {"password": password, "totp": totp_code, "notify": info}
+    values: dict[str, Any] = {"password": password, "totp": totp_code, "notify": progress.say}
     values["smartcard_reader"] = reader
     values["fido2_device_name"] = fido2_device
     values["fido2_choose"] = choose_key
@@ -309,7 +319,7 @@ def connect(
     _add_factor_values(values, factor_values)
     by_card = use_smartcard or reader is not None or cert_label is not None
     smartcard_first = ("smartcard",) if by_card else ()
-    options = ProverOptions(user=user, prompt=prompt, values=values)
+    options = ProverOptions(user=user, prompt=progress.ask, values=values)
     provers: dict[str, Any] = {}
     home = config_home()
     known = KnownAgents(known_agents or home / "known_agents.json")
@@ -319,8 +329,7 @@ def connect(
     prove = progress.around(credential_prover(stored, prove_with(provers, options)))
 
     def pending(seconds: float, sas: str) -> None:
-        progress.clear()
-        info(
+        progress.say(
             f"gw: waiting for approval at the machine (up to {seconds:.0f} s).\n"
             f"gw: the person there sees this code; it must match: {sas}"
         )
@@ -354,20 +363,24 @@ def connect(
             if stored is None or not ended(exc):
                 raise
             logins.remove(where, user, mode)
-            info(f"gw: your gw login has ended ({describe(exc)}); asking for your factors")
+            progress.say(f"gw: your gw login has ended ({describe(exc)}); asking for your factors")
             s = await opened("")
         if s.pinned:
             how = "checked with --agent-key" if expected else "first connection, not checked"
             fp = noise.fingerprint(s.agent_identity)
-            info(f"gw: pinned the key of agent {agent} ({how}): {fp}")
+            progress.say(f"gw: pinned the key of agent {agent} ({how}): {fp}")
         if verbose:
-            info(f"gw: session {s.opened.session_id} open in {time.monotonic() - started:.2f}s")
+            progress.say(
+                f"gw: session {s.opened.session_id} open in {time.monotonic() - started:.2f}s"
+            )
 
         def shown(est: Any) -> None:
             progress.clear()
             if verbose:
                 how = "X25519 + ML-KEM-768" if est.hybrid else "X25519"
-                info(f"gw: tunnel to {agent}/{target} end-to-end encrypted ({how}); SAS {est.sas}")
+                progress.say(
+                    f"gw: tunnel to {agent}/{target} end-to-end encrypted ({how}); SAS {est.sas}"
+                )
 
         s.on_tunnel = shown
         s.on_dial = lambda: progress.show(f"gw: dialling {agent}/{target}...")
@@ -376,16 +389,15 @@ def connect(
             if listen is not None:
 
                 def ready(where: str) -> None:
-                    info(f"gw: listening on {where} for {agent}/{target}")
+                    progress.say(f"gw: listening on {where} for {agent}/{target}")
 
                 def failed(why: str) -> None:
-                    progress.clear()
-                    info(f"gw: tunnel failed: {why}")
+                    progress.say(f"gw: tunnel failed: {why}")
 
                 why = await s.serve_local(listen[0], listen[1], failed, ready)
                 if why:
                     fail(f"session ended: {why}")
-                info("gw: session ended")
+                progress.say("gw: session ended")
             else:
                 await s.stdio()
 
@@ -397,7 +409,13 @@ def connect(
             for p in provers.values():
                 await p.aclose()
 
-    execute(session())
+    async def cleared() -> None:
+        try:
+            await session()
+        finally:
+            progress.clear()  # the terminal is left clean, whatever ended the session
+
+    execute(cleared())
 
 
 @click.command("agents")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from terminal_screen import screen
 from world import PASSWORD, World
 
 from gatewayd.demo import BIN, wait_for
@@ -350,6 +351,8 @@ def test_progress_on_a_terminal(world: World) -> None:
         assert proc.stdout.read() == b"HELLO"
         assert proc.wait(HANG_GUARD) == 0
         read(b"dialling pc1/echo...")
+        while select.select([master], [], [], 0)[0]:  # gw has exited: the rest is buffered
+            seen += os.read(master, 4096)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -361,6 +364,13 @@ def test_progress_on_a_terminal(world: World) -> None:
     assert f"gw: logging in to {world.lab.gateway} as {user}...".encode() in seen
     assert b"gw: waiting for approval at the machine: " in seen
     assert b"\r\x1b[K" in seen  # each step rewrites the one line
+    # Messages stand on lines of their own, and gw leaves the terminal clean: no progress
+    # line glued to a message or left behind after exit.
+    *lines, last = screen(seen.decode()).split("\n")
+    assert last == "", seen
+    assert all(line.startswith("gw: ") and line.count("gw: ") == 1 for line in lines), seen
+    assert any(line.startswith("gw: waiting for approval at the machine (up to ") for line in lines)
+    assert any(line.startswith("gw: the person there sees this code; it must") for line in lines)
 
 
 def test_no_progress_in_scripts(world: World) -> None:
