@@ -390,7 +390,9 @@ def test_names_from_the_token_cannot_write_to_the_terminal(
     hsm.put(label, PIN, office.pki.card(117).auth, label="B", key_id="02")
     user = office.employee(card.person)
     status, out, _ = office.attempt(user, hsm, pin=None)
-    assert status == 4 and "\x1b" not in out and "\u202e" not in out
+    # The only escape sequence on the terminal is gw's own erasing of its progress line.
+    ours = out.replace("\r\x1b[K", "")
+    assert status == 4 and "\x1b" not in ours and "\u202e" not in ours
     assert "'A\\x1b]0;title\\x07' on 'Kari\\x1b[2J\\u202eevil'" in one_line(out)
     term, _ = office.connect(user, hsm, "--cert-label", "A\x1b]0;title\x07")
     try:

@@ -27,6 +27,7 @@ import pcsc
 import pki
 import pytest
 import virtual_piv as vpiv
+from terminal_screen import screen
 
 from gatewayd.demo import BIN, Lab, free_port, round_trip, wait_for
 
@@ -254,9 +255,9 @@ def office(card_world: World, card_pki: pki.CardPKI, pcscd_vpcd: pcsc.VirtualRea
 
 
 def one_line(output: str) -> str:
-    """The command's only line of output (no traceback, nothing else)."""
-    lines = [line for line in output.splitlines() if line.strip()]
-    assert len(lines) == 1, output
+    """The command's only line of output on the terminal (no traceback, nothing else)."""
+    lines = [line for line in screen(output).splitlines() if line.strip()]
+    assert len(lines) == 1, repr(output)
     assert "Traceback" not in output
     return lines[0]
 
