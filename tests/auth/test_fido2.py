@@ -44,6 +44,14 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+@pytest.fixture(autouse=True)
+def _no_pcsc_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys here are USB keys the test plugs in; a virtual card another test has in
+    pcscd's readers at the same time must not count (tests/integration/test_fido2_pcsc.py
+    covers keys over PC/SC)."""
+    monkeypatch.setattr(f2, "_pcsc_devices", list)
+
+
 class Person:
     """The person at the terminal: answers PIN prompts and reads notices."""
 
