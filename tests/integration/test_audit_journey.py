@@ -108,7 +108,7 @@ def test_journey_records_keep_their_names_and_fields(journey: World, tmp_path: P
     assert bad.returncode != 0
     assert journey.agent_proc is not None
     journey.agent_proc.stop()
-    wait_for(lambda: bool(lab.events("agent.disconnect")), 20, "agent.disconnect")
+    wait_for(lambda: bool(lab.events("agent.disconnect")), 60, "agent.disconnect")
 
     seen: dict[str, set[frozenset[str]]] = {}
     for record in lab.audit_records():

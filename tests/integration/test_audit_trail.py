@@ -42,7 +42,7 @@ def journey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             s.recv(100)
         gateway = [p for p in lab.procs if p.name == "gatewayd"][-1]
         os.kill(gateway.popen.pid, signal.SIGHUP)
-        wait_for(lambda: bool(lab.events("gateway.reload")), 20, "the reload record")
+        wait_for(lambda: bool(lab.events("gateway.reload")), 60, "the reload record")
         assert gateway.stop() == 0
         lab.procs.remove(gateway)
         lab.start_gateway()

@@ -85,11 +85,11 @@ def test_systemd_notify_reload_and_stop(tmp_path: Path) -> None:
         lab.config.write_text(good + "\n[gateway.oops]\n")
         proc.send_signal(signal.SIGHUP)
         assert received("RELOADING=1")
-        wait_for(lambda: bool(lab.events("gateway.reload")), 10, "reload record")
+        wait_for(lambda: bool(lab.events("gateway.reload")), 60, "reload record")
         assert lab.events("gateway.reload")[-1]["outcome"] == "failure"
         lab.config.write_text(good)
         proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: len(lab.events("gateway.reload")) == 2, 10, "second reload record")
+        wait_for(lambda: len(lab.events("gateway.reload")) == 2, 60, "second reload record")
         assert lab.events("gateway.reload")[-1]["outcome"] == "success"
         proc.send_signal(signal.SIGTERM)
         assert received("STOPPING=1")

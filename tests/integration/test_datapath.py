@@ -349,7 +349,7 @@ def test_session_killed_mid_transfer_resets_both_applications(
             )
             reader.start()
             assert started.wait(30), "no data from the source"
-            wait_for(lambda: bool(world.lab.events("tunnel.start")), 10, "the upload tunnel")
+            wait_for(lambda: bool(world.lab.events("tunnel.start")), 60, "the upload tunnel")
             for user in (downloader, uploader):
                 world.lab.admin("sessions", "kill", _session_of(world, user))
             reader.join(30)
@@ -357,7 +357,7 @@ def test_session_killed_mid_transfer_resets_both_applications(
             # The client application is told the stream was cut: a reset, not an EOF.
             assert outcome == ["reset"]
             # So is the agent's target.
-            wait_for(lambda: len(sink.ends) > sink_ends, 30, "the sink to see the end")
+            wait_for(lambda: len(sink.ends) > sink_ends, 60, "the sink to see the end")
             assert sink.ends[sink_ends:] == ["reset"]
     finally:
         down_proc.stop()
@@ -410,20 +410,20 @@ def test_gateway_killed_mid_transfer_is_not_a_clean_end(
             lines = _agent_log(w, "pcx").splitlines()
             return any("tunnel open" in line and "target=sink" in line for line in lines)
 
-        wait_for(upload_open, 30, "the upload tunnel")
+        wait_for(upload_open, 60, "the upload tunnel")
         (gateway,) = [p for p in w.lab.procs if p.name == "gatewayd"]
         gateway.stop(signal.SIGKILL)
         _, down_err = down.communicate(timeout=30)
         assert down.returncode != 0
         assert "tunnel cut" in down_err.decode(), down_err
         assert "Traceback" not in down_err.decode()
-        wait_for(lambda: len(sink.ends) > sink_ends, 30, "the sink to see the end")
+        wait_for(lambda: len(sink.ends) > sink_ends, 60, "the sink to see the end")
         assert sink.ends[sink_ends:] == ["reset"], _agent_log(w, "pcx")
         # The uploading gw saw its tunnel cut too; its writer then meets a closed pipe.
         assert up.wait(30) != 0
         writer.join(30)
         assert "tunnel cut" in up.stderr.read().decode()
-        wait_for(lambda: "tunnel cut" in _agent_log(w, "pcx"), 10, "the agent to log the cut")
+        wait_for(lambda: "tunnel cut" in _agent_log(w, "pcx"), 60, "the agent to log the cut")
     finally:
         for proc in procs:
             if proc.poll() is None:

@@ -55,7 +55,7 @@ class LyingLab(Lab):
                 raise RuntimeError(f"lying gateway exited: {proc.output()[-2000:]}")
             return sock.exists() and self.audit_path.exists()
 
-        wait_for(ready, 20, "the lying gateway to start")
+        wait_for(ready, 60, "the lying gateway to start")
         return proc
 
 
@@ -193,7 +193,7 @@ def test_agent_refuses_a_client_key_swapped_by_the_gateway(site: Site, vendor: s
         "pc1", user, PASSWORD, "echo", "--known-agents", str(site.known(user))
     )
     try:
-        wait_for(lambda: len(site.attacks()) >= 2, 30, "the attacker's two tries")
+        wait_for(lambda: len(site.attacks()) >= 2, 60, "the attacker's two tries")
         by_attack = {a["attack"]: a["outcome"] for a in site.attacks()}
         assert by_attack["client-key"].startswith("refused"), by_attack
         assert by_attack["unknown-session"].startswith("refused"), by_attack

@@ -339,7 +339,7 @@ def test_register_with_a_code_then_log_in_and_tunnel(world: World, user: str) ->
     assert ok["aaguid"] == SOFT_AAGUID.hex()
     (decision,) = records(lab, "policy.decision", user=user)
     assert decision["decision"] == "allow"
-    wait_for(lambda: bool(records(lab, "tunnel.end", user=user)), 10, "tunnel.end")
+    wait_for(lambda: bool(records(lab, "tunnel.end", user=user)), 60, "tunnel.end")
 
 
 def test_code_is_single_use(world: World, user: str) -> None:

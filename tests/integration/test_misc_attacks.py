@@ -182,7 +182,7 @@ def test_reason_with_control_characters_is_refused(world: World, machine: Any) -
     before = len(lab.events("connection.rejected"))
     result = _raw_reason_client(world, user, HOSTILE_REASON)
     assert result.stdout.startswith("refused: client_hello.reason: control"), result
-    wait_for(lambda: len(lab.events("connection.rejected")) > before, 10, "connection.rejected")
+    wait_for(lambda: len(lab.events("connection.rejected")) > before, 60, "connection.rejected")
     rejected = lab.events("connection.rejected")[-1]
     assert rejected["code"] == "protocol_error" and "client_hello.reason" in rejected["message"]
     # Nothing reached the machine.
@@ -195,7 +195,7 @@ def test_overlong_reason_is_refused_by_the_gateway(world: World) -> None:
     before = len(lab.events("connection.rejected"))
     result = _raw_reason_client(world, world.new_user("attended"), "x" * 1025, totp="000000")
     assert result.stdout.startswith("refused: client_hello.reason: longer than 1024"), result
-    wait_for(lambda: len(lab.events("connection.rejected")) > before, 10, "connection.rejected")
+    wait_for(lambda: len(lab.events("connection.rejected")) > before, 60, "connection.rejected")
     assert "longer than 1024" in lab.events("connection.rejected")[-1]["message"]
 
 
@@ -225,7 +225,7 @@ def test_vendor_name_with_escape_sequences_reaches_the_machine_escaped(
     proc.stdin.close()
     try:
         agent.read_until(b"Allow? [y/N]")
-        wait_for(lambda: dump.exists() and dump.read_text().strip() != "", 20, "the command")
+        wait_for(lambda: dump.exists() and dump.read_text().strip() != "", 60, "the command")
         assert b"Evil\\x1b[2J\\x1b]0;owned\\x07\\x0aCorp\\u202e" in agent.seen
         assert _terminal_controls(agent.seen) == []
         env = json.loads(dump.read_text())

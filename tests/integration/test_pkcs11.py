@@ -321,7 +321,7 @@ def test_expired_certificate_is_refused_before_the_pin(
         r"gw: the certificate on your smartcard expired on \d{4}-\d\d-\d\d: order a new card",
         one_line(out),
     )
-    wait_for(lambda: bool(office.attempts(user)), 10, "auth.attempt")
+    wait_for(lambda: bool(office.attempts(user)), 60, "auth.attempt")
     (record,) = office.attempts(user)
     assert (record["outcome"], record["reason"]) == ("failure", "certificate expired")
     assert record["not_after"] == card.auth.cert.not_valid_after_utc.isoformat()
@@ -338,7 +338,7 @@ def test_key_that_does_not_match_its_certificate(office: Office, hsm: softhsm.So
     status, said, _ = office.attempt(user, hsm)
     assert status == 1
     assert one_line(said) == "gw: the smartcard's signature does not match its certificate"
-    wait_for(lambda: bool(office.attempts(user)), 10, "auth.attempt")
+    wait_for(lambda: bool(office.attempts(user)), 60, "auth.attempt")
     (record,) = office.attempts(user)
     assert (record["reason"], record["reported_by"]) == ("card error", "client")
 
@@ -407,7 +407,7 @@ def test_empty_pin_is_not_sent_to_the_token(office: Office, hsm: softhsm.SoftHSM
     user = office.employee(card.person)
     status, said, _ = office.attempt(user, hsm, pin="")
     assert status == 1 and one_line(said) == "gw: no PIN was entered"
-    wait_for(lambda: bool(office.attempts(user)), 10, "auth.attempt")
+    wait_for(lambda: bool(office.attempts(user)), 60, "auth.attempt")
     (record,) = office.attempts(user)
     assert (record["reason"], record["reported_by"]) == ("pin not verified", "client")
 

@@ -156,11 +156,11 @@ def test_sighup_reaches_the_plugin_and_a_broken_plugin_leaves_the_daemon_up(
     def reloaded() -> bool:
         return reloads.exists() and '"level": 2' in reloads.read_text()
 
-    wait_for(reloaded, 20, "the plug-in's reload hook")
+    wait_for(reloaded, 60, "the plug-in's reload hook")
     settings = json.loads(reloads.read_text().splitlines()[-1])
     assert settings == {"level": 2, "reloads_file": str(reloads)}
     missing = "No module named 'no_such_module_for_this_factor'"
-    wait_for(lambda: missing in gatewayd.output(), 20, "the broken plug-in's warning")
+    wait_for(lambda: missing in gatewayd.output(), 60, "the broken plug-in's warning")
     assert gatewayd.popen.poll() is None
 
     lab.admin("factor", "enroll", "alice", "pin", "--param", f"pin={PIN}")

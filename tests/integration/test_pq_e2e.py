@@ -42,7 +42,7 @@ class PQSite(Site):
         before = len(self.lab.events("gateway.reload"))
         gatewayd = next(p for p in self.lab.procs if p.name == "gatewayd")
         gatewayd.popen.send_signal(signal.SIGHUP)
-        wait_for(lambda: len(self.lab.events("gateway.reload")) > before, 10, "gateway.reload")
+        wait_for(lambda: len(self.lab.events("gateway.reload")) > before, 60, "gateway.reload")
         assert self.lab.events("gateway.reload")[-1]["outcome"] == "success"
 
     def tunnel_starts(self, user: str) -> list[dict[str, object]]:
@@ -140,7 +140,7 @@ def test_at_first_contact_the_agent_refuses_a_classic_handshake(pq: PQSite) -> N
         "pc1", user, PASSWORD, "echo", "the secret plans\n", "--known-agents", str(pq.known(user))
     )
     assert result.returncode != 0 and result.stdout == "", result.stderr
-    wait_for(lambda: "classic handshake" in pq.agent.output(), 10, "the agent's refusal")
+    wait_for(lambda: "classic handshake" in pq.agent.output(), 60, "the agent's refusal")
 
 
 def test_a_downgrade_changes_the_session_code(pq: PQSite) -> None:

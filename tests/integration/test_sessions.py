@@ -94,7 +94,7 @@ class Site:
             found[:] = self.pending(agent)
             return bool(found)
 
-        wait_for(check, 20, "an approval request at the agent")
+        wait_for(check, 60, "an approval request at the agent")
         return found[0]
 
 

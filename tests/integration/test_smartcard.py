@@ -148,7 +148,7 @@ def reload(lab: Lab) -> None:
     before = len(lab.events("gateway.reload"))
     gatewayd = next(p for p in lab.procs if p.name == "gatewayd")
     gatewayd.popen.send_signal(signal.SIGHUP)
-    wait_for(lambda: len(lab.events("gateway.reload")) > before, 10, "gateway.reload")
+    wait_for(lambda: len(lab.events("gateway.reload")) > before, 60, "gateway.reload")
     assert lab.events("gateway.reload")[-1]["outcome"] == "success"
 
 
@@ -241,7 +241,7 @@ class HomeOffice:
         return [r for r in self.lab.events("auth.attempt") if r["user"] == user]
 
     def last_attempt(self, user: str) -> dict[str, Any]:
-        wait_for(lambda: bool(self.attempts(user)), 10, f"auth.attempt of {user}")
+        wait_for(lambda: bool(self.attempts(user)), 60, f"auth.attempt of {user}")
         return self.attempts(user)[-1]
 
 

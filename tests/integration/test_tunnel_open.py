@@ -48,11 +48,11 @@ def test_each_spare_serves_one_tunnel_and_is_replaced(world: World) -> None:
     proc, port = world.lab.connect_local("pc1", user, PASSWORD, "echo", "--reason", "spare")
     session = session_of(world, user)
     # The session's announcement makes the agent dial its first spare.
-    wait_for(lambda: agent_log(world).count(READY) >= before + 1, 20, "the first spare")
+    wait_for(lambda: agent_log(world).count(READY) >= before + 1, 60, "the first spare")
     for i in range(3):
         assert round_trip(port, f"tunnel {i}".encode()) == f"TUNNEL {i}".encode()
         # Used once: the agent dials the next one at once.
-        wait_for(lambda i=i: agent_log(world).count(READY) >= before + 2 + i, 20, "a new spare")
+        wait_for(lambda i=i: agent_log(world).count(READY) >= before + 2 + i, 60, "a new spare")
     log = agent_log(world)
     assert opened(log, session) == ["spare"] * 3
     assert log.count(READY) == before + 4  # one per tunnel, plus the one waiting now
@@ -78,7 +78,7 @@ def test_a_dial_that_fails_after_tunnel_start_is_on_record_as_failed(world: Worl
         user = world.new_user()
         _, port = world.lab.connect_local("pc-dead", user, PASSWORD, "echo", "--reason", "dead")
         session = session_of(world, user)
-        wait_for(lambda: READY in agent.output(), 20, "the spare")
+        wait_for(lambda: READY in agent.output(), 60, "the spare")
         for _ in range(2):  # the first on the spare, the second on the control connection
             with contextlib.suppress(OSError):  # closed or reset: nothing comes back
                 assert round_trip(port, b"nobody there") == b""
@@ -86,7 +86,7 @@ def test_a_dial_that_fails_after_tunnel_start_is_on_record_as_failed(world: Worl
         def failed() -> list[dict[str, object]]:
             return [r for r in world.lab.events("tunnel.failed") if r["session"] == session]
 
-        wait_for(lambda: len(failed()) == 2, 20, "two tunnel.failed")
+        wait_for(lambda: len(failed()) == 2, 60, "two tunnel.failed")
         starts = [r for r in world.lab.events("tunnel.start") if r["session"] == session]
         assert sorted(r["tunnel"] for r in starts) == sorted(r["tunnel"] for r in failed())
         assert all("unreachable" in str(r["reason"]) for r in failed())
