@@ -176,9 +176,11 @@ class Lab:
         def ready() -> bool:
             if proc.popen.poll() is not None:
                 raise RuntimeError(f"gatewayd exited: {proc.output()[-2000:]}")
-            return sock.exists() and self.audit_path.exists()
+            # "gatewayd ready" is logged once its gateway.start record is on disk: the
+            # trail a test reads next is the one a started gateway leaves.
+            return sock.exists() and "gatewayd ready" in proc.output()
 
-        wait_for(ready, 20, "gatewayd to start")
+        wait_for(ready, 60, "gatewayd to start")
         return proc
 
     def admin(self, *args: str, input: str | None = None, check: bool = True) -> str:
