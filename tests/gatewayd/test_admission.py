@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from gateway_config import MINIMAL
 
 from gatewayd.admission import Admission
 from gatewayd.config import parse
@@ -90,27 +91,18 @@ def test_caps_must_be_positive() -> None:
         Admission(total=0, per_source=1)
 
 
-GATEWAY = '[gateway]\nlisten = "127.0.0.1:8443"\n'
-REST = """
-[tls]
-cert_file = "tls/server.pem"
-key_file = "tls/server.key"
-ca_file = "tls/ca.pem"
-ca_key_file = "tls/ca.key"
-[store]
-path = "state/directory.db"
-secrets_key_file = "state/secrets.key"
-[audit]
-path = "log/audit.jsonl"
-[admin]
-socket = "admin.sock"
-"""
+LISTEN = 'listen = "127.0.0.1:8443"\n'
+
+
+def with_gateway_keys(keys: str) -> str:
+    """The minimal config with ``keys`` added to its [gateway] section."""
+    return MINIMAL.replace(LISTEN, LISTEN + keys)
 
 
 def test_caps_are_read_from_the_gateway_section(tmp_path: Path) -> None:
-    cfg = parse(GATEWAY + REST, tmp_path / "gatewayd.toml")
+    cfg = parse(MINIMAL, tmp_path / "gatewayd.toml")
     assert (cfg.gateway.max_handshakes, cfg.gateway.max_handshakes_per_source) == (64, 8)
-    text = GATEWAY + "max_handshakes = 200\nmax_handshakes_per_source = 20\n" + REST
+    text = with_gateway_keys("max_handshakes = 200\nmax_handshakes_per_source = 20\n")
     cfg = parse(text, tmp_path / "gatewayd.toml")
     assert (cfg.gateway.max_handshakes, cfg.gateway.max_handshakes_per_source) == (200, 20)
 
@@ -129,5 +121,5 @@ def test_caps_are_read_from_the_gateway_section(tmp_path: Path) -> None:
 )
 def test_bad_caps_are_one_clear_problem(tmp_path: Path, keys: str, problem: str) -> None:
     with pytest.raises(ConfigError) as info:
-        parse(GATEWAY + keys + "\n" + REST, tmp_path / "gatewayd.toml")
+        parse(with_gateway_keys(keys + "\n"), tmp_path / "gatewayd.toml")
     assert problem in str(info.value)
