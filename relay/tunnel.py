@@ -3,7 +3,13 @@
 Inside a spliced tunnel the client (initiator) and the agent (responder) run
 ``Noise_IK_25519_ChaChaPoly_BLAKE2s``, or, when the agent has an ML-KEM-768 key,
 the hybrid ``Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s`` with ML-KEM tokens (see
-:mod:`relay.noise`); an agent with that key answers only the hybrid handshake. The
+:mod:`relay.noise`); an agent with that key answers only the hybrid handshake.
+Either runs with AES-256-GCM instead (``..._AESGCM_BLAKE2s``) when the agent offers
+it: the agent lists its ciphers when it connects, the gateway passes the list on with
+the session, the client names its choice with each tunnel and the gateway passes that
+on with the dial request; the agent answers only the cipher so named, and only one it
+runs. The cipher is in the protocol name, the first input of the handshake hash, so
+a gateway that changes the choice on its way only makes the handshake fail. The
 client knows the agent's static key(s) in advance (enrolled at the gateway, pinned
 on first use by the client); the agent learns the client's static key from message
 1 and checks it against the key the gateway announced with the dial request. The
@@ -23,11 +29,15 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import os
+from collections.abc import Mapping, Sequence
 
 from . import noise
-from .errors import NoiseError, TunnelCut
+from .errors import GatewayError, NoiseError, TunnelCut
 
 PROLOGUE = b"gw-e2e-v1\x00"
+#: Environment variable that narrows the end-to-end ciphers (see :func:`local_ciphers`).
+CIPHERS_ENV = "GW_E2E_CIPHERS"
 RECORD_DATA = 0x00
 RECORD_END = 0x01
 #: Bytes of one full record on the wire (length, type, data, tag): 64 KiB, exactly four
@@ -45,6 +55,37 @@ HOLD_MAX = 256 * 1024
 
 def prologue(session_id: str) -> bytes:
     return PROLOGUE + session_id.encode()
+
+
+def local_ciphers(environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
+    """The end-to-end ciphers this end runs, the preferred first.
+
+    All of :data:`relay.noise.CIPHERS`, or those ``GW_E2E_CIPHERS`` lists (comma
+    separated, e.g. ``ChaChaPoly`` on a processor without AES instructions, where
+    ChaCha20-Poly1305 is the faster); ChaChaPoly is always run, last if unlisted,
+    since every agent and client runs it. GatewayError names a cipher it does not know.
+    """
+    value = environ.get(CIPHERS_ENV, "").strip()
+    if not value:
+        return noise.CIPHERS
+    listed = [name.strip() for name in value.split(",") if name.strip()]
+    for name in listed:
+        if name not in noise.CIPHERS:
+            raise GatewayError(
+                f"{CIPHERS_ENV}: unknown cipher {name[:40]!r} (known: {', '.join(noise.CIPHERS)})"
+            )
+    if noise.CHACHAPOLY not in listed:
+        listed.append(noise.CHACHAPOLY)
+    return tuple(dict.fromkeys(listed))
+
+
+def choose_cipher(offered: Sequence[str], ours: Sequence[str] = noise.CIPHERS) -> str:
+    """The cipher a client runs with an agent that offers ``offered``: the first of
+    ``ours`` it lists, else ChaChaPoly (which every agent runs, said or not)."""
+    for cipher in ours:
+        if cipher in offered:
+            return cipher
+    return noise.CHACHAPOLY
 
 
 def session_sas(session_id: str, client_key: bytes, agent_key: bytes) -> str:
@@ -265,6 +306,9 @@ class Established:
         self.remote_static = hs.remote_static
         #: True for the hybrid (X25519 + ML-KEM-768) handshake.
         self.hybrid = hs.hybrid
+        #: ``"AESGCM"`` or ``"ChaChaPoly"``, and the whole Noise protocol name.
+        self.cipher = hs.cipher
+        self.protocol = hs.protocol
 
     @property
     def leftover(self) -> bytes:
@@ -299,13 +343,19 @@ async def initiate(
     agent_key: bytes,
     session_id: str,
     agent_kem_key: bytes | None = None,
+    cipher: str = noise.CHACHAPOLY,
     timeout: float = HANDSHAKE_TIMEOUT,
 ) -> Established:
     """Client side: run Noise IK towards the agent whose static key is ``agent_key``;
-    the hybrid handshake when its ML-KEM-768 key ``agent_kem_key`` is given."""
+    the hybrid handshake when its ML-KEM-768 key ``agent_kem_key`` is given; with
+    ``cipher`` (the one named to the gateway for this tunnel)."""
     reader = _take(transport, leftover)
     hs = noise.HandshakeState.initiator(
-        static_private, agent_key, prologue(session_id), remote_kem_static=agent_kem_key
+        static_private,
+        agent_key,
+        prologue(session_id),
+        remote_kem_static=agent_kem_key,
+        cipher=cipher,
     )
     transport.write(noise.frame(hs.write_message()))
     try:
@@ -324,16 +374,24 @@ async def respond(
     session_id: str,
     kem_seed: bytes | None = None,
     replay: ReplayGuard | None = None,
+    cipher: str = noise.CHACHAPOLY,
+    ciphers: tuple[str, ...] = noise.CIPHERS,
     timeout: float = HANDSHAKE_TIMEOUT,
 ) -> Established:
     """Agent side: accept Noise IK only from the client key the gateway announced.
 
     With the agent's ML-KEM-768 seed ``kem_seed`` only the hybrid handshake is
-    answered; ``replay`` refuses a first message answered before.
+    answered; ``replay`` refuses a first message answered before. Only ``cipher``
+    (the client's choice, as the dial request names it) is answered, and only if it
+    is one of this agent's ``ciphers``.
     """
     reader = _take(transport, leftover)
+    if cipher not in ciphers:
+        raise NoiseError(
+            f"the client named cipher {cipher[:40]!r}; this agent runs {', '.join(ciphers)}"
+        )
     hs = noise.HandshakeState.responder(
-        static_private, prologue(session_id), kem_static_seed=kem_seed
+        static_private, prologue(session_id), kem_static_seed=kem_seed, cipher=cipher
     )
     try:
         first = await reader.read_message(timeout)
