@@ -378,6 +378,7 @@ def connect(
             progress.clear()
             if verbose:
                 how = "X25519 + ML-KEM-768" if est.hybrid else "X25519"
+                how += ", AES-256-GCM" if est.cipher == "AESGCM" else ", ChaCha20-Poly1305"
                 progress.say(
                     f"gw: tunnel to {agent}/{target} end-to-end encrypted ({how}); SAS {est.sas}"
                 )

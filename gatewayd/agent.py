@@ -42,6 +42,8 @@ class AgentConn:
     source: str
     unreachable: str = ""
     """Always reachable: this node holds the connection (see ``SessionDirectory.locate``)."""
+    ciphers: tuple[str, ...] = ()
+    """The end-to-end ciphers the agent said it runs (its hello); () for ChaChaPoly alone."""
 
 
 def _cn(cert: x509.Certificate) -> str:
@@ -123,7 +125,13 @@ class Agents:
         if previous is not None:
             previous.link.send_error("session_ended", "replaced by a newer connection")
         conn = AgentConn(
-            agent_id, agent.org, link, frozenset(hello.targets), self.clock.now(), link.peer
+            agent_id,
+            agent.org,
+            link,
+            frozenset(hello.targets),
+            self.clock.now(),
+            link.peer,
+            ciphers=hello.ciphers,
         )
         self.online[agent_id] = conn
         await self.store.touch_agent(agent_id, self.clock.now())

@@ -230,6 +230,9 @@ class TunnelStarted(SessionContext):
     tunnel: str
     e2e: str = "classic"
     """The end-to-end handshake: ``classic`` (X25519) or ``hybrid`` (X25519 + ML-KEM-768)."""
+    cipher: str = "ChaChaPoly"
+    """The end-to-end cipher the client named, the only one the agent then answers:
+    ``AESGCM`` (AES-256-GCM) or ``ChaChaPoly`` (ChaCha20-Poly1305)."""
 
 
 @dataclass(frozen=True, slots=True)

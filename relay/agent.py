@@ -412,6 +412,8 @@ class Agent:
         self.session_keys = SessionKeys()
         #: First handshake messages answered: a replayed one is refused.
         self.replay = tunnel.ReplayGuard()
+        #: The end-to-end ciphers this agent runs (said in its hello), preferred first.
+        self.ciphers = tunnel.local_ciphers()
         #: The data connection dialled ahead while a session is known (``spare``), so
         #: the session's next tunnel costs no TLS handshake here; None without one.
         self.spare: asyncio.Task[None] | None = None
@@ -473,7 +475,7 @@ class Agent:
             endpoint.host, endpoint.port, self.ssl_context, server_hostname=endpoint.name
         )
         try:
-            link.send(m.AgentHello(targets=tuple(self.targets)))
+            link.send(m.AgentHello(targets=tuple(self.targets), ciphers=self.ciphers))
             self.log("connected", gateway=str(endpoint), targets=sorted(self.targets))
             self.connected.set()
             while True:
@@ -634,6 +636,8 @@ class Agent:
             return
         try:
             expected = self.session_keys.key_for(dial.session_id, dial.client_key)
+            if (dial.cipher or noise.CHACHAPOLY) not in self.ciphers:
+                raise GatewayError(f"cipher {dial.cipher[:40]!r} is not one this agent runs")
         except GatewayError as exc:
             self.log(
                 "REFUSED a tunnel",
@@ -675,6 +679,8 @@ class Agent:
                 session_id=dial.session_id,
                 kem_seed=self.state.kem_seed,
                 replay=self.replay,
+                cipher=dial.cipher or noise.CHACHAPOLY,
+                ciphers=self.ciphers,
             )
         except (GatewayError, OSError, TimeoutError, NoiseError, ProtocolError) as exc:
             self.log("tunnel failed", target=dial.target, error=str(exc))
@@ -688,6 +694,7 @@ class Agent:
             target=dial.target,
             sas=est.sas,
             e2e="hybrid" if est.hybrid else "classic",
+            cipher=est.cipher,
             via="new" if data is None else "spare",
         )
         pipe = Pipe(

@@ -43,6 +43,16 @@ def valid_id(value: str) -> bool:
 MODES = ("access", "support", "homeoffice")
 
 
+#: The end-to-end cipher every agent and client runs: said by leaving it unsaid.
+BASE_CIPHER = "ChaChaPoly"
+
+
+def _check_cipher(name: str, where: str) -> None:
+    """A cipher name as in Noise protocol names (``AESGCM``); unknown ones pass."""
+    if not 0 < len(name) <= 32 or not valid_id(name):
+        raise ProtocolError(f"{where}: not a cipher name")
+
+
 def split_address(value: str, where: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[V6]:PORT``) into (host, port); ProtocolError naming ``where``."""
     host, sep, port = value.rpartition(":")
@@ -184,12 +194,23 @@ class AgentHello(Message):
     TYPE = "agent_hello"
     targets: tuple[str, ...]
     """Names of the services this agent exposes; never addresses."""
+    ciphers: tuple[str, ...] = ()
+    """The end-to-end ciphers this agent runs (``AESGCM``, ``ChaChaPoly``). Unsaid by
+    agents that run ChaChaPoly alone (all older ones)."""
 
     def __post_init__(self) -> None:
         Message.__post_init__(self)
         for name in self.targets:
             if not valid_id(name):
                 raise ProtocolError(f"agent_hello.targets: {name[:40]!r} is not a valid name")
+        for name in self.ciphers:
+            _check_cipher(name, "agent_hello.ciphers")
+
+    def to_json(self) -> dict[str, Any]:
+        out = Message.to_json(self)
+        if set(self.ciphers) <= {BASE_CIPHER}:  # older gateways refuse members they do not know
+            del out["ciphers"]
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +240,20 @@ class TunnelHello(Message):
 
     TYPE = "tunnel"
     ticket: str
+    cipher: str = ""
+    """The end-to-end cipher the client runs in this tunnel, one the session's
+    ``agent_ciphers`` listed; unsaid (older clients): ChaChaPoly."""
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        if self.cipher:
+            _check_cipher(self.cipher, f"{self.TYPE}.cipher")
+
+    def to_json(self) -> dict[str, Any]:
+        out = Message.to_json(self)
+        if self.cipher in ("", BASE_CIPHER):
+            del out["cipher"]
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +346,9 @@ class SessionOpened(Message):
     tunnel_address: str = ""
     """``HOST:PORT`` of the gateway node holding the session, where its tunnels go (a
     cluster: another node would not know the ticket). Absent: where the client logged in."""
+    agent_ciphers: tuple[str, ...] = ()
+    """The end-to-end ciphers the agent said it runs when it connected. Absent: the
+    agent runs ChaChaPoly alone (or the gateway does not know)."""
 
     def __post_init__(self) -> None:
         Message.__post_init__(self)
@@ -318,6 +356,8 @@ class SessionOpened(Message):
             raise ProtocolError("session.card_heartbeat: must be 0 to 3600 seconds")
         if self.tunnel_address:
             split_address(self.tunnel_address, "session.tunnel_address")
+        for name in self.agent_ciphers:
+            _check_cipher(name, "session.agent_ciphers")
 
     def to_json(self) -> dict[str, Any]:
         out = Message.to_json(self)
@@ -329,6 +369,8 @@ class SessionOpened(Message):
             del out["agent_pq_key"]
         if not self.tunnel_address:
             del out["tunnel_address"]
+        if set(self.agent_ciphers) <= {BASE_CIPHER}:
+            del out["agent_ciphers"]
         return out
 
 
@@ -395,16 +437,23 @@ class Dial(Message):
     address: str = ""
     """``HOST:PORT`` of the gateway node to dial the data connection to (a cluster: the
     node that holds the client); empty: the node of the control connection."""
+    cipher: str = ""
+    """The end-to-end cipher the client named for this tunnel, the only one the agent
+    answers; unsaid: ChaChaPoly."""
 
     def __post_init__(self) -> None:
         Message.__post_init__(self)
         if len(self.address) > 300:
             raise ProtocolError("dial.address: longer than 300 characters")
+        if self.cipher:
+            _check_cipher(self.cipher, "dial.cipher")
 
     def to_json(self) -> dict[str, Any]:
         out = Message.to_json(self)
         if not out["address"]:  # unsaid unless used: older agents refuse unknown members
             del out["address"]
+        if self.cipher in ("", BASE_CIPHER):
+            del out["cipher"]
         return out
 
 

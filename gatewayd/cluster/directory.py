@@ -78,6 +78,8 @@ class RemoteAgent:
     node: str
     targets: frozenset[str]
     unreachable: str = ""
+    #: Not known across nodes: a session there runs ChaChaPoly, which every agent runs.
+    ciphers: tuple[str, ...] = ()
 
 
 class _Routed:

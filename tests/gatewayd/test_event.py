@@ -66,7 +66,7 @@ def test_record_fields_in_order_and_spread() -> None:
         "rehashed",
     ]
     started = TunnelStarted(**CONTEXT, tunnel="t1")
-    assert list(started.record()) == [*CONTEXT, "tunnel", "e2e"]
+    assert list(started.record()) == [*CONTEXT, "tunnel", "e2e", "cipher"]
     assert started.context() == CONTEXT
     assert AdminChanged(by="root", op="org.add", touched={"org": "x"}).record() == {
         "by": "root",

@@ -64,7 +64,7 @@ JOURNEY: dict[str, set[frozenset[str]]] = {
             }
         )
     },
-    "tunnel.start": {frozenset({*CONTEXT, "tunnel", "e2e"})},
+    "tunnel.start": {frozenset({*CONTEXT, "tunnel", "e2e", "cipher"})},
     "tunnel.end": {
         frozenset({*CONTEXT, "tunnel", "bytes_up", "bytes_down", "duration", "reason"}),
     },
