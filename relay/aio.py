@@ -359,8 +359,9 @@ def reset(transport: Any) -> None:
 
 
 #: A pipe end hands the other side's transport its buffers once per loop iteration
-#: (one TLS flush, one send), or at once when this many are waiting.
-_BATCH = 4
+#: (one TLS flush, one send), or at once when this many bytes are waiting: a TLS
+#: transport encrypts a batch into one object, kept below glibc's mmap threshold.
+_BATCH_BYTES = 64 * 1024
 
 
 class _EndBase:
@@ -376,6 +377,7 @@ class _EndBase:
         self.eof = False
         self.input_closed = False
         self._out: list[bytes | bytearray | memoryview] = []
+        self._out_bytes = 0
         self._flush_soon: asyncio.Handle | None = None
 
     def data_received(self, data: bytes) -> None:
@@ -403,7 +405,9 @@ class _EndBase:
         """
         if out:
             self._out += out
-            if not more or len(self._out) >= _BATCH:
+            for buf in out:
+                self._out_bytes += len(buf)
+            if not more or self._out_bytes >= _BATCH_BYTES:
                 self.flush()
             elif self._flush_soon is None:
                 self._flush_soon = self.pipe.loop.call_soon(self.flush)
@@ -419,6 +423,7 @@ class _EndBase:
             self._flush_soon = None
         if self._out:
             out, self._out = self._out, []
+            self._out_bytes = 0
             transport = self.other.transport
             if not transport.is_closing():
                 transport.writelines(out)
