@@ -165,8 +165,7 @@ from .base import (
     b64e,
 )
 
-_FIDO2_MISSING: ImportError | None = None
-try:
+if TYPE_CHECKING:
     from fido2 import cbor
     from fido2.attestation.base import Attestation, InvalidAttestation, UnsupportedType
     from fido2.client import (
@@ -183,6 +182,7 @@ try:
     from fido2.rpid import verify_rp_id
     from fido2.webauthn import (
         AttestationConveyancePreference,
+        AuthenticationResponse,
         AuthenticatorData,
         AuthenticatorSelectionCriteria,
         PublicKeyCredentialCreationOptions,
@@ -192,14 +192,10 @@ try:
         PublicKeyCredentialRpEntity,
         PublicKeyCredentialType,
         PublicKeyCredentialUserEntity,
+        RegistrationResponse,
         ResidentKeyRequirement,
         UserVerificationRequirement,
     )
-except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
-    _FIDO2_MISSING = exc
-
-if TYPE_CHECKING:
-    from fido2.webauthn import AuthenticationResponse, RegistrationResponse
 
 __all__ = [
     "FACTOR",
@@ -262,9 +258,92 @@ _INSTALL_HINT: Final = "the FIDO2 factor needs python-fido2: pip install 'gatewa
 _T = TypeVar("_T")
 
 
+#: Why python-fido2 cannot be imported (None: it can, or it was not tried yet).
+_FIDO2_MISSING: ImportError | None = None
+_fido2_tried = False
+_fido2_lock = threading.Lock()
+
+
+def _load_fido2() -> ImportError | None:
+    """Import python-fido2 into this module's names on first use; why it cannot be, or None.
+
+    The library costs a process 7 MiB of memory; a daemon that only parses
+    ``[auth.fido2]`` (every start with the default modes) or serves logins without a
+    security key never loads it. Every path that uses its names goes through
+    :func:`_require_fido2` first.
+    """
+    global _FIDO2_MISSING, _fido2_tried
+    global \
+        cbor, \
+        Attestation, \
+        InvalidAttestation, \
+        UnsupportedType, \
+        ClientError, \
+        DefaultClientDataCollector, \
+        Fido2Client, \
+        PinRequiredError, \
+        UserInteraction, \
+        CoseKey, \
+        UnsupportedKey, \
+        CtapDevice, \
+        CtapError, \
+        Ctap2, \
+        Info, \
+        ClientPin, \
+        verify_rp_id, \
+        AttestationConveyancePreference, \
+        AuthenticatorData, \
+        AuthenticatorSelectionCriteria, \
+        PublicKeyCredentialCreationOptions, \
+        PublicKeyCredentialDescriptor, \
+        PublicKeyCredentialParameters, \
+        PublicKeyCredentialRequestOptions, \
+        PublicKeyCredentialRpEntity, \
+        PublicKeyCredentialType, \
+        PublicKeyCredentialUserEntity, \
+        ResidentKeyRequirement, \
+        UserVerificationRequirement
+    with _fido2_lock:
+        if _fido2_tried:
+            return _FIDO2_MISSING
+        try:
+            from fido2 import cbor
+            from fido2.attestation.base import Attestation, InvalidAttestation, UnsupportedType
+            from fido2.client import (
+                ClientError,
+                DefaultClientDataCollector,
+                Fido2Client,
+                PinRequiredError,
+                UserInteraction,
+            )
+            from fido2.cose import CoseKey, UnsupportedKey
+            from fido2.ctap import CtapDevice, CtapError
+            from fido2.ctap2.base import Ctap2, Info
+            from fido2.ctap2.pin import ClientPin
+            from fido2.rpid import verify_rp_id
+            from fido2.webauthn import (
+                AttestationConveyancePreference,
+                AuthenticatorData,
+                AuthenticatorSelectionCriteria,
+                PublicKeyCredentialCreationOptions,
+                PublicKeyCredentialDescriptor,
+                PublicKeyCredentialParameters,
+                PublicKeyCredentialRequestOptions,
+                PublicKeyCredentialRpEntity,
+                PublicKeyCredentialType,
+                PublicKeyCredentialUserEntity,
+                ResidentKeyRequirement,
+                UserVerificationRequirement,
+            )
+        except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
+            _FIDO2_MISSING = exc
+        _fido2_tried = True
+        return _FIDO2_MISSING
+
+
 def _require_fido2(error: type[Exception] = DeviceError) -> None:
     """Raise ``error`` with an install hint when python-fido2 is not importable."""
-    if _FIDO2_MISSING is not None:
+    if _load_fido2() is not None:
         if error is ConfigError:
             raise ConfigError("auth.fido2", _INSTALL_HINT) from _FIDO2_MISSING
         raise error(f"{_INSTALL_HINT} ({_FIDO2_MISSING})") from _FIDO2_MISSING
@@ -315,7 +394,9 @@ def _check_timeout(value: object, key: str) -> float:
 def _check_origin(origin: object, rp_id: str, key: str) -> str:
     if not isinstance(origin, str) or not origin:
         raise ConfigError(key, f"must be an origin such as 'https://{rp_id}'")
-    if _FIDO2_MISSING is None and not verify_rp_id(rp_id, origin):
+    # https://RP_ID is valid by WebAuthn's own rule: only another origin needs the library
+    # (and its public-suffix list, 1.4 MiB), so that a default config does not load it.
+    if origin != f"https://{rp_id}" and _load_fido2() is None and not verify_rp_id(rp_id, origin):
         raise ConfigError(key, f"{origin!r} is not a valid origin for rp_id {rp_id!r}")
     return origin
 
