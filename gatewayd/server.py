@@ -189,6 +189,7 @@ class Gateway:
             loop.add_signal_handler(sig, handler)
         watchdog = systemd.watchdog_interval()
         dog = loop.create_task(self._watchdog(watchdog)) if watchdog else None
+        malloc.settle()  # start-up's garbage and freed heap pages go before serving
         systemd.notify("READY=1", f"STATUS=listening on {host}:{bound[1]}")
         log.info("gatewayd ready", listen=f"{host}:{bound[1]}", admin=str(cfg.admin.socket))
         try:

@@ -4,7 +4,8 @@ Each library a daemon imports stays in its memory for good (modules, classes, co
 python-fido2 7 MiB, prometheus-client 4 MiB). Those that only some configs or some
 requests need are imported by the code that uses them. The process checked here is a
 real ``gatewayd --config`` (its own ``__main__``), stopped with SIGTERM once ready; at
-exit it writes the names in ``sys.modules``.
+exit it writes the names in ``sys.modules`` and how often it settled its memory
+(:func:`gatewayd.malloc.settle`: once, before it said it was ready).
 """
 
 from __future__ import annotations
@@ -37,11 +38,16 @@ RUNNER = textwrap.dedent(
     """
     import atexit, runpy, sys
 
+    from gatewayd import malloc
+
     out = sys.argv[1]
+    settled = []
+    settle = malloc.settle
+    malloc.settle = lambda: settled.append(1) or settle()
 
     def dump():
         with open(out, "w") as f:
-            f.write("\\n".join(sorted(sys.modules)))
+            f.write("\\n".join([f"settled={len(settled)}", *sorted(sys.modules)]))
 
     atexit.register(dump)
     sys.argv = ["gatewayd", "--config", sys.argv[2]]
@@ -104,6 +110,7 @@ def test_a_default_gatewayd_imports_no_library_it_does_not_use(tmp_path: Path) -
     assert '"fido2"' in text and '"smartcard"' in text  # the modes name both factors
     modules = started_modules(config, tmp_path)
     assert "gatewayd.server" in modules and "auth.fido2" in modules  # it did start
+    assert "settled=1" in modules  # start-up's garbage and freed heap went before ready
     loaded = [lib for lib in NOT_AT_IDLE if _loaded(modules, lib)]
     assert not loaded, f"a default gatewayd imported {loaded}"
 
