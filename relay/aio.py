@@ -16,8 +16,9 @@ import gc
 import socket
 import ssl
 import struct
+import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -96,7 +97,9 @@ class FramedLink(asyncio.Protocol):
         )
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[m.Message | Closed] = asyncio.Queue()
+        #: What recv() takes; None once :meth:`listen` gave the events to a callback.
+        self._queue: asyncio.Queue[m.Message | Closed] | None = asyncio.Queue()
+        self._listener: Callable[[m.Message | Closed], None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self.closed: asyncio.Future[Closed] = self._loop.create_future()
@@ -163,12 +166,15 @@ class FramedLink(asyncio.Protocol):
 
     async def recv(self) -> m.Message:
         """The next message; raises RemoteError for an error frame, ConnectionClosed on close."""
-        event = await self._queue.get()
+        queue = self._queue
+        if queue is None:
+            raise RuntimeError("this link hands what it receives to its listener")
+        event = await queue.get()
         if isinstance(event, m.Error):
             # Drain the Closed that follows an error frame.
             raise RemoteError(event.code, event.message)
         if isinstance(event, Closed):
-            self._queue.put_nowait(event)  # every later recv() sees the close too
+            queue.put_nowait(event)  # every later recv() sees the close too
             raise ConnectionClosed(event.code, event.message)
         return event
 
@@ -182,6 +188,18 @@ class FramedLink(asyncio.Protocol):
                 return msg
             self.send_error("protocol_error", f"unexpected {msg.TYPE}")
             raise ConnectionClosed("protocol_error", f"unexpected {msg.TYPE}")
+
+    def listen(self, listener: Callable[[m.Message | Closed], None]) -> None:
+        """From now on hand every message (pings and error frames too) and then the
+        close to ``listener`` as it arrives, instead of queueing it for :meth:`recv`.
+
+        A long-lived link that only reacts to what comes (an agent's control connection)
+        then needs no task waiting on it, nor a queue: what is queued already goes to
+        ``listener`` first, and :meth:`recv` is no longer allowed."""
+        queue, self._queue = self._queue, None
+        self._listener = listener
+        while queue is not None and not queue.empty():
+            listener(queue.get_nowait())
 
     def extend_handshake(self, seconds: float) -> None:
         """Allow the handshake ``seconds`` more from now (see Connection.extend_handshake)."""
@@ -255,7 +273,10 @@ class FramedLink(asyncio.Protocol):
 
     def _dispatch(self) -> None:
         for event in self.conn.events_received():
-            self._queue.put_nowait(event)
+            if self._listener is not None:
+                self._listener(event)
+            elif self._queue is not None:
+                self._queue.put_nowait(event)
             if isinstance(event, Closed) and not self.closed.done():
                 self.closed.set_result(event)
 
@@ -498,14 +519,24 @@ class _BufferedEnd(_EndBase, asyncio.BufferedProtocol):
         except GatewayError as exc:  # a record that does not decrypt: end the tunnel
             self.pipe.abort(f"{self.name} sent bad data: {exc}")
             return
+        if nbytes < self._asked and not eof and not self._out:
+            # A short read (a keystroke) and nothing held: straight to the other side.
+            if out:
+                transport = self.other.transport
+                if not transport.is_closing():
+                    transport.writelines(out)
+            return
         self._forward(out, eof, more=nbytes >= self._asked)
 
 
 class Passthrough:
     """The opaque splice (the gateway's): bytes go on as they came.
 
-    Each read lands in a new buffer that is handed on as it is: one copy less than a
-    read into the transport's own buffer, and nothing is ever written twice.
+    Each read lands in a buffer that is handed on as it is: one copy less than a read
+    into the transport's own buffer. The next read reuses that buffer only when nothing
+    refers to it any more (the other side's transport took a copy or sent it: a TLS
+    transport encrypts at once, a socket sends at once when it can); a write the
+    transport still holds is never overwritten.
     """
 
     def __init__(self) -> None:
@@ -514,7 +545,10 @@ class Passthrough:
     def get_buffer(self, sizehint: int) -> memoryview:
         # TLS asks for what it has decrypted (plus a little); a socket for 64 KiB.
         size = min(max(sizehint, 4096), PASS_READ_MAX) if sizehint > 0 else PASS_READ_MAX
-        self._buf = bytearray(size)
+        # Two references: the attribute and getrefcount's argument. Any other (a view
+        # in a transport's queue) and the buffer is someone's: take a new one.
+        if len(self._buf) < size or sys.getrefcount(self._buf) > 2:
+            self._buf = bytearray(size)
         return memoryview(self._buf)
 
     def filled(self, n: int) -> tuple[list[memoryview], bool]:
