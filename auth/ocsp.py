@@ -26,10 +26,9 @@ import datetime as dt
 import secrets
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
-from typing import Any
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -42,6 +41,9 @@ from cryptography.x509.oid import (
     ExtendedKeyUsageOID,
     SignatureAlgorithmOID,
 )
+
+if TYPE_CHECKING:
+    from urllib.request import OpenerDirector
 
 __all__ = [
     "CLOCK_SKEW",
@@ -123,17 +125,25 @@ def responder_url(cert: x509.Certificate) -> str | None:
     return None
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A responder's redirect is not followed: the URL is the CA's, or the operator's."""
+@cache
+def _opener() -> OpenerDirector:
+    """The HTTP client, made at the first check: urllib.request and http.client are
+    imported by a daemon that asks a responder, not by every one with the factor."""
+    import urllib.request
 
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
+    class _NoRedirect(urllib.request.HTTPRedirectHandler):
+        """A responder's redirect is not followed: the URL is the CA's, or the operator's."""
 
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
 
-_OPENER = urllib.request.build_opener(_NoRedirect)
+    return urllib.request.build_opener(_NoRedirect)
 
 
 def _fetch(url: str, body: bytes, timeout: float) -> bytes:
+    import urllib.error
+    import urllib.request
+
     request = urllib.request.Request(  # noqa: S310 - only http:// URLs reach here
         url,
         data=body,
@@ -144,7 +154,7 @@ def _fetch(url: str, body: bytes, timeout: float) -> bytes:
     chunks: list[bytes] = []
     size = 0
     try:
-        with _OPENER.open(request, timeout=timeout) as reply:
+        with _opener().open(request, timeout=timeout) as reply:
             while chunk := reply.read(4096):  # each read waits at most ``timeout``
                 chunks.append(chunk)
                 size += len(chunk)

@@ -31,6 +31,8 @@ NOT_AT_IDLE = (
     "psycopg",  # [cluster] database
     "cli",  # the gw command line
     "wsgiref",  # prometheus-client's HTTP server, unused even with [metrics]
+    "urllib.request",  # the OCSP client: the first smartcard check that asks a responder
+    "http.client",
 )
 
 #: Runs the real daemon entry point; at exit, writes every imported module's name.
