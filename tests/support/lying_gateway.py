@@ -26,6 +26,12 @@ it tried and what it got:
   handshake message is recorded; then the attacker dials the agent once more in the
   same session, with the genuine client key, and sends that message again. Outcome
   ``answered`` if the agent answered it, ``refused: ...`` if it closed unanswered.
+- ``cipher-strip``: ``session`` leaves out the agent's end-to-end ciphers
+  (``agent_ciphers``), as if it ran ChaChaPoly alone; tunnels are spliced honestly.
+- ``cipher-flip``: each ``dial`` names the other end-to-end cipher than the one the
+  client named (AESGCM for ChaChaPoly and back); ``note`` says what was told.
+- ``cipher-replay``: as ``replay``, but the replayed first message goes in a data
+  connection whose ``dial`` names the other cipher.
 - ``classic-key``: a downgrade. ``approval_pending`` and ``session`` name the genuine
   agent's X25519 key but leave its ML-KEM-768 key out, as if the agent had only the
   classic handshake; tunnels are then spliced honestly.
@@ -43,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -152,6 +159,9 @@ class LyingBroker(broker_mod.Broker):
                 note(attack="agent-key", outcome="sent", session=msg.session_id)
                 pq = b64(AGENT_KEM_PUBLIC) if msg.agent_pq_key else ""
                 msg = _replace_agent_key(msg, b64(AGENT_PUBLIC), pq)
+            if isinstance(msg, m.SessionOpened) and "cipher-strip" in told:
+                note(attack="cipher-strip", outcome="sent", listed=list(msg.agent_ciphers))
+                msg = dataclasses.replace(msg, agent_ciphers=())
             if isinstance(msg, m.ApprovalPending | m.SessionOpened) and "classic-key" in told:
                 note(attack="classic-key", outcome="sent", session=msg.session_id)
                 msg = _replace_agent_key(msg, None, "")
@@ -177,13 +187,25 @@ class LyingBroker(broker_mod.Broker):
 
     async def _tunnel(self, link: FramedLink, hello: m.TunnelHello) -> bool:
         session = self.sessions.by_ticket(hello.ticket)
-        if session is not None and "replay" in lies():
-            return await self._relay_and_replay(link, session)
+        told = lies()
+        named = hello.cipher or noise.CHACHAPOLY
+        early = getattr(hello, "early", "")
+        if session is not None and told & {"replay", "cipher-replay"}:
+            again = _other_cipher(named) if "cipher-replay" in told else named
+            attack = "cipher-replay" if "cipher-replay" in told else "replay"
+            if not early:
+                return await self._relay_and_replay(link, session, named, again, attack)
+            # The first message (framed) came with the request: splice honestly (the
+            # agent gets and answers it first), then replay it.
+            frame = base64.urlsafe_b64decode(early + "=" * (-len(early) % 4))
+            spliced = await super()._tunnel(link, hello)
+            self.spawn(self._replay(session, frame, again, attack))
+            return spliced
         if session is None or not lies() & {"agent-key", "pending-key"}:
             return await super()._tunnel(link, hello)
         note(attack="agent-key", outcome="tunnel requested", session=session.id)
         got = await self._dial_agent(
-            session.agent, session.target, session.id, session.user, session.mode
+            session.agent, session.target, session.id, session.user, session.mode, cipher=named
         )
         if isinstance(got, str):
             note(attack="agent-key", outcome=got, session=session.id)
@@ -202,6 +224,7 @@ class LyingBroker(broker_mod.Broker):
                 expected_client_key=session.client_key,
                 session_id=session.id,
                 kem_seed=AGENT_KEM_SEED if await self._agent_pq_key(session.agent) else None,
+                cipher=named,
             )
             client_t.pause_reading()  # what the client sends next waits for the relay
             to_agent = await tunnel.initiate(
@@ -211,6 +234,7 @@ class LyingBroker(broker_mod.Broker):
                 agent_key=await self._agent_key(session.agent),
                 agent_kem_key=await self._agent_pq_key(session.agent),
                 session_id=session.id,
+                cipher=named,
             )
         except NoiseError as exc:
             note(attack="agent-key", outcome=f"refused: {exc}", session=session.id)
@@ -242,7 +266,9 @@ class LyingBroker(broker_mod.Broker):
             return None
         return base64.urlsafe_b64decode(agent.pq_key + "=" * (-len(agent.pq_key) % 4))
 
-    async def _relay_and_replay(self, link: FramedLink, session: Any) -> bool:
+    async def _relay_and_replay(
+        self, link: FramedLink, session: Any, named: str, again: str, attack: str
+    ) -> bool:
         got = await self._dial_agent(
             session.agent,
             session.target,
@@ -250,6 +276,7 @@ class LyingBroker(broker_mod.Broker):
             session.user,
             session.mode,
             client_key=session.client_key,
+            cipher=named,
         )
         if isinstance(got, str):
             link.send_error("dial_failed", got)
@@ -266,7 +293,7 @@ class LyingBroker(broker_mod.Broker):
             first.extend(data)
             if len(first) >= 2 and len(first) >= 2 + int.from_bytes(first[:2], "big"):
                 frame = bytes(first[: 2 + int.from_bytes(first[:2], "big")])
-                self.spawn(self._replay(session, frame))
+                self.spawn(self._replay(session, frame, again, attack))
 
         up, down = _Raw(agent_t, recorded), _Raw(client_t, None)
         client_t.set_protocol(up)
@@ -277,7 +304,7 @@ class LyingBroker(broker_mod.Broker):
             down.data_received(agent_rest)
         return True
 
-    async def _replay(self, session: Any, frame: bytes) -> None:
+    async def _replay(self, session: Any, frame: bytes, cipher: str, attack: str) -> None:
         got = await self._dial_agent(
             session.agent,
             session.target,
@@ -285,9 +312,10 @@ class LyingBroker(broker_mod.Broker):
             session.user,
             session.mode,
             client_key=session.client_key,
+            cipher=cipher,
         )
         if isinstance(got, str):
-            note(attack="replay", outcome=got, session=session.id)
+            note(attack=attack, outcome=got, session=session.id, cipher=cipher)
             return
         got.send(m.Spliced())
         transport, _ = got.detach()
@@ -311,7 +339,7 @@ class LyingBroker(broker_mod.Broker):
                 await done
         transport.abort()
         outcome = f"answered ({len(answer)} bytes)" if answer else "refused: closed unanswered"
-        note(attack="replay", outcome=outcome, session=session.id)
+        note(attack=attack, outcome=outcome, session=session.id, cipher=cipher)
 
     async def _dial_agent(
         self,
@@ -321,14 +349,17 @@ class LyingBroker(broker_mod.Broker):
         user: str,
         mode: str,
         client_key: bytes = CLIENT_PUBLIC,
+        cipher: str = noise.CHACHAPOLY,
     ) -> FramedLink | str:
-        """Ask the agent for a data connection presenting ``client_key`` (the attacker's)."""
+        """Ask the agent for a data connection presenting ``client_key`` (the attacker's)
+        and naming ``cipher``."""
         online = self.agents.get(agent)
         if online is None:
             return "agent offline"
         token, waiter = self.dials.expect(agent)
         try:
-            online.link.send(m.Dial(token, target, session_id, b64(client_key), user, mode))
+            dial = m.Dial(token, target, session_id, b64(client_key), user, mode, cipher=cipher)
+            online.link.send(dial)
             async with asyncio.timeout(10):
                 return await waiter
         except broker_mod.DialError as exc:
@@ -398,9 +429,28 @@ def _replace_agent_key(msg: Any, key: str | None, pq: str) -> Any:
     if key is not None:
         fields["agent_key"] = key
     fields["agent_pq_key"] = pq
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
     return type(msg)(**fields)
+
+
+def _other_cipher(cipher: str) -> str:
+    return noise.CHACHAPOLY if cipher == noise.AESGCM_CIPHER else noise.AESGCM_CIPHER
+
+
+_honest_link_send = FramedLink.send
+
+
+def _lying_link_send(self: FramedLink, msg: m.Message) -> None:
+    """Every message the gateway sends, on any connection: ``cipher-flip`` rewrites dials."""
+    if isinstance(msg, m.Dial) and "cipher-flip" in lies():
+        named = msg.cipher or noise.CHACHAPOLY
+        told = _other_cipher(named)
+        note(attack="cipher-flip", outcome="sent", session=msg.session_id, named=named, told=told)
+        msg = dataclasses.replace(msg, cipher=told)
+    _honest_link_send(self, msg)
 
 
 if __name__ == "__main__":
     server_mod.Broker = LyingBroker  # type: ignore[misc]
+    FramedLink.send = _lying_link_send  # type: ignore[method-assign]
     sys.exit(gatewayd_main())

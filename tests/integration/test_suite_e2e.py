@@ -1,0 +1,160 @@
+"""The end-to-end cipher on real processes: AESGCM between new ends, ChaChaPoly otherwise.
+
+A real ``gatewayd`` (the lying one of ``tests/support/lying_gateway.py``, honest until
+asked), real ``gw agent run`` and ``gw connect``. An end with ``GW_E2E_CIPHERS=ChaChaPoly``
+says exactly what an end from before the AESGCM cipher says on the wire (nothing about
+ciphers), so it stands for an old agent or an old client. Then the gateway lies: it
+flips the cipher the client named on its way to the agent, strips the agent's list,
+or replays a client's first handshake message naming the other cipher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from test_e2e_binding import PASSWORD, LyingLab, Site
+
+from gatewayd.demo import EchoServer, wait_for
+
+pytestmark = pytest.mark.integration
+
+OLD = {"GW_E2E_CIPHERS": "ChaChaPoly"}
+
+
+class SuiteLab(LyingLab):
+    """A lying lab whose next processes get ``extra_env`` too."""
+
+    extra_env: dict[str, str] = {}
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), **self.extra_env}
+
+
+class SuiteSite(Site):
+    lab: SuiteLab
+
+    def stdio(self, user: str, data: str = "hi", agent: str = "pc1") -> Any:
+        return self.lab.connect_stdio(
+            agent, user, PASSWORD, "echo", data, "-v", "--known-agents", str(self.known(user))
+        )
+
+    def old_client(self, user: str, agent: str = "pc1") -> Any:
+        self.lab.extra_env = OLD
+        try:
+            return self.stdio(user, agent=agent, data="old client\n")
+        finally:
+            self.lab.extra_env = {}
+
+    def start(self, user: str) -> dict[str, Any]:
+        (record,) = [r for r in self.lab.events("tunnel.start") if r["user"] == user]
+        return record
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SuiteSite]:
+    lab = SuiteLab(tmp_path_factory.mktemp("suite"))
+    lab.init(extra_config="[limits]\nauth_per_minute = 5000\n")
+    lab.start_gateway()
+    echo = EchoServer()
+    lab.admin("org", "add", "clinic", "--name", "Clinic")
+    lab.admin("vendor", "add", "acme", "--name", "Acme")
+    lab.agreement("acme", "clinic", "access", unattended=True)
+    lab.enroll_agent("pc1", "clinic")
+    lab.enroll_agent("pc-old", "clinic")
+    agent = lab.start_agent("pc1", {"echo": echo.port})
+    lab.extra_env = OLD
+    try:
+        lab.start_agent("pc-old", {"echo": echo.port})
+    finally:
+        lab.extra_env = {}
+    try:
+        yield SuiteSite(lab, echo, agent)
+    finally:
+        lab.close()
+        echo.close()
+
+
+def _old_agent_output(site: SuiteSite) -> str:
+    return next(p for p in site.lab.procs if p.name == "agent-pc-old").output()
+
+
+# -- the combinations -------------------------------------------------------------------------
+
+
+def test_a_new_client_and_a_new_agent_run_aesgcm_in_the_hybrid_handshake(site: SuiteSite) -> None:
+    site.lie()
+    user = site.user("acme")
+    result = site.stdio(user, data="patient record\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "PATIENT RECORD\n"
+    assert "end-to-end encrypted (X25519 + ML-KEM-768, AES-256-GCM)" in result.stderr
+    start = site.start(user)
+    assert start["cipher"] == "AESGCM" and start["e2e"] == "hybrid"
+    assert "cipher=AESGCM" in site.agent.output()
+
+
+def test_a_new_client_and_an_old_agent_run_chachapoly(site: SuiteSite) -> None:
+    site.lie()
+    user = site.user("acme")
+    result = site.stdio(user, data="to the old agent\n", agent="pc-old")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "TO THE OLD AGENT\n"
+    assert "ChaCha20-Poly1305" in result.stderr
+    assert site.start(user)["cipher"] == "ChaChaPoly"
+    assert "cipher=ChaChaPoly" in _old_agent_output(site)
+
+
+def test_an_old_client_and_a_new_agent_run_chachapoly(site: SuiteSite) -> None:
+    site.lie()
+    user = site.user("acme")
+    result = site.old_client(user)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "OLD CLIENT\n"
+    assert "ChaCha20-Poly1305" in result.stderr
+    assert site.start(user)["cipher"] == "ChaChaPoly"
+
+
+# -- a lying gateway ----------------------------------------------------------------------------
+
+
+def test_a_gateway_that_flips_the_cipher_gets_no_tunnel(site: SuiteSite) -> None:
+    site.lie("cipher-flip")
+    user = site.user("acme")
+    result = site.stdio(user, data="secret\n")
+    assert result.returncode != 0
+    assert result.stdout == ""
+    (flip,) = [a for a in site.attacks() if a["attack"] == "cipher-flip"]
+    assert (flip["named"], flip["told"]) == ("AESGCM", "ChaChaPoly")
+    wait_for(lambda: "decryption failed" in site.agent.output(), 60, "the agent's refusal")
+    # The record says what the client named: the only cipher the agent would answer.
+    assert site.start(user)["cipher"] == "AESGCM"
+
+
+def test_a_gateway_that_strips_the_agents_ciphers_gets_chachapoly(site: SuiteSite) -> None:
+    site.lie("cipher-strip")
+    user = site.user("acme")
+    result = site.stdio(user, data="still private\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "STILL PRIVATE\n"
+    assert "ChaCha20-Poly1305" in result.stderr
+    assert site.start(user)["cipher"] == "ChaChaPoly"
+    assert [a["attack"] for a in site.attacks()] == ["cipher-strip"]
+
+
+def test_a_first_message_replayed_under_the_other_cipher_is_refused(site: SuiteSite) -> None:
+    site.lie("cipher-replay")
+    user = site.user("acme")
+    result = site.stdio(user, data="relayed\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "RELAYED\n"
+    wait_for(
+        lambda: any(a["attack"] == "cipher-replay" for a in site.attacks()),
+        60,
+        "the attacker's replay",
+    )
+    (replay,) = [a for a in site.attacks() if a["attack"] == "cipher-replay"]
+    assert replay["cipher"] == "ChaChaPoly"
+    assert replay["outcome"].startswith("refused"), replay
+    assert "replayed first handshake message" in site.agent.output()
