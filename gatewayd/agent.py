@@ -6,25 +6,37 @@ directory, keeps the connection as the agent's :class:`AgentConn` (a newer one
 replaces an older), sends it what the gateway asks (dial requests, approval
 requests, session notices) and hands what it answers to whoever asked: a dial's
 failure to the dial pairing, an approval answer to the approval that waits for it.
+
+One gatewayd holds ten thousand of these connections, nearly all idle, so an online
+agent costs as little as it can: once its hello is accepted, no task waits on its
+link; the link hands each message to :meth:`Agents._received` as it arrives
+(:meth:`relay.aio.FramedLink.listen`), and the close ends it there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import structlog
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from relay import message as m
-from relay.aio import ConnectionClosed, FramedLink
-from relay.errors import RemoteError
+from relay.aio import FramedLink
+from relay.protocol import Closed
 
 from . import ca
 from .clock import Clock
 from .event import AgentConnected, AgentDisconnected, EventBus
 from .rejection import RejectionLog
-from .store import Store
+from .store import Agent, Store
+
+log = structlog.get_logger("gatewayd.agent")
+
+#: Ends of an agent's connection that are no rejection: its end of file, and the
+#: gateway's own (replaced by a newer connection, shutting down, an internal error).
+_NOT_REJECTED = frozenset({"eof", "session_ended", "shutdown", "internal"})
 
 #: What the agent said about a dial request: (token, agent id, its reason).
 DialFailedHandler = Callable[[str, str, str], None]
@@ -32,7 +44,7 @@ DialFailedHandler = Callable[[str, str, str], None]
 ApprovalHandler = Callable[[str, m.ApprovalAnswer], None]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class AgentConn:
     id: str
     org: str
@@ -44,6 +56,8 @@ class AgentConn:
     """Always reachable: this node holds the connection (see ``SessionDirectory.locate``)."""
     ciphers: tuple[str, ...] = ()
     """The end-to-end ciphers the agent said it runs (its hello); () for ChaChaPoly alone."""
+    ended: bool = field(default=False, repr=False)
+    """Its link has closed and it is off the books (``agent.disconnect`` is written)."""
 
 
 def _cn(cert: x509.Certificate) -> str:
@@ -95,6 +109,11 @@ class Agents:
 
     async def verified(self, link: FramedLink) -> str | None:
         """The id of the enrolled agent whose certificate this link presented, else None."""
+        agent = await self._enrolled(link)
+        return agent.id if agent is not None else None
+
+    async def _enrolled(self, link: FramedLink) -> Agent | None:
+        """The enrolled, enabled agent whose certificate this link presented, else None."""
         der = link.peer_certificate()
         if der is None:
             return None
@@ -105,11 +124,13 @@ class Agents:
         agent = await self.store.get_agent(agent_id)
         if agent is None or agent.disabled or agent.cert_fingerprint != ca.fingerprint(der):
             return None
-        return agent_id
+        return agent
 
-    async def serve(self, link: FramedLink, hello: m.AgentHello) -> None:
-        agent_id = await self.verified(link)
-        if agent_id is None:
+    async def serve(self, link: FramedLink, hello: m.AgentHello) -> bool:
+        """Take the agent's control connection; True when it stays open (from then on
+        its messages and its close are handled as they come, without a task)."""
+        agent = await self._enrolled(link)
+        if agent is None:
             self.rejections.refuse(
                 "agent.rejected",
                 link.peer,
@@ -118,15 +139,16 @@ class Agents:
                 reason="no enrolled certificate or disabled",
             )
             link.send_error("auth_failed", "agent not enrolled, disabled, or certificate unknown")
-            return
-        agent = await self.store.get_agent(agent_id)
-        assert agent is not None
+            return False
+        # Only the id and the org stay: the directory row (with its keys) is not kept.
+        agent_id, org = agent.id, agent.org
+        del agent
         previous = self.online.get(agent_id)
         if previous is not None:
             previous.link.send_error("session_ended", "replaced by a newer connection")
         conn = AgentConn(
             agent_id,
-            agent.org,
+            org,
             link,
             frozenset(hello.targets),
             self.clock.now(),
@@ -134,24 +156,50 @@ class Agents:
             ciphers=hello.ciphers,
         )
         self.online[agent_id] = conn
-        await self.store.touch_agent(agent_id, self.clock.now())
         self.bus.publish(
-            AgentConnected(
-                agent=agent_id, org=agent.org, source=link.peer, targets=sorted(hello.targets)
-            )
+            AgentConnected(agent=agent_id, org=org, source=link.peer, targets=sorted(hello.targets))
         )
-        reason = "closed"
+        # What came meanwhile (a close too) goes to _received now; a store failure below
+        # closes the link (the broker), which ends the agent there like any close.
+        link.listen(lambda event: self._received(conn, event))
+        await self.store.touch_agent(agent_id, self.clock.now())
+        return True
+
+    def _received(self, conn: AgentConn, event: m.Message | Closed) -> None:
+        """One message from an online agent's control connection, or its close."""
+        if conn.ended:
+            return
         try:
-            while True:
-                msg = await link.expect(m.DialFailed, m.ApprovalAnswer)
-                if isinstance(msg, m.ApprovalAnswer):
-                    self.on_approval(agent_id, msg)
-                    continue
-                assert isinstance(msg, m.DialFailed)
-                self.on_dial_failed(msg.token, agent_id, msg.reason[:200])
-        except (ConnectionClosed, RemoteError) as exc:
-            reason = exc.code if isinstance(exc, ConnectionClosed) else f"error: {exc.code}"
-        finally:
-            if self.online.get(agent_id) is conn:
-                del self.online[agent_id]
-            self.bus.publish(AgentDisconnected(agent=agent_id, source=link.peer, reason=reason))
+            if isinstance(event, m.ApprovalAnswer):
+                self.on_approval(conn.id, event)
+            elif isinstance(event, m.DialFailed):
+                self.on_dial_failed(event.token, conn.id, event.reason[:200])
+            elif isinstance(event, m.Ping | m.Pong):
+                pass
+            elif isinstance(event, m.Error):
+                self._ended(conn, f"error: {event.code}", event.code, event.message)
+            elif isinstance(event, Closed):
+                self._ended(conn, event.code, event.code, event.message)
+            else:
+                conn.link.send_error("protocol_error", f"unexpected {event.TYPE}")
+                self._ended(conn, "protocol_error", "protocol_error", f"unexpected {event.TYPE}")
+        except Exception:
+            # The catch-all, as for any connection: the peer learns nothing specific,
+            # the daemon stays up, the agent is off the books.
+            log.exception("unexpected error", source=conn.link.peer, agent=conn.id)
+            conn.link.send_error("internal", "internal error")
+            self._ended(conn, "internal", "internal", "internal error")
+
+    def _ended(self, conn: AgentConn, reason: str, code: str, message: str) -> None:
+        """The agent's connection is over: off the books, audited once. A close for the
+        peer's fault (a timeout, a protocol error, its error frame) counts as a rejected
+        connection; its end of file and the gateway's own ends do not."""
+        if conn.ended:
+            return
+        conn.ended = True
+        if self.online.get(conn.id) is conn:
+            del self.online[conn.id]
+        if code not in _NOT_REJECTED:
+            self.rejections.reject(conn.link.peer, code, message or code, self.clock.now())
+        conn.link.close()
+        self.bus.publish(AgentDisconnected(agent=conn.id, source=conn.link.peer, reason=reason))

@@ -187,7 +187,7 @@ class Broker:
             elif isinstance(hello, m.TunnelHello):
                 keep_open = await self._tunnel(link, hello)
             elif isinstance(hello, m.AgentHello):
-                await self._agent(link, hello)
+                keep_open = await self._agent(link, hello)
             elif isinstance(hello, m.DataHello):
                 keep_open = await self._data(link, hello)
             elif isinstance(hello, m.SpareHello):
@@ -232,8 +232,8 @@ class Broker:
     async def _tunnel(self, link: FramedLink, hello: m.TunnelHello) -> bool:
         return await self.tunnels.serve(link, hello)
 
-    async def _agent(self, link: FramedLink, hello: m.AgentHello) -> None:
-        await self.agents.serve(link, hello)
+    async def _agent(self, link: FramedLink, hello: m.AgentHello) -> bool:
+        return await self.agents.serve(link, hello)
 
     async def _data(self, link: FramedLink, hello: m.DataHello) -> bool:
         return await self.tunnels.serve_data(link, hello)
