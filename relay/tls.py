@@ -62,9 +62,16 @@ def server_context(
     cert_file: Path, key_file: Path, client_ca_file: Path | None = None
 ) -> ssl.SSLContext:
     """The gateway's context: TLS 1.3 only; asks for (but does not require) a client
-    certificate signed by ``client_ca_file`` (agents have one, people do not)."""
+    certificate signed by ``client_ca_file`` (agents have one, people do not).
+
+    No session tickets: no client of the gateway resumes a TLS session (a session's
+    further connections are new handshakes or the agent's spare), and the two tickets
+    OpenSSL sends by default after every handshake cost the gateway 40 % of a
+    mutual-TLS handshake's processor time (measured: 3.9 ms with, 2.2 without), which
+    is what bounds how fast ten thousand agents come back after a restart."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.num_tickets = 0
     ctx.load_cert_chain(cert_file, key_file)
     if client_ca_file is not None:
         ctx.load_verify_locations(cafile=client_ca_file)
