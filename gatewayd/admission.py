@@ -13,6 +13,15 @@ queue, and a freed slot goes to the sources with waiters in turn (round robin).
 A waiting connection is an accepted socket the loop does not read, a future and nothing
 else: it costs no processor time. The caller bounds the wait (it counts towards the
 handshake timeout) by cancelling :meth:`Admission.enter`.
+
+The queues are bounded too: at most :data:`WAITING_PER_SLOT` connections wait per slot
+(``total`` of them in all, ``per_source`` of one source), and one more is turned away at
+once (:class:`AdmissionFull`). A crowd larger than the gateway can serve within the
+timeout only waited for nothing before: each of those connections held its peer for
+the whole timeout, and those whose turn came just before it (their peer about to give
+up) cost a handshake that was thrown away. Turned away at once, the peer backs off
+(an agent's wait doubles, with full jitter) and the crowd spreads itself over time at
+the rate the gateway serves; the connections that do wait are served within seconds.
 """
 
 from __future__ import annotations
@@ -21,6 +30,15 @@ import asyncio
 import contextlib
 from collections import deque
 from dataclasses import dataclass, field
+
+#: Connections allowed to wait per handshake slot (globally and per source). The slots
+#: serve a few hundred handshakes a second on a small machine: a queue this long is
+#: served within a second or two, far inside any handshake timeout.
+WAITING_PER_SLOT = 4
+
+
+class AdmissionFull(Exception):
+    """Too many connections wait for a handshake slot already: turn this one away now."""
 
 
 @dataclass(slots=True)
@@ -38,26 +56,32 @@ class Admission:
         self.total = total
         self.per_source = min(per_source, total)
         self.active = 0
+        #: Connections waiting in all, and at most how many may (see the module's doc).
+        self.waiting = 0
+        self.max_waiting = WAITING_PER_SLOT * self.total
+        self.max_waiting_per_source = WAITING_PER_SLOT * self.per_source
         self._sources: dict[str, _Source] = {}
         #: Sources with a waiter and a free slot of their own, in the order they get one.
         self._ready: dict[str, None] = {}
 
-    @property
-    def waiting(self) -> int:
-        return sum(len(s.waiting) for s in self._sources.values())
-
     async def enter(self, key: str) -> None:
         """Wait for a handshake slot for source ``key``; :meth:`leave` gives it back.
 
-        Cancelled (a timeout), the connection holds nothing and leaves its queue."""
+        Raises :class:`AdmissionFull` at once when too many wait already (in all, or of
+        this source). Cancelled (a timeout), the connection holds nothing and leaves its
+        queue."""
         source = self._sources.get(key)
         if source is None:
             source = self._sources[key] = _Source()
         if not source.waiting and source.active < self.per_source and self.active < self.total:
             self._grant(source)
             return
+        if self.waiting >= self.max_waiting or len(source.waiting) >= self.max_waiting_per_source:
+            self._forget(key, source)
+            raise AdmissionFull(key)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         source.waiting.append(future)
+        self.waiting += 1
         if source.active < self.per_source:
             self._ready.setdefault(key, None)
         try:
@@ -69,6 +93,7 @@ class Admission:
             # A cancelled future may already be gone: _dispatch skips and drops those.
             with contextlib.suppress(ValueError):
                 source.waiting.remove(future)
+                self.waiting -= 1
             if not source.waiting and self._sources.get(key) is source:
                 self._ready.pop(key, None)
                 self._forget(key, source)
@@ -95,6 +120,7 @@ class Admission:
             del self._ready[key]
             source = self._sources[key]
             future = source.waiting.popleft()
+            self.waiting -= 1
             if not future.cancelled():  # its task is cancelled but has not yet run
                 self._grant(source)
                 future.set_result(None)

@@ -32,7 +32,7 @@ from . import config as config_mod
 from . import malloc, systemd
 from . import metrics as metrics_mod
 from .admin import AdminServer
-from .admission import Admission
+from .admission import Admission, AdmissionFull
 from .audit import AuditLog, open_audit_log
 from .broker import Broker
 from .config import Config, ConfigHolder
@@ -332,6 +332,11 @@ async def _upgrade(
     except TimeoutError:
         conn.close()
         reason = f"no TLS handshake slot within {timeout:g} seconds (too many at once)"
+        broker.rejections.reject(source, "tls", reason, broker.now())
+        return
+    except AdmissionFull:  # the peer backs off and comes back (see gatewayd.admission)
+        conn.close()
+        reason = "too many TLS handshakes waiting; try again later"
         broker.rejections.reject(source, "tls", reason, broker.now())
         return
     except asyncio.CancelledError:  # the gateway stops: the waiting socket goes too

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from gateway_config import MINIMAL
 
-from gatewayd.admission import Admission
+from gatewayd.admission import WAITING_PER_SLOT, Admission, AdmissionFull
 from gatewayd.config import parse
 from relay.errors import ConfigError
 
@@ -82,6 +82,57 @@ def test_a_waiter_cancelled_holds_nothing_even_when_its_slot_comes_first() -> No
         assert a.active == 0 and a.waiting == 0
         await a.enter("z")  # nothing leaked
         assert a.active == 1
+
+    asyncio.run(main())
+
+
+def test_a_crowd_beyond_the_queue_is_turned_away_at_once_not_held() -> None:
+    async def main() -> None:
+        a = Admission(total=2, per_source=1)
+        assert (a.max_waiting, a.max_waiting_per_source) == (
+            2 * WAITING_PER_SLOT,
+            WAITING_PER_SLOT,
+        )
+        await a.enter("x")
+        waiters = [asyncio.create_task(a.enter("x")) for _ in range(WAITING_PER_SLOT)]
+        await turn()
+        assert a.waiting == WAITING_PER_SLOT
+        with pytest.raises(AdmissionFull):  # its own queue is full: at once, no wait
+            await a.enter("x")
+        # Another source still gets a slot, then waits in its own queue ...
+        await a.enter("y")
+        others = [asyncio.create_task(a.enter(f"10.0.0.{i}")) for i in range(WAITING_PER_SLOT)]
+        await turn()
+        assert a.waiting == 2 * WAITING_PER_SLOT
+        with pytest.raises(AdmissionFull):  # ... until the queues hold all they may
+            await a.enter("z")
+        assert "z" not in a._sources  # turned away: nothing kept
+        while a.active:  # every holder's handshake ends; each waiter gets its turn
+            a.leave(next(k for k, source in a._sources.items() if source.active))
+            await turn()
+        await asyncio.gather(*waiters, *others)
+        assert a.waiting == 0
+        await a.enter("z")  # room again
+
+    asyncio.run(main())
+
+
+def test_cancelled_waiters_free_their_places_in_the_queue() -> None:
+    async def main() -> None:
+        a = Admission(total=1, per_source=1)
+        await a.enter("x")
+        waiters = [asyncio.create_task(a.enter("x")) for _ in range(WAITING_PER_SLOT)]
+        await turn()
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        assert a.waiting == 0
+        late = asyncio.create_task(a.enter("x"))
+        await turn()
+        assert a.waiting == 1 and not late.done()
+        a.leave("x")
+        await turn()
+        assert late.done() and a.waiting == 0 and a.active == 1
 
     asyncio.run(main())
 
