@@ -177,6 +177,7 @@ class Broker:
                 m.TunnelHello,
                 m.DataHello,
                 m.SpareHello,
+                m.TunnelSpare,
                 m.RegisterHello,
             )
             if not self.accepting and not isinstance(hello, m.DataHello):
@@ -192,6 +193,8 @@ class Broker:
                 keep_open = await self._data(link, hello)
             elif isinstance(hello, m.SpareHello):
                 keep_open = await self.tunnels.serve_spare(link, hello)
+            elif isinstance(hello, m.TunnelSpare):
+                keep_open = await self.tunnels.serve_client_spare(link, hello)
             elif isinstance(hello, m.RegisterHello):
                 await self._register(link, hello)
             else:

@@ -71,6 +71,8 @@ class Session:
     tunnels: set[Pipe] = field(default_factory=set)
     reserved: int = 0
     """Tunnels being set up (dial, audit): they hold a place under the per-session limit."""
+    spares: set[FramedLink] = field(default_factory=set)
+    """The client's tunnel connections dialled ahead (``tunnel_spare``), not yet used."""
     tunnel_count: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -98,6 +100,9 @@ class AgentPlace(Protocol):
 
     @property
     def unreachable(self) -> str: ...
+
+    @property
+    def ciphers(self) -> tuple[str, ...]: ...
 
 
 class SessionDirectory:
@@ -395,6 +400,7 @@ class Sessions:
                 watch_card=mode_cfg.end_on_card_removal,
                 card_heartbeat=mode_cfg.card_heartbeat if watched else 0.0,
                 tunnel_address=self.directory.tunnel_address,
+                agent_ciphers=online.ciphers,
             )
         )
         if not decision.needs_approval:

@@ -14,6 +14,13 @@ An agent with a live session keeps one data connection dialled ahead (``spare``,
 :class:`Spares`): the next dial for it goes on that connection rather than the
 control connection, and the agent answers on it at once, with no TLS handshake of
 its own; it then dials the next spare.
+
+``gw connect`` does the same on its side (``tunnel_spare``, :meth:`Tunnels.serve_client_spare`):
+a tunnel connection dialled ahead and bound to its session's ticket, at most
+:data:`MAX_CLIENT_SPARES` per session, closed when the session ends; ``tunnel_open`` on it
+is served exactly as a ``tunnel`` would be, every check made then. Either way the
+client may send the end-to-end handshake's first message with its request (``early``):
+it is held here and reaches the agent only after ``tunnel.start`` is on disk.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from auth.base import b64e
+from auth.base import b64d, b64e
 from relay import message as m
 from relay.aio import ConnectionClosed, FramedLink, Pipe
 from relay.errors import GatewayError, ProtocolError, RemoteError
@@ -36,6 +43,14 @@ from .config import Config, ConfigHolder
 from .event import EventBus, TunnelEnded, TunnelFailed, TunnelRefused, TunnelStarted
 from .rejection import RejectionLog
 from .session import Session, SessionDirectory
+
+#: Most bytes of a client's first end-to-end handshake message sent with its request
+#: (a hybrid one is about 2.4 KiB).
+MAX_EARLY = 8 * 1024
+
+#: Most ``tunnel_spare`` connections one session may keep at once: the client keeps one,
+#: and dials the next as it uses it.
+MAX_CLIENT_SPARES = 2
 
 #: Starts a task the daemon keeps until it is done (and waits for at shutdown).
 Spawn = Callable[[Coroutine[Any, Any, Any]], None]
@@ -184,13 +199,25 @@ class Tunnels:
             self.bus.publish(TunnelRefused(**fields, reason="too many tunnels"))
             link.send_error("rate_limited", "too many tunnels in this session")
             return False
+        try:
+            early = b64d(hello.early, max_len=MAX_EARLY) if hello.early else b""
+        except ValueError:
+            link.send_error("protocol_error", "tunnel.early: not base64url, or too long")
+            return False
         session.reserved += 1
         try:
-            return await self._open(link, session, fields)
+            return await self._open(link, session, fields, hello.cipher or m.BASE_CIPHER, early)
         finally:
             session.reserved -= 1
 
-    async def _open(self, link: FramedLink, session: Session, fields: dict[str, Any]) -> bool:
+    async def _open(
+        self,
+        link: FramedLink,
+        session: Session,
+        fields: dict[str, Any],
+        cipher: str,
+        early: bytes = b"",
+    ) -> bool:
         place = self.directory.locate(session.agent)
         if place is None:
             self.bus.publish(TunnelRefused(**fields, reason="agent offline"))
@@ -204,9 +231,16 @@ class Tunnels:
             self.bus.publish(TunnelRefused(**fields, reason=NO_PQ_KEY))
             link.send_error("denied", f"agent {session.agent}: {NO_PQ_KEY}")
             return False
+        if cipher != m.BASE_CIPHER and cipher not in place.ciphers:
+            # Passed on, it would break an agent that does not know the member.
+            why = f"the agent does not run the end-to-end cipher {cipher}"
+            self.bus.publish(TunnelRefused(**fields, reason=why))
+            link.send_error("denied", why)
+            return False
         token, waiter = self.dials.expect(session.agent)
         tunnel_id = secrets.token_hex(6)
-        start = TunnelStarted(**fields, tunnel=tunnel_id, e2e=await self.access.e2e(session.agent))
+        e2e = await self.access.e2e(session.agent)
+        start = TunnelStarted(**fields, tunnel=tunnel_id, e2e=e2e, cipher=cipher)
         durable: asyncio.Task[int] | None = None
         try:
             dial = m.Dial(
@@ -216,6 +250,7 @@ class Tunnels:
                 client_key=b64e(session.client_key),
                 user=session.user,
                 mode=session.mode,
+                cipher=cipher,
             )
             if not self.spares.send(session.agent, dial) and not self.directory.ask_to_dial(
                 session.agent, dial
@@ -258,7 +293,9 @@ class Tunnels:
         session.tunnels.add(pipe)
         session.tunnel_count += 1
         started = self.clock.monotonic()
-        pipe.start(client_rest, agent_rest)
+        # The client's first handshake message came with its request: held until now
+        # (the record is on disk), it goes to the agent ahead of anything else.
+        pipe.start(early + client_rest, agent_rest)
         self.spawn(self._watch(session, pipe, tunnel_id, fields, started))
         return True
 
@@ -292,6 +329,58 @@ class Tunnels:
                 duration=round(self.clock.monotonic() - started, 3),
                 reason=result.reason,
             )
+        )
+
+    async def serve_client_spare(self, link: FramedLink, hello: m.TunnelSpare) -> bool:
+        """Keep ``gw connect``'s tunnel connection dialled ahead until it asks for its
+        tunnel (``tunnel_open``), then serve it as a ``tunnel`` with every check made
+        again at that moment. True when it became a tunnel (the caller keeps it open).
+
+        It is bound to its session by the ticket: refused for a session that is unknown
+        or ended, at most :data:`MAX_CLIENT_SPARES` per session, closed when the session
+        ends. Its heartbeats keep the connection, never the session: they are not the
+        session's activity."""
+        session = self.directory.by_ticket(hello.ticket)
+        if session is None or session.ended.is_set():
+            self.rejections.refuse(
+                "tunnel.refused",
+                link.peer,
+                "unknown_session",
+                self.clock.now(),
+                reason="spare connection for an unknown or ended session",
+            )
+            link.send_error("session_ended", "no such session")
+            return False
+        if len(session.spares) >= MAX_CLIENT_SPARES:
+            self.rejections.refuse(
+                "tunnel.refused",
+                link.peer,
+                "rate_limited",
+                self.clock.now(),
+                session=session.id,
+                user=session.user,
+                reason="too many spare connections",
+            )
+            link.send_error("rate_limited", "too many spare connections in this session")
+            return False
+        session.spares.add(link)
+        asked = asyncio.ensure_future(link.expect(m.TunnelOpen))
+        ended = asyncio.ensure_future(session.ended.wait())
+        try:
+            await asyncio.wait((asked, ended), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            session.spares.discard(link)
+            ended.cancel()
+            asked.cancel()
+        if session.ended.is_set():
+            if asked.done() and not asked.cancelled():
+                asked.exception()  # the connection's own end: moot once the session ended
+            link.send_error("session_ended", session.end_reason or "session ended")
+            return False
+        msg = asked.result()  # raises what ended the connection
+        assert isinstance(msg, m.TunnelOpen)
+        return await self.serve(
+            link, m.TunnelHello(hello.ticket, early=msg.early, cipher=msg.cipher)
         )
 
     async def serve_spare(self, link: FramedLink, hello: m.SpareHello) -> bool:

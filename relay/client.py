@@ -3,9 +3,12 @@
 :func:`open_session` dials the gateway, answers each factor the gateway asks for
 through the ``prove`` callback (the CLI wires it to ``auth`` provers, so this
 module never imports ``auth``), and returns a :class:`ClientSession`. Each
-:meth:`ClientSession.open_tunnel` is a fresh TLS connection presenting the
-session ticket, spliced by the gateway to a fresh connection from the agent,
-inside which the Noise IK handshake runs end to end.
+:meth:`ClientSession.open_tunnel` is a TLS connection presenting the session
+ticket, spliced by the gateway to a connection from the agent, inside which the
+Noise IK handshake runs end to end. With ``-L`` the session keeps the next
+tunnel's connection dialled ahead (``tunnel_spare``, replaced as it is used), so a
+new tunnel costs no TLS handshake; and the handshake's first message goes with the
+request (``early``) instead of waiting for ``spliced``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ from .errors import (
 )
 from .stdio import finish_output, open_stdio  # pipes, or threads for files and ttys
 from .text import printable
+
+#: Seconds after a tunnel opened before the next one's connection and handshake are
+#: prepared (``-L``): at once, their work would delay this tunnel's first bytes.
+SPARE_AFTER = 0.01
+#: The deadline of a handshake prepared ahead: none in practice (a day); once its tunnel
+#: is asked for, the answer is awaited for tunnel.HANDSHAKE_TIMEOUT.
+PREPARED_FOR = 86400.0
 
 #: Most characters of a gateway's error message shown to the person.
 MAX_SAID = 500
@@ -270,6 +280,9 @@ class ClientSession:
         #: The agent's whole static key (X25519, then ML-KEM-768 if any): what is
         #: pinned, fingerprinted and covered by the session's code.
         self.agent_identity = noise.hybrid_key(self.agent_key, self.agent_pq_key)
+        #: The end-to-end cipher of this session's tunnels: the first of ours the agent
+        #: said it runs (named to the gateway with each tunnel, which tells the agent).
+        self.cipher = tunnel.choose_cipher(opened.agent_ciphers, tunnel.local_ciphers())
         #: True when this session's agent key was trusted for the first time (pinned).
         self.pinned = False
         self.on_tunnel: Callable[[tunnel.Established], None] | None = None
@@ -277,38 +290,149 @@ class ClientSession:
         self.on_dial: Callable[[], None] | None = None
         self.tunnels: set[Pipe] = set()
         self._local_tasks: set[asyncio.Task[None]] = set()
+        #: Keep the next tunnel's connection dialled ahead (``-L``: many tunnels).
+        self.keep_spare = False
+        self._spare: asyncio.Task[FramedLink] | None = None
+        #: The next tunnel's end-to-end handshake, its first message computed ahead.
+        self._ready: tuple[_Unspliced, asyncio.Task[tunnel.Established]] | None = None
 
     async def open_tunnel(self) -> tuple[asyncio.Transport, tunnel.Established]:
-        """A new spliced, end-to-end encrypted tunnel to the session's target."""
+        """A new spliced, end-to-end encrypted tunnel to the session's target.
+
+        On the spare connection when there is one (``-L``), else on a new one. The
+        handshake's first message goes with the request (``early``): the gateway holds
+        it until the tunnel is on record, so no round trip waits for ``spliced``.
+        """
         if self.on_dial is not None:
             self.on_dial()
-        gateway = self.gateway
-        if self.opened.tunnel_address:  # a cluster: the node that holds the session
-            host, port = m.split_address(self.opened.tunnel_address, "session.tunnel_address")
-            gateway = replace(gateway, host=host, port=port)
-        link = await gateway.dial()
-        link.send(m.TunnelHello(self.opened.ticket))
+        link = await self._take_spare()
+        if link is not None:
+            try:
+                return await self._request(link, spare=True)
+            except (ConnectionClosed, ProtocolError):
+                pass  # the spare went away unused (its gateway restarted): a new one
+        return await self._request(await self._gateway().dial(), spare=False)
+
+    def _gateway(self) -> Gateway:
+        """Where this session's tunnels go: in a cluster, the node that holds the session."""
+        if not self.opened.tunnel_address:
+            return self.gateway
+        host, port = m.split_address(self.opened.tunnel_address, "session.tunnel_address")
+        return replace(self.gateway, host=host, port=port)
+
+    async def _request(
+        self, link: FramedLink, *, spare: bool
+    ) -> tuple[asyncio.Transport, tunnel.Established]:
+        """Ask for the tunnel on ``link`` (a spare or a new connection) and run the
+        end-to-end handshake through it (its first message prepared ahead, if it was)."""
+        unspliced, handshake = self._take_prepared()
         try:
+            await asyncio.wait((unspliced.first, handshake), return_when=asyncio.FIRST_COMPLETED)
+            if not unspliced.first.done():
+                handshake.result()  # raises why it ended before its first message
+                raise NoiseError("the end-to-end handshake sent no first message")
+            early = b64(unspliced.first.result())
+            if spare:
+                link.send(m.TunnelOpen(early=early, cipher=self.cipher))
+            else:
+                link.send(m.TunnelHello(self.opened.ticket, early=early, cipher=self.cipher))
             await link.expect(m.Spliced)
-        except RemoteError:
+        except BaseException:
+            handshake.cancel()
             link.close()
             raise
         transport, leftover = link.detach()
+        unspliced.attach(transport, leftover)
         try:
-            established = await tunnel.initiate(
-                transport,
-                leftover,
+            established = await asyncio.wait_for(handshake, tunnel.HANDSHAKE_TIMEOUT)
+        except TimeoutError:
+            transport.abort()
+            raise NoiseError("the agent did not answer the end-to-end handshake") from None
+        except NoiseError:
+            transport.abort()
+            raise
+        # The next tunnel's connection and first message, a moment after this one opened
+        # (so that their work does not take the processor from this tunnel's first bytes).
+        asyncio.get_running_loop().call_later(SPARE_AFTER, self._want_spare)
+        if self.on_tunnel is not None:
+            self.on_tunnel(established)
+        return transport, established
+
+    def _prepare(self) -> tuple[_Unspliced, asyncio.Task[tunnel.Established]]:
+        """Start a tunnel's end-to-end handshake: its first message (an ephemeral key,
+        and an ML-KEM encapsulation for the hybrid one) is computed at once, and taken
+        by :class:`_Unspliced` to go with the request; the answer is read once spliced.
+        Its own deadline is far: a tunnel's wait is bounded once it is asked for."""
+        unspliced = _Unspliced()
+        handshake = asyncio.get_running_loop().create_task(
+            tunnel.initiate(
+                unspliced,
+                b"",
                 static_private=self.static_private,
                 agent_key=self.agent_key,
                 agent_kem_key=self.agent_pq_key,
                 session_id=self.opened.session_id,
+                cipher=self.cipher,
+                timeout=PREPARED_FOR,
             )
-        except NoiseError:
-            transport.abort()
+        )
+        return unspliced, handshake
+
+    def _take_prepared(self) -> tuple[_Unspliced, asyncio.Task[tunnel.Established]]:
+        """The handshake prepared ahead (``-L``), once; else one started now."""
+        ready, self._ready = self._ready, None
+        if ready is not None and not ready[1].done():
+            return ready
+        if ready is not None and not ready[1].cancelled():
+            ready[1].exception()  # it failed on its own: a new one
+        return self._prepare()
+
+    def _want_spare(self) -> None:
+        """Dial the next tunnel's connection ahead, unless one is there or on its way.
+
+        Only after a tunnel opened (or as ``-L`` starts): one that fails is not dialled
+        again before the next tunnel (no loop against a gateway that refuses it)."""
+        if not self.keep_spare or self.link.closed.done():
+            return
+        if self._spare is None:
+            self._spare = asyncio.get_running_loop().create_task(self._dial_spare())
+        if self._ready is None:
+            self._ready = self._prepare()
+
+    async def _dial_spare(self) -> FramedLink:
+        link = await self._gateway().dial()
+        try:
+            link.send(m.TunnelSpare(self.opened.ticket))
+        except ProtocolError:  # closed meanwhile
+            link.close()
             raise
-        if self.on_tunnel is not None:
-            self.on_tunnel(established)
-        return transport, established
+        return link
+
+    async def _take_spare(self) -> FramedLink | None:
+        """The spare connection, once (awaited if still being dialled); None when there
+        is none, it failed, or the gateway closed it."""
+        task, self._spare = self._spare, None
+        if task is None:
+            return None
+        try:
+            link = await task
+        except (GatewayError, OSError, TimeoutError):
+            return None
+        if link.closed.done():
+            return None
+        return link
+
+    def _drop_spare(self) -> None:
+        ready, self._ready = self._ready, None
+        if ready is not None:
+            ready[1].cancel()
+        task, self._spare = self._spare, None
+        if task is None:
+            return
+        if task.done() and not task.cancelled() and task.exception() is None:
+            task.result().close()
+        else:
+            task.cancel()
 
     async def splice(self, local: PausedProtocol) -> None:
         """Carry one local stream through a new tunnel until either side ends.
@@ -362,11 +486,15 @@ class ClientSession:
 
         server = await loop.create_server(accepted, host, port)
         bound = server.sockets[0].getsockname()
+        self.keep_spare = True
+        self._want_spare()
         ready(f"{bound[0]}:{bound[1]}")
         try:
             return await self.wait_closed()
         finally:
             server.close()
+            self.keep_spare = False
+            self._drop_spare()
             for pipe in list(self.tunnels):
                 pipe.abort("session ended")
 
@@ -435,9 +563,11 @@ class ClientSession:
             self.link.send(m.Bye(reason[:200]))
         for pipe in list(self.tunnels):
             pipe.abort(reason)
+        self._drop_spare()
         self.link.close()
 
     def close(self) -> None:
+        self._drop_spare()
         self.link.close()
 
 
@@ -472,6 +602,60 @@ def _end_input_on_hangup(loop: asyncio.AbstractEventLoop, pipe: Pipe) -> Callabl
         loop.remove_signal_handler(hup)  # type: ignore[arg-type]
 
     return undo
+
+
+class _Unspliced(asyncio.Transport):
+    """A tunnel's transport before the gateway spliced it, for the end-to-end handshake
+    to start on: its first message is taken (``first``) to go with the request, and the
+    rest runs on the real transport once :meth:`attach` hands it over."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._protocol: Any = None
+        self._real: asyncio.Transport | None = None
+
+    def attach(self, transport: asyncio.Transport, leftover: bytes) -> None:
+        """The spliced transport, and what it carried past ``spliced`` already."""
+        self._real = transport
+        transport.set_protocol(self._protocol)
+        if leftover:
+            self._protocol.data_received(leftover)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+        if self._real is not None:
+            self._real.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol  # type: ignore[no-any-return]
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._real is not None:
+            self._real.write(data)
+        elif not self.first.done():
+            self.first.set_result(bytes(data))
+        else:
+            raise ProtocolError("the tunnel is not spliced yet")
+
+    def pause_reading(self) -> None:
+        if self._real is not None:
+            self._real.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._real is not None:
+            self._real.resume_reading()
+
+    def is_closing(self) -> bool:
+        return self._real is not None and self._real.is_closing()
+
+    def close(self) -> None:
+        if self._real is not None:
+            self._real.close()
+
+    def abort(self) -> None:
+        if self._real is not None:
+            self._real.abort()
 
 
 class _Duplex(asyncio.Transport):
@@ -515,6 +699,10 @@ class _Duplex(asyncio.Transport):
     def abort(self) -> None:
         self._r.close()
         self._w.abort()
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def noise_key(text: str) -> bytes:

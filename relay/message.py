@@ -236,10 +236,15 @@ class EnrollRequest(Message):
 
 @dataclass(frozen=True, slots=True)
 class TunnelHello(Message):
-    """``gw connect`` opens one tunnel of its session (a fresh connection)."""
+    """``gw connect`` opens one tunnel of its session (a fresh connection).
+
+    ``early``: the end-to-end handshake's first message (base64url), sent with the
+    request instead of after ``spliced``; the gateway holds it until the tunnel is on
+    record and hands it to the agent first."""
 
     TYPE = "tunnel"
     ticket: str
+    early: str = ""
     cipher: str = ""
     """The end-to-end cipher the client runs in this tunnel, one the session's
     ``agent_ciphers`` listed; unsaid (older clients): ChaChaPoly."""
@@ -253,6 +258,42 @@ class TunnelHello(Message):
         out = Message.to_json(self)
         if self.cipher in ("", BASE_CIPHER):
             del out["cipher"]
+        if not self.early:
+            del out["early"]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelSpare(Message):
+    """``gw connect``'s connection dialled ahead for its session's next tunnel, bound to
+    the session by its ticket: kept with heartbeats (at most a few per session, closed
+    when the session ends) until ``tunnel_open`` makes it a tunnel; the next tunnel then
+    costs the client no TLS handshake."""
+
+    TYPE = "tunnel_spare"
+    ticket: str
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelOpen(Message):
+    """On a ``tunnel_spare`` connection: open the tunnel now (as ``tunnel`` would,
+    every check made again); ``early`` and ``cipher`` as in :class:`TunnelHello`."""
+
+    TYPE = "tunnel_open"
+    early: str = ""
+    cipher: str = ""
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        if self.cipher:
+            _check_cipher(self.cipher, f"{self.TYPE}.cipher")
+
+    def to_json(self) -> dict[str, Any]:
+        out = Message.to_json(self)
+        if self.cipher in ("", BASE_CIPHER):
+            del out["cipher"]
+        if not self.early:
+            del out["early"]
         return out
 
 
@@ -654,6 +695,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         AgentHello,
         EnrollRequest,
         TunnelHello,
+        TunnelSpare,
+        TunnelOpen,
         DataHello,
         SpareHello,
         RegisterHello,

@@ -25,6 +25,8 @@ steps aside: :meth:`Connection.take_raw` hands over what was buffered. An agent'
 ``spare`` connection (a data connection dialled ahead) waits in ``SPARE``, with
 heartbeats, until the gateway sends one ``dial`` on it; the agent answers ``data``
 (then the usual splice, its handshake deadline counted from then) or ``dial_failed``.
+``gw connect``'s ``tunnel_spare`` (a tunnel connection dialled ahead, bound to its
+session's ticket) waits likewise in ``CLIENT_SPARE`` until it sends ``tunnel_open``.
 
 Time is a parameter: the adapter calls :meth:`Connection.handle_timer` with the
 current time whenever :meth:`Connection.get_timer` says so. The handshake must
@@ -81,6 +83,7 @@ class State(enum.Enum):
     EXPECT_SPLICE = "expect_splice"  # tunnel/data connection waiting for its pair
     SPARE = "spare"  # agent's data connection dialled ahead, waiting for a dial
     SPARE_DIALLED = "spare_dialled"  # ... the dial sent on it, waiting for its answer
+    CLIENT_SPARE = "client_spare"  # gw connect's connection dialled ahead of a tunnel
     SESSION = "session"  # authenticated client control connection
     AGENT = "agent"  # agent control connection
     RAW = "raw"  # spliced: raw bytes, not parsed here
@@ -95,6 +98,7 @@ _HELLOS = {
     "tunnel": State.EXPECT_SPLICE,
     "data": State.EXPECT_SPLICE,
     "spare": State.SPARE,
+    "tunnel_spare": State.CLIENT_SPARE,
 }
 _KEEPALIVE = frozenset({"ping", "pong", "error"})
 
@@ -109,6 +113,7 @@ PEER_MAY_SEND: dict[tuple[Side, State], frozenset[str]] = {
     (Side.ACCEPTOR, State.EXPECT_SPLICE): frozenset({"error"}),
     (Side.ACCEPTOR, State.SPARE): _KEEPALIVE,
     (Side.ACCEPTOR, State.SPARE_DIALLED): frozenset({"data", "dial_failed"}) | _KEEPALIVE,
+    (Side.ACCEPTOR, State.CLIENT_SPARE): frozenset({"tunnel_open"}) | _KEEPALIVE,
     (Side.CONNECTOR, State.EXPECT_AUTH): frozenset(
         {"auth_request", "approval_pending", "session", "agent_list", "logged_in", "logged_out"}
     )
@@ -121,6 +126,7 @@ PEER_MAY_SEND: dict[tuple[Side, State], frozenset[str]] = {
     (Side.CONNECTOR, State.EXPECT_SPLICE): frozenset({"spliced", "error"}),
     (Side.CONNECTOR, State.SPARE): frozenset({"dial"}) | _KEEPALIVE,
     (Side.CONNECTOR, State.SPARE_DIALLED): _KEEPALIVE,
+    (Side.CONNECTOR, State.CLIENT_SPARE): _KEEPALIVE,
 }
 
 #: State changes on a message of a type, sent or received, in a state.
@@ -136,6 +142,7 @@ TRANSITIONS: dict[tuple[State, str], State] = {
     (State.SPARE, "dial"): State.SPARE_DIALLED,
     (State.SPARE_DIALLED, "data"): State.EXPECT_SPLICE,
     (State.SPARE_DIALLED, "dial_failed"): State.CLOSED,
+    (State.CLIENT_SPARE, "tunnel_open"): State.EXPECT_SPLICE,
     (State.SESSION, "bye"): State.CLOSED,
 }
 
@@ -151,7 +158,9 @@ HANDSHAKE_STATES = frozenset(
     }
 )
 #: States with heartbeats.
-LIVE_STATES = frozenset({State.SESSION, State.AGENT, State.SPARE, State.SPARE_DIALLED})
+LIVE_STATES = frozenset(
+    {State.SESSION, State.AGENT, State.SPARE, State.SPARE_DIALLED, State.CLIENT_SPARE}
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -572,7 +572,9 @@ def test_every_message_type_round_trips_json(msg_type: str) -> None:
             CLIENT_HELLO,
             AGENT_HELLO,
             ENROLL,
-            m.TunnelHello("tk"),
+            m.TunnelHello("tk", early="ZWFybHk", cipher="AESGCM"),
+            m.TunnelSpare("tk"),
+            m.TunnelOpen(early="ZWFybHk"),
             m.DataHello("dt"),
             m.SpareHello(),
             AUTH_REQUEST,
@@ -831,6 +833,11 @@ CONVERSATIONS: dict[str, tuple[Side, list[m.Message], list[m.Message]]] = {
     "gateway-enroll": (Side.ACCEPTOR, [], [ENROLL]),
     "gateway-register": (Side.ACCEPTOR, [], [REGISTER, m.Ping(3), AUTH_RESPONSE]),
     "gateway-tunnel": (Side.ACCEPTOR, [], [m.TunnelHello("tk")]),
+    "gateway-tunnel-spare": (
+        Side.ACCEPTOR,
+        [],
+        [m.TunnelSpare("tk"), m.Ping(1), m.TunnelOpen(early="ZWFybHk")],
+    ),
     "client": (Side.CONNECTOR, [CLIENT_HELLO], [AUTH_REQUEST, AUTH_REQUEST, SESSION, m.Ping(4)]),
     "agent": (Side.CONNECTOR, [AGENT_HELLO], [DIAL, m.Ping(9), DIAL]),
     "enroll": (Side.CONNECTOR, [ENROLL], [ENROLLED]),
@@ -943,3 +950,33 @@ def test_fuzz_message_shaped_json(side: Side, hello: m.Message, objs: list[Any])
     data += b"".join(raw_frame(json.dumps(o).encode()) for o in objs)
     conn.receive_data(data, T0)
     _check_events(conn, conn.events_received())
+
+
+# -- gw connect's spare tunnel connection ---------------------------------------------------
+
+
+def test_a_client_spare_waits_live_then_opens_one_tunnel() -> None:
+    """``tunnel_spare`` waits with heartbeats (no hello deadline) until ``tunnel_open``,
+    whose splice then has a handshake deadline of its own; nothing else is taken."""
+    gateway = Connection(Side.ACCEPTOR, now=T0, handshake_timeout=2.0)
+    gateway.receive_data(PREAMBLE + encode(m.TunnelSpare("tk")), T0)
+    assert gateway.events_received() == [m.TunnelSpare("tk")]
+    assert gateway.state is State.CLIENT_SPARE
+    gateway.handle_timer(T0 + 5.0)  # past the hello deadline: still there
+    assert gateway.state is State.CLIENT_SPARE
+    gateway.receive_data(encode(m.TunnelOpen()), T0 + 5.0)
+    assert gateway.events_received() == [m.TunnelOpen()]
+    assert gateway.state is State.EXPECT_SPLICE
+    gateway.handle_timer(T0 + 7.5)
+    assert gateway.state is State.CLOSED and gateway.close_code == "timeout"
+
+
+@pytest.mark.parametrize("msg", [m.TunnelHello("tk"), m.DataHello("dt"), m.Spliced(), DIAL])
+def test_a_client_spare_takes_nothing_but_tunnel_open(msg: m.Message) -> None:
+    gateway = Connection(Side.ACCEPTOR, now=T0)
+    gateway.receive_data(PREAMBLE + encode(m.TunnelSpare("tk")), T0)
+    gateway.events_received()
+    gateway.data_to_send()
+    gateway.receive_data(encode(msg), T0)
+    frame = assert_failed(gateway, gateway.events_received(), "protocol_error")
+    assert f"unexpected {msg.TYPE}" in frame["message"]
