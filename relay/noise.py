@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 from typing import Final
 
@@ -174,6 +175,30 @@ def _kem_public(public: bytes) -> MLKEM768PublicKey:
         raise NoiseError(_NO_KEM) from None
     except ValueError as exc:
         raise NoiseError(f"not an ML-KEM-768 public key: {exc}") from None
+
+
+# A tunnel's handshake needs the same static keys each time: built once per process
+# (an ML-KEM-768 key from its seed costs about as much as the rest of a handshake).
+
+
+@functools.lru_cache(maxsize=4)
+def _static_key(private: bytes) -> tuple[X25519PrivateKey, bytes]:
+    """This side's static X25519 key and its public key."""
+    key = _private_key(private)
+    return key, key.public_key().public_bytes_raw()
+
+
+@functools.lru_cache(maxsize=4)
+def _static_kem(seed: bytes) -> tuple[MLKEM768PrivateKey, bytes]:
+    """This responder's static ML-KEM-768 key and its public key."""
+    key = _kem_private(seed)
+    return key, key.public_key().public_bytes_raw()
+
+
+@functools.lru_cache(maxsize=64)
+def _remote_static_kem(public: bytes) -> MLKEM768PublicKey:
+    """A responder's static ML-KEM-768 public key, checked (FIPS 203 7.2) once."""
+    return _kem_public(public)
 
 
 def _decapsulate(key: MLKEM768PrivateKey, ciphertext: bytes) -> bytes:
@@ -443,6 +468,7 @@ class HandshakeState:
         "_rs",
         "_rs_kem",
         "_s",
+        "_s_public",
         "_split",
         "_ss",
         "_step",
@@ -462,15 +488,20 @@ class HandshakeState:
     ) -> None:
         """Initialize() of spec 5.3; use :meth:`initiator` or :meth:`responder` instead."""
         self._initiator = initiator
-        self._s = _private_key(static_private)
+        self._s, self._s_public = _static_key(bytes(static_private))
         self._e = None if ephemeral_private is None else _private_key(ephemeral_private)
         self._rs = None if remote_static is None else _public_key(remote_static)
         self._re: X25519PublicKey | None = None
         #: Hybrid only: the responder's ML-KEM key (its seed at the responder, its
         #: public key at the initiator), the initiator's ephemeral ML-KEM key and the
         #: one the responder received, and the static ML-KEM secret between messages.
-        self._kem_s = None if kem_static_seed is None else _kem_private(kem_static_seed)
-        self._rs_kem = None if remote_kem_static is None else _kem_public(remote_kem_static)
+        kem_public = b""
+        self._kem_s: MLKEM768PrivateKey | None = None
+        if kem_static_seed is not None:
+            self._kem_s, kem_public = _static_kem(bytes(kem_static_seed))
+        self._rs_kem = None
+        if remote_kem_static is not None:
+            self._rs_kem = _remote_static_kem(bytes(remote_kem_static))
         self._ekem: MLKEM768PrivateKey | None = None
         self._rekem: MLKEM768PublicKey | None = None
         self._kem_secret = b""
@@ -486,9 +517,9 @@ class HandshakeState:
             if self._rs_kem is not None:
                 self._ss.mix_hash(self._rs_kem.public_bytes_raw())
         else:
-            self._ss.mix_hash(self._s.public_key().public_bytes_raw())
+            self._ss.mix_hash(self._s_public)
             if self._kem_s is not None:
-                self._ss.mix_hash(self._kem_s.public_key().public_bytes_raw())
+                self._ss.mix_hash(kem_public)
         self._step = 0  # messages processed so far: 0, 1, then 2 = complete
         self._failed = False
         self._split: tuple[CipherState, CipherState] | None = None
@@ -626,7 +657,7 @@ class HandshakeState:
             if self._step == 0:  # -> e, es, s, ss [, skem, ekem]
                 assert self._rs is not None
                 ss.mix_key(_dh(self._e, self._rs))  # "es": initiator uses DH(e, rs)
-                enc_s = ss.encrypt_and_hash(self._s.public_key().public_bytes_raw())  # "s"
+                enc_s = ss.encrypt_and_hash(self._s_public)  # "s"
                 ss.mix_key(_dh(self._s, self._rs))  # "ss"
                 parts = [e_pub, enc_s]
                 if self._rs_kem is not None:
