@@ -17,8 +17,9 @@ import re
 import secrets
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from world import PASSWORD, World
@@ -64,27 +65,46 @@ def spare_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         echo.close()
 
 
+#: Every connection an attack opened: closed, and their close awaited, before its loop ends.
+_LINKS: list[FramedLink] = []
+
+
+def run(attack: Coroutine[Any, Any, None]) -> None:
+    async def closing() -> None:
+        try:
+            await attack
+        finally:
+            links = list(_LINKS)
+            _LINKS.clear()
+            await asyncio.gather(*(link.aclose() for link in links))
+
+    asyncio.run(closing())
+
+
 def _no_prompt(text: str, secret: bool) -> str:
     raise AssertionError(f"asked {text!r}")
 
 
-async def login(world: World, user: str) -> ClientSession:
+async def login(world: World, user: str, agent: str = "pc1") -> ClientSession:
     values = {"password": PASSWORD, "totp": world.lab.totp(user)}
-    return await open_session(
+    session = await open_session(
         gateway_client(world.lab.gateway, Path(world.lab.ca_file)),
         user=user,
-        agent="pc1",
+        agent=agent,
         target="echo",
         mode="access",
         reason="spare attack",
         static_private=noise.generate_keypair()[0],
         prove=prove_with({}, ProverOptions(user=user, prompt=_no_prompt, values=values)),
     )
+    _LINKS.append(session.link)
+    return session
 
 
 async def ask(session: ClientSession, ticket: str | None = None) -> FramedLink:
     """A spare connection for ``ticket`` (the session's own by default)."""
     link = await session.gateway.dial()
+    _LINKS.append(link)
     link.send(m.TunnelSpare(session.opened.ticket if ticket is None else ticket))
     return link
 
@@ -182,7 +202,7 @@ def test_a_spare_of_an_ended_session_is_closed_and_none_is_taken_after(
         refused = await refusal(late)
         assert (refused.code, refused.message) == ("session_ended", "no such session")
 
-    asyncio.run(attack())
+    run(attack())
 
 
 def test_an_unknown_or_another_sessions_ticket_gets_nothing_of_it(spare_world: World) -> None:
@@ -208,7 +228,7 @@ def test_an_unknown_or_another_sessions_ticket_gets_nothing_of_it(spare_world: W
         assert not records(spare_world, "tunnel.start", session=a.opened.session_id)
         b.end("done")
 
-    asyncio.run(attack())
+    run(attack())
     refused = records(spare_world, "tunnel.refused")
     assert any("unknown or ended" in str(r["reason"]) and "session" not in r for r in refused)
 
@@ -216,9 +236,7 @@ def test_an_unknown_or_another_sessions_ticket_gets_nothing_of_it(spare_world: W
 def test_a_flood_of_spares_parks_two_and_refuses_the_rest(spare_world: World) -> None:
     async def attack() -> None:
         session = await login(spare_world, spare_world.new_user())
-        links = [await session.gateway.dial() for _ in range(6)]
-        for link in links:
-            link.send(m.TunnelSpare(session.opened.ticket))
+        links = [await ask(session) for _ in range(6)]
         waits = {asyncio.ensure_future(link.expect(m.Spliced)): link for link in links}
         refused: list[RemoteError] = []
         async with asyncio.timeout(HANG_GUARD):
@@ -243,7 +261,7 @@ def test_a_flood_of_spares_parks_two_and_refuses_the_rest(spare_world: World) ->
         assert len(starts) == MAX_CLIENT_SPARES
         session.end("done")
 
-    asyncio.run(attack())
+    run(attack())
 
 
 def test_a_revoked_agreement_closes_the_spare_and_refuses_its_use(spare_world: World) -> None:
@@ -264,8 +282,36 @@ def test_a_revoked_agreement_closes_the_spare_and_refuses_its_use(spare_world: W
         assert refused.message.startswith("no longer allowed")
         assert (await refusal(await ask(session))).message == "no such session"
 
-    asyncio.run(attack())
+    run(attack())
     assert not records(spare_world, "tunnel.start", user=user)
+
+
+def test_using_a_spare_is_judged_when_it_is_used(spare_world: World) -> None:
+    """A spare parked while the agent was online, used once it is gone: refused as a
+    new tunnel request would be then, with the session's own record."""
+    lab = spare_world.lab
+    lab.enroll_agent("pc-gone", "clinic")
+    agent = lab.start_agent("pc-gone", {"echo": spare_world.echo.port})
+    user = spare_world.new_user()
+
+    async def attack() -> None:
+        session = await login(spare_world, user, "pc-gone")
+        spare = await park(session)
+        await asyncio.to_thread(agent.stop)
+        await asyncio.to_thread(
+            wait_for,
+            lambda: bool(records(spare_world, "agent.disconnect", agent="pc-gone")),
+            HANG_GUARD,
+            "the agent to be gone",
+        )
+        spare.send(m.TunnelOpen())
+        refused = await refusal(spare)
+        assert refused.code == "agent_offline"
+        (record,) = records(spare_world, "tunnel.refused", session=session.opened.session_id)
+        assert record["reason"] == "agent offline" and record["user"] == user
+        session.end("done")
+
+    run(attack())
 
 
 def test_a_spare_keeps_no_session_alive_past_its_idle_timeout(spare_world: World) -> None:
@@ -290,7 +336,7 @@ def test_a_spare_keeps_no_session_alive_past_its_idle_timeout(spare_world: World
         (end,) = records(spare_world, "session.end", session=session.opened.session_id)
         assert end["reason"] == "idle timeout" and end["tunnels"] == 0
 
-    asyncio.run(attack())
+    run(attack())
 
 
 def test_a_killed_gateway_ends_gw_connect_cleanly(spare_world: World) -> None:
