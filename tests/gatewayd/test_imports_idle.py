@@ -10,12 +10,14 @@ exit it writes the names in ``sys.modules`` and how often it settled its memory
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -77,8 +79,11 @@ def _init(tmp: Path) -> Path:
     return tmp / "gw" / "gatewayd.toml"
 
 
-def started_modules(config: Path, tmp: Path) -> set[str]:
-    """The modules of a gatewayd started with ``config``, once it is ready."""
+def started_modules(
+    config: Path, tmp: Path, when_ready: Callable[[subprocess.Popen[bytes]], None] | None = None
+) -> set[str]:
+    """The modules of a gatewayd started with ``config``, once it is ready (and after
+    ``when_ready`` did what it does to the running daemon)."""
     dump, log = tmp / "modules.txt", tmp / "gatewayd.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -92,6 +97,8 @@ def started_modules(config: Path, tmp: Path) -> set[str]:
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "gatewayd not ready:\n" + log.read_text()
             time.sleep(0.05)
+        if when_ready is not None:
+            when_ready(proc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()
     finally:
@@ -125,6 +132,32 @@ def test_metrics_enabled_imports_prometheus_and_serves(tmp_path: Path) -> None:
     modules = started_modules(config, tmp_path)
     assert "prometheus_client" in modules
     assert "metrics listening" in (tmp_path / "gatewayd.log").read_text()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the daemon's platform")
+def test_a_reload_that_turns_metrics_on_asks_for_a_restart(tmp_path: Path) -> None:
+    """SIGHUP with [metrics] newly enabled: the reload succeeds, says the listener needs a
+    restart, and the daemon (which never loaded prometheus-client) serves on."""
+    config = _init(tmp_path)
+    audit = tmp_path / "gw" / "audit" / "audit.jsonl"
+
+    def enable_metrics_and_reload(proc: subprocess.Popen[bytes]) -> None:
+        with config.open("a") as f:
+            f.write('\n[metrics]\nenabled = true\nlisten = "127.0.0.1:0"\n')
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60  # a hang guard, not a measure
+        while '"gateway.reload"' not in audit.read_text():
+            assert proc.poll() is None
+            assert time.monotonic() < deadline, "no gateway.reload record"
+            time.sleep(0.05)
+
+    modules = started_modules(config, tmp_path, enable_metrics_and_reload)
+    (reload,) = [
+        json.loads(line) for line in audit.read_text().splitlines() if '"gateway.reload"' in line
+    ]
+    assert reload["outcome"] == "success"
+    assert "metrics.enabled" in reload["needs_restart"]
+    assert not _loaded(modules, "prometheus_client")
 
 
 def _fresh(code: str) -> str:
