@@ -400,7 +400,8 @@ class Sessions:
                 watch_card=mode_cfg.end_on_card_removal,
                 card_heartbeat=mode_cfg.card_heartbeat if watched else 0.0,
                 tunnel_address=self.directory.tunnel_address,
-                agent_ciphers=online.ciphers,
+                # Only to a client that said its ciphers: older ones refuse the member.
+                agent_ciphers=(online.ciphers or (m.BASE_CIPHER,)) if hello.ciphers else (),
             )
         )
         if not decision.needs_approval:

@@ -878,7 +878,20 @@ async def _ask(gateway: Gateway, answer: type[_Answer], **login: Any) -> _Answer
     return reply
 
 
-async def _login(
+async def _login(gateway: Gateway, **login: Any) -> tuple[FramedLink, m.Message]:
+    """:func:`_login_once`, saying the client's end-to-end ciphers when it opens a
+    session; once more without them if the gateway is older and refuses the member
+    (it answers the hello at once: no factor was asked for)."""
+    ciphers = tunnel.local_ciphers() if login.get("agent") else ()
+    try:
+        return await _login_once(gateway, ciphers=ciphers, **login)
+    except RemoteError as exc:
+        if not ciphers or "unknown member 'ciphers'" not in exc.message:
+            raise
+    return await _login_once(gateway, ciphers=(), **login)
+
+
+async def _login_once(
     gateway: Gateway,
     *,
     user: str,
@@ -894,6 +907,7 @@ async def _login(
     credential: str = "",
     login_key: str = "",
     logout: bool = False,
+    ciphers: tuple[str, ...] = (),
 ) -> tuple[FramedLink, m.Message]:
     link = await gateway.dial(handshake_timeout=30.0)
     client_key = base64.urlsafe_b64encode(noise.public_key(static_private)).rstrip(b"=").decode()
@@ -909,6 +923,7 @@ async def _login(
             credential=credential,
             login_key=login_key,
             logout=logout,
+            ciphers=ciphers,
         )
     )
     binding = link.channel_binding()

@@ -158,6 +158,10 @@ class ClientHello(Message):
     logout: bool = False
     """``gw logout``: with ``credential``, the gateway ends that credential
     (``logged_out``)."""
+    ciphers: tuple[str, ...] = ()
+    """The end-to-end ciphers the client runs: the gateway then says the agent's in
+    ``session`` (``agent_ciphers``, a member older clients refuse). Unsaid by clients
+    that run ChaChaPoly alone (all older ones)."""
 
     def __post_init__(self) -> None:
         Message.__post_init__(self)
@@ -178,12 +182,16 @@ class ClientHello(Message):
             raise ProtocolError(
                 "client_hello.reason: control, line break or bidi characters are not allowed"
             )
+        for name in self.ciphers:
+            _check_cipher(name, "client_hello.ciphers")
 
     def to_json(self) -> dict[str, Any]:
         out = Message.to_json(self)
         for name in ("credential", "login_key", "logout"):  # unsaid unless used:
             if not out[name]:  # older gateways refuse members they do not know
                 del out[name]
+        if set(self.ciphers) <= {BASE_CIPHER}:
+            del out["ciphers"]
         return out
 
 
@@ -388,8 +396,9 @@ class SessionOpened(Message):
     """``HOST:PORT`` of the gateway node holding the session, where its tunnels go (a
     cluster: another node would not know the ticket). Absent: where the client logged in."""
     agent_ciphers: tuple[str, ...] = ()
-    """The end-to-end ciphers the agent said it runs when it connected. Absent: the
-    agent runs ChaChaPoly alone (or the gateway does not know)."""
+    """The end-to-end ciphers the agent said it runs when it connected (``ChaChaPoly``
+    alone for an agent that said none), sent to clients that said theirs
+    (``client_hello.ciphers``). Absent: a client that said none, or an older gateway."""
 
     def __post_init__(self) -> None:
         Message.__post_init__(self)
@@ -410,7 +419,7 @@ class SessionOpened(Message):
             del out["agent_pq_key"]
         if not self.tunnel_address:
             del out["tunnel_address"]
-        if set(self.agent_ciphers) <= {BASE_CIPHER}:
+        if not self.agent_ciphers:  # sent only to a client that said its own ciphers
             del out["agent_ciphers"]
         return out
 

@@ -245,9 +245,13 @@ def test_chachapoly_only_ends_say_nothing_new() -> None:
         m.AgentHello(("echo",)),
         m.TunnelHello("t", cipher=CHACHAPOLY),
         m.Dial("k", "echo", SESSION, "a", "u", "access", cipher=CHACHAPOLY),
-        m.SessionOpened("s", "t", "pc1", "echo", "a", 1.0, agent_ciphers=(CHACHAPOLY,)),
+        m.SessionOpened("s", "t", "pc1", "echo", "a", 1.0),
     ):
         assert "cipher" not in json.dumps(msg.to_json()), msg
+    # To a client that said its ciphers, the gateway names the agent's, ChaChaPoly alone
+    # too: the client then knows this gateway takes the new members.
+    opened = m.SessionOpened("s", "t", "pc1", "echo", "a", 1.0, agent_ciphers=(CHACHAPOLY,))
+    assert opened.to_json()["agent_ciphers"] == ["ChaChaPoly"]
     said = m.AgentHello(("echo",), ciphers=CIPHERS).to_json()
     assert said["ciphers"] == ["AESGCM", "ChaChaPoly"]
     assert m.from_json(said) == m.AgentHello(("echo",), ciphers=CIPHERS)
@@ -264,3 +268,54 @@ def test_bad_cipher_names_are_protocol_errors(bad: str) -> None:
     ):  # fmt: skip
         with pytest.raises(GatewayError, match="cipher"):
             m.from_json(obj)
+
+
+# -- the client says its ciphers at login; an older gateway refuses that: once more without ------
+
+
+def test_the_client_says_its_ciphers_at_login_and_retries_without_for_an_older_gateway(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from relay import client
+    from relay.errors import RemoteError
+
+    said: list[tuple[str, ...]] = []
+
+    async def older_gateway(gateway: object, **login: object) -> tuple[object, object]:
+        ciphers = login["ciphers"]
+        assert isinstance(ciphers, tuple)
+        said.append(ciphers)
+        hello = m.ClientHello("u", "pc1", "echo", "access", "k", ciphers=ciphers).to_json()
+        if "ciphers" in hello:  # what a gateway from before this member answers
+            raise RemoteError("protocol_error", "client_hello: unknown member 'ciphers'")
+        return "link", "opened"
+
+    monkeypatch.setattr(client, "_login_once", older_gateway)
+    monkeypatch.delenv("GW_E2E_CIPHERS", raising=False)
+    assert asyncio.run(client._login(object(), agent="pc1")) == ("link", "opened")
+    assert said == [CIPHERS, ()]
+    # A list of agents, a login or a logout says no ciphers; other errors are not retried.
+    said.clear()
+    asyncio.run(client._login(object(), agent=""))
+    assert said == [()]
+
+    async def refusing(gateway: object, **login: object) -> tuple[object, object]:
+        said.append(login["ciphers"])  # type: ignore[arg-type]
+        raise RemoteError("denied", "no")
+
+    said.clear()
+    monkeypatch.setattr(client, "_login_once", refusing)
+    with pytest.raises(RemoteError, match="no"):
+        asyncio.run(client._login(object(), agent="pc1"))
+    assert said == [CIPHERS]
+
+
+def test_the_gateway_names_the_agents_ciphers_only_to_a_client_that_said_its_own() -> None:
+    hello = m.from_json({"t": "client_hello", "user": "u", "agent": "pc1", "target": "echo",
+                         "mode": "access", "client_key": "k"})  # fmt: skip
+    assert isinstance(hello, m.ClientHello) and hello.ciphers == ()  # an older client
+    new = m.ClientHello("u", "pc1", "echo", "access", "k", ciphers=CIPHERS)
+    assert new.to_json()["ciphers"] == ["AESGCM", "ChaChaPoly"]
+    assert "ciphers" not in m.ClientHello("u", "pc1", "echo", "access", "k").to_json()
+    with pytest.raises(GatewayError, match=r"client_hello\.ciphers"):
+        m.ClientHello("u", "pc1", "echo", "access", "k", ciphers=("a b",))
