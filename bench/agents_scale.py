@@ -6,6 +6,9 @@ one asyncio task each, not N processes); gatewayd runs as the real daemon. Repor
 
 - gatewayd's RSS per connected agent (RSS with all N online, minus RSS before any
   connected, over N) and its RSS in all;
+- the processor time gatewayd (and this process) spent per agent taken in as they first
+  connect (TLS handshake with the agent's certificate, the directory check, the
+  records), and so how many agents a second one core of this machine admits;
 - CPU while idle: gatewayd's (and this process's) CPU time over a quiet interval as
   long as the heartbeat interval, so every connection pings and answers once;
 - a gatewayd restart: the time until every agent is online again (the agents'
@@ -307,12 +310,22 @@ class Scale:
         agents = [self.agent(s) for s in states]
         self.say(f"connecting {self.n} agents from this process")
         t0 = time.monotonic()
+        me = os.getpid()
+        gw_cpu, my_cpu = cpu_seconds(self.daemon.pid), cpu_seconds(me)
         tasks: list[asyncio.Task[None]] = []
         try:
             for i in range(0, self.n, START_BATCH):
                 tasks += [asyncio.create_task(a.run()) for a in agents[i : i + START_BATCH]]
                 await wait_until(self._all_online(agents, len(tasks)), "agents online")
             res["first_connect_s"] = round(time.monotonic() - t0, 2)
+            # Processor time per agent taken in (TLS handshake with its certificate, the
+            # directory check, the records): its inverse is what one core can admit.
+            per_agent = (cpu_seconds(self.daemon.pid) - gw_cpu) / self.n
+            res["connect_cpu_ms_per_agent"] = {
+                "gatewayd": round(1000 * per_agent, 2),
+                "agents_process": round(1000 * (cpu_seconds(me) - my_cpu) / self.n, 2),
+            }
+            res["gatewayd_agents_per_core_s"] = round(1 / per_agent) if per_agent > 0 else None
             await asyncio.sleep(2.0)  # the daemon's work for the connections settles
             rss_after = status_kib(self.daemon.pid)
             res["gatewayd_rss_mib"] = {
@@ -322,7 +335,6 @@ class Scale:
             res["rss_per_agent_kib"] = round((rss_after - rss_before) / self.n, 1)
 
             self.say(f"idle: {idle_seconds:g} s with every agent connected")
-            me = os.getpid()
             c0, l0, w0 = cpu_seconds(self.daemon.pid), cpu_seconds(me), time.monotonic()
             await asyncio.sleep(idle_seconds)
             wall = time.monotonic() - w0
@@ -412,6 +424,9 @@ def report(res: dict[str, Any]) -> str:
             f"agents held by one gatewayd: {res['agents']} (enrolled in {res['enroll_s']} s)",
             f"gatewayd RSS: {rss['before']} MiB before, {rss['with_agents']} MiB with every "
             f"agent online: {res['rss_per_agent_kib']} KiB per agent (target <= 20)",
+            f"taking an agent in: gatewayd {res['connect_cpu_ms_per_agent']['gatewayd']} ms of "
+            f"processor time (at most {res['gatewayd_agents_per_core_s']} a second per core), "
+            f"the agents' process {res['connect_cpu_ms_per_agent']['agents_process']} ms",
             f"idle CPU over {cpu['seconds']} s: gatewayd {cpu['gatewayd']} %, "
             f"the agents' process {cpu['agents_process']} %",
             f"restart: gatewayd ready in {rs['gatewayd_ready_s']} s; {rs['back']} agents back "
