@@ -388,6 +388,12 @@ class Sessions:
             SessionStarted(**context, expires=session.expires, approved_by=approved_by or None)
         )
         self.directory.register(session)
+        if not decision.needs_approval:
+            # Unattended access and home office: announced at the machine, with the
+            # client key, the only one the agent then accepts in this session's tunnels
+            # (an approved session's key was bound by the approval itself). Before the
+            # client has the ticket: its first tunnel's dial finds the key bound.
+            await self.notify_agent(session, "start")
         link.send(
             m.SessionOpened(
                 session_id=sid,
@@ -404,11 +410,6 @@ class Sessions:
                 agent_ciphers=(online.ciphers or (m.BASE_CIPHER,)) if hello.ciphers else (),
             )
         )
-        if not decision.needs_approval:
-            # Unattended access and home office: announced at the machine, with the
-            # client key, the only one the agent then accepts in this session's tunnels
-            # (an approved session's key was bound by the approval itself).
-            await self.notify_agent(session, "start")
         keeper = None
         if session.login is not None:
             keeper = asyncio.get_running_loop().create_task(self.keep_login_alive(session))
