@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import hmac
 import os
+import sys
 from collections.abc import Mapping, Sequence
 
 from . import noise
@@ -47,6 +48,8 @@ FRAME_SIZE = 1 << 16
 MAX_RECORD_DATA = FRAME_SIZE - 2 - 1 - noise.TAG_LEN
 #: Room for this many frames in an Opener's receive buffer.
 _RECEIVE_FRAMES = 5
+#: Full frames a Sealer keeps for reuse (more in flight at once get fresh ones).
+_KEPT_FRAMES = 4
 #: How long each side waits for the other's handshake message.
 HANDSHAKE_TIMEOUT = 15.0
 #: Most tunnel bytes held between the end of the handshake and the pipe's start.
@@ -135,8 +138,10 @@ class Sealer:
 
     Each record is one buffer (length, then ciphertext), so it goes out in whole TLS
     records. :meth:`get_buffer` and :meth:`filled` let the transport read straight into
-    the plaintext buffer (asyncio's BufferedProtocol); the ciphertext is written into
-    a fresh frame, so nothing handed to a transport is ever written again.
+    the plaintext buffer (asyncio's BufferedProtocol). A full record's ciphertext goes
+    into one of a few frames kept for reuse, taken only when nothing but this sealer
+    refers to it any more (the transport sent it or copied it); otherwise, and for a
+    shorter record, into a fresh frame: nothing a transport holds is written again.
     """
 
     def __init__(self, cipher: noise.CipherState) -> None:
@@ -144,6 +149,7 @@ class Sealer:
         self._plain = bytearray(1 + MAX_RECORD_DATA)
         self._plain[0] = RECORD_DATA
         self._view = memoryview(self._plain)
+        self._frames: list[bytearray] = []
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Where the next read of plaintext goes (at most one record's data)."""
@@ -155,10 +161,22 @@ class Sealer:
 
     def _seal(self, n: int) -> bytearray:
         size = 1 + n + noise.TAG_LEN
-        frame = bytearray(2 + size)
+        frame = self._full_frame() if n == MAX_RECORD_DATA else bytearray(2 + size)
         frame[0] = size >> 8
         frame[1] = size & 0xFF
         self.cipher.encrypt_into(self._view[: 1 + n], memoryview(frame)[2:])
+        return frame
+
+    def _full_frame(self) -> bytearray:
+        """A FRAME_SIZE frame nobody else holds: a kept one if free, else a new one."""
+        for frame in self._frames:
+            # Three references: the list, ``frame`` and getrefcount's argument. Any
+            # other (the frame, or a view of it, queued in a transport) and it is taken.
+            if sys.getrefcount(frame) <= 3:
+                return frame
+        frame = bytearray(FRAME_SIZE)
+        if len(self._frames) < _KEPT_FRAMES:
+            self._frames.append(frame)
         return frame
 
     def feed(self, data: bytes | bytearray | memoryview) -> tuple[list[bytearray], bool]:
