@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from relay.errors import GatewayError
-from relay.text import printable
+from relay.text import parse_hostport, printable
 
 from .common import (
     execute,
@@ -126,7 +126,7 @@ def agent_run(
     `gw agent approve/deny`, and through --approval-command; the first answer counts.
     With several gateway nodes the agent moves to another one when its node fails.
     """
-    from relay.agent import Agent, AgentState, Backoff, parse_hostport
+    from relay.agent import Agent, AgentState, Backoff
     from relay.approval import Approvals
 
     cfg = _agent_config(config_path)

@@ -28,7 +28,7 @@ import click
 
 from relay.aio import run
 from relay.errors import DeviceError, GatewayError, RemoteError
-from relay.text import printable
+from relay.text import parse_hostport, printable
 
 T = TypeVar("T")
 
@@ -133,7 +133,6 @@ def info(message: str) -> None:
 
 
 def gateway_client(gateway: str, ca_file: Path) -> Any:
-    from relay.agent import parse_hostport
     from relay.client import Gateway
     from relay.tls import client_context
 

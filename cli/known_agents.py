@@ -59,7 +59,7 @@ def _known(path: Path | None) -> KnownAgents:
 
 
 def _gateway_name(value: str) -> str:
-    from relay.agent import parse_hostport
+    from relay.text import parse_hostport
 
     try:
         host, port = parse_hostport(value)

@@ -46,15 +46,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from . import message as m
 from . import noise, platform, tunnel
 from .aio import ConnectionClosed, FramedLink, PausedProtocol, Pipe, open_link, reset
 from .approval import Approvals
 from .errors import GatewayError, NoiseError, ProtocolError, RemoteError
+from .text import parse_hostport
 from .tls import client_context
 
 #: Reconnect backoff: the ceiling of the first wait and the cap, in seconds. A minute at
@@ -86,15 +83,6 @@ def _unb64(text: str) -> bytes:
 def _write_private(path: Path, data: bytes) -> None:
     """A key file only this user can read (0600; an owner-only ACL on Windows)."""
     platform.write_private(path, data)
-
-
-def parse_hostport(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    # isdigit() alone takes "²" and any number of digits, which int() then refuses.
-    digits = port.isascii() and port.isdigit() and len(port) <= 5
-    if not sep or not host or not digits or not 0 < int(port) < 65536:
-        raise GatewayError(f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +191,11 @@ class Reconnect:
 
 async def enroll(gateway: str, ca_file: Path, token: str, state_dir: Path) -> str:
     """Trade an enrollment token for a certificate; write the state folder. Returns the agent id."""
+    # Only enrollment builds keys and a CSR: ``gw agent run`` starts without x509.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     host, port = parse_hostport(gateway)
     # Small local files, read once before any network I/O: no need for a thread.
     if (state_dir / "agent.json").exists():

@@ -182,7 +182,7 @@ def parse(data: bytes, path: Path) -> AgentConfig:
 
 
 def _hostport(value: str, error: Any, key: str) -> tuple[str, int]:
-    from .agent import parse_hostport
+    from .text import parse_hostport
 
     try:
         return parse_hostport(value)

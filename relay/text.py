@@ -13,11 +13,15 @@ includes newline and tab), lone surrogates (Cs), the line and paragraph separato
 (Zl, Zp) and the bidirectional formatting characters (Unicode TR 9, section 2).
 A character up to U+00FF becomes ``\\xNN``, others ``\\uNNNN``. Everything else,
 including non-Latin scripts, passes unchanged.
+
+:func:`parse_hostport` reads a ``HOST:PORT`` typed in a flag or a config file.
 """
 
 from __future__ import annotations
 
 import unicodedata
+
+from .errors import GatewayError
 
 #: Unicode TR 9 section 2 (explicit directional formatting characters and marks):
 #: ALM, LRM, RLM, LRE..RLO, LRI..PDI.
@@ -58,3 +62,13 @@ def printable(text: str, limit: int | None = None) -> str:
 def is_printable(text: str) -> bool:
     """True when :func:`printable` would leave ``text`` unchanged (no limit)."""
     return not any(_unsafe(ch) for ch in text)
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) as typed in a flag or a config; GatewayError if not."""
+    host, sep, port = value.rpartition(":")
+    # isdigit() alone takes "²" and any number of digits, which int() then refuses.
+    digits = port.isascii() and port.isdigit() and len(port) <= 5
+    if not sep or not host or not digits or not 0 < int(port) < 65536:
+        raise GatewayError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
