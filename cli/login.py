@@ -129,10 +129,13 @@ def choose_mode(r: Resolved, given: str | None, logins: Logins, gateway: str, us
 
 def prove_with(provers: dict[str, Any], options: Any) -> Any:
     """The ``prove`` callback: builds each factor's prover on first use."""
-    from auth import registry
 
     async def prove(method: str, payload: dict[str, Any], binding: bytes) -> dict[str, Any]:
         if method not in provers:
+            # Looked up when the gateway asks: a login by stored credential never scans
+            # the installed packages for factors (importlib.metadata).
+            from auth import registry
+
             try:
                 provers[method] = registry.get(method).prover(options)
             except GatewayError as exc:

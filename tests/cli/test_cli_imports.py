@@ -115,9 +115,18 @@ def test_each_group_is_whole_when_imported_alone() -> None:
 
 
 def test_main_adds_every_command_group_explicitly() -> None:
+    """Listed by name in ``cli.main``; each name loads a command of that name."""
+    import click
+
     from cli.main import main
 
-    assert sorted(main.commands) == [
+    ctx = click.Context(main)
+    names = main.list_commands(ctx)
+    for name in names:
+        command = main.get_command(ctx, name)
+        assert command is not None and command.name == name
+    assert sorted(main.commands) == names
+    assert names == [
         "admin",
         "agent",
         "agents",
