@@ -305,6 +305,19 @@ class ClientSession:
         """
         if self.on_dial is not None:
             self.on_dial()
+        # ABTEST-BEGIN
+        if os.environ.get("GW_A_OLD"):
+            old = await self._gateway().dial()
+            old.send(m.TunnelHello(self.opened.ticket, cipher=self.cipher))
+            await old.expect(m.Spliced)
+            t, lo = old.detach()
+            est = await tunnel.initiate(
+                t, lo, static_private=self.static_private, agent_key=self.agent_key,
+                agent_kem_key=self.agent_pq_key, session_id=self.opened.session_id,
+                cipher=self.cipher,
+            )
+            return t, est
+        # ABTEST-END
         link = await self._take_spare()
         if link is not None:
             try:
@@ -331,7 +344,10 @@ class ClientSession:
             if not unspliced.first.done():
                 handshake.result()  # raises why it ended before its first message
                 raise NoiseError("the end-to-end handshake sent no first message")
-            early = b64(unspliced.first.result())
+            first = unspliced.first.result()
+            # A gateway that named the agent's ciphers takes ``early``; an older one
+            # refuses the member: the first message then follows ``spliced``.
+            early = b64(first) if self.opened.agent_ciphers else ""
             if spare:
                 link.send(m.TunnelOpen(early=early, cipher=self.cipher))
             else:
@@ -342,6 +358,8 @@ class ClientSession:
             link.close()
             raise
         transport, leftover = link.detach()
+        if not early:
+            transport.write(first)
         unspliced.attach(transport, leftover)
         try:
             established = await asyncio.wait_for(handshake, tunnel.HANDSHAKE_TIMEOUT)
@@ -486,7 +504,7 @@ class ClientSession:
 
         server = await loop.create_server(accepted, host, port)
         bound = server.sockets[0].getsockname()
-        self.keep_spare = True
+        self.keep_spare = not os.environ.get("GW_A_OLD")  # ABTEST-LINE
         self._want_spare()
         ready(f"{bound[0]}:{bound[1]}")
         try:

@@ -159,9 +159,9 @@ class ClientHello(Message):
     """``gw logout``: with ``credential``, the gateway ends that credential
     (``logged_out``)."""
     ciphers: tuple[str, ...] = ()
-    """The end-to-end ciphers the client runs: the gateway then says the agent's in
-    ``session`` (``agent_ciphers``, a member older clients refuse). Unsaid by clients
-    that run ChaChaPoly alone (all older ones)."""
+    """The end-to-end ciphers the client runs (every client since they exist says them,
+    ChaChaPoly alone too): the gateway then says the agent's in ``session``
+    (``agent_ciphers``, a member older clients refuse)."""
 
     def __post_init__(self) -> None:
         Message.__post_init__(self)
@@ -190,7 +190,7 @@ class ClientHello(Message):
         for name in ("credential", "login_key", "logout"):  # unsaid unless used:
             if not out[name]:  # older gateways refuse members they do not know
                 del out[name]
-        if set(self.ciphers) <= {BASE_CIPHER}:
+        if not self.ciphers:
             del out["ciphers"]
         return out
 

@@ -10,17 +10,46 @@ or replays a client's first handshake message naming the other cipher.
 
 from __future__ import annotations
 
+import io
+import subprocess
+import tarfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from test_e2e_binding import PASSWORD, LyingLab, Site
 
-from gatewayd.demo import EchoServer, wait_for
+from gatewayd.demo import EchoServer, Lab, Proc, wait_for
 
 pytestmark = pytest.mark.integration
 
 OLD = {"GW_E2E_CIPHERS": "ChaChaPoly"}
+#: The last version before the AESGCM cipher: its agent and client, run from this
+#: repository's history, are the old ends of the version-skew tests.
+OLD_VERSION = "34575cc65eb8c29f9d9f5d89d290cc7f140d287b"
+REPO = Path(__file__).resolve().parents[2]
+#: ``gw`` and ``gatewayd`` from the old version's packages (first on the path).
+OLD_GW = "import sys; sys.path.insert(0, {path!r}); from cli.main import main; sys.exit(main())"
+OLD_GATEWAYD = (
+    "import sys; sys.path.insert(0, {path!r}); from gatewayd.main import main; sys.exit(main())"
+)
+
+
+def _old_version(into: Path) -> Path:
+    """The old version's packages, unpacked from git history (skip without history)."""
+    try:
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", OLD_VERSION, "relay", "cli", "auth", "gatewayd"],
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"version {OLD_VERSION} is not in this checkout's history: {exc}")
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return into
 
 
 class SuiteLab(LyingLab):
@@ -78,6 +107,59 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SuiteSite]:
 
 def _old_agent_output(site: SuiteSite) -> str:
     return next(p for p in site.lab.procs if p.name == "agent-pc-old").output()
+
+
+@pytest.fixture(scope="module")
+def old_gw(site: SuiteSite) -> list[str]:
+    """The command line of the old version's ``gw``."""
+    path = _old_version(site.lab.root / "old-version")
+    return ["python", "-c", OLD_GW.format(path=str(path))]
+
+
+# -- the old version itself, from history -----------------------------------------------------
+
+
+def test_the_old_versions_agent_and_a_new_client_run_chachapoly(
+    site: SuiteSite, old_gw: list[str]
+) -> None:
+    site.lie()
+    lab = site.lab
+    lab.enroll_agent("pc-v0", "clinic")
+    state = lab.root / "agent-pc-v0"
+    proc = lab.start(
+        "agent-pc-v0",
+        *old_gw,
+        "agent",
+        "run",
+        "--state-dir",
+        str(state),
+        f"--target=echo=127.0.0.1:{site.echo.port}",
+    )
+    wait_for(lambda: "connected" in proc.output(), 60, "the old agent to connect")
+    user = site.user("acme")
+    result = site.stdio(user, data="to the old version\n", agent="pc-v0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "TO THE OLD VERSION\n"
+    assert "ChaCha20-Poly1305" in result.stderr
+    assert site.start(user)["cipher"] == "ChaChaPoly"
+    assert "tunnel open" in proc.output() and "cipher=" not in proc.output()
+
+
+def test_the_old_versions_client_and_a_new_agent_run_chachapoly(
+    site: SuiteSite, old_gw: list[str]
+) -> None:
+    site.lie()
+    lab = site.lab
+    user = site.user("acme")
+    args = lab.connect_args(
+        "pc1", user, "echo", "access", "--stdio", "--password-stdin", "--totp", lab.totp(user),
+        "-v", "--known-agents", str(site.known(user)),
+    )  # fmt: skip
+    result = lab.run(*old_gw, *args[1:], input=f"{PASSWORD}\nfrom the old version\n", check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "FROM THE OLD VERSION\n"
+    assert site.start(user)["cipher"] == "ChaChaPoly"
+    wait_for(lambda: "cipher=ChaChaPoly" in site.agent.output(), 60, "the agent's tunnel line")
 
 
 # -- the combinations -------------------------------------------------------------------------
@@ -158,3 +240,49 @@ def test_a_first_message_replayed_under_the_other_cipher_is_refused(site: SuiteS
     assert replay["cipher"] == "ChaChaPoly"
     assert replay["outcome"].startswith("refused"), replay
     assert "replayed first handshake message" in site.agent.output()
+
+
+class OldSiteLab(Lab):
+    """Everything of the old version (gatewayd, gw admin, gw agent) but ``gw connect``."""
+
+    old: Path
+
+    def _old(self, args: tuple[str, ...]) -> tuple[str, ...]:
+        if args[0] == "gatewayd":
+            return ("python", "-c", OLD_GATEWAYD.format(path=str(self.old)), *args[1:])
+        if args[0] == "gw" and args[1] in ("admin", "agent"):
+            return ("python", "-c", OLD_GW.format(path=str(self.old)), *args[1:])
+        return args
+
+    def run(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return super().run(*self._old(args), **kwargs)
+
+    def start(self, name: str, *args: str, **kwargs: Any) -> Proc:
+        return super().start(name, *self._old(args), **kwargs)
+
+
+def test_a_new_client_with_the_old_versions_gateway_and_agent_runs_chachapoly(
+    tmp_path: Path,
+) -> None:
+    # The client says its ciphers at login; the old gateway refuses the member, and the
+    # client logs in once more without it (nothing was asked yet: no code is spent).
+    lab = OldSiteLab(tmp_path / "old-site")
+    lab.old = _old_version(tmp_path / "old-version")
+    echo = EchoServer()
+    try:
+        lab.init(extra_config="[limits]\nauth_per_minute = 5000\n")
+        lab.start_gateway()
+        lab.admin("org", "add", "clinic", "--name", "Clinic")
+        lab.admin("vendor", "add", "acme", "--name", "Acme")
+        lab.agreement("acme", "clinic", "access", unattended=True)
+        lab.enroll_agent("pc1", "clinic")
+        agent = lab.start_agent("pc1", {"echo": echo.port})
+        lab.vendor_user("carol-acme", "acme", PASSWORD)
+        result = lab.connect_stdio("pc1", "carol-acme", PASSWORD, "echo", "new client\n", "-v")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "NEW CLIENT\n"
+        assert "ChaCha20-Poly1305" in result.stderr
+        assert "tunnel open" in agent.output()
+    finally:
+        lab.close()
+        echo.close()
