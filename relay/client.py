@@ -305,19 +305,6 @@ class ClientSession:
         """
         if self.on_dial is not None:
             self.on_dial()
-        # ABTEST-BEGIN
-        if os.environ.get("GW_A_OLD"):
-            old = await self._gateway().dial()
-            old.send(m.TunnelHello(self.opened.ticket, cipher=self.cipher))
-            await old.expect(m.Spliced)
-            t, lo = old.detach()
-            est = await tunnel.initiate(
-                t, lo, static_private=self.static_private, agent_key=self.agent_key,
-                agent_kem_key=self.agent_pq_key, session_id=self.opened.session_id,
-                cipher=self.cipher,
-            )
-            return t, est
-        # ABTEST-END
         link = await self._take_spare()
         if link is not None:
             try:
@@ -504,7 +491,7 @@ class ClientSession:
 
         server = await loop.create_server(accepted, host, port)
         bound = server.sockets[0].getsockname()
-        self.keep_spare = not os.environ.get("GW_A_OLD")  # ABTEST-LINE
+        self.keep_spare = True
         self._want_spare()
         ready(f"{bound[0]}:{bound[1]}")
         try:
