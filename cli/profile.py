@@ -14,10 +14,8 @@ profile is one line naming the file, the line and the key.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +67,8 @@ def load(path: Path | None = None) -> Profile:
         return Profile(path, {})
     except (OSError, UnicodeDecodeError) as exc:
         fail(f"cannot read the profile {path}: {exc}", EXIT_LOCAL)
+    import tomllib  # only when there is a profile to read
+
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -77,6 +77,8 @@ def load(path: Path | None = None) -> Profile:
     for key, value in data.items():
         where = f"{path} line {_line_of(text, key)}"
         if key not in KEYS:
+            import difflib
+
             near = difflib.get_close_matches(key, KEYS, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else f" (known: {', '.join(KEYS)})"
             fail(f"{where}: unknown key {key!r}{hint}", EXIT_LOCAL)

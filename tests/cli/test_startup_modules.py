@@ -46,7 +46,13 @@ NOT_FOR_ANY = {
     "argon2",
     "cryptography.x509",  # TLS verifies in OpenSSL; x509 objects only serve enrollment
 }
-NOT_FOR_CONNECT = NOT_FOR_ANY | {"cli.agent", "relay.agent", "relay.approval", "relay.registration"}
+NOT_FOR_CONNECT = NOT_FOR_ANY | {
+    "cli.agent",
+    "relay.agent",
+    "relay.approval",
+    "relay.registration",
+    "tomllib",  # there is no client profile here: nothing to parse
+}
 NOT_FOR_AGENT_RUN = NOT_FOR_ANY | {"cli.connect", "cli.login", "cli.fido2", "cli.card", "auth"}
 
 
