@@ -7,28 +7,21 @@ every one starts over. A global cap alone fixes that crowd, but then a few dozen
 that connect and never send a ClientHello hold every slot until they time out, and each
 new connection waits behind them (slowloris). So a source (an IPv4 address, an IPv6 /64:
 :func:`gatewayd.login.source_key`, as the rate limits count them) holds at most
-``per_source`` of the ``total`` slots; its further connections wait in its own queue,
-and a freed slot goes to the sources with waiters in turn (round robin).
+``per_source`` of the ``total`` slots; its further connections wait in its own FIFO
+queue, and a freed slot goes to the sources with waiters in turn (round robin).
 
 A waiting connection is an accepted socket the loop does not read, a future and nothing
 else: it costs no processor time. The caller bounds the wait (it counts towards the
 handshake timeout) by cancelling :meth:`Admission.enter`.
 
-A source's queue is served newest first. Within the capacity it makes no difference
-(every waiter is served within moments); past it, first come first served gave each
-slot to the connection that had waited longest, whose peer was about to give up (its
-own timeout, ten seconds for an agent): the handshake was thrown away on both sides,
-and every peer waited the whole timeout. Newest first, a slot goes to a peer that is
-still there, and the oldest waiters are the ones that time out, having cost nothing but
-their socket: the gateway serves at its full rate, and the peers it does not serve come
-back after their backoff (an agent's jittered, doubling wait).
-
-The queues are bounded, as a bound on sockets and memory under a flood: at most
-:data:`WAITING_PER_SLOT` connections wait per slot (``total`` of them in all,
-``per_source`` of one source), and one more is closed at once (:class:`AdmissionFull`).
-Not lower: a connection turned away at once comes back within seconds, and a crowd that
-churns through refusals spends its own processor time (and some of the gateway's) on
-nothing; one that waits costs nothing.
+The queues are bounded too: at most :data:`WAITING_PER_SLOT` connections wait per slot
+(``total`` of them in all, ``per_source`` of one source), and one more is turned away at
+once (:class:`AdmissionFull`). A crowd larger than the gateway can serve within the
+timeout only waited for nothing before: each of those connections held its peer for
+the whole timeout, and those whose turn came just before it (their peer about to give
+up) cost a handshake that was thrown away. Turned away at once, the peer backs off
+(an agent's wait doubles, with full jitter) and the crowd spreads itself over time at
+the rate the gateway serves; the connections that do wait are served within seconds.
 """
 
 from __future__ import annotations
@@ -38,9 +31,10 @@ import contextlib
 from collections import deque
 from dataclasses import dataclass, field
 
-#: Connections allowed to wait per handshake slot (globally and per source): 4,096 in all
-#: with the default 64 slots, a few KiB each (a socket, a task, a future).
-WAITING_PER_SLOT = 64
+#: Connections allowed to wait per handshake slot (globally and per source). The slots
+#: serve a few hundred handshakes a second on a small machine: a queue this long is
+#: served within a second or two, far inside any handshake timeout.
+WAITING_PER_SLOT = 4
 
 
 class AdmissionFull(Exception):
@@ -125,7 +119,7 @@ class Admission:
             key = next(iter(self._ready))
             del self._ready[key]
             source = self._sources[key]
-            future = source.waiting.pop()  # newest first (see the module's doc)
+            future = source.waiting.popleft()
             self.waiting -= 1
             if not future.cancelled():  # its task is cancelled but has not yet run
                 self._grant(source)

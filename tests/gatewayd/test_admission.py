@@ -37,7 +37,7 @@ def test_one_source_holds_at_most_its_share_and_others_get_the_rest() -> None:
     asyncio.run(main())
 
 
-def test_freed_slots_go_round_robin_and_newest_first_per_source() -> None:
+def test_freed_slots_go_round_robin_and_fifo_per_source() -> None:
     async def main() -> None:
         a = Admission(total=1, per_source=1)
         order: list[str] = []
@@ -55,9 +55,8 @@ def test_freed_slots_go_round_robin_and_newest_first_per_source() -> None:
         for _ in range(4):
             a.leave("x" if not order or order[-1].startswith("x") else "y")
             await turn()
-        # x just had a slot: the waiting source y goes first, then x newest first (the
-        # oldest waiter's peer is the nearest to giving up).
-        assert order == ["y1", "x3", "x2", "x1"]
+        # x just had a slot: the waiting source y goes first, then x in its own order.
+        assert order == ["y1", "x1", "x2", "x3"]
         await asyncio.gather(*tasks)
 
     asyncio.run(main())
