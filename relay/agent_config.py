@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +96,8 @@ def load(path: Path) -> AgentConfig:
 
 
 def parse(data: bytes, path: Path) -> AgentConfig:
+    import tomllib  # only when there is a file: gw agent run with flags alone never needs it
+
     try:
         doc = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:

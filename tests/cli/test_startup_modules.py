@@ -53,7 +53,14 @@ NOT_FOR_CONNECT = NOT_FOR_ANY | {
     "relay.registration",
     "tomllib",  # there is no client profile here: nothing to parse
 }
-NOT_FOR_AGENT_RUN = NOT_FOR_ANY | {"cli.connect", "cli.login", "cli.fido2", "cli.card", "auth"}
+NOT_FOR_AGENT_RUN = NOT_FOR_ANY | {
+    "cli.connect",
+    "cli.login",
+    "cli.fido2",
+    "cli.card",
+    "auth",
+    "tomllib",  # flags only, no agent.toml: nothing to parse
+}
 
 
 def _ca_file(folder: Path) -> Path:
