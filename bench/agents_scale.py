@@ -2,7 +2,8 @@
 """Agents at scale: N enrolled agents hold their control connections to one gatewayd.
 
 The agents all run in this one process (the product's own :class:`relay.agent.Agent`,
-one asyncio task each, not N processes); gatewayd runs as the real daemon. Reported:
+one asyncio task each on the agent's own event loop, uvloop, not N processes);
+gatewayd runs as the real daemon. Reported:
 
 - gatewayd's RSS per connected agent (RSS with all N online, minus RSS before any
   connected, over N) and its RSS in all;
@@ -52,6 +53,7 @@ from tunnel_bench import status_kib  # bench/, this script's folder
 
 from gatewayd.admin import request
 from gatewayd.demo import EchoServer, free_port
+from relay import aio
 from relay.agent import Agent, AgentState, enroll
 from relay.approval import Approvals
 from relay.protocol import PING_INTERVAL
@@ -405,7 +407,10 @@ def run(
     scale = Scale(agents, folder, say)
     started = time.monotonic()
     try:
-        res = asyncio.run(scale.run(idle_seconds, opens))
+        # The agents' own event loop (uvloop, as `gw agent run` has): on asyncio's default
+        # loop each TLS connection here cost a zero-filled 256 KiB buffer and the crowd
+        # of agents reconnecting after the restart was bound by this process, not gatewayd.
+        res = aio.run(scale.run(idle_seconds, opens))
     finally:
         scale.close()
         if keep:
