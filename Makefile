@@ -87,7 +87,10 @@ fuzz: $(VENV)/.test $(VENV)/.fuzz
 # The issue's full run: make bench BENCH_ARGS="--mib 1024 --agents 10000"; add --check
 # to fail on a missed target, --baseline FILE.json to fail on a regression.
 BENCH_ARGS ?= --mib 256 --runs 5
+# The project's modules are byte-compiled first, as an installed package is: without
+# that every process the bench starts compiles them again (PYTHONDONTWRITEBYTECODE).
 bench: system-deps $(VENV)/.test
+	$(BIN)/python -m compileall -q -j 0 relay auth gatewayd cli
 	$(BIN)/python bench/tunnel_bench.py $(BENCH_ARGS)
 
 # The audit trail: a filtered query and verify over 1,000,000 records, beside jq.
