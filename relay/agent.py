@@ -442,6 +442,8 @@ class Agent:
                     if loop.time() - started >= STABLE_AFTER:
                         self.stable = True
             except RemoteError as exc:
+                if self._older_gateway(exc):
+                    continue  # at once: the gateway answered the hello and asked nothing
                 self.log(
                     "gateway refused the agent",
                     gateway=str(self.endpoint),
@@ -462,6 +464,21 @@ class Agent:
             wait = self.reconnect.next_wait()
             self.log("reconnecting", seconds=round(wait, 2))
             await self.sleep(wait)
+
+    def _older_gateway(self, exc: RemoteError) -> bool:
+        """True when a gateway older than the end-to-end cipher choice refused the hello's
+        ``ciphers``: the agent then runs ChaChaPoly alone, which is unsaid in a hello
+        (an agent upgraded before its gateway still comes online)."""
+        if set(self.ciphers) <= {noise.CHACHAPOLY}:
+            return False
+        if exc.code != "protocol_error" or "unknown member 'ciphers'" not in exc.message:
+            return False
+        self.log(
+            "the gateway does not take the agent's ciphers: ChaChaPoly only",
+            gateway=str(self.endpoint),
+        )
+        self.ciphers = (noise.CHACHAPOLY,)
+        return True
 
     async def _control(self, endpoint: Endpoint) -> None:
         link = await open_link(

@@ -249,11 +249,14 @@ class OldSiteLab(Lab):
     """Everything of the old version (gatewayd, gw admin, gw agent) but ``gw connect``."""
 
     old: Path
+    #: ``gw`` subcommands run by the old version (``agent`` too unless an agent was
+    #: upgraded before its gateway).
+    old_commands: tuple[str, ...] = ("admin", "agent")
 
     def _old(self, args: tuple[str, ...]) -> tuple[str, ...]:
         if args[0] == "gatewayd":
             return ("python", "-c", OLD_GATEWAYD.format(path=str(self.old)), *args[1:])
-        if args[0] == "gw" and args[1] in ("admin", "agent"):
+        if args[0] == "gw" and args[1] in self.old_commands:
             return ("python", "-c", OLD_GW.format(path=str(self.old)), *args[1:])
         return args
 
@@ -286,6 +289,34 @@ def test_a_new_client_with_the_old_versions_gateway_and_agent_runs_chachapoly(
         assert result.stdout == "NEW CLIENT\n"
         assert "ChaCha20-Poly1305" in result.stderr
         assert "tunnel open" in agent.output()
+    finally:
+        lab.close()
+        echo.close()
+
+
+def test_an_agent_upgraded_before_its_gateway_comes_online_and_runs_chachapoly(
+    tmp_path: Path,
+) -> None:
+    # The new agent says its ciphers in its hello; the old gateway refuses the member.
+    # The agent says its hello once more without it instead of being refused for ever.
+    lab = OldSiteLab(tmp_path / "old-gateway")
+    lab.old = _old_version(tmp_path / "old-version")
+    lab.old_commands = ("admin",)
+    echo = EchoServer()
+    try:
+        lab.init(extra_config="[limits]\nauth_per_minute = 5000\n")
+        lab.start_gateway()
+        lab.admin("org", "add", "clinic", "--name", "Clinic")
+        lab.admin("vendor", "add", "acme", "--name", "Acme")
+        lab.agreement("acme", "clinic", "access", unattended=True)
+        lab.enroll_agent("pc1", "clinic")
+        agent = lab.start_agent("pc1", {"echo": echo.port})
+        lab.vendor_user("carol-acme", "acme", PASSWORD)
+        result = lab.connect_stdio("pc1", "carol-acme", PASSWORD, "echo", "new agent\n", "-v")
+        assert result.returncode == 0, result.stderr + agent.output()
+        assert result.stdout == "NEW AGENT\n"
+        assert "ChaCha20-Poly1305" in result.stderr
+        assert "the gateway does not take the agent's ciphers" in agent.output()
     finally:
         lab.close()
         echo.close()
