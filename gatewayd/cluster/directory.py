@@ -78,7 +78,8 @@ class RemoteAgent:
     node: str
     targets: frozenset[str]
     unreachable: str = ""
-    #: Not known across nodes: a session there runs ChaChaPoly, which every agent runs.
+    #: What the agent said in its hello on its node (its presence); () from an older
+    #: node: ChaChaPoly, which every agent runs.
     ciphers: tuple[str, ...] = ()
 
 
@@ -188,7 +189,7 @@ class ClusterDirectory(SessionDirectory):
         self.places.clear()
         self.bus.publish(wire.node_topic(self.node), self._state("up"), retain=True)
         for conn in list(self.agents.online.values()):
-            self._claim(conn.id, conn.targets, conn.since)
+            self._claim(conn.id, conn.targets, conn.since, conn.ciphers)
         if self.changed_while_down:
             self.changed_while_down = False
             self._broadcast("changed", why=f"changes on node {self.node} while the bus was down")
@@ -233,7 +234,7 @@ class ClusterDirectory(SessionDirectory):
         if state is not None and state.state == "dead":
             return None
         unreachable = "" if self.bus.up else self._down(agent_id, place.node)
-        return RemoteAgent(place.node, place.targets, unreachable)
+        return RemoteAgent(place.node, place.targets, unreachable, place.ciphers)
 
     def ask_to_dial(self, agent_id: str, dial: m.Dial) -> bool:
         # The agent dials this node itself (not a worker beside it on a shared port).
@@ -310,7 +311,7 @@ class ClusterDirectory(SessionDirectory):
         if isinstance(event, AgentConnected):
             conn = self.agents.get(event.agent)
             if conn is not None:
-                self._claim(conn.id, conn.targets, conn.since)
+                self._claim(conn.id, conn.targets, conn.since, conn.ciphers)
         elif isinstance(event, AgentDisconnected):
             if self.agents.get(event.agent) is None:
                 self.places.pop(event.agent, None)
@@ -320,8 +321,10 @@ class ClusterDirectory(SessionDirectory):
             if not self._broadcast("changed", why=why):
                 self.changed_while_down = True
 
-    def _claim(self, agent_id: str, targets: frozenset[str], since: float) -> None:
-        presence = wire.Presence(self.node, targets, since)
+    def _claim(
+        self, agent_id: str, targets: frozenset[str], since: float, ciphers: tuple[str, ...]
+    ) -> None:
+        presence = wire.Presence(self.node, targets, since, ciphers)
         self.places[agent_id] = presence
         self.bus.publish(wire.agent_topic(agent_id), presence.encode(), retain=True)
 
@@ -368,7 +371,7 @@ class ClusterDirectory(SessionDirectory):
             self.places.pop(agent_id, None)
             self.last_known.pop(agent_id, None)
             if local is not None:  # cleared while it is here: say so again
-                self._claim(local.id, local.targets, local.since)
+                self._claim(local.id, local.targets, local.since, local.ciphers)
             return
         if presence.node == self.node:
             if local is None:  # from before a restart, or it has just left
@@ -376,7 +379,9 @@ class ClusterDirectory(SessionDirectory):
                 self.bus.publish(wire.agent_topic(agent_id), b"", retain=True)
             return
         if local is not None and local.since > presence.since:
-            self._claim(local.id, local.targets, local.since)  # ours is the newer connection
+            self._claim(
+                local.id, local.targets, local.since, local.ciphers
+            )  # ours is the newer connection
             return
         state = self.nodes.get(presence.node)
         if state is not None and state.state == "dead":

@@ -138,9 +138,16 @@ class Presence:
     targets: frozenset[str]
     since: float
     """When the node accepted the agent's control connection (the newest one wins)."""
+    ciphers: tuple[str, ...] = ()
+    """The end-to-end ciphers the agent said in its hello, preferred first; unsaid by
+    older nodes and for an agent that runs ChaChaPoly alone."""
 
     def encode(self) -> bytes:
-        return encode({"node": self.node, "targets": sorted(self.targets), "since": self.since})
+        obj: dict[str, Any] = {"node": self.node, "targets": sorted(self.targets)}
+        obj["since"] = self.since
+        if self.ciphers:
+            obj["ciphers"] = list(self.ciphers)
+        return encode(obj)
 
     @classmethod
     def decode(cls, payload: bytes) -> Presence | None:
@@ -153,7 +160,17 @@ class Presence:
             raise WireError("targets: expected a list")
         if not all(isinstance(t, str) and valid_id(t) for t in targets):
             raise WireError("targets: expected identifiers")
-        return cls(_text(obj, "node", ident=True), frozenset(targets), _number(obj, "since"))
+        ciphers = obj.get("ciphers", [])
+        if not isinstance(ciphers, list) or len(ciphers) > 8:
+            raise WireError("ciphers: expected a list")
+        if not all(isinstance(c, str) and 0 < len(c) <= 32 and valid_id(c) for c in ciphers):
+            raise WireError("ciphers: expected cipher names")
+        return cls(
+            _text(obj, "node", ident=True),
+            frozenset(targets),
+            _number(obj, "since"),
+            tuple(ciphers),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -146,6 +146,9 @@ def test_a_malformed_node_state_is_refused(payload: bytes) -> None:
         b'{"node": "n1", "targets": ["a b"], "since": 1}',
         b'{"node": "n1", "targets": [], "since": NaN}',
         b'{"node": "n1", "targets": [], "since": true}',
+        b'{"node": "n1", "targets": [], "since": 1, "ciphers": "AESGCM"}',
+        b'{"node": "n1", "targets": [], "since": 1, "ciphers": ["AES GCM"]}',
+        b'{"node": "n1", "targets": [], "since": 1, "ciphers": [1]}',
     ],
 )
 def test_a_malformed_presence_is_refused(payload: bytes) -> None:
@@ -188,6 +191,28 @@ def test_an_agent_held_elsewhere_is_located_with_its_node_and_targets() -> None:
     node.bus.up = False
     place = node.dir.locate("pc1")
     assert place is not None and "cluster bus is down" in place.unreachable
+
+
+def test_an_agents_ciphers_cross_nodes_with_its_presence() -> None:
+    # A session opened on this node for an agent held by another runs the cipher the
+    # agent said in its hello there; and a session opened while the agent was here
+    # keeps its cipher's tunnels when the agent moves to another node.
+    node = Node()
+    link = node.hold("pc1")
+    node.agents.online["pc1"] = dataclasses.replace(
+        node.agents.online["pc1"], ciphers=("AESGCM", "ChaChaPoly")
+    )
+    assert link is not None
+    node.events.publish(AgentConnected(agent="pc1", org="clinic", source="x", targets=["echo"]))
+    assert node.bus.notes(wire.agent_topic("pc1"))[-1]["ciphers"] == ["AESGCM", "ChaChaPoly"]
+    other = Node()
+    other.note("gw/v1/agents/pc1", {**presence(OTHER), "ciphers": ["AESGCM", "ChaChaPoly"]})
+    place = other.dir.locate("pc1")
+    assert place is not None and place.ciphers == ("AESGCM", "ChaChaPoly")
+    # An older node says none: ChaChaPoly, which every agent runs.
+    other.note("gw/v1/agents/pc2", presence(OTHER))
+    place = other.dir.locate("pc2")
+    assert place is not None and place.ciphers == ()
 
 
 def test_a_dead_node_takes_its_agents_offline_and_their_presence_is_cleared() -> None:

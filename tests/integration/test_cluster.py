@@ -220,8 +220,10 @@ def test_a_tunnel_across_nodes_goes_straight_to_the_clients_node(cluster: Cluste
     assert round_trip(port, b"hello across the cluster\n") == b"HELLO ACROSS THE CLUSTER\n"
     sid = cluster.session_of("n3", user)
     proc.stop()
-    # The tunnel was spliced on node 3 (the agent dialled it), never on node 1.
-    assert [r for r in cluster.nodes["n3"].records("tunnel.start") if r["session"] == sid]
+    # The tunnel was spliced on node 3 (the agent dialled it), never on node 1, and ran
+    # the cipher the agent said in its hello on node 1 (carried by its presence).
+    starts = [r for r in cluster.nodes["n3"].records("tunnel.start") if r["session"] == sid]
+    assert starts and all(r["cipher"] == "AESGCM" for r in starts)
     assert not [r for r in cluster.nodes["n1"].records("tunnel.start") if r["session"] == sid]
     assert all(r["node"] == "n3" for r in cluster.nodes["n3"].records())
 
