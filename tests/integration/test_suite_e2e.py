@@ -272,7 +272,7 @@ def test_a_new_client_with_the_old_versions_gateway_and_agent_runs_chachapoly(
 ) -> None:
     # The client says its ciphers at login; the old gateway refuses the member, and the
     # client logs in once more without it (nothing was asked yet: no code is spent).
-    lab = OldSiteLab(tmp_path / "old-site")
+    lab = OldSiteLab(tmp_path / "os")  # short: agents keep a Unix socket in it
     lab.old = _old_version(tmp_path / "old-version")
     echo = EchoServer()
     try:
@@ -299,7 +299,7 @@ def test_an_agent_upgraded_before_its_gateway_comes_online_and_runs_chachapoly(
 ) -> None:
     # The new agent says its ciphers in its hello; the old gateway refuses the member.
     # The agent says its hello once more without it instead of being refused for ever.
-    lab = OldSiteLab(tmp_path / "old-gateway")
+    lab = OldSiteLab(tmp_path / "og")  # short: agents keep a Unix socket in it
     lab.old = _old_version(tmp_path / "old-version")
     lab.old_commands = ("admin",)
     echo = EchoServer()
