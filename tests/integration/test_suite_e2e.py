@@ -267,13 +267,14 @@ class OldSiteLab(Lab):
         return super().start(name, *self._old(args), **kwargs)
 
 
-def test_a_new_client_with_the_old_versions_gateway_and_agent_runs_chachapoly(
-    tmp_path: Path,
-) -> None:
-    # The client says its ciphers at login; the old gateway refuses the member, and the
-    # client logs in once more without it (nothing was asked yet: no code is spent).
+def _through_old_gateway(
+    tmp_path: Path, old_commands: tuple[str, ...], data: str
+) -> tuple[subprocess.CompletedProcess[str], str]:
+    """A tunnel from today's ``gw connect`` through the old version's gatewayd to an agent
+    run by ``old_commands``' version: the client's result and the agent's output."""
     lab = OldSiteLab(tmp_path / "os")  # short: agents keep a Unix socket in it
     lab.old = _old_version(tmp_path / "old-version")
+    lab.old_commands = old_commands
     echo = EchoServer()
     try:
         lab.init(extra_config="[limits]\nauth_per_minute = 5000\n")
@@ -284,14 +285,23 @@ def test_a_new_client_with_the_old_versions_gateway_and_agent_runs_chachapoly(
         lab.enroll_agent("pc1", "clinic")
         agent = lab.start_agent("pc1", {"echo": echo.port})
         lab.vendor_user("carol-acme", "acme", PASSWORD)
-        result = lab.connect_stdio("pc1", "carol-acme", PASSWORD, "echo", "new client\n", "-v")
-        assert result.returncode == 0, result.stderr
-        assert result.stdout == "NEW CLIENT\n"
-        assert "ChaCha20-Poly1305" in result.stderr
-        assert "tunnel open" in agent.output()
+        result = lab.connect_stdio("pc1", "carol-acme", PASSWORD, "echo", data, "-v")
+        return result, agent.output()
     finally:
         lab.close()
         echo.close()
+
+
+def test_a_new_client_with_the_old_versions_gateway_and_agent_runs_chachapoly(
+    tmp_path: Path,
+) -> None:
+    # The client says its ciphers at login; the old gateway refuses the member, and the
+    # client logs in once more without it (nothing was asked yet: no code is spent).
+    result, agent = _through_old_gateway(tmp_path, ("admin", "agent"), "new client\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "NEW CLIENT\n"
+    assert "ChaCha20-Poly1305" in result.stderr
+    assert "tunnel open" in agent
 
 
 def test_an_agent_upgraded_before_its_gateway_comes_online_and_runs_chachapoly(
@@ -299,24 +309,8 @@ def test_an_agent_upgraded_before_its_gateway_comes_online_and_runs_chachapoly(
 ) -> None:
     # The new agent says its ciphers in its hello; the old gateway refuses the member.
     # The agent says its hello once more without it instead of being refused for ever.
-    lab = OldSiteLab(tmp_path / "og")  # short: agents keep a Unix socket in it
-    lab.old = _old_version(tmp_path / "old-version")
-    lab.old_commands = ("admin",)
-    echo = EchoServer()
-    try:
-        lab.init(extra_config="[limits]\nauth_per_minute = 5000\n")
-        lab.start_gateway()
-        lab.admin("org", "add", "clinic", "--name", "Clinic")
-        lab.admin("vendor", "add", "acme", "--name", "Acme")
-        lab.agreement("acme", "clinic", "access", unattended=True)
-        lab.enroll_agent("pc1", "clinic")
-        agent = lab.start_agent("pc1", {"echo": echo.port})
-        lab.vendor_user("carol-acme", "acme", PASSWORD)
-        result = lab.connect_stdio("pc1", "carol-acme", PASSWORD, "echo", "new agent\n", "-v")
-        assert result.returncode == 0, result.stderr + agent.output()
-        assert result.stdout == "NEW AGENT\n"
-        assert "ChaCha20-Poly1305" in result.stderr
-        assert "the gateway does not take the agent's ciphers" in agent.output()
-    finally:
-        lab.close()
-        echo.close()
+    result, agent = _through_old_gateway(tmp_path, ("admin",), "new agent\n")
+    assert result.returncode == 0, result.stderr + agent
+    assert result.stdout == "NEW AGENT\n"
+    assert "ChaCha20-Poly1305" in result.stderr
+    assert "the gateway does not take the agent's ciphers" in agent
