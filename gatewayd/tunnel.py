@@ -166,17 +166,21 @@ class Tunnels:
     def config(self) -> Config:
         return self.holder.current
 
+    def _live_session(self, link: FramedLink, ticket: str, reason: str) -> Session | None:
+        """The live session of ``ticket``; None (refused, recorded with ``reason``) for
+        one that is unknown or ended."""
+        session = self.directory.by_ticket(ticket)
+        if session is not None and not session.ended.is_set():
+            return session
+        self.rejections.refuse(
+            "tunnel.refused", link.peer, "unknown_session", self.clock.now(), reason=reason
+        )
+        link.send_error("session_ended", "no such session")
+        return None
+
     async def serve(self, link: FramedLink, hello: m.TunnelHello) -> bool:
-        session = self.directory.by_ticket(hello.ticket)
-        if session is None or session.ended.is_set():
-            self.rejections.refuse(
-                "tunnel.refused",
-                link.peer,
-                "unknown_session",
-                self.clock.now(),
-                reason="unknown or ended session",
-            )
-            link.send_error("session_ended", "no such session")
+        session = self._live_session(link, hello.ticket, "unknown or ended session")
+        if session is None:
             return False
         fields = {
             "session": session.id,
@@ -340,16 +344,9 @@ class Tunnels:
         or ended, at most :data:`MAX_CLIENT_SPARES` per session, closed when the session
         ends. Its heartbeats keep the connection, never the session: they are not the
         session's activity."""
-        session = self.directory.by_ticket(hello.ticket)
-        if session is None or session.ended.is_set():
-            self.rejections.refuse(
-                "tunnel.refused",
-                link.peer,
-                "unknown_session",
-                self.clock.now(),
-                reason="spare connection for an unknown or ended session",
-            )
-            link.send_error("session_ended", "no such session")
+        reason = "spare connection for an unknown or ended session"
+        session = self._live_session(link, hello.ticket, reason)
+        if session is None:
             return False
         if len(session.spares) >= MAX_CLIENT_SPARES:
             self.rejections.refuse(

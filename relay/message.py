@@ -242,6 +242,22 @@ class EnrollRequest(Message):
         return out
 
 
+def _check_tunnel_request(kind: str, cipher: str) -> None:
+    """``tunnel`` and ``tunnel_open``: a cipher, when one is named, is a cipher name."""
+    if cipher:
+        _check_cipher(cipher, f"{kind}.cipher")
+
+
+def _tunnel_request_json(out: dict[str, Any]) -> dict[str, Any]:
+    """``tunnel`` and ``tunnel_open`` leave out what older gateways do not know when it
+    says nothing: ChaChaPoly (or no cipher) and no ``early`` message."""
+    if out["cipher"] in ("", BASE_CIPHER):
+        del out["cipher"]
+    if not out["early"]:
+        del out["early"]
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class TunnelHello(Message):
     """``gw connect`` opens one tunnel of its session (a fresh connection).
@@ -259,16 +275,10 @@ class TunnelHello(Message):
 
     def __post_init__(self) -> None:
         Message.__post_init__(self)
-        if self.cipher:
-            _check_cipher(self.cipher, f"{self.TYPE}.cipher")
+        _check_tunnel_request(self.TYPE, self.cipher)
 
     def to_json(self) -> dict[str, Any]:
-        out = Message.to_json(self)
-        if self.cipher in ("", BASE_CIPHER):
-            del out["cipher"]
-        if not self.early:
-            del out["early"]
-        return out
+        return _tunnel_request_json(Message.to_json(self))
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,16 +303,10 @@ class TunnelOpen(Message):
 
     def __post_init__(self) -> None:
         Message.__post_init__(self)
-        if self.cipher:
-            _check_cipher(self.cipher, f"{self.TYPE}.cipher")
+        _check_tunnel_request(self.TYPE, self.cipher)
 
     def to_json(self) -> dict[str, Any]:
-        out = Message.to_json(self)
-        if self.cipher in ("", BASE_CIPHER):
-            del out["cipher"]
-        if not self.early:
-            del out["early"]
-        return out
+        return _tunnel_request_json(Message.to_json(self))
 
 
 @dataclass(frozen=True, slots=True)

@@ -143,8 +143,11 @@ class Presence:
     older nodes and for an agent that runs ChaChaPoly alone."""
 
     def encode(self) -> bytes:
-        obj: dict[str, Any] = {"node": self.node, "targets": sorted(self.targets)}
-        obj["since"] = self.since
+        obj: dict[str, Any] = {
+            "node": self.node,
+            "targets": sorted(self.targets),
+            "since": self.since,
+        }
         if self.ciphers:
             obj["ciphers"] = list(self.ciphers)
         return encode(obj)
