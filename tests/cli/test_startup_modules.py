@@ -8,17 +8,13 @@ by then are read at exit. No timing: a module that comes back fails the test by 
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from gatewayd import ca
 
 PROBE = """
 import atexit, os, sys
@@ -64,22 +60,8 @@ NOT_FOR_AGENT_RUN = NOT_FOR_ANY | {
 
 
 def _ca_file(folder: Path) -> Path:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
     path = folder / "ca.pem"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    path.write_bytes(ca.cert_pem(ca.make_ca("test CA")[1]))
     return path
 
 

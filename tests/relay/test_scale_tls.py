@@ -7,47 +7,26 @@ back after a restart must not pay for them. In memory, no sockets.
 
 from __future__ import annotations
 
-import datetime as dt
 import ssl
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from gatewayd import ca
 from relay import tls
 
 
 @pytest.fixture(scope="module")
-def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway.test")])
-    now = dt.datetime.now(dt.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("gateway.test")]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
+def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """The gateway's certificate, its key, and the CA that signed it (PEM files)."""
+    ca_key, ca_cert = ca.make_ca("test CA")
+    key, certificate = ca.make_server_cert(ca_key, ca_cert, ["gateway.test"])
     directory = tmp_path_factory.mktemp("tls")
-    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
+    files = directory / "cert.pem", directory / "key.pem", directory / "ca.pem"
+    files[0].write_bytes(ca.cert_pem(certificate))
+    files[1].write_bytes(ca.key_pem(key))
+    files[2].write_bytes(ca.cert_pem(ca_cert))
+    return files
 
 
 def session_after_a_round_trip(server_ctx: ssl.SSLContext, ca: Path) -> ssl.SSLSession:
@@ -79,14 +58,14 @@ def session_after_a_round_trip(server_ctx: ssl.SSLContext, ca: Path) -> ssl.SSLS
     return session
 
 
-def test_the_gateway_sends_no_session_ticket(cert: tuple[Path, Path]) -> None:
-    ctx = tls.server_context(*cert)
+def test_the_gateway_sends_no_session_ticket(cert: tuple[Path, Path, Path]) -> None:
+    ctx = tls.server_context(cert[0], cert[1])
     assert ctx.num_tickets == 0
-    assert not session_after_a_round_trip(ctx, cert[0]).has_ticket
+    assert not session_after_a_round_trip(ctx, cert[2]).has_ticket
 
 
-def test_the_check_sees_a_ticket_where_one_is_sent(cert: tuple[Path, Path]) -> None:
+def test_the_check_sees_a_ticket_where_one_is_sent(cert: tuple[Path, Path, Path]) -> None:
     """The probe above is not blind: OpenSSL's default sends tickets, and it sees them."""
-    ctx = tls.server_context(*cert)
+    ctx = tls.server_context(cert[0], cert[1])
     ctx.num_tickets = 2
-    assert session_after_a_round_trip(ctx, cert[0]).has_ticket
+    assert session_after_a_round_trip(ctx, cert[2]).has_ticket
