@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import uvloop
+from loopback import splice_ends
 
 from relay import aio, noise, tunnel
 from relay.aio import PausedProtocol, Pipe
@@ -233,18 +234,7 @@ def test_the_opaque_splice_reads_into_fresh_buffers_and_carries_bytes_whole() ->
     so a write the transport keeps queued is never overwritten by the next read."""
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        apps, ends = [], []
-        for _ in range(2):
-            listener = socket.create_server(("127.0.0.1", 0))
-            app = socket.create_connection(listener.getsockname())
-            conn, _ = listener.accept()
-            listener.close()
-            conn.setblocking(False)
-            t, _ = await loop.connect_accepted_socket(PausedProtocol, conn)
-            app.settimeout(10)
-            apps.append(app)
-            ends.append(t)
+        apps, ends = await splice_ends(timeout=10)
         pipe = Pipe(ends[0], ends[1])
         pipe.start()
         assert isinstance(pipe.a, asyncio.BufferedProtocol)

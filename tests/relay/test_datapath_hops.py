@@ -14,8 +14,9 @@ import pytest
 import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from loopback import splice_ends
 
-from relay.aio import PausedProtocol, Pipe
+from relay.aio import Pipe
 
 MESSAGES = 200
 
@@ -43,17 +44,7 @@ def test_a_small_message_costs_one_read_and_one_write_per_hop() -> None:
 
     async def main() -> tuple[int, int]:
         loop = asyncio.get_running_loop()
-        apps, ends = [], []
-        for _ in range(2):
-            listener = socket.create_server(("127.0.0.1", 0))
-            app = socket.create_connection(listener.getsockname())
-            conn, _ = listener.accept()
-            listener.close()
-            conn.setblocking(False)
-            t, _ = await loop.connect_accepted_socket(PausedProtocol, conn)
-            app.settimeout(60)
-            apps.append(app)
-            ends.append(t)
+        apps, ends = await splice_ends(timeout=60)
         pipe = Pipe(ends[0], ends[1])
         pipe.start()
         a, b = apps
